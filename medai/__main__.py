@@ -1,0 +1,5 @@
+import sys
+
+from medai.cli import main
+
+sys.exit(main())

@@ -1,0 +1,166 @@
+"""Configuration, resolved in one place.
+
+Precedence, highest first: a CLI flag (passed in by the caller), a ``MEDAI_*``
+environment variable, the ``medai.toml`` file, the built-in default.
+
+The file is ``$MEDAI_CONFIG`` when set, else ``$MEDAI_HOME/medai.toml``. Dotted
+keys map to TOML tables and to environment variables with ``_``:
+``pacs.ae_title`` is ``[pacs] ae_title`` in the file and ``MEDAI_PACS_AE_TITLE``
+in the environment. All state (audit trail, keys, study store, caches, queues)
+lives under ``MEDAI_HOME``.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Callable
+
+from medai.errors import ConfigError
+
+
+def _parse_bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in {"1", "true", "yes", "on"}:
+        return True
+    if value in {"0", "false", "no", "off"}:
+        return False
+    raise ValueError(f"not a boolean: {text!r}")
+
+
+def _parse_list(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def parse_size(text: str | int) -> int:
+    """Parse a memory size such as ``"4G"``, ``"512MiB"`` or ``1048576`` into bytes."""
+    if isinstance(text, int):
+        return text
+    units = {"": 1, "B": 1, "K": 1024, "KB": 1024, "KIB": 1024, "M": 1024**2, "MB": 1024**2,
+             "MIB": 1024**2, "G": 1024**3, "GB": 1024**3, "GIB": 1024**3, "T": 1024**4,
+             "TB": 1024**4, "TIB": 1024**4}
+    raw = text.strip().upper().replace(" ", "")
+    number = raw.rstrip("KMGTIB")
+    unit = raw[len(number):]
+    if unit not in units or not number:
+        raise ValueError(f"not a size: {text!r} (use e.g. 512M, 4G)")
+    return int(float(number) * units[unit])
+
+
+@dataclass(frozen=True)
+class Setting:
+    key: str
+    default: Any
+    parse: Callable[[str], Any]
+    help: str
+
+    @property
+    def env(self) -> str:
+        return "MEDAI_" + self.key.upper().replace(".", "_")
+
+
+def _default_home() -> str:
+    import platformdirs
+
+    return platformdirs.user_data_dir("medai", appauthor=False)
+
+
+#: Every setting medai knows. Add new ones here, nowhere else.
+SETTINGS: dict[str, Setting] = {
+    s.key: s
+    for s in [
+        Setting("home", None, str, "Directory holding all medai state (default: platformdirs user data dir)."),
+        Setting("log_level", "WARNING", str, "Log level for the CLI/UI/servers."),
+        Setting("device", "auto", str, "Inference device: auto, cpu, cuda, tensorrt, rocm, openvino, coreml, directml, qnn."),
+        Setting("threads", 0, int, "Intra-op threads for inference (0: number of physical cores)."),
+        Setting("max_memory", None, parse_size, "Memory budget for one inference run (e.g. 4G)."),
+        Setting("allow_unsigned", False, _parse_bool, "Development only: load unsigned model bundles (audited)."),
+        Setting("egress.allow", [], _parse_list, "Extra host:port destinations the egress guard allows."),
+        Setting("ui.address", "127.0.0.1", str, "Address the UI binds to."),
+        Setting("ui.port", 8501, int, "Port of the UI."),
+        Setting("pacs.ae_title", "MEDAI", str, "Our AE title as a C-STORE SCP."),
+        Setting("pacs.address", "127.0.0.1", str, "Address the C-STORE SCP binds to."),
+        Setting("pacs.port", 11112, int, "Port of the C-STORE SCP."),
+        Setting("pacs.allowed_callers", [], _parse_list, "Calling AE titles allowed to connect (empty: any)."),
+        Setting("pacs.allowed_hosts", [], _parse_list, "Peer addresses allowed to connect (empty: any)."),
+        Setting("pacs.stable_seconds", 60.0, float, "Quiet period after which a received study is complete."),
+        Setting("pacs.destination", None, str, "Where results go: AE@host:port, or a folder path."),
+        Setting("pacs.orthanc_url", None, str, "Orthanc REST base URL to follow (loopback)."),
+        Setting("triage.workers", 1, int, "Parallel studies in triage."),
+    ]
+}
+
+
+def home(cli: str | os.PathLike[str] | None = None) -> Path:
+    """The MEDAI_HOME directory (created if missing, mode 0700)."""
+    value = get("home", cli) or _default_home()
+    path = Path(value).expanduser()
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return path
+
+
+def config_file() -> Path | None:
+    explicit = os.environ.get("MEDAI_CONFIG")
+    if explicit:
+        return Path(explicit).expanduser()
+    env_home = os.environ.get("MEDAI_HOME")
+    base = Path(env_home).expanduser() if env_home else Path(_default_home())
+    return base / "medai.toml"
+
+
+@lru_cache(maxsize=8)
+def _read_file(path: str, mtime: float) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML ({exc})") from exc
+
+
+def _file_values() -> dict[str, Any]:
+    path = config_file()
+    if path is None or not path.is_file():
+        return {}
+    return _read_file(str(path), path.stat().st_mtime)
+
+
+def _lookup(table: dict[str, Any], key: str) -> tuple[bool, Any]:
+    node: Any = table
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False, None
+        node = node[part]
+    return True, node
+
+
+def get(key: str, cli: Any = None) -> Any:
+    """Resolve one setting: CLI value > environment > medai.toml > default."""
+    try:
+        setting = SETTINGS[key]
+    except KeyError:
+        raise ConfigError(f"unknown setting {key!r}") from None
+    if cli is not None:
+        return cli
+    raw = os.environ.get(setting.env)
+    if raw is not None and raw != "":
+        try:
+            return setting.parse(raw)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"environment variable {setting.env}: {exc}") from exc
+    found, value = _lookup(_file_values(), key)
+    if found:
+        if isinstance(value, str) and setting.parse not in (str,):
+            try:
+                return setting.parse(value)
+            except (TypeError, ValueError) as exc:
+                raise ConfigError(f"{config_file()}: {key}: {exc}") from exc
+        return value
+    return setting.default
+
+
+def resolved() -> dict[str, Any]:
+    """Every setting with its resolved value (for ``medai doctor`` and attestations)."""
+    return {key: get(key) for key in SETTINGS}

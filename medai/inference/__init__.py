@@ -1,0 +1,1 @@
+"""On-device inference: signed model bundles and registry, backends, planner, pipelines."""

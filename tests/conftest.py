@@ -1,0 +1,28 @@
+"""Shared fixtures. Every test gets its own MEDAI_HOME so no state leaks between tests
+or into the user's real home."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+#: External real test data fetched by scripts/fetch-test-data (not kept in the repo).
+TESTDATA = REPO / ".cache" / "testdata"
+
+
+@pytest.fixture(autouse=True)
+def medai_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    home = tmp_path_factory.mktemp("medai-home")
+    monkeypatch.setenv("MEDAI_HOME", str(home))
+    monkeypatch.delenv("MEDAI_CONFIG", raising=False)
+    return home
+
+
+def testdata(*parts: str) -> Path:
+    """Path inside the fetched external test data; skips nothing: a missing file is a setup error."""
+    path = TESTDATA.joinpath(*parts)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} missing: run scripts/fetch-test-data")
+    return path
