@@ -1,0 +1,1 @@
+"""Result objects written as DICOM: SEG (segmentations) and SR (measurements)."""

@@ -1,0 +1,1 @@
+"""Model pipelines: one module per card ``pipeline`` name (pre-process, infer, post-process)."""
