@@ -1,0 +1,465 @@
+"""Display logic of the workstation viewer, free of Streamlit so it can be tested.
+
+The UI pages only call this module: it turns a :class:`~medai.dicom.volume.Volume`
+into screen images and maps screen clicks back to the patient. Why it exists as
+a plain module: windowing, reorientation, overlay compositing and measurement are
+where a viewer can silently mislead a clinician (a flipped side, a squashed
+slice, a wrong HU), so they live where unit tests can pin them down.
+
+Conventions
+-----------
+* The volume is first brought to the nearest *display orientation*
+  (:class:`DisplayVolume`): array ``[z, y, x]`` with x running to patient Left,
+  y to Posterior and z to Superior, by axis permutation and flips only (no
+  resampling, so every displayed voxel is a source voxel). An oblique
+  acquisition is shown in its nearest orthogonal plane, as most PACS viewers do.
+* Radiological convention: patient Right is on the screen's left in axial and
+  coronal views, anterior on the left in sagittal views, superior at the top.
+* Each view is resampled to square screen pixels so that a millimetre is the
+  same length across and down (correct physical proportions).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal, Mapping, Sequence
+
+import numpy as np
+
+from medai.dicom.volume import Volume
+
+View = Literal["axial", "coronal", "sagittal"]
+VIEWS: tuple[View, ...] = ("axial", "coronal", "sagittal")
+FillMode = Literal["fill", "outline"]
+
+
+# --------------------------------------------------------------------------- windowing
+
+
+@dataclass(frozen=True)
+class WindowLevel:
+    """A display window: grey values from ``level - width/2`` (black) to
+    ``level + width/2`` (white)."""
+
+    width: float
+    level: float
+    name: str = "manual"
+
+    def __post_init__(self) -> None:
+        if not math.isfinite(self.width) or self.width <= 0:
+            raise ValueError(f"window width must be positive, got {self.width}")
+        if not math.isfinite(self.level):
+            raise ValueError(f"window level must be finite, got {self.level}")
+
+    @property
+    def low(self) -> float:
+        return self.level - self.width / 2.0
+
+    @property
+    def high(self) -> float:
+        return self.level + self.width / 2.0
+
+
+#: CT presets in Hounsfield units (width, level), as used in neuro/body reading.
+CT_PRESETS: dict[str, WindowLevel] = {
+    p.name: p
+    for p in (
+        WindowLevel(80, 40, "brain"),
+        WindowLevel(200, 75, "subdural"),
+        WindowLevel(40, 40, "stroke"),
+        WindowLevel(1500, -600, "lung"),
+        WindowLevel(350, 50, "mediastinum"),
+        WindowLevel(400, 40, "abdomen"),
+        WindowLevel(150, 90, "liver"),
+        WindowLevel(2000, 500, "bone"),
+    )
+}
+
+
+def auto_window(array: np.ndarray, low_percentile: float = 1.0, high_percentile: float = 99.5,
+                *, max_samples: int = 2_000_000) -> WindowLevel:
+    """A window spanning the given percentiles of the voxels above the background.
+
+    MR has no absolute scale, so a percentile window is the sensible default. The
+    background (the lowest value, usually air at 0) is left out so that it does not
+    pull the window down; a large volume is subsampled with a fixed stride so the
+    result is deterministic and fast.
+    """
+    if not 0 <= low_percentile < high_percentile <= 100:
+        raise ValueError(f"need 0 <= low < high <= 100, got {low_percentile}, {high_percentile}")
+    flat = np.asarray(array).reshape(-1)
+    if flat.size > max_samples:
+        flat = flat[:: int(math.ceil(flat.size / max_samples))]
+    flat = flat[np.isfinite(flat)]
+    if flat.size == 0:
+        return WindowLevel(1.0, 0.0, "auto")
+    foreground = flat[flat > flat.min()]
+    values = foreground if foreground.size >= 0.01 * flat.size else flat
+    lo, hi = np.percentile(values, [low_percentile, high_percentile])
+    lo, hi = float(lo), float(hi)
+    if hi - lo < 1e-6:
+        hi = lo + 1.0
+    return WindowLevel(hi - lo, (hi + lo) / 2.0, "auto")
+
+
+def apply_window(image: np.ndarray, window: WindowLevel) -> np.ndarray:
+    """Grey values mapped through the window to 8-bit (linear ramp, clipped)."""
+    scaled = (np.asarray(image, dtype=np.float32) - np.float32(window.low)) * np.float32(255.0 / window.width)
+    return np.clip(scaled, 0, 255).astype(np.uint8)
+
+
+def default_window(volume: Volume) -> WindowLevel:
+    """What to show first: the brain window for CT of the head, soft tissue
+    (abdomen) for other CT, a percentile window for everything else."""
+    if volume.modality.upper() == "CT":
+        body = str(volume.attributes.get("BodyPartExamined", "")).upper()
+        if body in {"HEAD", "BRAIN", "SKULL"}:
+            return CT_PRESETS["brain"]
+        return CT_PRESETS["abdomen"]
+    return auto_window(volume.array)
+
+
+def windows_for(modality: str) -> list[str]:
+    """Preset names offered for a modality (CT gets the HU presets)."""
+    if modality.upper() == "CT":
+        return ["auto", *CT_PRESETS, "manual"]
+    return ["auto", "auto (wide)", "manual"]
+
+
+def named_window(name: str, volume: Volume) -> WindowLevel:
+    """Resolve a preset name from :func:`windows_for` to a window for ``volume``."""
+    if name in CT_PRESETS:
+        return CT_PRESETS[name]
+    if name == "auto":
+        return auto_window(volume.array)
+    if name == "auto (wide)":
+        wide = auto_window(volume.array, 0.1, 99.9)
+        return WindowLevel(wide.width, wide.level, "auto (wide)")
+    raise ValueError(f"unknown window preset {name!r}")
+
+
+# --------------------------------------------------------------------------- orientation
+
+
+@dataclass(frozen=True)
+class DisplayVolume:
+    """A volume brought to display orientation ``[z, y, x]`` = (S, P, L) by
+    permutation and flips only.
+
+    ``axis_of`` and ``flipped`` record, for display axes x, y, z, which source
+    array axis (0 = k, 1 = j, 2 = i) they came from and whether it was reversed;
+    this is what maps a displayed voxel back to the source voxel and to LPS.
+    """
+
+    array: np.ndarray
+    spacing: tuple[float, float, float]  # (x, y, z) mm
+    axis_of: tuple[int, int, int]  # source array axis for display x, y, z
+    flipped: tuple[bool, bool, bool]
+    source_shape: tuple[int, int, int]
+    volume: Volume
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.array.shape)  # type: ignore[return-value]
+
+    def source_index(self, x: int, y: int, z: int) -> tuple[int, int, int]:
+        """Source voxel index ``(i, j, k)`` (column, row, slice) of display voxel (x, y, z)."""
+        src = [0, 0, 0]  # array-axis order: k, j, i
+        for disp_pos, value in enumerate((x, y, z)):
+            axis = self.axis_of[disp_pos]
+            n = self.source_shape[axis]
+            src[axis] = n - 1 - value if self.flipped[disp_pos] else value
+        k, j, i = src
+        return i, j, k
+
+    def lps(self, x: int, y: int, z: int) -> tuple[float, float, float]:
+        """LPS millimetres of the centre of display voxel (x, y, z)."""
+        point = self.volume.geometry.index_to_lps(self.source_index(x, y, z))
+        return float(point[0]), float(point[1]), float(point[2])
+
+    def value(self, x: int, y: int, z: int) -> float:
+        """The stored (HU for CT) value of display voxel (x, y, z)."""
+        return float(self.array[z, y, x])
+
+    def reorient_labels(self, labels: np.ndarray) -> np.ndarray:
+        """A label map in source layout (``[k, j, i]``) brought to display layout."""
+        if labels.shape != self.source_shape:
+            raise ValueError(f"label map shape {labels.shape} differs from the volume's {self.source_shape}")
+        return _reorient(labels, self.axis_of, self.flipped)
+
+
+def _reorient(array: np.ndarray, axis_of: tuple[int, int, int], flipped: tuple[bool, bool, bool]) -> np.ndarray:
+    # display array is [z, y, x]: transpose so that axes come in order z, y, x
+    out = np.transpose(array, (axis_of[2], axis_of[1], axis_of[0]))
+    for disp_pos, flip in enumerate(flipped):
+        if flip:
+            out = np.flip(out, axis=2 - disp_pos)
+    return np.ascontiguousarray(out)
+
+
+def to_display(volume: Volume) -> DisplayVolume:
+    """Bring ``volume`` to the nearest (S, P, L) display orientation.
+
+    The direction matrix's columns are the i, j, k axes in LPS; each is assigned
+    to the LPS axis it is most aligned with (a one-to-one assignment, chosen
+    greedily by largest cosine so an oblique series cannot map two axes to one).
+    """
+    d = volume.geometry.matrix  # columns: i, j, k in LPS
+    # source array axis for each of i, j, k
+    array_axis_of_ijk = (2, 1, 0)
+    spacing_ijk = volume.geometry.spacing
+    assigned: dict[int, int] = {}  # LPS axis -> ijk index
+    order = sorted(((abs(d[lps, ijk]), lps, ijk) for lps in range(3) for ijk in range(3)), reverse=True)
+    used_ijk: set[int] = set()
+    for _, lps, ijk in order:
+        if lps in assigned or ijk in used_ijk:
+            continue
+        assigned[lps] = ijk
+        used_ijk.add(ijk)
+    axis_of = tuple(array_axis_of_ijk[assigned[lps]] for lps in range(3))
+    flipped = tuple(bool(d[lps, assigned[lps]] < 0) for lps in range(3))
+    spacing = tuple(float(spacing_ijk[assigned[lps]]) for lps in range(3))
+    array = _reorient(volume.array, axis_of, flipped)  # type: ignore[arg-type]
+    return DisplayVolume(array, spacing, axis_of, flipped, tuple(volume.array.shape), volume)  # type: ignore[arg-type]
+
+
+#: Screen-edge labels (top, bottom, left, right) of each view, radiological convention.
+ORIENTATION_LABELS: dict[str, tuple[str, str, str, str]] = {
+    "axial": ("A", "P", "R", "L"),
+    "coronal": ("S", "I", "R", "L"),
+    "sagittal": ("S", "I", "A", "P"),
+}
+
+
+def slice_count(display: DisplayVolume, view: View) -> int:
+    """Number of slices along the view's normal."""
+    nz, ny, nx = display.shape
+    return {"axial": nz, "coronal": ny, "sagittal": nx}[view]
+
+
+def raw_slice(display: DisplayVolume, view: View, index: int) -> np.ndarray:
+    """The 2-D plane as it appears on screen (rows top to bottom), not resampled."""
+    n = slice_count(display, view)
+    if not 0 <= index < n:
+        raise IndexError(f"{view} slice {index} outside 0..{n - 1}")
+    a = display.array
+    if view == "axial":
+        return a[index, :, :]
+    if view == "coronal":
+        return a[::-1, index, :]
+    return a[::-1, :, index]
+
+
+def _pixel_spacing(display: DisplayVolume, view: View) -> tuple[float, float]:
+    """(row, column) spacing in mm of the raw slice of ``view``."""
+    sx, sy, sz = display.spacing
+    return {"axial": (sy, sx), "coronal": (sz, sx), "sagittal": (sz, sy)}[view]
+
+
+@dataclass(frozen=True)
+class SliceImage:
+    """An RGB screen image of one slice with what is needed to map a click back."""
+
+    rgb: np.ndarray  # [rows, cols, 3] uint8, square pixels
+    view: View
+    index: int
+    mm_per_pixel: float
+    raw_shape: tuple[int, int]  # rows, cols of the slice before resampling
+    labels: tuple[str, str, str, str]  # top, bottom, left, right
+
+
+def display_size(display: DisplayVolume, view: View, target: int = 512) -> tuple[int, int, float]:
+    """Screen (rows, cols) with square pixels, the longer side ``target`` pixels,
+    and the resulting mm per screen pixel."""
+    rows, cols = raw_slice(display, view, 0).shape
+    rs, cs = _pixel_spacing(display, view)
+    height_mm, width_mm = rows * rs, cols * cs
+    mm_per_pixel = max(height_mm, width_mm) / float(target)
+    return max(1, round(height_mm / mm_per_pixel)), max(1, round(width_mm / mm_per_pixel)), mm_per_pixel
+
+
+def _resample_index(n_out: int, n_in: int) -> np.ndarray:
+    """Nearest source index for each output pixel centre."""
+    centres = (np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5
+    return np.clip(np.rint(centres), 0, n_in - 1).astype(np.intp)
+
+
+def _resample_linear(image: np.ndarray, rows: int, cols: int) -> np.ndarray:
+    """Bilinear resampling of a 2-D float image to (rows, cols), pixel-centre aligned."""
+    def coords(n_out: int, n_in: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        c = np.clip((np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5, 0, n_in - 1)
+        lo = np.floor(c).astype(np.intp)
+        hi = np.minimum(lo + 1, n_in - 1)
+        return lo, hi, (c - lo).astype(np.float32)
+
+    r0, r1, fr = coords(rows, image.shape[0])
+    c0, c1, fc = coords(cols, image.shape[1])
+    img = image.astype(np.float32, copy=False)
+    top = img[r0][:, c0] * (1 - fc) + img[r0][:, c1] * fc
+    bottom = img[r1][:, c0] * (1 - fc) + img[r1][:, c1] * fc
+    return top * (1 - fr[:, None]) + bottom * fr[:, None]
+
+
+# --------------------------------------------------------------------------- overlay
+
+
+#: Distinct, colour-blind-aware label colours (Okabe-Ito order, then Tableau extras).
+LABEL_COLOURS: tuple[tuple[int, int, int], ...] = (
+    (230, 159, 0), (86, 180, 233), (0, 158, 115), (240, 228, 66), (0, 114, 178),
+    (213, 94, 0), (204, 121, 167), (148, 103, 189), (140, 86, 75), (127, 127, 127),
+)
+
+
+def label_colour(label: int) -> tuple[int, int, int]:
+    """Colour of a label value (1-based; 0 is background)."""
+    if label <= 0:
+        raise ValueError("label 0 is background and has no colour")
+    return LABEL_COLOURS[(label - 1) % len(LABEL_COLOURS)]
+
+
+def _outline(mask: np.ndarray, thickness: int = 1) -> np.ndarray:
+    """Pixels of ``mask`` that touch a pixel outside it (4-neighbourhood)."""
+    inner = mask.copy()
+    for _ in range(thickness):
+        shrunk = inner.copy()
+        shrunk[1:, :] &= inner[:-1, :]
+        shrunk[:-1, :] &= inner[1:, :]
+        shrunk[:, 1:] &= inner[:, :-1]
+        shrunk[:, :-1] &= inner[:, 1:]
+        inner = shrunk
+    return mask & ~inner
+
+
+def composite(grey: np.ndarray, labels: np.ndarray | None, *, opacity: float = 0.4,
+              mode: FillMode = "fill", visible: Sequence[int] | None = None,
+              colours: Mapping[int, tuple[int, int, int]] | None = None) -> np.ndarray:
+    """RGB image of an 8-bit grey image with a label map blended over it.
+
+    ``fill`` blends each label's colour at ``opacity``; ``outline`` draws the
+    label boundary opaque (opacity applies to fill only, so an outline stays
+    readable). ``visible`` limits the labels drawn.
+    """
+    if not 0.0 <= opacity <= 1.0:
+        raise ValueError(f"opacity must be within 0..1, got {opacity}")
+    rgb = np.repeat(np.asarray(grey, dtype=np.uint8)[..., None], 3, axis=2)
+    if labels is None:
+        return rgb
+    if labels.shape != grey.shape:
+        raise ValueError(f"label slice {labels.shape} differs from image slice {grey.shape}")
+    present = [int(v) for v in np.unique(labels) if v > 0]
+    if visible is not None:
+        wanted = set(int(v) for v in visible)
+        present = [v for v in present if v in wanted]
+    out = rgb.astype(np.float32)
+    thickness = max(1, round(min(grey.shape) / 256))
+    for value in present:
+        colour = np.asarray((colours or {}).get(value, label_colour(value)), dtype=np.float32)
+        mask = labels == value
+        if mode == "outline":
+            out[_outline(mask, thickness)] = colour
+        else:
+            out[mask] = (1 - opacity) * out[mask] + opacity * colour
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+def render(display: DisplayVolume, view: View, index: int, window: WindowLevel, *,
+           labels: np.ndarray | None = None, opacity: float = 0.4, mode: FillMode = "fill",
+           visible: Sequence[int] | None = None, target: int = 512) -> SliceImage:
+    """The screen image of one slice: windowed, square-pixel, overlay on top.
+
+    ``labels`` is a label map already in display layout (see
+    :meth:`DisplayVolume.reorient_labels`). Grey values are resampled bilinearly
+    and labels by nearest neighbour, so outlines stay crisp.
+    """
+    plane = raw_slice(display, view, index)
+    rows, cols, mm = display_size(display, view, target)
+    grey = apply_window(_resample_linear(plane, rows, cols), window)
+    label_plane = None
+    if labels is not None:
+        if labels.shape != display.shape:
+            raise ValueError(f"label map {labels.shape} is not in display layout {display.shape}")
+        raw_labels = raw_slice(DisplayVolume(labels, display.spacing, display.axis_of, display.flipped,
+                                             display.source_shape, display.volume), view, index)
+        label_plane = raw_labels[_resample_index(rows, plane.shape[0])][:, _resample_index(cols, plane.shape[1])]
+    rgb = composite(grey, label_plane, opacity=opacity, mode=mode, visible=visible)
+    return SliceImage(rgb, view, index, mm, plane.shape, ORIENTATION_LABELS[view])
+
+
+# --------------------------------------------------------------------------- picking, measuring
+
+
+@dataclass(frozen=True)
+class Pick:
+    """What is under one screen point: the voxel, its LPS position and value."""
+
+    display_voxel: tuple[int, int, int]  # x, y, z in display layout
+    source_voxel: tuple[int, int, int]  # i, j, k in the source series
+    lps: tuple[float, float, float]
+    value: float
+
+
+def pick(display: DisplayVolume, image: SliceImage, px: float, py: float,
+         shown_width: float | None = None) -> Pick:
+    """Map a click at (px, py) on the screen image back to the patient.
+
+    ``shown_width`` is the width the browser drew the image at, when it scaled
+    it (clicks arrive in drawn pixels). Points outside the image are clamped.
+    """
+    rows, cols = image.rgb.shape[:2]
+    scale = cols / shown_width if shown_width else 1.0
+    sx, sy = px * scale, py * scale
+    raw_rows, raw_cols = image.raw_shape
+    r = int(np.clip(math.floor(sy * raw_rows / rows), 0, raw_rows - 1))
+    c = int(np.clip(math.floor(sx * raw_cols / cols), 0, raw_cols - 1))
+    nz = display.shape[0]
+    if image.view == "axial":
+        x, y, z = c, r, image.index
+    elif image.view == "coronal":
+        x, y, z = c, image.index, nz - 1 - r
+    else:
+        x, y, z = image.index, c, nz - 1 - r
+    return Pick((x, y, z), display.source_index(x, y, z), display.lps(x, y, z), display.value(x, y, z))
+
+
+def distance_mm(a: Sequence[float], b: Sequence[float]) -> float:
+    """Euclidean distance between two LPS points in millimetres."""
+    pa, pb = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if pa.shape != (3,) or pb.shape != (3,):
+        raise ValueError("points must be 3-D LPS coordinates")
+    return float(np.linalg.norm(pa - pb))
+
+
+def screen_box_to_raw(image: SliceImage, x1: float, y1: float, x2: float, y2: float,
+                      shown_width: float | None = None) -> tuple[int, int, int, int]:
+    """A box dragged on the screen image as raw-slice pixel bounds
+    ``(col0, row0, col1, row1)``, inclusive, ordered and clamped."""
+    rows, cols = image.rgb.shape[:2]
+    scale = cols / shown_width if shown_width else 1.0
+    raw_rows, raw_cols = image.raw_shape
+
+    def col(v: float) -> int:
+        return int(np.clip(math.floor(v * scale * raw_cols / cols), 0, raw_cols - 1))
+
+    def row(v: float) -> int:
+        return int(np.clip(math.floor(v * scale * raw_rows / rows), 0, raw_rows - 1))
+
+    c0, c1 = sorted((col(x1), col(x2)))
+    r0, r1 = sorted((row(y1), row(y2)))
+    return c0, r0, c1, r1
+
+
+def label_volumes_ml(labels: np.ndarray, volume: Volume) -> dict[int, float]:
+    """Volume in mL of each non-zero label of a label map in source layout."""
+    if labels.shape != volume.array.shape:
+        raise ValueError(f"label map {labels.shape} differs from the volume {volume.array.shape}")
+    values, counts = np.unique(labels[labels > 0], return_counts=True)
+    return {int(v): float(c) * volume.voxel_volume_ml for v, c in zip(values, counts)}
+
+
+__all__ = [
+    "CT_PRESETS", "DisplayVolume", "LABEL_COLOURS", "ORIENTATION_LABELS", "Pick", "SliceImage",
+    "VIEWS", "WindowLevel", "apply_window", "auto_window", "composite", "default_window",
+    "display_size", "distance_mm", "label_colour", "label_volumes_ml", "named_window", "pick",
+    "raw_slice", "render", "screen_box_to_raw", "slice_count", "to_display", "windows_for",
+]
