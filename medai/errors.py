@@ -77,3 +77,10 @@ class EgressBlocked(MedaiError):
 
 class PacsError(MedaiError):
     """A DICOM network operation failed (association, status, peer)."""
+
+
+class PromptError(MedaiError):
+    """An interactive prompt (plane, slice index, box) does not fit the image it
+    targets: a slice out of range, an empty box or a box outside the slice."""
+
+    exit_code = 2
