@@ -1,0 +1,125 @@
+"""Resource planner: predict a run's peak memory before it starts, and fit it to a budget.
+
+The prediction is built from numbers, not guesses at run time:
+
+* the source volume and the pipeline's working copies: ``voxels x 4 bytes x
+  working_copies`` (card ``[input] working_copies``, default 4: float32 source,
+  reoriented copy, label map, probability map);
+* each ONNX graph: ``prod(input shape) x activation_bytes_per_voxel``; the factor is
+  measured by the bundle's build script (peak RSS of a session run minus the
+  baseline, over input voxels) and written on the card;
+* the model files themselves, and a fixed runtime baseline (interpreter, numpy,
+  SimpleITK, onnxruntime) also measured at build time (card ``[input] baseline_mb``).
+
+Graphs run one after another, so the peak is the largest graph, not the sum.
+When ``--max-memory`` is given and the plan does not fit, the planner tries the
+bundle's lighter variants in card order (``[[variants]]`` with ``graph``, ``file``,
+``precision``, ``activation_bytes_per_voxel``), then tiled inference when the card
+allows it (``[input] tile = [..]``), and otherwise raises :class:`ResourceError`
+saying how much is needed. Measured peak RSS (Linux ``VmHWM`` after resetting it
+through ``/proc/self/clear_refs``; ``getrusage`` elsewhere) is recorded beside the
+prediction in ``result.json``.
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Mapping
+
+from medai.errors import ResourceError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from medai.inference.bundle import Bundle
+
+MB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Plan:
+    predicted_bytes: int
+    budget_bytes: int | None
+    #: Graph key → file chosen (the card's default file or a variant's).
+    graph_files: Mapping[str, str] = field(default_factory=dict)
+    precision: str = "fp32"
+    #: Sliding-window tile (z, y, x) when tiling was needed; None = whole input.
+    tile: tuple[int, int, int] | None = None
+    breakdown: Mapping[str, int] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, object]:
+        return {"predicted_peak_mb": round(self.predicted_bytes / MB, 1),
+                "budget_mb": None if self.budget_bytes is None else round(self.budget_bytes / MB, 1),
+                "precision": self.precision, "tile": list(self.tile) if self.tile else None,
+                "graph_files": dict(self.graph_files),
+                "breakdown_mb": {k: round(v / MB, 1) for k, v in self.breakdown.items()}}
+
+
+def _graph_bytes(shape: tuple[int, ...], factor: float) -> int:
+    return int(math.prod(shape) * factor)
+
+
+def plan(bundle: "Bundle", volume_shape: tuple[int, int, int], budget_bytes: int | None = None) -> Plan:
+    """Predict peak memory for ``volume_shape`` and pick graph files/tiling to fit ``budget_bytes``."""
+    card = bundle.card
+    spec_in = card.raw.get("input", {})
+    baseline = int(float(spec_in.get("baseline_mb", 160)) * MB)
+    copies = float(spec_in.get("working_copies", 4))
+    voxels = math.prod(volume_shape)
+    data = int(voxels * 4 * copies)
+    files = {k: g.file for k, g in card.graphs.items()}
+    factors = {k: g.activation_bytes_per_voxel for k, g in card.graphs.items()}
+    shapes = {k: g.shape for k, g in card.graphs.items()}
+
+    def build(precision: str, tile: tuple[int, int, int] | None) -> Plan:
+        graph_peaks = {}
+        for key in files:
+            shape = shapes[key] if tile is None else shapes[key][:2] + tile
+            model_bytes = (bundle.path / files[key]).stat().st_size if (bundle.path / files[key]).exists() else 0
+            graph_peaks[key] = _graph_bytes(shape, factors[key]) + model_bytes
+        peak_graph = max(graph_peaks.values(), default=0)
+        breakdown = {"runtime_baseline": baseline, "volume_working_copies": data, "largest_graph": peak_graph}
+        return Plan(baseline + data + peak_graph, budget_bytes, dict(files), precision, tile, breakdown)
+
+    first = build("fp32", None)
+    if budget_bytes is None or first.predicted_bytes <= budget_bytes:
+        return first
+    for variant in card.raw.get("variants", []):
+        if "file" not in variant or variant.get("graph") not in files or variant["file"] not in card.files:
+            continue
+        files[variant["graph"]] = variant["file"]
+        factors[variant["graph"]] = float(variant.get("activation_bytes_per_voxel", factors[variant["graph"]]))
+        candidate = build(variant.get("precision", "fp32"), None)
+        if candidate.predicted_bytes <= budget_bytes:
+            return candidate
+    tile = spec_in.get("tile")
+    if tile:
+        candidate = build(first.precision, tuple(int(t) for t in tile))  # type: ignore[arg-type]
+        if candidate.predicted_bytes <= budget_bytes:
+            return candidate
+    raise ResourceError(f"model {bundle.id} needs about {first.predicted_bytes / MB:.0f} MB for a "
+                        f"{'x'.join(map(str, volume_shape))} series; the budget is {budget_bytes / MB:.0f} MB "
+                        "and no lighter variant or tiling fits. Raise --max-memory.")
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark for this process (Linux); False when unsupported."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident memory of this process since start (or since :func:`reset_peak_rss`)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024

@@ -1,0 +1,295 @@
+"""Run a model on a series and write its results: the one entry point for CLI, UI, PACS and triage.
+
+The graph, in order (each arrow is visible below, in :func:`run_on_volume`)::
+
+    bundle (verified) → series selection → Volume → plan (memory) → pipeline
+      (steps recorded, ONNX sessions via backends) → labels on the source grid
+      → seg.dcm + mask.nii.gz + result.json (+ sr.dcm when there are measurements)
+
+Audit: ``instances_accessed`` when a series is loaded for a model, ``model_run``
+when it finished (or failed), both naming the study/series/instances. When the
+trail cannot be written the run does not happen (``AuditWriteError`` propagates).
+
+Output folder layout for :func:`run_model`: files directly in ``out_dir``.
+:func:`run_study` runs every matching series and writes to
+``out_dir/<SeriesInstanceUID>/`` (UIDs are not patient identifiers).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import math
+import os
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from medai import __version__, config
+from medai.dicom.volume import Volume
+from medai.errors import DicomInputError, MedaiError, ModelIntegrityError
+from medai.inference import _audit, backends, planner, registry
+from medai.inference.bundle import Bundle
+from medai.inference.pipeline import (Finding, Measurement, Pipeline, PipelineContext, PipelineOutput, Priority,
+                                      Prompt)
+from medai.inference.steps import StepRunner
+
+log = logging.getLogger("medai.inference")
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """What one model run on one series produced (all paths inside ``out_dir``)."""
+
+    model_id: str
+    model_version: str
+    series_uid: str
+    study_uid: str
+    out_dir: Path
+    result_path: Path
+    mask_path: Path
+    seg_path: Path | None
+    sr_path: Path | None
+    #: Label name → volume in mL.
+    volumes_ml: Mapping[str, float]
+    measurements: tuple[Measurement, ...]
+    findings: tuple[Finding, ...]
+    qc: Mapping[str, Any]
+    priority: Priority
+    provider: str
+    timings: Mapping[str, float]
+    memory: Mapping[str, Any] = field(default_factory=dict)
+    labels: np.ndarray | None = field(default=None, repr=False, compare=False)
+
+    def summary(self) -> dict[str, Any]:
+        return {"model": self.model_id, "version": self.model_version, "series_uid": self.series_uid,
+                "out_dir": str(self.out_dir), "seg": str(self.seg_path) if self.seg_path else None,
+                "mask": str(self.mask_path), "result": str(self.result_path),
+                "sr": str(self.sr_path) if self.sr_path else None, "volumes_ml": dict(self.volumes_ml),
+                "priority": self.priority.level, "provider": self.provider,
+                "seconds": round(self.timings.get("total", 0.0), 2)}
+
+
+def load_pipeline(bundle: Bundle) -> Pipeline:
+    """Import ``medai.inference.pipelines.<card pipeline>`` and ``create(bundle)``."""
+    name = bundle.card.pipeline
+    try:
+        module = importlib.import_module(f"medai.inference.pipelines.{name}")
+    except ModuleNotFoundError as exc:
+        if exc.name == f"medai.inference.pipelines.{name}":
+            raise ModelIntegrityError(f"model {bundle.id}: pipeline {name!r} is not part of this medai "
+                                      "(upgrade medai or fix the card)") from None
+        raise
+    pipeline = module.create(bundle)
+    if not isinstance(pipeline, Pipeline):
+        raise ModelIntegrityError(f"pipeline {name!r} does not implement medai.inference.pipeline.Pipeline")
+    return pipeline
+
+
+def _load_volume(source: Path, series_uid: str | None, bundle: Bundle) -> Volume:
+    """A Volume from a NIfTI/NRRD file or a DICOM file/folder (series chosen by the card)."""
+    lower = source.name.lower()
+    if source.is_file() and lower.endswith((".nii", ".nii.gz", ".nrrd", ".mha", ".mhd")):
+        import SimpleITK as sitk
+
+        try:
+            image = sitk.ReadImage(str(source), sitk.sitkFloat32)
+        except RuntimeError as exc:
+            raise DicomInputError(source, f"cannot read image ({exc})") from None
+        if image.GetDimension() == 4:
+            image = image[:, :, :, 0]
+        return Volume.from_sitk(image, modality="")
+    from medai.dicom.index import scan
+    from medai.dicom.volume import load_series  # type: ignore[attr-defined]
+
+    index = scan([source])
+    if series_uid is None:
+        from medai.inference.select import matching_series, series_matches
+
+        hits = matching_series(bundle.card, index)
+        if not hits:
+            reasons = "; ".join(f"{getattr(e, 'series_uid', '?')}: {series_matches(bundle.card, e)[1]}"
+                                for e in index.series.values()) or "no DICOM image series found"
+            raise DicomInputError(source, f"no series matches model {bundle.id} ({reasons}); use --series UID")
+        series_uid = getattr(hits[0], "series_uid", None) or getattr(hits[0], "series_instance_uid")
+    if series_uid not in index.series:
+        raise DicomInputError(source, f"series {series_uid} not found")
+    return load_series(list(index.series[series_uid].files), series_uid=series_uid)
+
+
+def _apply_rules(bundle: Bundle, measurements: tuple[Measurement, ...], volumes: Mapping[str, float]) -> Priority:
+    values = {m.name: m.value for m in measurements}
+    values.update({f"volume_ml:{k}": v for k, v in volumes.items()})
+    rank = {"routine": 0, "review": 1, "urgent": 2}
+    level, reasons = "routine", []
+    for rule in bundle.card.priority_rules:
+        if rule.measurement in values and rule.matches(values[rule.measurement]):
+            reasons.append(rule.reason or f"{rule.measurement} {rule.op} {rule.value:g}")
+            if rank[rule.level] > rank[level]:
+                level = rule.level
+    return Priority(level, {"routine": 0.0, "review": 0.5, "urgent": 1.0}[level], tuple(reasons))  # type: ignore[arg-type]
+
+
+def _audit_ids(volume: Volume) -> dict[str, Any]:
+    return {"patient_id": volume.attributes.get("PatientID"), "patient_name": volume.attributes.get("PatientName"),
+            "study_uid": volume.study_instance_uid or None, "series_uid": volume.series_instance_uid or None,
+            "instance_uids": tuple(s.sop_instance_uid for s in volume.sources)}
+
+
+def write_mask(volume: Volume, labels: np.ndarray, path: Path) -> None:
+    import SimpleITK as sitk
+
+    image = sitk.GetImageFromArray(labels)
+    image.SetOrigin(volume.geometry.origin)
+    image.SetSpacing(volume.geometry.spacing)
+    image.SetDirection(volume.geometry.direction)
+    sitk.WriteImage(image, str(path), useCompression=True)
+
+
+def run_on_volume(bundle: Bundle, volume: Volume, out_dir: str | Path, *, device: str | None = None,
+                  max_memory: int | str | None = None, prompt: Prompt | Mapping[str, Any] | None = None,
+                  threads: int | None = None) -> RunResult:
+    """Run ``bundle`` on an already loaded ``volume`` and write the outputs to ``out_dir``."""
+    t_start = time.perf_counter()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ids = _audit_ids(volume)
+    _audit.record("instances_accessed", **ids, detail={"purpose": "model_run", "model": bundle.id})
+    budget = config.get("max_memory", max_memory)
+    budget = config.parse_size(budget) if budget is not None else None
+    plan = planner.plan(bundle, volume.shape, budget)
+    pipeline = load_pipeline(bundle)
+    if prompt is not None and not isinstance(prompt, Prompt):
+        prompt = Prompt.from_dict(prompt)
+    if prompt is not None and not pipeline.accepts_prompt:
+        raise DicomInputError(None, f"model {bundle.id} does not take prompts (--plane/--slice/--box)")
+    sessions: dict[str, backends.Session] = {}
+
+    def session(key: str) -> backends.Session:
+        if key not in sessions:
+            t0 = time.perf_counter()
+            sessions[key] = backends.get_session(bundle, key, device=device, threads=threads)
+            ctx.timings[f"session_{key}"] = time.perf_counter() - t0
+        return sessions[key]
+
+    ctx = PipelineContext(bundle=bundle, session=session, plan=plan, steps=StepRunner(bundle.card), prompt=prompt)
+    ctx.steps.bind(ctx)
+    planner.reset_peak_rss()
+    t0 = time.perf_counter()
+    try:
+        output: PipelineOutput = pipeline.run(volume, ctx)
+    except MedaiError as exc:
+        _audit.record("model_run", outcome="serious_failure", **ids,
+                      detail={"model": bundle.id, "version": bundle.version, "error": type(exc).__name__})
+        raise
+    ctx.timings["pipeline"] = time.perf_counter() - t0
+    if output.labels.shape != volume.shape:
+        raise ModelIntegrityError(f"pipeline {bundle.card.pipeline} returned labels of shape "
+                                  f"{output.labels.shape}, not the volume's {volume.shape}")
+    peak = planner.peak_rss_bytes()
+    voxel_ml = volume.voxel_volume_ml
+    counts = np.bincount(output.labels.ravel(), minlength=max((s.value for s in output.segments), default=0) + 1)
+    volumes = {s.name: round(float(counts[s.value]) * voxel_ml, 3) for s in output.segments}
+    priority = output.priority or _apply_rules(bundle, output.measurements, volumes)
+
+    t0 = time.perf_counter()
+    mask_path = out / "mask.nii.gz"
+    write_mask(volume, output.labels, mask_path)
+    seg_path = sr_path = None
+    if volume.sources:
+        from medai.dicom.outputs.seg import write_seg
+
+        seg_path = write_seg(volume, output.labels, output.segments, bundle, out / "seg.dcm")
+        if output.measurements:
+            try:
+                from medai.dicom.outputs import sr  # built by the DICOM outputs owner
+            except ImportError:
+                sr = None
+            if sr is not None:
+                sr_path = sr.write_sr(volume, output, bundle, out / "sr.dcm", seg_path=seg_path)
+    ctx.timings["write"] = time.perf_counter() - t0
+    ctx.timings["total"] = time.perf_counter() - t_start
+    provider = ", ".join(sorted({s.provider for s in sessions.values()})) or "none"
+    fallbacks = sorted({s.fallback_reason for s in sessions.values() if s.fallback_reason})
+    memory = {**plan.as_dict(), "measured_peak_rss_mb": round(peak / planner.MB, 1)}
+    result = {
+        "medai_version": __version__,
+        "model": bundle.provenance(),
+        "series": {"study_uid": volume.study_instance_uid, "series_uid": volume.series_instance_uid,
+                   "modality": volume.modality, "shape_kji": list(volume.shape),
+                   "spacing_mm": list(volume.geometry.spacing), "n_instances": len(volume.sources)},
+        "volumes_ml": volumes,
+        "measurements": [m.__dict__ for m in output.measurements],
+        "findings": [f.__dict__ for f in output.findings],
+        "qc": dict(output.qc),
+        "priority": {"level": priority.level, "score": priority.score, "reasons": list(priority.reasons)},
+        "prompt": prompt.as_dict() if isinstance(prompt, Prompt) else None,
+        "preprocessing": ctx.recorded,
+        "backend": {"provider": provider, "fallback": fallbacks,
+                    "threads": sorted({s.threads for s in sessions.values()}),
+                    "onnxruntime": backends._ort().__version__, "machine": platform.machine()},
+        "timings_s": {k: round(v, 3) for k, v in ctx.timings.items()},
+        "memory": memory,
+        "outputs": {"mask": mask_path.name, "seg": seg_path.name if seg_path else None,
+                    "sr": sr_path.name if sr_path else None},
+        "intended_use": "Research/assistive output. Not for diagnostic use.",
+    }
+    result_path = out / "result.json"
+    tmp = result_path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(result, indent=2, default=_json_default))
+    os.replace(tmp, result_path)
+    _audit.record("model_run", **ids, detail={"model": bundle.id, "version": bundle.version,
+                                              "card_sha256": bundle.card_sha256, "provider": provider,
+                                              "seconds": round(ctx.timings["total"], 2)})
+    return RunResult(bundle.id, bundle.version, volume.series_instance_uid, volume.study_instance_uid, out,
+                     result_path, mask_path, seg_path, sr_path, volumes, output.measurements, output.findings,
+                     dict(output.qc), priority, provider, dict(ctx.timings), memory, output.labels)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (np.floating,)):
+        f = float(value)
+        return f if math.isfinite(f) else None
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, (Path, tuple)):
+        return str(value) if isinstance(value, Path) else list(value)
+    return str(value)
+
+
+def run_model(model_id: str, source: Path | str | Volume, out_dir: str | Path, *, series_uid: str | None = None,
+              device: str | None = None, max_memory: int | str | None = None,
+              prompt: Prompt | Mapping[str, Any] | None = None, allow_unsigned: bool | None = None,
+              threads: int | None = None) -> RunResult:
+    """Run model ``model_id`` on one series of ``source`` and write results to ``out_dir``.
+
+    ``source`` is a Volume, a DICOM file/folder (the best series by the card's rules
+    unless ``series_uid`` is given) or a NIfTI/NRRD/MHA file (mask and result only,
+    no SEG: there are no source instances to reference).
+    """
+    bundle = registry.get_bundle(model_id, allow_unsigned=allow_unsigned)
+    volume = source if isinstance(source, Volume) else _load_volume(Path(source), series_uid, bundle)
+    return run_on_volume(bundle, volume, out_dir, device=device, max_memory=max_memory, prompt=prompt,
+                         threads=threads)
+
+
+def run_study(model_id: str, source: Path | str, out_dir: str | Path, **kwargs: Any) -> list[RunResult]:
+    """Run on every series of ``source`` the card accepts, each into ``out_dir/<series UID>/``."""
+    from medai.dicom.index import scan
+    from medai.dicom.volume import load_series  # type: ignore[attr-defined]
+    from medai.inference.select import matching_series
+
+    bundle = registry.get_bundle(model_id, allow_unsigned=kwargs.pop("allow_unsigned", None))
+    results = []
+    for entry in matching_series(bundle.card, scan([Path(source)])):
+        uid = getattr(entry, "series_uid", None) or getattr(entry, "series_instance_uid")
+        volume = load_series(list(entry.files), series_uid=uid)
+        results.append(run_on_volume(bundle, volume, Path(out_dir) / uid, **kwargs))
+    return results

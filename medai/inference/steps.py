@@ -1,0 +1,199 @@
+"""Deterministic pre/post-processing steps (numpy + SimpleITK), driven by the card and recorded.
+
+A card lists its preprocessing as ``[[preprocessing]]`` tables (``op`` plus
+parameters, optionally ``stage`` when a multi-stage model uses the same op twice).
+A pipeline calls ``ctx.steps.run(op, x, stage=...)``: the runner looks up the card's
+parameters for that op/stage, applies the function from :data:`OPS`, and appends
+``{"op", "stage", params..., derived values...}`` to the run record. Derived values
+(e.g. the intensity quantiles actually found) are recorded too, so a result can be
+replayed exactly.
+
+Every function here is pure and deterministic (no random state, fixed
+tie-breaking), so the same input gives bit-identical output on every machine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable
+
+import numpy as np
+
+from medai.errors import ModelIntegrityError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from medai.dicom.volume import Volume
+    from medai.inference.card import ModelCard
+    from medai.inference.pipeline import PipelineContext
+
+_WORLD_RAS = np.diag([-1.0, -1.0, 1.0])  # LPS → RAS
+
+
+@dataclass(frozen=True)
+class Reorientation:
+    """How a ``[k, j, i]`` volume array was permuted/flipped to a canonical ``[x, y, z]`` array."""
+
+    perm: tuple[int, int, int]  # canonical axis a comes from source (i, j, k) axis perm[a]
+    flip: tuple[bool, bool, bool]  # flipped along canonical axis a
+    to: str
+
+    def apply(self, array_kji: np.ndarray) -> np.ndarray:
+        ijk = np.transpose(array_kji, (2, 1, 0))
+        out = np.transpose(ijk, self.perm)
+        for axis, flipped in enumerate(self.flip):
+            if flipped:
+                out = np.flip(out, axis)
+        return np.ascontiguousarray(out)
+
+    def invert(self, canonical: np.ndarray) -> np.ndarray:
+        out = canonical
+        for axis, flipped in enumerate(self.flip):
+            if flipped:
+                out = np.flip(out, axis)
+        inverse = tuple(int(a) for a in np.argsort(self.perm))
+        ijk = np.transpose(out, inverse)
+        return np.ascontiguousarray(np.transpose(ijk, (2, 1, 0)))
+
+
+def reorientation(direction: Any, to: str = "RAS") -> Reorientation:
+    """Closest-canonical axis permutation and flips (no resampling), like ``nibabel.as_closest_canonical``."""
+    if to not in ("RAS", "LPS"):
+        raise ValueError(f"reorient to {to!r}: only RAS and LPS are supported")
+    d = np.asarray(direction, dtype=float).reshape(3, 3)
+    m = _WORLD_RAS @ d if to == "RAS" else d  # columns: i, j, k axes in the target world frame
+    perm = [-1, -1, -1]
+    flip = [False, False, False]
+    used_world: set[int] = set()
+    # Assign the most decisive source axis first (deterministic tie-break by axis order).
+    order = sorted(range(3), key=lambda c: -float(np.max(np.abs(m[:, c]))))
+    for c in order:
+        candidates = [w for w in np.argsort(-np.abs(m[:, c]), kind="stable") if w not in used_world]
+        w = int(candidates[0])
+        used_world.add(w)
+        perm[w] = c
+        flip[w] = bool(m[w, c] < 0)
+    return Reorientation(tuple(perm), tuple(flip), to)  # type: ignore[arg-type]
+
+
+def resize_nearest(x: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Nearest-neighbour resize with PyTorch's ``nearest-exact`` rule: src = floor((dst + .5) * in/out)."""
+    out = x
+    for axis, (n_in, n_out) in enumerate(zip(x.shape, shape)):
+        if n_in == n_out:
+            continue
+        idx = np.floor((np.arange(n_out, dtype=np.float64) + 0.5) * (n_in / n_out)).astype(np.int64)
+        out = np.take(out, np.minimum(idx, n_in - 1), axis=axis)
+    return out
+
+
+def quantiles(x: np.ndarray, low: float, high: float) -> tuple[float, float]:
+    """Linear-interpolated quantiles (numpy's default = torch.quantile's)."""
+    lo, hi = np.quantile(x.astype(np.float32, copy=False).ravel(), [low, high])
+    return float(np.float32(lo)), float(np.float32(hi))
+
+
+def normalize(x: np.ndarray, low: float, high: float, scale: float = 1.0, shift: float = 0.0) -> np.ndarray:
+    """Clip to [low, high] → [0, 1], z-score (unbiased std), then ``scale * z + shift`` (float32)."""
+    y = (x.astype(np.float32) - np.float32(low)) / np.float32(high - low if high > low else 1.0)
+    np.clip(y, 0.0, 1.0, out=y)
+    mean = y.mean(dtype=np.float64)
+    std = y.std(dtype=np.float64, ddof=1)
+    y -= np.float32(mean)
+    y /= np.float32(std if std > 0 else 1.0)
+    y *= np.float32(scale)
+    y += np.float32(shift)
+    return y
+
+
+def largest_component(mask: np.ndarray, *, fully_connected: bool = True) -> np.ndarray:
+    """Keep the largest connected component (26-connectivity by default); empty stays empty."""
+    import SimpleITK as sitk
+
+    if not mask.any():
+        return mask.astype(bool)
+    image = sitk.GetImageFromArray(mask.astype(np.uint8))
+    cc = sitk.ConnectedComponent(image, fully_connected)
+    labels = sitk.GetArrayViewFromImage(cc)
+    counts = np.bincount(labels.ravel())
+    counts[0] = 0
+    return labels == int(np.argmax(counts))
+
+
+def fill_holes(mask: np.ndarray) -> np.ndarray:
+    """Fill background cavities not connected to the array border (3-D, face-connected background)."""
+    import SimpleITK as sitk
+
+    image = sitk.GetImageFromArray(mask.astype(np.uint8))
+    filled = sitk.BinaryFillhole(image, fullyConnected=False, foregroundValue=1)
+    return sitk.GetArrayFromImage(filled).astype(bool)
+
+
+def bbox_with_margin(mask_small: np.ndarray, full_shape: tuple[int, ...], margin: float = 0.1,
+                     threshold: float = 0.02) -> tuple[slice, ...]:
+    """Bounding box of ``mask_small`` scaled to ``full_shape``, enlarged by ``margin`` on each side.
+
+    An axis counts as foreground where the mask's mean over the other two axes
+    exceeds ``threshold`` (drops thin stray bits).
+    """
+    m = mask_small.astype(np.float32)
+    ranges = []
+    for axes in ((1, 2), (0, 2), (0, 1)):
+        idx = np.nonzero(m.mean(axis=axes) > threshold)[0]
+        if idx.size == 0:
+            raise ValueError("not enough foreground to place a bounding box")
+        ranges.append(idx)
+    out = []
+    for r, n_small, n_full in zip(ranges, mask_small.shape, full_shape):
+        scale = np.float32(n_full) / np.float32(n_small)
+        center = np.float32((r.max() + 1 + r.min()) / 2) * scale
+        size = np.float32((r.max() + 1) - r.min()) * scale * np.float32(1 + 2 * margin)
+        center, size = np.round(center), np.round(size)
+        lo, hi = int(center - size / 2), int(center + size / 2)
+        out.append(slice(max(0, lo), min(n_full, hi), 1))
+    return tuple(out)
+
+
+#: op name → function(x, **params). Pipelines may call these directly too.
+OPS: dict[str, Callable[..., Any]] = {
+    "nan_to_num": lambda x: np.nan_to_num(x, copy=False),
+    "resize": lambda x, shape, mode="nearest-exact": resize_nearest(x, tuple(shape)),
+    "quantiles": lambda x, low, high: quantiles(x, low, high),
+    "normalize": normalize,
+    "largest_component": lambda x, fully_connected=True: largest_component(x, fully_connected=fully_connected),
+    "fill_holes": lambda x: fill_holes(x),
+    "threshold": lambda x, value=0.5: x > value,
+}
+
+
+class StepRunner:
+    """Applies the card's steps by name and records what was applied (see module docstring)."""
+
+    def __init__(self, card: "ModelCard") -> None:
+        self.card = card
+        self._ctx: "PipelineContext | None" = None
+
+    def bind(self, ctx: "PipelineContext") -> None:
+        self._ctx = ctx
+
+    def params(self, op: str, stage: str | None = None) -> dict[str, Any]:
+        """The card's parameters for ``op`` (in ``stage``); refuses steps the card does not declare."""
+        for step in self.card.preprocessing:
+            if step.op == op and step.params.get("stage") == stage:
+                return {k: v for k, v in step.params.items() if k != "stage"}
+        where = f" (stage {stage})" if stage else ""
+        raise ModelIntegrityError(f"model {self.card.id}: card declares no preprocessing step {op!r}{where}")
+
+    def run(self, op: str, x: Any, *, stage: str | None = None, **runtime: Any) -> Any:
+        """Apply card step ``op`` to ``x``; ``runtime`` adds values found at run time (recorded)."""
+        params = self.params(op, stage)
+        result = OPS[op](x, **params, **runtime)
+        derived = {}
+        if op == "quantiles":
+            derived = {"values": list(result)}
+        self.record(op, stage=stage, **params, **runtime, **derived)
+        return result
+
+    def record(self, op: str, **params: Any) -> None:
+        clean = {k: (list(v) if isinstance(v, tuple) else v) for k, v in params.items() if v is not None}
+        if self._ctx is not None:
+            self._ctx.record(op, **clean)
