@@ -70,9 +70,10 @@ class AuditVerificationError(MedaiError):
     """The audit trail or an attestation failed verification."""
 
 
-class EgressBlocked(MedaiError):
+class EgressBlocked(MedaiError, PermissionError):
     """A network connection to a destination that is not configured was
-    refused by the egress guard."""
+    refused by the egress guard. Also a PermissionError (an OSError), so network
+    libraries treat it as a failed connection instead of crashing."""
 
 
 class PacsError(MedaiError):
