@@ -12,6 +12,7 @@ lives under ``MEDAI_HOME``.
 
 from __future__ import annotations
 
+import json
 import os
 import tomllib
 from dataclasses import dataclass
@@ -89,6 +90,18 @@ SETTINGS: dict[str, Setting] = {
         Setting("pacs.stable_seconds", 60.0, float, "Quiet period after which a received study is complete."),
         Setting("pacs.destination", None, str, "Where results go: AE@host:port, or a folder path."),
         Setting("pacs.orthanc_url", None, str, "Orthanc REST base URL to follow (loopback)."),
+        Setting("pacs.allow_remote", False, _parse_bool, "Allow the C-STORE SCP to bind a non-loopback address (audited)."),
+        Setting("pacs.acse_timeout", 30.0, float, "Seconds to wait for association negotiation messages."),
+        Setting("pacs.dimse_timeout", 60.0, float, "Seconds to wait for DIMSE messages."),
+        Setting("pacs.network_timeout", 60.0, float, "Seconds an idle association is kept open."),
+        Setting("pacs.max_pdu", 0, int, "Largest PDU the SCP accepts in bytes (0: unlimited)."),
+        Setting("pacs.max_associations", 16, int, "Concurrent associations the SCP accepts."),
+        Setting("pacs.min_free_space", 256 * 1024**2, parse_size, "Refuse instances (0xA700) below this much free disk."),
+        Setting("pacs.routes", [], json.loads, "Routing rules: [[pacs.routes]] tables (model, modality, body_part, series_description, sop_class); JSON in the environment. Empty: each model's card rules."),
+        Setting("pacs.max_attempts", 5, int, "Attempts for a job or a result transfer before it is marked failed."),
+        Setting("pacs.retry_seconds", 5.0, float, "First retry delay of a failed transfer (doubles each time, capped at 5 min)."),
+        Setting("pacs.job_timeout", 1800.0, float, "Longest one model run of the PACS worker may take (seconds)."),
+        Setting("pacs.orthanc_poll_seconds", 1.0, float, "How often the Orthanc changes feed is polled when idle."),
         Setting("triage.workers", 1, int, "Parallel studies in triage."),
     ]
 }
