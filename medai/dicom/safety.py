@@ -32,10 +32,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import pydicom
+from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset, FileDataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import _read_file_meta_info, read_dataset, read_preamble
-from pydicom.tag import Tag
+from pydicom.fileutil import read_undefined_length_value
+from pydicom.tag import SequenceDelimiterTag, Tag
 
 from medai.errors import DicomInputError, UnsafeInputError
 
@@ -133,9 +135,16 @@ def read_dataset_safely(path: str | os.PathLike[str], *, stop_before_pixels: boo
     p = Path(path)
     with open_guarded(p) as fp:
         try:
-            ds = pydicom.dcmread(fp, stop_before_pixels=stop_before_pixels,
-                                 specific_tags=specific_tags, force=force)
-            pixel_length = _peek_pixel_length(fp, ds, p) if stop_before_pixels else None
+            # Always stop at the pixel data: it is read below by one bounded read,
+            # and whatever trails it (padding, signatures) is never parsed.
+            ds = pydicom.dcmread(fp, stop_before_pixels=True, specific_tags=specific_tags,
+                                 force=force)
+            if fp.tell() > fp.size:
+                raise TruncatedInputError(p, "truncated: the file ends inside a header element")
+            if stop_before_pixels:
+                pixel_length = _peek_pixel_length(fp, ds, p)
+            else:
+                pixel_length = _read_pixel_element(fp, ds, p)
         except _DeflatedDataset:
             fp.seek(0)
             preamble = read_preamble(fp, force)
@@ -171,8 +180,38 @@ def _read_deflated(fp: "_GuardedReader", path: Path, preamble: bytes | None, fil
     dataset = read_dataset(buffer, False, True, stop_when=stop, specific_tags=tags)
     ds = FileDataset(str(path), dataset, preamble, file_meta, False, True)
     ds.set_original_encoding(False, True, dataset._character_set)
-    pixel_length = _peek_pixel_length(buffer, ds, path) if stop_before_pixels else None
-    return ds, pixel_length
+    if stop_before_pixels:
+        return ds, _peek_pixel_length(buffer, ds, path)
+    return ds, _read_pixel_element(buffer, ds, path)
+
+
+def _read_pixel_element(fp: Any, ds: Dataset, path: Path) -> int | None:
+    """Read the pixel data element at the current position into ``ds`` and
+    return its declared length (``None`` when there is none)."""
+    start = fp.tell()
+    length = _peek_pixel_length(fp, ds, path)
+    if length is None:
+        return None
+    fp.seek(start)
+    little = ds.is_little_endian if ds.is_little_endian is not None else True
+    order: Literal["little", "big"] = "little" if little else "big"
+    head = fp.read(8)
+    tag = Tag(int.from_bytes(head[0:2], order), int.from_bytes(head[2:4], order))
+    if ds.is_implicit_VR:
+        vr = {0x7FE00008: "OF", 0x7FE00009: "OD"}.get(int(tag), "OW")
+    else:
+        vr = head[4:6].decode("ascii", "replace")
+        if vr in ("OB", "OW", "OF", "OD", "OL", "OV", "UN"):
+            fp.read(4)
+    if length == 0xFFFFFFFF:
+        value = read_undefined_length_value(fp, little, SequenceDelimiterTag)
+        elem = DataElement(tag, "OB" if vr not in ("OB", "OW") else vr, value,
+                           is_undefined_length=True)
+    else:
+        value = fp.read(length)
+        elem = DataElement(tag, vr, value)
+    ds[tag] = elem
+    return length
 
 
 def _peek_pixel_length(fp: Any, ds: Dataset, path: Path) -> int | None:
