@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal, Mapping, Sequence
+from typing import Any, Literal, Mapping, Sequence
 
 import numpy as np
 
@@ -422,6 +422,64 @@ def pick(display: DisplayVolume, image: SliceImage, px: float, py: float,
     return Pick((x, y, z), display.source_index(x, y, z), display.lps(x, y, z), display.value(x, y, z))
 
 
+def screen_point(display: DisplayVolume, image: SliceImage, voxel: Sequence[int]) -> tuple[float, float] | None:
+    """Screen position (centre of the voxel) of display voxel (x, y, z) on
+    ``image``, or ``None`` when the voxel is not on that slice."""
+    x, y, z = (int(v) for v in voxel)
+    nz = display.shape[0]
+    if image.view == "axial":
+        on, c, r = z == image.index, x, y
+    elif image.view == "coronal":
+        on, c, r = y == image.index, x, nz - 1 - z
+    else:
+        on, c, r = x == image.index, y, nz - 1 - z
+    if not on:
+        return None
+    rows, cols = image.rgb.shape[:2]
+    raw_rows, raw_cols = image.raw_shape
+    return (c + 0.5) * cols / raw_cols, (r + 0.5) * rows / raw_rows
+
+
+def annotate(image: SliceImage, *, points: Sequence[tuple[float, float]] = (),
+             box: tuple[int, int, int, int] | None = None, scale_bar_mm: float = 50.0) -> np.ndarray:
+    """The screen image with orientation letters at the edges, a scale bar,
+    point markers (a line between the first two) and a prompt box drawn in."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    pil = Image.fromarray(image.rgb)
+    draw = ImageDraw.Draw(pil)
+    rows, cols = image.rgb.shape[:2]
+    size = max(12, rows // 28)
+    try:
+        font: Any = ImageFont.load_default(size=size)
+    except TypeError:  # pragma: no cover - Pillow < 10.1
+        font = ImageFont.load_default()
+    top, bottom, left, right = image.labels
+    ink, shadow = (255, 214, 0), (0, 0, 0)
+    for text, (px, py), anchor in ((top, (cols / 2, 4), "mt"), (bottom, (cols / 2, rows - 4), "mb"),
+                                   (left, (4, rows / 2), "lm"), (right, (cols - 4, rows / 2), "rm")):
+        draw.text((px, py), text, fill=ink, font=font, anchor=anchor, stroke_width=2, stroke_fill=shadow)
+    bar = scale_bar_mm / image.mm_per_pixel
+    if bar < cols * 0.6:
+        y0 = rows - 10
+        draw.line([(cols - 10 - bar, y0), (cols - 10, y0)], fill=(230, 230, 230), width=2)
+        draw.text((cols - 10 - bar / 2, y0 - 4), f"{scale_bar_mm:g} mm", fill=(230, 230, 230), font=font,
+                  anchor="mb", stroke_width=2, stroke_fill=shadow)
+    marker = (0, 255, 255)
+    for px, py in points:
+        r = 5
+        draw.line([(px - r, py), (px + r, py)], fill=marker, width=2)
+        draw.line([(px, py - r), (px, py + r)], fill=marker, width=2)
+    if len(points) >= 2:
+        draw.line([points[0], points[1]], fill=marker, width=1)
+    if box is not None:
+        raw_rows, raw_cols = image.raw_shape
+        c0, r0, c1, r1 = box
+        draw.rectangle([c0 * cols / raw_cols, r0 * rows / raw_rows, (c1 + 1) * cols / raw_cols,
+                        (r1 + 1) * rows / raw_rows], outline=(255, 80, 80), width=2)
+    return np.asarray(pil)
+
+
 def distance_mm(a: Sequence[float], b: Sequence[float]) -> float:
     """Euclidean distance between two LPS points in millimetres."""
     pa, pb = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
@@ -449,6 +507,39 @@ def screen_box_to_raw(image: SliceImage, x1: float, y1: float, x2: float, y2: fl
     return c0, r0, c1, r1
 
 
+def box_to_source(display: DisplayVolume, view: View, index: int,
+                  box: tuple[int, int, int, int]) -> tuple[str, int, tuple[int, int, int, int]]:
+    """A box drawn on a displayed slice, in the source array's terms.
+
+    ``box`` is ``(col0, row0, col1, row1)`` in raw-slice pixels of ``view`` (see
+    :func:`screen_box_to_raw`). Returns ``(plane, slice_index, (x0, y0, x1, y1))``
+    where the plane is named by the source axis the slice cuts (``axial`` =
+    array ``[k]``, whose 2-D pixels are ``[j, i]``; ``coronal`` = ``[:, j]`` with
+    pixels ``[k, i]``; ``sagittal`` = ``[:, :, i]`` with pixels ``[k, j]``), which
+    is what promptable pipelines receive. Bounds are inclusive.
+    """
+    c0, r0, c1, r1 = box
+    nz = display.shape[0]
+
+    def voxel(c: int, r: int) -> tuple[int, int, int]:
+        if view == "axial":
+            return c, r, index
+        if view == "coronal":
+            return c, index, nz - 1 - r
+        return index, c, nz - 1 - r
+
+    corners = [display.source_index(*voxel(c, r)) for c in (c0, c1) for r in (r0, r1)]
+    ijk = np.asarray(corners)
+    constant = [axis for axis in range(3) if np.all(ijk[:, axis] == ijk[0, axis])]
+    normal = 2 - display.axis_of[{"axial": 2, "coronal": 1, "sagittal": 0}[view]]  # ijk index of the normal
+    if normal not in constant:  # pragma: no cover - impossible with permutation-only reorientation
+        raise ValueError("box corners do not lie on one source slice")
+    plane = {2: "axial", 1: "coronal", 0: "sagittal"}[normal]
+    x_axis, y_axis = {2: (0, 1), 1: (0, 2), 0: (1, 2)}[normal]
+    lo, hi = ijk.min(axis=0), ijk.max(axis=0)
+    return plane, int(ijk[0, normal]), (int(lo[x_axis]), int(lo[y_axis]), int(hi[x_axis]), int(hi[y_axis]))
+
+
 def label_volumes_ml(labels: np.ndarray, volume: Volume) -> dict[int, float]:
     """Volume in mL of each non-zero label of a label map in source layout."""
     if labels.shape != volume.array.shape:
@@ -459,7 +550,7 @@ def label_volumes_ml(labels: np.ndarray, volume: Volume) -> dict[int, float]:
 
 __all__ = [
     "CT_PRESETS", "DisplayVolume", "LABEL_COLOURS", "ORIENTATION_LABELS", "Pick", "SliceImage",
-    "VIEWS", "WindowLevel", "apply_window", "auto_window", "composite", "default_window",
+    "VIEWS", "WindowLevel", "annotate", "apply_window", "auto_window", "box_to_source", "composite", "default_window",
     "display_size", "distance_mm", "label_colour", "label_volumes_ml", "named_window", "pick",
-    "raw_slice", "render", "screen_box_to_raw", "slice_count", "to_display", "windows_for",
+    "raw_slice", "render", "screen_box_to_raw", "screen_point", "slice_count", "to_display", "windows_for",
 ]

@@ -1,0 +1,357 @@
+"""What the workstation page shows, computed without Streamlit.
+
+The UI pages call these functions and only lay out their results. This module
+decides which studies are listed (local folders the clinician added, studies
+the PACS pushed into ``MEDAI_HOME/store``, the bundled demo study), where a
+model run's outputs go, and what the page may say about a run. Patient names
+and IDs read here are returned for display only and never logged: log lines
+and file names use UIDs' pseudonyms.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from medai import config
+
+log = logging.getLogger("medai.ui")
+
+NOT_FOR_DIAGNOSTIC_USE = "Not for diagnostic use: research and decision support only; a clinician reads the images."
+
+
+@dataclass(frozen=True)
+class SeriesRow:
+    """One image series as listed to the clinician."""
+
+    series_uid: str
+    study_uid: str
+    modality: str
+    description: str
+    body_part: str
+    n_images: int
+    files: tuple[Path, ...]
+    number: int | None = None
+
+    @property
+    def n_frames(self) -> int:
+        """Image count under the name model selection rules read."""
+        return self.n_images
+
+
+@dataclass(frozen=True)
+class StudyRow:
+    """One study as listed to the clinician (patient fields for display only)."""
+
+    study_uid: str
+    patient_name: str
+    patient_id: str
+    study_date: str
+    description: str
+    source: str  # "local", "pacs" or "demo"
+    series: tuple[SeriesRow, ...] = field(default_factory=tuple)
+
+    @property
+    def modalities(self) -> str:
+        return ", ".join(sorted({s.modality for s in self.series if s.modality}))
+
+    @property
+    def n_images(self) -> int:
+        return sum(s.n_images for s in self.series)
+
+
+def store_dir() -> Path:
+    """Where studies received from the PACS land."""
+    return config.home() / "store"
+
+
+def demo_dir() -> Path | None:
+    """The bundled real T1 demo study, when this build ships one."""
+    import medai
+
+    path = Path(medai.__file__).resolve().parent / "data" / "demo-t1"
+    return path if path.is_dir() else None
+
+
+def default_sources() -> list[tuple[Path, str]]:
+    """Folders listed without the clinician adding them: PACS store and demo."""
+    out: list[tuple[Path, str]] = []
+    store = store_dir()
+    if store.is_dir() and any(store.iterdir()):
+        out.append((store, "pacs"))
+    demo = demo_dir()
+    if demo is not None:
+        out.append((demo, "demo"))
+    return out
+
+
+def catalog(sources: Iterable[tuple[Path, str]]) -> tuple[list[StudyRow], list[tuple[str, str]]]:
+    """Index the given folders (headers only) into studies with their image series.
+
+    Returns the studies (newest first) and the files skipped with the reason.
+    """
+    from medai.dicom.index import scan
+
+    rows: dict[str, StudyRow] = {}
+    skipped: list[tuple[str, str]] = []
+    for folder, source in sources:
+        index = scan([folder])
+        skipped.extend((str(item.path), item.reason) for item in index.skipped)
+        for study_uid, study in index.studies.items():
+            patient = index.patients.get(study.patient_key)
+            series = [SeriesRow(series_uid=e.series_instance_uid, study_uid=study_uid, modality=e.modality,
+                                description=e.description, body_part=e.body_part, n_images=e.frame_count,
+                                files=e.files, number=e.series_number)
+                      for e in index.series_of_study(study_uid) if e.is_image]
+            if not series:
+                continue
+            if study_uid in rows:  # the same study found in two folders: merge its series
+                known = {s.series_uid for s in rows[study_uid].series}
+                series = [*rows[study_uid].series, *(s for s in series if s.series_uid not in known)]
+            series.sort(key=lambda s: (s.number if s.number is not None else 1 << 30, s.description))
+            rows[study_uid] = StudyRow(study_uid, patient.patient_name if patient else "",
+                                       patient.patient_id if patient else "", study.study_date,
+                                       study.description, source, tuple(series))
+    studies = sorted(rows.values(), key=lambda r: (r.study_date, r.study_uid), reverse=True)
+    return studies, skipped
+
+
+def key_for(uid: str) -> str:
+    """A file-name-safe key for a UID: the audit pseudonym when the compliance
+    layer is installed, else a SHA-256 prefix (never the UID in clear)."""
+    try:
+        from medai.compliance import audit
+
+        pseudonym = getattr(audit, "pseudonym", None)
+        if pseudonym is not None:
+            return str(pseudonym(uid)).replace("/", "_")[:32]
+    except ImportError:
+        pass
+    return hashlib.sha256(uid.encode()).hexdigest()[:24]
+
+
+def results_dir(series_uid: str, model_id: str) -> Path:
+    """Where the UI keeps one model's outputs for one series."""
+    return config.home() / "results" / key_for(series_uid) / model_id
+
+
+def run_status(series_uids: Sequence[str]) -> dict[str, list[str]]:
+    """Model ids with a finished result, per series UID."""
+    out: dict[str, list[str]] = {}
+    for uid in series_uids:
+        base = config.home() / "results" / key_for(uid)
+        if base.is_dir():
+            done = sorted(p.name for p in base.iterdir() if (p / "result.json").is_file())
+            if done:
+                out[uid] = done
+    return out
+
+
+def study_status(study: StudyRow) -> str:
+    """One-line status of model runs for a study's series."""
+    done = run_status([s.series_uid for s in study.series])
+    models = sorted({m for ms in done.values() for m in ms})
+    return ", ".join(models) if models else "not run"
+
+
+def read_result(folder: Path) -> dict[str, Any]:
+    """The ``result.json`` a run wrote (volumes, findings, QC, provenance)."""
+    path = folder / "result.json"
+    with open(path, encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+def load_label_map(folder: Path, volume_shape: tuple[int, int, int]) -> Any:
+    """The run's label map (``mask.nii.gz``) as an array in the source layout
+    ``[k, j, i]``; refuses a map whose shape differs from the volume's."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    array = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "mask.nii.gz")))
+    if tuple(array.shape) != tuple(volume_shape):
+        from medai.errors import DicomInputError
+
+        raise DicomInputError(folder / "mask.nii.gz",
+                              f"label map shape {tuple(array.shape)} differs from the series {tuple(volume_shape)}")
+    return np.asarray(array)
+
+
+def audit(event: str, *, study: StudyRow | None = None, series: SeriesRow | None = None,
+          outcome: str = "success", detail: dict[str, Any] | None = None) -> None:
+    """Record a workstation action on patient data in the audit trail.
+
+    Fail closed: :class:`~medai.errors.AuditWriteError` propagates, and the page
+    must not show or send the data. Without the compliance layer installed the
+    workstation refuses patient data altogether.
+    """
+    from medai.compliance import audit as trail
+
+    trail.record(event, outcome=outcome,
+                 patient_id=(study.patient_id or None) if study else None,
+                 patient_name=(study.patient_name or None) if study else None,
+                 study_uid=(study.study_uid if study else None) or (series.study_uid if series else None),
+                 series_uid=series.series_uid if series else None,
+                 detail={"component": "ui", **(detail or {})})
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    """A model offered for a series, with whether its card accepts the series."""
+
+    model_id: str
+    name: str
+    version: str
+    accepts: bool
+    reason: str
+    interactive: bool
+    card: Any
+
+
+def models_for(series: SeriesRow) -> list[ModelChoice]:
+    """Installed models, those whose card accepts ``series`` first."""
+    from medai.inference import registry
+    from medai.inference.select import series_matches
+
+    out = []
+    for bundle in registry.list_bundles():
+        ok, reason = series_matches(bundle.card, series)
+        out.append(ModelChoice(bundle.id, bundle.card.name, bundle.version, ok, reason,
+                               bool(bundle.card.accepts_prompt), bundle.card))
+    return sorted(out, key=lambda m: (not m.accepts, m.model_id))
+
+
+def card_summary(card: Any) -> dict[str, Any]:
+    """What the clinician reads before running: intended use, limits, metrics, licence."""
+    use = dict(card.intended_use)
+    return {
+        "summary": card.summary,
+        "task": card.task,
+        "intended_use": use,
+        "limitations": use.get("limitations", card.raw.get("limitations", [])),
+        "metrics": card.metrics,
+        "labels": [label.name for label in card.labels],
+        "license": dict(card.license),
+    }
+
+
+def run(model_id: str, volume: Any, series: SeriesRow, *, prompt: dict[str, Any] | None = None) -> Any:
+    """Run a model on the open series' volume (already in memory) into this
+    series' results folder; returns the inference ``RunResult``."""
+    from medai.inference.run import run_model
+
+    out = results_dir(series.series_uid, model_id)
+    out.mkdir(parents=True, exist_ok=True)
+    return run_model(model_id, volume, out, prompt=prompt)
+
+
+#: Result files a clinician can send or save, by kind.
+RESULT_FILES = {"SEG": "seg.dcm", "SR": "sr.dcm", "JSON": "result.json"}
+
+
+def available_outputs(result_dir: Path) -> dict[str, Path]:
+    """The result files of one run that exist, by kind (SEG, SR, JSON)."""
+    return {kind: result_dir / name for kind, name in RESULT_FILES.items() if (result_dir / name).is_file()}
+
+
+def save_to_folder(result_dir: Path, kinds: Sequence[str], folder: Path, *, study: StudyRow | None,
+                   series: SeriesRow) -> list[Path]:
+    """Copy chosen result files into ``folder`` (audited as an export first:
+    when the trail cannot be written nothing is copied). File names carry the
+    model id and a series key, never patient data."""
+    import shutil
+
+    files = available_outputs(result_dir)
+    chosen = [files[k] for k in kinds if k in files]
+    if not chosen:
+        raise ValueError("no result file selected")
+    folder.mkdir(parents=True, exist_ok=True)
+    audit("export", study=study, series=series,
+          detail={"destination": "folder", "files": [p.name for p in chosen], "model": result_dir.name})
+    out = []
+    for path in chosen:
+        target = folder / f"{result_dir.name}-{key_for(series.series_uid)[:12]}-{path.name}"
+        shutil.copyfile(path, target)
+        out.append(target)
+    return out
+
+
+def send_to_destination(result_dir: Path, kinds: Sequence[str], destination: str, *,
+                        study: StudyRow | None, series: SeriesRow) -> str:
+    """Send the chosen DICOM results (SEG/SR) to the configured destination
+    (audited by the sender, fail closed). JSON is not DICOM and is not sent."""
+    from medai.pacs.sender import parse_destination, send_audited
+
+    files = available_outputs(result_dir)
+    chosen = [files[k] for k in kinds if k in files and files[k].suffix == ".dcm"]
+    if not chosen:
+        raise ValueError("choose a DICOM result (SEG or SR) to send")
+    dest = parse_destination(destination)
+    send_audited(dest, chosen, study_uid=study.study_uid if study else series.study_uid)
+    return f"{len(chosen)} file(s) to {dest.describe()}"
+
+
+@dataclass(frozen=True)
+class PrivacyStatus:
+    """What the Audit & privacy page shows at the top."""
+
+    chain_ok: bool
+    records: int
+    checkpoints: int
+    problems: tuple[str, ...]
+    network: dict[str, dict[str, int]]
+    egress_guard: bool
+    telemetry: dict[str, bool]
+
+    @property
+    def allowed_total(self) -> int:
+        return sum(self.network.get("allowed", {}).values())
+
+    @property
+    def blocked_total(self) -> int:
+        return sum(self.network.get("blocked", {}).values())
+
+
+def privacy_status() -> PrivacyStatus:
+    """Chain verification of this install's trail and this process's network counts."""
+    from medai.compliance import egress, telemetry, verify
+
+    report = verify.verify()
+    return PrivacyStatus(report.ok, report.records, report.checkpoints, tuple(report.problems),
+                         egress.counts(), egress.installed(), telemetry.status())
+
+
+def session_events(limit: int = 500) -> list[dict[str, Any]]:
+    """This process's audit records as table rows (pseudonyms only, never clear
+    identifiers); reading them is itself audited."""
+    from medai.compliance import audit as trail
+
+    rows = []
+    for rec in trail.select(trail.Filter(session=trail.session_id()), limit=limit, purpose="ui-session-view"):
+        participants = rec.get("participants", ())
+        rows.append({
+            "Time (UTC)": str(rec.get("time", ""))[:19].replace("T", " "),
+            "Event": rec.get("event", ""),
+            "Outcome": rec.get("outcome_text", ""),
+            "Patient (pseudonym)": ", ".join(sorted({str(p["pseudonym"]) for p in participants
+                                                     if p.get("pseudonym")})),
+            "Detail": json.dumps(rec.get("detail", {}), sort_keys=True, default=str)[:160],
+        })
+    return rows
+
+
+def write_attestation(folder: Path | None = None) -> Path:
+    """Sign an attestation of this session and write it under ``MEDAI_HOME/attestations``."""
+    from medai.compliance import attest
+    from medai.compliance import audit as trail
+
+    doc = attest.attest(trail.Filter(session=trail.session_id()))
+    out = folder or (config.home() / "attestations")
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = doc["statement"]["issued"].replace(":", "").replace("-", "").split(".")[0]
+    path = out / f"attestation-{stamp}-{trail.session_id()[:8]}.json"
+    path.write_text(json.dumps(doc, indent=2, sort_keys=True), encoding="utf-8")
+    return path

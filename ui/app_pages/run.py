@@ -1,0 +1,122 @@
+"""Run model: models whose card accepts the open series, card first, results beside the images."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import streamlit as st
+
+import state
+from medai import viewer, workstation
+
+st.title("Run model")
+study, series = state.selected()
+if series is None:
+    st.info("Open a series from the Studies page first.")
+    st.page_link("app_pages/studies.py", label="Go to Studies", icon=":material/folder_open:")
+    st.stop()
+
+try:
+    choices = workstation.models_for(series)
+except Exception as exc:  # noqa: BLE001
+    st.error(f"Cannot list the installed models: {exc}")
+    st.stop()
+if not choices:
+    st.warning("No model is installed. See `medai models list` and `medai models install`.")
+    st.stop()
+
+ss = st.session_state
+labels = {m.model_id: f"{m.name} ({m.version})" + ("" if m.accepts else " — does not accept this series")
+          for m in choices}
+model_id = st.selectbox("Model", list(labels), format_func=labels.get, key="run_model_id")
+choice = next(m for m in choices if m.model_id == model_id)
+card = workstation.card_summary(choice.card)
+
+left, right = st.columns([3, 2], gap="large")
+with right:
+    st.subheader("Model card")
+    st.markdown(card["summary"])
+    use = card["intended_use"]
+    if use:
+        st.markdown("**Intended use**")
+        for key, value in use.items():
+            if key != "limitations":
+                st.markdown(f"- {key.replace('_', ' ')}: {value}")
+    if card["limitations"]:
+        st.markdown("**Limits**")
+        items = card["limitations"] if isinstance(card["limitations"], list) else [card["limitations"]]
+        for item in items:
+            st.markdown(f"- {item}")
+    if card["metrics"]:
+        st.markdown("**Measured performance**")
+        st.dataframe(card["metrics"], hide_index=True, width="stretch")
+    st.caption(workstation.NOT_FOR_DIAGNOSTIC_USE)
+
+with left:
+    if not choice.accepts:
+        st.warning(f"This model's card does not accept the open series: {choice.reason}.")
+    try:
+        display = state.loaded(series.series_uid, tuple(str(f) for f in series.files))
+    except Exception as exc:  # noqa: BLE001
+        st.error(f"Cannot load this series: {exc}")
+        st.stop()
+    prompt = None
+    if choice.interactive:
+        view = ss.get("view") or "axial"
+        index = int(ss.get(f"slice-{series.series_uid}-{view}", viewer.slice_count(display, view) // 2 + 1)) - 1
+        if ss.box is not None and ss.box_at is not None:
+            view, index = ss.box_at
+        st.markdown(f"Box prompt on **{view}** slice {index + 1} (drag a box in the Viewer, or type it), "
+                    "in pixels of that slice as shown.")
+        box = ss.box or (0, 0, 0, 0)
+        rows_n, cols_n = viewer.raw_slice(display, view, index).shape
+        cols = st.columns(4)
+        c0 = cols[0].number_input("left", 0, cols_n - 1, min(int(box[0]), cols_n - 1))
+        r0 = cols[1].number_input("top", 0, rows_n - 1, min(int(box[1]), rows_n - 1))
+        c1 = cols[2].number_input("right", 0, cols_n - 1, min(int(box[2]), cols_n - 1))
+        r1 = cols[3].number_input("bottom", 0, rows_n - 1, min(int(box[3]), rows_n - 1))
+        propagate = st.checkbox("Propagate to neighbouring slices", value=True)
+        if c1 > c0 and r1 > r0:
+            plane, slice_index, src_box = viewer.box_to_source(display, view, index, (c0, r0, c1, r1))
+            prompt = {"plane": plane, "slice_index": slice_index, "box": src_box, "propagate": propagate}
+    disabled = not choice.accepts or (choice.interactive and prompt is None)
+    if st.button("Run " + choice.name, type="primary", icon=":material/play_arrow:", disabled=disabled,
+                 key="run-button"):
+        with st.status(f"Running {choice.name} on this machine…", expanded=True) as status:
+            st.write("Verifying the signed model bundle and loading the series…")
+            try:
+                result = workstation.run(model_id, display.volume, series, prompt=prompt)
+            except Exception as exc:  # noqa: BLE001 - shown to the clinician, page survives
+                status.update(label="Run failed", state="error")
+                st.error(str(exc))
+                st.stop()
+            st.write(f"Inference on {result.provider} in {result.timings.get('total', 0):.1f} s; results written.")
+            status.update(label="Done", state="complete", expanded=False)
+        ss.result_dir = str(result.out_dir)
+        ss.overlay_on = True
+        state.rendered.clear()
+
+    if ss.result_dir and Path(ss.result_dir).parent.name == workstation.key_for(series.series_uid):
+        result = workstation.read_result(Path(ss.result_dir))
+        st.subheader("Result")
+        img_col, num_col = st.columns([3, 2])
+        view = ss.get("view") or "axial"
+        index = int(ss.get(f"slice-{series.series_uid}-{view}", viewer.slice_count(display, view) // 2 + 1)) - 1
+        window = viewer.named_window(ss.window, display.volume) if ss.window not in (None, "manual") \
+            else viewer.default_window(display.volume)
+        image = state.rendered(series.series_uid, tuple(str(f) for f in series.files), view, index,
+                               window.width, window.level, ss.result_dir, float(ss.opacity), ss.overlay_mode, 512)
+        img_col.image(viewer.annotate(image), caption=f"{view} slice {index + 1} with segmentation")
+        with num_col:
+            for name, ml in (result.get("volumes_ml") or {}).items():
+                st.metric(f"{name} volume", f"{float(ml):.1f} mL")
+            for finding in result.get("findings") or []:
+                st.markdown(f"- {finding.get('text') or finding.get('description') or finding}")
+            qc = result.get("qc") or {}
+            if qc:
+                st.markdown("**Quality checks**")
+                st.json(qc, expanded=False)
+            st.caption(f"Model {result['model'].get('id', model_id)} {result['model'].get('version', '')} · "
+                       f"{result['backend']['provider']} · {result['timings_s'].get('total', 0)} s")
+        st.page_link("app_pages/viewer.py", label="Review in the Viewer", icon=":material/view_in_ar:")
+        st.page_link("app_pages/send.py", label="Send or save the result", icon=":material/outbox:")

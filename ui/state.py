@@ -1,0 +1,115 @@
+"""Session state and caches of the page (Streamlit glue only; logic lives in
+:mod:`medai.workstation` and :mod:`medai.viewer`).
+
+Volumes are cached per series (a few at most, they are large); rendered slices
+are cached per (series, view, slice, window, overlay settings) so scrolling back
+and forth never re-reads DICOM nor re-renders.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import streamlit as st
+
+from medai import viewer, workstation
+
+DEFAULTS: dict[str, Any] = {
+    "folders": [],  # local folders the clinician added (strings)
+    "study_uid": None,
+    "series_uid": None,
+    "view": "axial",
+    "slices": {},  # view -> index, per series
+    "window": None,  # preset name
+    "wl_manual": None,  # (width, level)
+    "overlay_on": True,
+    "opacity": 0.4,
+    "overlay_mode": "fill",
+    "points": [],  # LPS points picked for measurement
+    "last_pick": None,
+    "result_dir": None,  # str path of the run shown as overlay
+    "box": None,  # (col0, row0, col1, row1) prompt, raw-slice pixels
+    "box_at": None,  # (view, slice index) the box was drawn on
+}
+
+
+def init() -> None:
+    """Initialise this session's state once."""
+    for key, value in DEFAULTS.items():
+        st.session_state.setdefault(key, value if not isinstance(value, (list, dict)) else type(value)())
+
+
+@st.cache_resource
+def favicon() -> Any:
+    """A small local page icon (an axial ring on dark), so the browser fetches nothing remote."""
+    from PIL import Image, ImageDraw
+
+    icon = Image.new("RGB", (64, 64), (20, 24, 32))
+    draw = ImageDraw.Draw(icon)
+    draw.ellipse((10, 6, 54, 58), outline=(235, 235, 235), width=5)
+    draw.ellipse((22, 20, 42, 44), fill=(230, 159, 0))
+    return icon
+
+
+def sources() -> list[tuple[Path, str]]:
+    return [*((Path(f), "local") for f in st.session_state.folders), *workstation.default_sources()]
+
+
+@st.cache_data(max_entries=16, show_spinner="Indexing DICOM headers…", ttl=600)
+def studies(source_key: tuple[tuple[str, str], ...]) -> tuple[list[workstation.StudyRow], list[tuple[str, str]]]:
+    return workstation.catalog([(Path(p), s) for p, s in source_key])
+
+
+def current_studies() -> tuple[list[workstation.StudyRow], list[tuple[str, str]]]:
+    return studies(tuple((str(p), s) for p, s in sources()))
+
+
+def selected() -> tuple[workstation.StudyRow | None, workstation.SeriesRow | None]:
+    """The open study and series, if any."""
+    rows, _ = current_studies()
+    study = next((r for r in rows if r.study_uid == st.session_state.study_uid), None)
+    if study is None:
+        return None, None
+    series = next((s for s in study.series if s.series_uid == st.session_state.series_uid), None)
+    return study, series
+
+
+@st.cache_resource(max_entries=3, show_spinner="Loading series…")
+def loaded(series_uid: str, files: tuple[str, ...]) -> viewer.DisplayVolume:
+    """The series as a display volume (kept in memory for the session's scrolling)."""
+    from medai.dicom.volume import load_series
+
+    volume = load_series([Path(f) for f in files], series_uid=series_uid)
+    return viewer.to_display(volume)
+
+
+@st.cache_resource(max_entries=4, show_spinner=False)
+def overlay(result_dir: str, series_uid: str, files: tuple[str, ...]) -> np.ndarray:
+    """A run's label map in display layout."""
+    display = loaded(series_uid, files)
+    labels = workstation.load_label_map(Path(result_dir), display.source_shape)
+    return display.reorient_labels(labels)
+
+
+@st.cache_data(max_entries=600, show_spinner=False)
+def rendered(series_uid: str, files: tuple[str, ...], view: str, index: int, width: float, level: float,
+             result_dir: str | None, opacity: float, mode: str, target: int) -> viewer.SliceImage:
+    display = loaded(series_uid, files)
+    labels = overlay(result_dir, series_uid, files) if result_dir else None
+    return viewer.render(display, view, index, viewer.WindowLevel(width, level), labels=labels,  # type: ignore[arg-type]
+                         opacity=opacity, mode=mode, target=target)  # type: ignore[arg-type]
+
+
+def open_series(study_uid: str, series_uid: str) -> None:
+    """Make a series current; views start in the middle of the volume."""
+    if st.session_state.series_uid != series_uid:
+        st.session_state.slices = {}
+        st.session_state.points = []
+        st.session_state.last_pick = None
+        st.session_state.result_dir = None
+        st.session_state.window = None
+        st.session_state.box = None
+    st.session_state.study_uid = study_uid
+    st.session_state.series_uid = series_uid
