@@ -85,6 +85,21 @@ def _decode_frame(src: bytes, runner: Any) -> bytes:
     return arr.tobytes()
 
 
+def preferred_plugin(ds: Any) -> str:
+    """The plugin to ask first for this dataset ("" lets pydicom try each in turn).
+
+    12-bit JPEG goes straight to imagecodecs: Pillow's libjpeg is 8-bit only and
+    would print an error for every frame before pydicom falls back.
+    """
+    meta = getattr(ds, "file_meta", None)
+    ts = meta.get("TransferSyntaxUID") if meta is not None else None
+    if ts == uid.JPEGExtended12Bit and int(ds.get("BitsStored", 8) or 8) > 8:
+        return _LABEL
+    if ts in (uid.JPEGLossless, uid.JPEGLosslessSV1):
+        return _LABEL
+    return ""
+
+
 def register() -> None:
     """Add the imagecodecs plugin to pydicom's JPEG decoders (idempotent).
 
@@ -106,4 +121,4 @@ def register() -> None:
     _registered = True
 
 
-__all__ = ["register", "is_available", "DECODER_DEPENDENCIES"]
+__all__ = ["register", "preferred_plugin", "is_available", "DECODER_DEPENDENCIES"]

@@ -293,9 +293,16 @@ def read_header(path: Path) -> dict[str, Any]:
     """Read one file's header into a plain dict (picklable, cheap to send back
     from a worker). Raises a :class:`DicomInputError` subclass, or returns a dict
     with ``skip`` = (kind, reason)."""
+    size = path.stat().st_size
+    if size == 0:
+        return {"skip": (NOT_DICOM, "empty file")}
+    if size < 132 and not _plausible_raw_dicom(path):
+        return {"skip": (NOT_DICOM, f"not DICOM ({size} bytes, too short for a DICOM file)")}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
+            if size < 132:
+                raise InvalidDicomError("no preamble")
             ds, pixel_length = read_dataset_safely(path, stop_before_pixels=True,
                                                    specific_tags=list(INDEX_TAGS))
         except InvalidDicomError:

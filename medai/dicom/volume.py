@@ -314,6 +314,8 @@ def _read_full(path: Path) -> Any:
 
 
 def _decode(ds: Any, path: Path) -> np.ndarray:
+    from pydicom.pixels import pixel_array
+
     from medai.dicom import codecs
 
     codecs.register()
@@ -323,7 +325,7 @@ def _decode(ds: Any, path: Path) -> np.ndarray:
     with _warnings.catch_warnings():
         _warnings.simplefilter("ignore")
         try:
-            arr = ds.pixel_array
+            arr = pixel_array(ds, decoding_plugin=codecs.preferred_plugin(ds))
         except Exception as exc:
             ts = ds.file_meta.get("TransferSyntaxUID", "?") if getattr(ds, "file_meta", None) else "?"
             raise _DicomInputError(path, f"cannot decode pixel data ({getattr(ts, 'name', ts)}): "
@@ -499,7 +501,8 @@ def _order_and_geometry(frames: list[_Frame], ds: Any, where: Path | None,
     direction = tuple(float(v) for v in np.column_stack([row_dir, col_dir, normal]).ravel())
 
     if len(frames) == 1:
-        z = (_num(ds.get("SpacingBetweenSlices"), 0.0) or _num(ds.get("SliceThickness"), 0.0) or 1.0)
+        # One slice has no slice spacing; like GDCM, use SpacingBetweenSlices or 1 mm.
+        z = _num(ds.get("SpacingBetweenSlices"), 0.0) or 1.0
         origin = first.position if first.position is not None else (0.0, 0.0, 0.0)
         return frames, Geometry(tuple(origin), (col_spacing, row_spacing, abs(z)), direction), None
 
@@ -513,7 +516,7 @@ def _order_and_geometry(frames: list[_Frame], ds: Any, where: Path | None,
     if dup.size:
         a, b = frames[dup[0]], frames[dup[0] + 1]
         raise _SeriesGeometryError(where, f"duplicate slice position: {_describe(a)} and {_describe(b)} "
-                                   f"are both at {tuple(round(v, 3) for v in positions[dup[0]])} "
+                                   f"are both at {tuple(round(float(v), 3) for v in positions[dup[0]])} "
                                    f"({dup.size} duplicate(s); several acquisitions or phases in one series?)")
     if np.any(steps < 1e-3):
         k = int(np.argmin(steps))
