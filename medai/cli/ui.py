@@ -38,5 +38,8 @@ def register(app: typer.Typer) -> None:
             sys.stdout.flush()
             sys.stderr.write("medai ui: serving on this machine only; press Ctrl-C to stop.\n")
 
-        server.serve(bind, chosen, on_ready=announce)
+        try:
+            server.serve(bind, chosen, on_ready=announce)
+        except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C after its graceful shutdown
+            pass
         sys.stderr.write("medai ui: stopped.\n")
