@@ -496,3 +496,58 @@ def test_exported_seg_stays_conformant(study: dict, basic_export: dict) -> None:
 
     assert errors(seg_in) == []
     assert errors(seg_out) == []
+
+
+def _one(tmp_path: Path, ds: Dataset, options: tuple[str, ...] = ()) -> Dataset:
+    src = tmp_path / "one-src"
+    src.mkdir(exist_ok=True)
+    ds.save_as(src / "in.dcm", enforce_file_format=True)
+    out = tmp_path / ("one-out-" + "-".join(options))
+    report = deidentify_study([src], out, options, KEY)
+    (done,) = [f for f in report.files if f.status == "exported"]
+    return pydicom.dcmread(out / done.output)
+
+
+def test_sr_free_text_in_content_sequence_is_replaced(tmp_path: Path) -> None:
+    sr = pydicom.dcmread(get_testdata_file("reportsi.dcm"))
+    for elem in sr.iterall():
+        if elem.keyword == "TextValue":
+            elem.value = f"Seen {NAME} on {SEEDS['study_date']} {SEEDS['comments']}"
+        if elem.keyword == "PersonName":
+            elem.value = SEEDS["reading"]
+    out = _one(tmp_path, sr)
+    _assert_nothing_survives(tmp_path / "one-out-")
+    values = [str(e.value) for e in out.iterall() if e.keyword in ("TextValue", "PersonName")]
+    assert values and set(values) == {"ANONYMIZED"}
+    assert out.ContentSequence  # structure kept, items still there
+
+
+def test_retain_options_keep_their_attributes(tmp_path: Path) -> None:
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    ds.PatientAge, ds.PatientSex, ds.PatientWeight = "061Y", "M", "70"
+    ds.DeviceSerialNumber, ds.InstitutionName = SEEDS["serial"], SEEDS["institution"]
+    plain = _one(tmp_path, ds)
+    assert "PatientAge" not in plain and plain.PatientSex == "" and plain.InstitutionName == ""
+    assert plain.DeviceSerialNumber == "ANONYMIZED"
+    kept = _one(tmp_path, ds, ("retain-patient-characteristics", "retain-device-identity",
+                               "retain-institution-identity"))
+    assert (kept.PatientAge, kept.PatientSex, float(kept.PatientWeight)) == ("061Y", "M", 70.0)
+    assert kept.DeviceSerialNumber == SEEDS["serial"] and kept.InstitutionName == SEEDS["institution"]
+    assert [c.CodeValue for c in kept.DeidentificationMethodCodeSequence] == ["113100", "113108", "113109", "113112"]
+    full = _one(tmp_path, ds, ("retain-longitudinal-full-dates",))
+    assert full.StudyDate == ds.StudyDate and full.LongitudinalTemporalInformationModified == "UNMODIFIED"
+
+
+def test_safe_private_only_with_option(tmp_path: Path) -> None:
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    for tag in [t for t in ds.keys() if t.is_private]:
+        del ds[tag]
+    block = ds.private_block(0x0019, "GEMS_ACQU_01", create=True)
+    block.add_new(0x23, "DS", "12.5")
+    block.add_new(0x24, "LO", SEEDS["private"])
+    removed = _one(tmp_path, ds)
+    assert not any(t.is_private for t in removed.keys())
+    kept = _one(tmp_path, ds, ("retain-safe-private",))
+    out_block = kept.private_block(0x0019, "GEMS_ACQU_01")
+    assert out_block[0x23].value == "12.5"
+    assert 0x24 not in out_block

@@ -19,9 +19,10 @@ How the table's actions are carried out here (PS3.15 E.1.1 and E.3):
   ``X/Z/D`` is ``D`` for dates/times and Device Serial Number (Type 1 in enhanced objects),
   else ``Z``; ``X/Z/U*`` keeps a sequence whose UIDs are
   remapped (its other attributes are cleaned by their own rows), else ``Z``.
-* Attributes not in the table are kept, with three safety nets beyond the standard: any
+* Attributes not in the table are kept, with four safety nets beyond the standard: any
   other person name (PN) is emptied, any other date (DA/DT) is handled like a listed date,
-  and public attributes of unknown VR (UN) are removed. Private attributes are removed
+  public attributes of unknown VR (UN) are removed, and free text (ST/LT/UT/UC, e.g. an SR
+  Text Value) inside a sequence the table replaces (D, e.g. Content Sequence) gets a dummy. Private attributes are removed
   unless the Retain Safe Private option is on and they are on :data:`SAFE_PRIVATE`.
 * Pixel data that may carry burned-in text is never exported silently: see
   :func:`burned_in_risk`. It is quarantined under ``MEDAI_HOME/quarantine/<export id>/`` unless
@@ -291,6 +292,8 @@ class _Context:
     options: frozenset[str]
     day_offset: int
     identifiers: tuple[str, ...]
+    #: > 0 while inside a sequence whose action is D (e.g. an SR Content Sequence)
+    dummy_depth: int = 0
     counts: Counter[str] = field(default_factory=Counter)
     per_attr: dict[str, Counter[str]] = field(default_factory=lambda: defaultdict(Counter))
 
@@ -300,12 +303,15 @@ class _Context:
         self.per_attr[name][rule] += 1
 
 
-def _resolve(tag: int, vr: str, opts: frozenset[str]) -> tuple[str, str]:
-    """(action, rule name) for one public attribute under the active options."""
+def _resolve(tag: int, vr: str, opts: frozenset[str], in_dummy: bool = False) -> tuple[str, str]:
+    """(action, rule name) for one public attribute under the active options;
+    ``in_dummy``: the attribute sits inside a sequence the table replaces (D)."""
     basic = _table_action(tag)
     rule = "table"
     if basic is None:
-        if vr == "PN":
+        if in_dummy and vr in _FREE_TEXT_VRS:
+            basic, rule = "D", "safety-net-text-in-replaced-sequence"
+        elif vr == "PN":
             basic, rule = "Z", "safety-net-person-name"
         elif vr in _DATE_VRS:
             basic, rule = "D", "safety-net-date"
@@ -360,6 +366,9 @@ _DUMMY_TEXT = {"CS": "ANONYMIZED", "AE": "ANONYMIZED", "SH": "ANONYMIZED", "LO":
                "ST": "ANONYMIZED", "LT": "ANONYMIZED", "UT": "ANONYMIZED", "UC": "ANONYMIZED",
                "PN": "ANONYMIZED", "DA": "19000101", "TM": "000000", "DT": "19000101000000",
                "AS": "000Y", "IS": "0", "DS": "0", "UR": ""}
+#: Free-text VRs: inside a D sequence (an SR's Content Sequence) their unlisted values
+#: (Text Value) are replaced, since only the Clean Structured Content option may keep them.
+_FREE_TEXT_VRS = frozenset({"ST", "LT", "UT", "UC"})
 _NUMERIC_VRS = frozenset({"US", "SS", "UL", "SL", "FL", "FD", "UV", "SV"})
 
 
@@ -467,7 +476,7 @@ def _apply(ds: Dataset, ctx: _Context) -> None:
                 ctx.note("X-private", t)
             continue
         vr = elem.VR
-        action, rule = _resolve(t, vr, ctx.options)
+        action, rule = _resolve(t, vr, ctx.options, ctx.dummy_depth > 0)
         action = _combine(action, t, vr)
         _do(ds, elem, action, ctx)
         ctx.note(action if rule == "table" else f"{action} ({rule})", t)
@@ -515,8 +524,12 @@ def _do(ds: Dataset, elem: DataElement, action: str, ctx: _Context) -> None:
 def _dummy(ds: Dataset, elem: DataElement, ctx: _Context) -> None:
     vr = elem.VR
     if vr == "SQ":
-        for item in elem.value:
-            _apply(item, ctx)
+        ctx.dummy_depth += 1
+        try:
+            for item in elem.value:
+                _apply(item, ctx)
+        finally:
+            ctx.dummy_depth -= 1
     elif vr == "UI":
         _do(ds, elem, "U", ctx)
     elif vr in _DATE_VRS:
@@ -883,7 +896,7 @@ def _one_file(
                             modality=modality, pixel_rule=rule is not None),
                 (staged_path, staging.parent / rel))
     except MedaiError as exc:
-        log.warning("input #%d: %s", index, exc)
+        log.warning("input #%d: %s", index, type(exc).__name__)
         return FileOutcome(index, "failed", sop_class=sop_class, modality=modality,
                            reason=type(exc).__name__), None
     except Exception as exc:  # noqa: BLE001 - one bad file must not stop the export
