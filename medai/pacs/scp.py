@@ -1,0 +1,337 @@
+"""The DICOM C-STORE SCP behind ``medai pacs listen`` (pynetdicom).
+
+The store handler is the only place a received instance enters medai. Its
+order of operations is the guarantee the PACS relies on: validate the UIDs,
+record the import in the audit trail (fail closed), write the Part 10 file
+atomically, register it in the queue database, and only then answer success.
+Anything that goes wrong is answered with a DICOM failure status and logged
+without patient identifiers; the listener itself keeps running.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydicom.dataset import Dataset
+from pynetdicom import AE, AllStoragePresentationContexts, ALL_TRANSFER_SYNTAXES, evt
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+from medai import config
+from medai.errors import AuditWriteError, ConfigError, UnsafeInputError
+from medai.pacs import _audit
+from medai.pacs.queue import PacsDB, SeriesInfo
+from medai.pacs.store import RESOURCE_ERRNOS, StudyStore, validate_uid
+
+log = logging.getLogger("medai.pacs")
+
+#: C-STORE statuses (PS3.4 Table B.2-1 and PS3.7 C.4.2).
+SUCCESS = 0x0000
+OUT_OF_RESOURCES = 0xA700
+CANNOT_UNDERSTAND = 0xC000
+PROCESSING_FAILURE = 0x0110
+
+
+def is_loopback(address: str) -> bool:
+    if address == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass(frozen=True)
+class ListenerConfig:
+    """How the SCP presents itself; defaults come from ``medai.config``."""
+
+    ae_title: str = "MEDAI"
+    address: str = "127.0.0.1"
+    port: int = 11112
+    allowed_callers: tuple[str, ...] = ()
+    allowed_hosts: tuple[str, ...] = ()
+    #: Binding anything but loopback must be asked for explicitly.
+    allow_remote: bool = False
+    acse_timeout: float = 30.0
+    dimse_timeout: float = 60.0
+    network_timeout: float = 60.0
+    #: Largest PDU we accept (0: unlimited).
+    max_pdu: int = 0
+    max_associations: int = 16
+    #: Refuse instances (0xA700) when less than this is free on the store's disk.
+    min_free_bytes: int = 256 * 1024**2
+
+    @classmethod
+    def from_config(cls, **overrides: Any) -> "ListenerConfig":
+        values: dict[str, Any] = {
+            "ae_title": config.get("pacs.ae_title"),
+            "address": config.get("pacs.address"),
+            "port": config.get("pacs.port"),
+            "allowed_callers": tuple(config.get("pacs.allowed_callers") or ()),
+            "allowed_hosts": tuple(config.get("pacs.allowed_hosts") or ()),
+            "allow_remote": config.get("pacs.allow_remote"),
+            "acse_timeout": config.get("pacs.acse_timeout"),
+            "dimse_timeout": config.get("pacs.dimse_timeout"),
+            "network_timeout": config.get("pacs.network_timeout"),
+            "max_pdu": config.get("pacs.max_pdu"),
+            "max_associations": config.get("pacs.max_associations"),
+            "min_free_bytes": config.get("pacs.min_free_space"),
+        }
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+    def check(self) -> None:
+        if not self.ae_title or len(self.ae_title) > 16:
+            raise ConfigError(f"pacs.ae_title {self.ae_title!r}: an AE title has 1-16 characters")
+        if not 0 < self.port < 65536:
+            raise ConfigError(f"pacs.port {self.port}: not a TCP port")
+        if not is_loopback(self.address) and not self.allow_remote:
+            raise ConfigError(f"pacs.address {self.address}: not a loopback address; binding it exposes the "
+                              "listener to the network, pass --allow-remote (or set pacs.allow_remote) to do so")
+
+
+@dataclass
+class _AssocLog:
+    """What one association delivered, for its instances_transferred record."""
+
+    calling_ae: str
+    peer: str
+    studies: dict[str, list[str]] = field(default_factory=dict)
+    patient: dict[str, tuple[str | None, str | None]] = field(default_factory=dict)
+
+
+def _text(ds: Dataset, keyword: str) -> str:
+    value = ds.get(keyword, "")
+    return "" if value is None else str(value).strip()
+
+
+class Listener:
+    """A running (or ready) C-STORE SCP writing into a :class:`StudyStore`."""
+
+    def __init__(self, cfg: ListenerConfig, *, store: StudyStore | None = None, db: PacsDB | None = None) -> None:
+        cfg.check()
+        self.cfg = cfg
+        self.store = store or StudyStore()
+        self.db = db or PacsDB()
+        self._assocs: dict[int, _AssocLog] = {}
+        self._lock = threading.Lock()
+        self._server: Any = None
+        self.ae = self._make_ae()
+
+    # -- setup --------------------------------------------------------------
+    def _make_ae(self) -> AE:
+        ae = AE(ae_title=self.cfg.ae_title)
+        ae.acse_timeout = self.cfg.acse_timeout
+        ae.dimse_timeout = self.cfg.dimse_timeout
+        ae.network_timeout = self.cfg.network_timeout
+        ae.maximum_pdu_size = self.cfg.max_pdu
+        ae.maximum_associations = self.cfg.max_associations
+        ae.require_called_aet = False
+        if self.cfg.allowed_callers:
+            ae.require_calling_aet = list(self.cfg.allowed_callers)
+        for cx in AllStoragePresentationContexts:
+            ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+        ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
+        return ae
+
+    def _handlers(self) -> list[tuple[Any, Any]]:
+        return [
+            (evt.EVT_C_STORE, self.handle_store),
+            (evt.EVT_C_ECHO, lambda event: SUCCESS),
+            (evt.EVT_ACCEPTED, self._on_accepted),
+            (evt.EVT_REJECTED, self._on_rejected),
+            (evt.EVT_RELEASED, self._on_closed),
+            (evt.EVT_ABORTED, self._on_closed),
+            (evt.EVT_CONN_CLOSE, self._on_closed),
+        ]
+
+    def start(self, *, block: bool = False) -> None:
+        """Bind and serve. With ``block=False`` returns once listening."""
+        self.store.clean_partial()
+        self.reconcile()
+        self._server = self.ae.start_server((self.cfg.address, self.cfg.port), block=False,
+                                            evt_handlers=self._handlers())
+        # Host filter: refused before any DICOM byte is read (TCP close).
+        original = self._server.verify_request
+        self._server.verify_request = lambda request, client_address: (
+            self._host_allowed(client_address[0]) and original(request, client_address))
+        log.info("listening ae_title=%s address=%s port=%d", self.cfg.ae_title, self.cfg.address, self.port)
+        if block:
+            self.wait()
+
+    @property
+    def port(self) -> int:
+        return int(self._server.server_address[1]) if self._server is not None else self.cfg.port
+
+    def wait(self) -> None:
+        while self._server is not None:
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        """Stop accepting, let pynetdicom close associations, flush their audit records."""
+        server, self._server = self._server, None
+        if server is not None:
+            server.shutdown()
+        with self._lock:
+            pending = list(self._assocs)
+        for assoc_id in pending:
+            self._flush(assoc_id)
+        log.info("listener stopped")
+
+    # -- reconciliation ------------------------------------------------------
+    def reconcile(self) -> int:
+        """Register stored files the database missed (killed between the
+        rename and the commit). Those instances were never acknowledged, but
+        they are intact and belong to their study."""
+        known = self.db.known_sops()
+        added = 0
+        import hashlib
+
+        for study, series, sop, path in self.store.iter_all():
+            if sop in known:
+                continue
+            data = path.read_bytes()
+            self.db.record_instance(sop_uid=sop, study_uid=study, series_uid=series, sop_class_uid="",
+                                    size=len(data), sha256=hashlib.sha256(data).hexdigest(), series=None)
+            added += 1
+        if added:
+            log.info("reconciled %d stored instances missing from the queue database", added)
+        return added
+
+    # -- association bookkeeping -------------------------------------------
+    def _host_allowed(self, host: str) -> bool:
+        if not self.cfg.allowed_hosts or host in self.cfg.allowed_hosts:
+            return True
+        log.warning("connection refused: host not allowed")
+        self.db.bump("rejected_associations")
+        try:
+            _audit.record("security_alert", outcome="failure",
+                          detail={"reason": "calling host not on pacs.allowed_hosts", "peer": host,
+                                  "ae_title": self.cfg.ae_title})
+        except AuditWriteError as exc:
+            log.error("could not audit a refused connection: %s", exc)
+        return False
+
+    def _on_accepted(self, event: Any) -> None:
+        assoc = event.assoc
+        with self._lock:
+            self._assocs[id(assoc)] = _AssocLog(str(assoc.requestor.ae_title).strip(), str(assoc.requestor.address))
+        log.info("association accepted calling_ae=%s", str(assoc.requestor.ae_title).strip())
+
+    def _on_rejected(self, event: Any) -> None:
+        assoc = event.assoc
+        calling = str(assoc.requestor.ae_title).strip()
+        log.warning("association rejected calling_ae=%s", calling)
+        self.db.bump("rejected_associations")
+        try:
+            _audit.record("security_alert", outcome="failure",
+                          detail={"reason": "calling AE title not on pacs.allowed_callers", "calling_ae": calling,
+                                  "peer": str(assoc.requestor.address)})
+        except AuditWriteError as exc:
+            log.error("could not audit a rejected association: %s", exc)
+
+    def _on_closed(self, event: Any) -> None:
+        self._flush(id(event.assoc))
+
+    def _flush(self, assoc_id: int) -> None:
+        with self._lock:
+            entry = self._assocs.pop(assoc_id, None)
+        if entry is None:
+            return
+        for study_uid, sops in entry.studies.items():
+            patient_id, patient_name = entry.patient.get(study_uid, (None, None))
+            try:
+                _audit.record("instances_transferred", patient_id=patient_id, patient_name=patient_name,
+                              study_uid=study_uid, instance_uids=tuple(sops),
+                              detail={"direction": "received", "calling_ae": entry.calling_ae, "peer": entry.peer,
+                                      "count": len(sops)})
+            except AuditWriteError as exc:
+                log.error("could not audit %d received instances of study %s: %s", len(sops),
+                          _audit.key(study_uid), exc)
+            log.info("association closed study=%s instances=%d calling_ae=%s", _audit.key(study_uid), len(sops),
+                     entry.calling_ae)
+
+    # -- the store handler -------------------------------------------------
+    @staticmethod
+    def _status(code: int, comment: str) -> Dataset:
+        status = Dataset()
+        status.Status = code
+        status.ErrorComment = comment[:64]
+        return status
+
+    def handle_store(self, event: Any) -> int | Dataset:
+        """EVT_C_STORE: the instance is on disk, fsynced and registered before
+        success is returned; every failure becomes a DICOM status."""
+        try:
+            return self._store(event)
+        except Exception:  # noqa: BLE001 - the listener must outlive any one dataset
+            log.exception("unexpected error storing an instance")
+            self.db.bump("failed_stores")
+            return self._status(PROCESSING_FAILURE, "internal error while storing")
+
+    def _store(self, event: Any) -> int | Dataset:
+        try:
+            ds = event.dataset
+            sop_uid = validate_uid(ds.get("SOPInstanceUID"), "SOP Instance UID")
+            study_uid = validate_uid(ds.get("StudyInstanceUID"), "Study Instance UID")
+            series_uid = validate_uid(ds.get("SeriesInstanceUID"), "Series Instance UID")
+            sop_class = validate_uid(ds.get("SOPClassUID"), "SOP Class UID")
+            command_sop = validate_uid(event.request.AffectedSOPInstanceUID, "Affected SOP Instance UID")
+            if command_sop != sop_uid:
+                raise UnsafeInputError(None, "SOP Instance UID differs from the C-STORE request's")
+            info = SeriesInfo(study_uid, series_uid, _text(ds, "Modality"), _text(ds, "BodyPartExamined"),
+                              _text(ds, "SeriesDescription"), sop_class)
+            patient = (_text(ds, "PatientID") or None, _text(ds, "PatientName") or None)
+        except UnsafeInputError as exc:
+            self.db.bump("failed_stores")
+            log.warning("instance refused: %s", exc.reason)
+            return self._status(CANNOT_UNDERSTAND, exc.reason)
+        except Exception as exc:  # noqa: BLE001 - pydicom raises many types on malformed data
+            self.db.bump("failed_stores")
+            log.warning("instance refused: dataset cannot be decoded (%s)", type(exc).__name__)
+            return self._status(CANNOT_UNDERSTAND, "dataset cannot be decoded")
+
+        if self.store.free_bytes() < self.cfg.min_free_bytes:
+            self.db.bump("failed_stores")
+            log.error("instance refused: store disk below pacs.min_free_space")
+            return self._status(OUT_OF_RESOURCES, "storage full")
+
+        assoc_id = id(event.assoc)
+        with self._lock:
+            entry = self._assocs.get(assoc_id)
+            first_of_study = entry is not None and study_uid not in entry.studies
+            if entry is not None and first_of_study:
+                entry.studies[study_uid] = []
+                entry.patient[study_uid] = patient
+        if entry is None or first_of_study:
+            try:
+                _audit.record("import", patient_id=patient[0], patient_name=patient[1], study_uid=study_uid,
+                              series_uid=series_uid,
+                              detail={"phase": "begin", "calling_ae": str(event.assoc.requestor.ae_title).strip(),
+                                      "peer": str(event.assoc.requestor.address), "via": "c-store"})
+            except AuditWriteError as exc:
+                with self._lock:
+                    if entry is not None:
+                        entry.studies.pop(study_uid, None)
+                self.db.bump("failed_stores")
+                log.error("instance refused: %s", exc)
+                return self._status(OUT_OF_RESOURCES, "audit trail unavailable")
+
+        try:
+            stored = self.store.put(event.encoded_dataset(include_meta=True), study_uid, series_uid, sop_uid)
+            self.db.record_instance(sop_uid=sop_uid, study_uid=study_uid, series_uid=series_uid,
+                                    sop_class_uid=sop_class, size=stored.size, sha256=stored.sha256, series=info)
+        except OSError as exc:
+            self.db.bump("failed_stores")
+            code = OUT_OF_RESOURCES if exc.errno in RESOURCE_ERRNOS else PROCESSING_FAILURE
+            log.error("instance not stored: %s", exc.strerror or type(exc).__name__)
+            return self._status(code, "could not write the instance")
+        if entry is not None:
+            with self._lock:
+                entry.studies.setdefault(study_uid, []).append(sop_uid)
+        log.debug("stored study=%s outcome=%s bytes=%d", _audit.key(study_uid), stored.outcome, stored.size)
+        return SUCCESS

@@ -1,0 +1,163 @@
+"""The local study store: received DICOM instances as Part 10 files under
+``MEDAI_HOME/store``.
+
+Paths are built from UIDs only, and only after each UID has been validated as a
+UID (digits and dots), so a hostile SOP Instance UID such as ``../../x`` can
+never become a path and no patient data ever appears in a file name. Every
+file is written atomically (temporary file, fsync, rename, directory fsync): a
+file that exists under its final name is complete, even after SIGKILL or power
+loss, which is what lets the C-STORE SCP answer "success" only once the
+instance is safe. Disk encryption is the operating system's job.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import logging
+import os
+import secrets
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from medai import config
+from medai.dicom.safety import check_uid
+from medai.errors import DicomInputError, UnsafeInputError
+
+log = logging.getLogger("medai.pacs")
+
+#: errno values that mean "this machine is out of room", answered with 0xA700.
+RESOURCE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EMFILE, errno.ENFILE, errno.ENOMEM})
+
+
+def validate_uid(value: object, what: str = "UID") -> str:
+    """Return ``value`` as a UID string fit to be a path component, or raise
+    :class:`UnsafeInputError` (the rule is :func:`medai.dicom.safety.check_uid`;
+    the message here never repeats the attacker-controlled value)."""
+    try:
+        return check_uid(value, None, what)
+    except DicomInputError:
+        raise UnsafeInputError(None, f"{what} is missing or not a valid DICOM UID") from None
+
+
+def fsync_dir(path: Path) -> None:
+    """Flush a directory entry (a rename or a new file) to disk."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, data: bytes, *, tmp_dir: Path | None = None) -> None:
+    """Write ``data`` to ``path`` so the final name only ever holds complete
+    content: temporary file in ``tmp_dir`` (same filesystem), fsync, rename,
+    fsync of the directory."""
+    tmp_dir = tmp_dir or path.parent
+    tmp = tmp_dir / f".{secrets.token_hex(8)}.part"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            written = os.write(fd, view)
+            view = view[written:]
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        tmp.unlink(missing_ok=True)
+        raise
+    os.close(fd)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+@dataclass(frozen=True)
+class StoredInstance:
+    """Where one received instance landed, and whether it was new."""
+
+    path: Path
+    study_uid: str
+    series_uid: str
+    sop_uid: str
+    size: int
+    sha256: str
+    #: "new", "duplicate" (identical bytes already stored) or "replaced".
+    outcome: str
+
+
+class StudyStore:
+    """Part 10 files laid out as ``studies/<study>/<series>/<sop>.dcm``."""
+
+    def __init__(self, root: Path | None = None) -> None:
+        self.root = Path(root) if root is not None else config.home() / "store"
+        self.studies_dir = self.root / "studies"
+        self.tmp_dir = self.root / ".incoming"
+        for folder in (self.root, self.studies_dir, self.tmp_dir):
+            folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+
+    def clean_partial(self) -> int:
+        """Remove temporary files left by a killed process (never complete
+        instances: those were renamed into place)."""
+        removed = 0
+        for entry in self.tmp_dir.glob(".*.part"):
+            entry.unlink(missing_ok=True)
+            removed += 1
+        for entry in self.studies_dir.glob("*/*/.*.part"):
+            entry.unlink(missing_ok=True)
+            removed += 1
+        return removed
+
+    def study_dir(self, study_uid: str) -> Path:
+        return self.studies_dir / validate_uid(study_uid, "Study Instance UID")
+
+    def path_for(self, study_uid: str, series_uid: str, sop_uid: str) -> Path:
+        return (self.study_dir(study_uid) / validate_uid(series_uid, "Series Instance UID")
+                / f"{validate_uid(sop_uid, 'SOP Instance UID')}.dcm")
+
+    def free_bytes(self) -> int:
+        return shutil.disk_usage(self.root).free
+
+    def put(self, data: bytes, study_uid: str, series_uid: str, sop_uid: str) -> StoredInstance:
+        """Store one encoded Part 10 instance; idempotent for identical bytes.
+
+        A different instance arriving under a SOP Instance UID already stored
+        replaces it atomically (a modality re-sending a corrected image)."""
+        path = self.path_for(study_uid, series_uid, sop_uid)
+        digest = hashlib.sha256(data).hexdigest()
+        outcome = "new"
+        try:
+            if path.stat().st_size == len(data):
+                if hashlib.sha256(path.read_bytes()).hexdigest() == digest:
+                    return StoredInstance(path, study_uid, series_uid, sop_uid, len(data), digest, "duplicate")
+            outcome = "replaced"
+        except FileNotFoundError:
+            pass
+        if not path.parent.is_dir():
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            fsync_dir(path.parent.parent)
+            fsync_dir(path.parent.parent.parent)
+        write_atomic(path, data, tmp_dir=self.tmp_dir)
+        return StoredInstance(path, study_uid, series_uid, sop_uid, len(data), digest, outcome)
+
+    def iter_study_files(self, study_uid: str) -> Iterator[Path]:
+        folder = self.study_dir(study_uid)
+        if folder.is_dir():
+            yield from sorted(folder.glob("*/*.dcm"))
+
+    def iter_all(self) -> Iterator[tuple[str, str, str, Path]]:
+        """Every stored instance as (study, series, sop, path), from the layout alone."""
+        for study in sorted(self.studies_dir.iterdir()):
+            if not study.is_dir():
+                continue
+            for series in sorted(study.iterdir()):
+                if not series.is_dir():
+                    continue
+                for f in series.iterdir():
+                    if f.suffix == ".dcm" and not f.name.startswith("."):
+                        yield study.name, series.name, f.stem, f
