@@ -43,6 +43,7 @@ import re
 import secrets
 import shutil
 import time
+import warnings
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
 from datetime import date, timedelta
@@ -677,6 +678,16 @@ def _iter_inputs(paths: Iterable[Path], dst: Path) -> list[Path]:
     return sorted(out)
 
 
+def _transfer_syntax_of(ds: Dataset) -> str:
+    """The syntax a file without meta was read in (pydicom records it on the dataset)."""
+    from pydicom.uid import ExplicitVRBigEndian, ImplicitVRLittleEndian
+
+    implicit, little = ds.original_encoding
+    if little is False:
+        return ExplicitVRBigEndian
+    return ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian
+
+
 def _patient_key(ds: Dataset) -> str:
     pid = str(ds.get("PatientID", "")).strip()
     if pid:
@@ -851,9 +862,36 @@ def _one_file(
     opts: frozenset[str], pixel_rules: Sequence[PixelRule], totals: Counter[str],
     per_attr: dict[str, Counter[str]], audit_groups: dict[tuple[str, str], dict[str, Any]],
 ) -> tuple[FileOutcome, tuple[Path, Path] | None]:
+    with warnings.catch_warnings():
+        # pydicom's warnings quote offending values, which may be identifiers: keep them
+        # out of stderr and logs.
+        warnings.simplefilter("ignore")
+        return _one_file_quiet(index, path, staging, quarantine, mapper, opts, pixel_rules,
+                               totals, per_attr, audit_groups)
+
+
+def _read(path: Path) -> Dataset:
+    """Read a whole file; files without preamble/meta (older writers) are read with force
+    and must then still look like a composite instance."""
     try:
-        ds = pydicom.dcmread(path)
-    except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
+        return pydicom.dcmread(path)
+    except InvalidDicomError:
+        ds = pydicom.dcmread(path, force=True)
+        if "SOPClassUID" not in ds or "SOPInstanceUID" not in ds:
+            raise
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = _transfer_syntax_of(ds)
+        return ds
+
+
+def _one_file_quiet(
+    index: int, path: Path, staging: Path, quarantine: Path, mapper: _Mapper,
+    opts: frozenset[str], pixel_rules: Sequence[PixelRule], totals: Counter[str],
+    per_attr: dict[str, Counter[str]], audit_groups: dict[tuple[str, str], dict[str, Any]],
+) -> tuple[FileOutcome, tuple[Path, Path] | None]:
+    try:
+        ds = _read(path)
+    except Exception as exc:  # noqa: BLE001 - anything unreadable is skipped and reported
         return FileOutcome(index, "skipped", reason=f"not a readable DICOM file ({type(exc).__name__})"), None
     sop_class = str(ds.get("SOPClassUID", "")) or str(getattr(ds.file_meta, "MediaStorageSOPClassUID", ""))
     modality = str(ds.get("Modality", "")) or None
@@ -873,7 +911,7 @@ def _one_file(
                        identifiers=_collect_identifiers(ds))
         _apply(ds, ctx)
         _mark(ds, opts, pixel_cleaned=rule is not None)
-        transfer_syntax = str(ds.file_meta.TransferSyntaxUID) if "TransferSyntaxUID" in ds.file_meta else ExplicitVRLittleEndian
+        transfer_syntax = str(ds.file_meta.get("TransferSyntaxUID") or _transfer_syntax_of(ds))
         if rule is not None:
             transfer_syntax = ExplicitVRLittleEndian
         _rebuild_meta(ds, transfer_syntax)
