@@ -61,16 +61,21 @@ with controls:
                           format_func=lambda p: f"{p} {viewer.CT_PRESETS[p].width:g}/{viewer.CT_PRESETS[p].level:g}"
                           if p in viewer.CT_PRESETS else p)
     if preset == "manual":
-        base = viewer.WindowLevel(*ss.wl_manual) if ss.wl_manual else viewer.auto_window(volume.array)
+        # start from what was on screen, so switching to manual does not jump
+        base = viewer.WindowLevel(*(ss.wl_manual or ss.get("wl_shown") or (1.0, 0.0)))
         lo, hi = float(volume.array.min()), float(volume.array.max())
-        width = st.number_input("Width", min_value=1.0, max_value=max(2.0, 2 * (hi - lo)), value=float(base.width),
-                                step=max(1.0, round((hi - lo) / 200)))
-        level = st.number_input("Level", min_value=lo - (hi - lo), max_value=hi + (hi - lo), value=float(base.level),
-                                step=max(1.0, round((hi - lo) / 200)))
+        span = max(1.0, hi - lo)
+        step = float(max(1, round(span / 200)))
+        width = st.number_input("Width", min_value=1.0, max_value=max(2.0, 4 * span, base.width),
+                                value=float(base.width), step=step, key="wl_width")
+        level = st.number_input("Level", min_value=min(lo - span, base.level), max_value=max(hi + span, base.level),
+                                value=float(base.level), step=step, key="wl_level")
         window = viewer.WindowLevel(width, level, "manual")
         ss.wl_manual = (window.width, window.level)
     else:
         window = viewer.named_window(preset, volume)
+        ss.wl_manual = None
+    ss.wl_shown = (window.width, window.level)
     st.caption(f"W {window.width:.0f} / L {window.level:.0f}")
 
     st.divider()

