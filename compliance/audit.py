@@ -16,6 +16,8 @@ SOP Instance UIDs are reduced to a count and a SHA-256 digest.
 from __future__ import annotations
 
 import base64
+import contextlib
+import contextvars
 import getpass
 import hashlib
 import json
@@ -74,6 +76,10 @@ ALERT_AUDIT_STARTED = ("110134", "Audit Recording Started")
 _process: dict[str, Any] = {"role": "python", "ae_title": None}
 _lock = threading.Lock()
 _started: dict[str, Any] = {"pid": None, "session": None}
+_capture: contextvars.ContextVar[list[dict[str, Any]] | None] = contextvars.ContextVar("medai_audit_capture",
+                                                                                     default=None)
+#: Same function as ``medai.compliance.pseudonym`` (handy next to ``record``).
+pseudonym = keys.pseudonym
 
 
 def set_role(role: str, *, ae_title: str | None = None) -> None:
@@ -86,7 +92,7 @@ def session_id() -> str:
     """Random id of this process's session (new after fork)."""
     if _started["pid"] != os.getpid():
         _started["pid"], _started["session"] = os.getpid(), secrets.token_hex(8)
-        _started["announced"] = False
+        _started["announced"] = None
     return str(_started["session"])
 
 
@@ -211,23 +217,46 @@ def record(event: str, *, outcome: str = "success", patient_id: str | None = Non
     """Durably append one audit record; raise AuditWriteError if it cannot be written.
 
     The first record of a process is preceded by its Application Start record."""
+    sink = _capture.get()
+    if sink is not None:  # a cluster worker: the coordinator writes it (see capture)
+        if event not in EVENTS or outcome not in OUTCOMES:
+            raise ValueError(f"unknown audit event/outcome {event!r}/{outcome!r}")
+        call = {"event": event, "outcome": outcome, "patient_id": patient_id, "patient_name": patient_name,
+                "study_uid": study_uid, "series_uid": series_uid, "instance_uids": tuple(instance_uids),
+                "detail": dict(detail) if detail else None, "subtype": subtype}
+        sink.append({k: v for k, v in call.items() if v not in (None, ())})
+        return
     body = build(event, outcome=outcome, patient_id=patient_id, patient_name=patient_name,
                  study_uid=study_uid, series_uid=series_uid, instance_uids=instance_uids,
                  detail=detail, subtype=subtype)
     with _lock:
         bodies = [body]
-        announce = not _started.get("announced") and event != "application_start"
+        where = str(trail.trail_path())
+        announce = _started.get("announced") != where and event != "application_start"
         if announce:
             bodies.insert(0, build("application_start", time=body["time"],
                                    detail={"argv0": os.path.basename(sys.argv[0]) if sys.argv else ""}))
         trail.append(bodies, on_torn=_torn_record, checkpoint=checkpoint)
-        _started["announced"] = True
+        _started["announced"] = where
+
+
+@contextlib.contextmanager
+def capture(sink: list[dict[str, Any]]) -> Iterator[list[dict[str, Any]]]:
+    """Collect ``record`` calls as keyword dicts instead of writing them, for workers on
+    another machine (a cluster) whose coordinator replays them with
+    ``record(**call)`` into its own trail. The dicts hold clear identifiers: keep them
+    in memory only, and write them promptly."""
+    token = _capture.set(sink)
+    try:
+        yield sink
+    finally:
+        _capture.reset(token)
 
 
 def started() -> bool:
-    """Whether this process has written its Application Start record."""
+    """Whether this process has written its Application Start record (to this trail)."""
     session_id()
-    return bool(_started.get("announced"))
+    return _started.get("announced") == str(trail.trail_path())
 
 
 # -- reading -------------------------------------------------------------------------------

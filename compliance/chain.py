@@ -67,8 +67,9 @@ class ChainError(ValueError):
 
 def open_line(line: bytes, lineno: int) -> Entry:
     """Check a line's own hash and parse it (without chain context)."""
-    if line.endswith(b"\n"):
-        line = line[:-1]
+    if not line.endswith(b"\n"):
+        raise ChainError(lineno, "record not terminated by a newline (cut or torn)")
+    line = line[:-1]
     match = _TAIL.search(line)
     if match is None:
         raise ChainError(lineno, "not a sealed audit record (no trailing hash)")

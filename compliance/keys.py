@@ -44,14 +44,30 @@ SIGNING_PUB = "audit-signing.pub"
 PSEUDONYM_KEY = "pseudonym.key"
 DATA_KEY = "data.key"
 RETIRED = "retired"
+#: Domain-separation prefix of the message an old key signs to endorse its successor.
+ROTATION_CONTEXT = b"medai-key-rotation\0"
+
+
+_homes: dict[tuple[str | None, str | None], Path] = {}
+_secrets: dict[str, tuple[tuple[int, int, int], bytes]] = {}
+
+
+def medai_home() -> Path:
+    """``config.home()``, resolved once per MEDAI_HOME/MEDAI_CONFIG value (the trail
+    asks for it on every record)."""
+    ident = (os.environ.get("MEDAI_HOME"), os.environ.get("MEDAI_CONFIG"))
+    found = _homes.get(ident)
+    if found is None:
+        found = _homes[ident] = config.home()
+    return found
 
 
 def keys_dir() -> Path:
-    return config.home() / "keys"
+    return medai_home() / "keys"
 
 
 def _trail_has_records() -> bool:
-    trail = config.home() / "audit" / "trail.jsonl"
+    trail = medai_home() / "audit" / "trail.jsonl"
     try:
         return trail.stat().st_size > 0
     except OSError:
@@ -109,7 +125,11 @@ def ensure() -> None:
                 "restore it from backup (a new key would orphan existing records)")
         for name in missing:
             try:
-                write_secret(directory / name, makers[name]())
+                data = makers[name]()
+                write_secret(directory / name, data)
+                if name == SIGNING_KEY:
+                    key = serialization.load_pem_private_key(data, password=None)
+                    write_secret(directory / SIGNING_PUB, _public_pem(key.public_key()))  # type: ignore[arg-type]
             except OSError as exc:
                 raise AuditWriteError(f"{directory / name}: cannot create key ({exc.strerror or exc})") from exc
 
@@ -118,7 +138,14 @@ def _read(name: str) -> bytes:
     path = keys_dir() / name
     for attempt in (1, 2):
         try:
-            return path.read_bytes()
+            st = os.stat(path)
+            ident = (st.st_ino, st.st_mtime_ns, st.st_size)
+            cached = _secrets.get(str(path))
+            if cached is not None and cached[0] == ident:
+                return cached[1]
+            data = path.read_bytes()
+            _secrets[str(path)] = (ident, data)
+            return data
         except FileNotFoundError:
             if attempt == 1:
                 ensure()
@@ -149,12 +176,6 @@ def signing_key() -> Ed25519PrivateKey:
     key = serialization.load_pem_private_key(pem, password=None)
     if not isinstance(key, Ed25519PrivateKey):
         raise AuditWriteError(f"{keys_dir() / SIGNING_KEY}: not an Ed25519 private key")
-    pub_path = keys_dir() / SIGNING_PUB
-    if not pub_path.exists():
-        try:
-            write_secret(pub_path, _public_pem(key.public_key()))
-        except OSError as exc:
-            raise AuditWriteError(f"{pub_path}: cannot write ({exc.strerror or exc})") from exc
     return key
 
 
@@ -221,7 +242,7 @@ def local_public_keys() -> dict[str, Ed25519PublicKey]:
     for path in [directory / SIGNING_PUB, *sorted((directory / RETIRED).glob("*.pub"))]:
         if path.is_file():
             keys.update(load_public_keys(path))
-    if not keys and (directory / SIGNING_KEY).is_file():
+    if (directory / SIGNING_KEY).is_file():  # the private key is the authority on "current"
         pub = signing_key().public_key()
         keys[key_id(pub)] = pub
     return keys
@@ -275,7 +296,7 @@ def rotate(*, data: bool = False) -> Rotation:
         new = serialization.load_pem_private_key(new_pem, password=None)
         assert isinstance(new, Ed25519PrivateKey)
         raw = new.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-        endorsement = old.sign(b"medai-key-rotation\0" + raw)
+        endorsement = old.sign(ROTATION_CONTEXT + raw)
         write_secret(directory / SIGNING_KEY, new_pem)
         write_secret(directory / SIGNING_PUB, _public_pem(new.public_key()))
         old_did = new_did = None

@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
-from medai import config
 from medai.compliance import chain, keys
 from medai.errors import AuditWriteError
 
@@ -39,7 +38,7 @@ TornHandler = Callable[[int, str], Mapping[str, Any]]
 
 
 def audit_dir() -> Path:
-    return config.home() / "audit"
+    return keys.medai_home() / "audit"
 
 
 def trail_path() -> Path:
@@ -51,7 +50,7 @@ def checkpoints_path() -> Path:
 
 
 def anchor_path() -> Path:
-    return config.home() / ANCHOR
+    return keys.medai_home() / ANCHOR
 
 
 def utc_now() -> str:

@@ -15,6 +15,7 @@ exported elsewhere, so a copied trail can be verified on another machine.
 
 from __future__ import annotations
 
+import base64
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,8 +47,8 @@ def verify(*, trail_file: Path | None = None, checkpoints_file: Path | None = No
     """Verify a trail (this install's by default). Never raises for a bad trail: the
     report lists the problems; raises AuditVerificationError only for unusable input
     (no key to check signatures with, an unreadable anchor file)."""
-    keyring: dict[str, Ed25519PublicKey] = (keys.load_public_keys(public_keys) if public_keys
-                                            else keys.local_public_keys())
+    keyring: dict[str, Ed25519PublicKey] = dict(keys.load_public_keys(public_keys) if public_keys
+                                                 else keys.local_public_keys())
     problems: list[str] = []
     checkpoints: list[tuple[str, chain.Checkpoint]] = []
     cp_file = checkpoints_file or (trail.checkpoints_path() if trail_file is None else None)
@@ -64,6 +65,23 @@ def verify(*, trail_file: Path | None = None, checkpoints_file: Path | None = No
             checkpoints += [(str(path), cp) for cp in trail.read_checkpoints(Path(path))]
         except (OSError, ValueError, KeyError) as exc:
             raise AuditVerificationError(f"{path}: not a readable checkpoint ({exc})") from exc
+    state = chain.ChainState(wanted={cp.count for _, cp in checkpoints})
+    path = trail_file or trail.trail_path()
+    broken = False
+    try:
+        for line in trail.iter_lines(trail_file):
+            entry = state.feed(line)
+            if entry.record.get("event") == "security_alert" and "endorsement" in entry.record.get("detail", {}):
+                problem = _follow_rotation(keyring, entry.record["detail"])
+                if problem:
+                    problems.append(f"{path}: line {state.count}: {problem}")
+    except chain.ChainError as exc:
+        problems.append(f"{path}: {exc}")
+        broken = True
+    except OSError as exc:
+        problems.append(f"{path}: cannot read ({exc.strerror or exc})")
+        broken = True
+
     valid: list[tuple[str, chain.Checkpoint]] = []
     for where, cp in checkpoints:
         try:
@@ -71,19 +89,6 @@ def verify(*, trail_file: Path | None = None, checkpoints_file: Path | None = No
             valid.append((where, cp))
         except AuditVerificationError as exc:
             problems.append(str(exc))
-
-    state = chain.ChainState(wanted={cp.count for _, cp in valid})
-    path = trail_file or trail.trail_path()
-    broken = False
-    try:
-        for line in trail.iter_lines(trail_file):
-            state.feed(line)
-    except chain.ChainError as exc:
-        problems.append(f"{path}: {exc}")
-        broken = True
-    except OSError as exc:
-        problems.append(f"{path}: cannot read ({exc.strerror or exc})")
-        broken = True
 
     for where, cp in valid:
         if cp.count > state.count:
@@ -95,3 +100,21 @@ def verify(*, trail_file: Path | None = None, checkpoints_file: Path | None = No
                             "(history rewritten)")
     last = max((cp.count for _, cp in valid), default=0)
     return Report(not problems, state.count, state.head, len(valid), last, tuple(problems))
+
+
+def _follow_rotation(keyring: dict[str, Ed25519PublicKey], detail: dict[str, object]) -> str | None:
+    """Trust a rotated-in key when a key already trusted endorsed it (a rotation
+    record), so a verifier holding only an older public key can check newer
+    checkpoints. Returns a problem text, or None."""
+    old = str(detail.get("old_key_id"))
+    if old not in keyring:
+        return None  # cannot judge; checkpoints signed by the new key will say so
+    try:
+        raw = base64.b64decode(str(detail["new_public_key"]))
+        keys.verify_signature(keyring, old, base64.b64decode(str(detail["endorsement"])),
+                              keys.ROTATION_CONTEXT + raw, "key rotation record")
+        new = Ed25519PublicKey.from_public_bytes(raw)
+    except (AuditVerificationError, KeyError, ValueError) as exc:
+        return f"key rotation endorsement invalid ({exc})"
+    keyring.setdefault(keys.key_id(new), new)
+    return None
