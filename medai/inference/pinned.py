@@ -6,4 +6,5 @@ the card in turn pins every file by SHA-256. No private key is needed at run tim
 """
 
 PINNED: dict[str, tuple[str, ...]] = {
+    "brain-extraction": ("59ee53730f3c7a1b22ef3a74bc949175a747b915037c313565f790c9427a81a9",),
 }

