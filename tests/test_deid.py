@@ -566,3 +566,26 @@ def test_every_pydicom_test_file_is_handled(tmp_path: Path) -> None:
         assert not any(e.tag.is_private for e in ds.iterall())
         if "PixelData" in ds:
             assert ds.pixel_array.size
+
+
+def test_cli_pixel_rule_and_usage_errors(study: dict, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    shutil.copy(sorted(study["src"].glob("*_07.dcm"))[0], src / "burned.dcm")
+    medai = str(REPO / ".venv" / "bin" / "medai")
+    held = subprocess.run([medai, "deid", str(src), str(tmp_path / "a")], capture_output=True, text=True, timeout=120)
+    assert held.returncode == 1 and "BurnedInAnnotation is YES" in held.stdout
+    rules = tmp_path / "rules.json"
+    rules.write_text(json.dumps([{"manufacturer": "GE Medical Systems", "model": "SIGNA",
+                                  "rectangles": [[0, 0, 256, 24]]}]))
+    for rule in ("GE Medical Systems|SIGNA|0,0,256,24", str(rules)):
+        ok = subprocess.run([medai, "--json", "deid", str(src), str(tmp_path / "b"), "--confirm-pixel-rule", rule],
+                            capture_output=True, text=True, timeout=120)
+        assert ok.returncode == 0, ok.stderr
+        assert json.loads(ok.stdout)["files"][0]["pixel_rule"] is True
+    bad = subprocess.run([medai, "deid", str(src), str(tmp_path / "c"), "--options", "retain-names"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "unknown de-identification option" in bad.stderr
+    bad_rule = subprocess.run([medai, "deid", str(src), str(tmp_path / "d"), "--confirm-pixel-rule", "GE|x"],
+                              capture_output=True, text=True, timeout=120)
+    assert bad_rule.returncode == 2 and "--confirm-pixel-rule" in bad_rule.stderr

@@ -63,7 +63,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 
 from medai import __version__, config
 from medai.dicom import deid_table
-from medai.errors import AuditWriteError, ConfigError, DicomInputError, MedaiError
+from medai.errors import AuditWriteError, ConfigError, DicomInputError, UnsafeInputError
 
 log = logging.getLogger("medai.dicom.deid")
 log.addHandler(logging.NullHandler())
@@ -791,7 +791,7 @@ def deidentify_study(
     carry burned-in text go to ``MEDAI_HOME/quarantine/<export id>/`` (header
     de-identified, pixels untouched) unless a rule in ``pixel_rules`` matches their device.
     Nothing is published in ``dst_dir`` unless the Export audit record was written.
-    One bad file never stops the export: it is reported as failed.
+    One bad file never stops the export: it is reported as skipped or failed.
     """
     if profile != PROFILE:
         raise ConfigError(f"unknown de-identification profile {profile!r} (only {PROFILE!r})")
@@ -806,68 +806,51 @@ def deidentify_study(
         src_paths = [src_paths]
     dst = Path(dst_dir)
     inputs = _iter_inputs([Path(p) for p in src_paths], dst)
-    mapper = _Mapper(key if key is not None else load_key())
     export_id = _new_export_id()
-    dst.mkdir(parents=True, exist_ok=True)
-    staging = dst / f".medai-staging-{export_id}"
-    quarantine = config.home() / "quarantine" / export_id
-    staging.mkdir(mode=0o700)
-    totals: Counter[str] = Counter()
-    per_attr: dict[str, Counter[str]] = defaultdict(Counter)
-    outcomes: list[FileOutcome] = []
-    audit_groups: dict[tuple[str, str], dict[str, Any]] = {}
-    staged: list[tuple[Path, Path]] = []
+    run = _Export(dst=dst, staging=dst / f".medai-staging-{export_id}",
+                  quarantine=config.home() / "quarantine" / export_id,
+                  mapper=_Mapper(key if key is not None else load_key()), options=opts,
+                  pixel_rules=tuple(pixel_rules))
+    run.staging.mkdir(parents=True, mode=0o700)
     try:
-        for index, path in enumerate(inputs):
-            outcome, dest = _one_file(index, path, staging, quarantine, mapper, opts, pixel_rules,
-                                      totals, per_attr, audit_groups)
-            outcomes.append(outcome)
-            if dest is not None:
-                staged.append(dest)
-        counts = Counter(o.status for o in outcomes)
-        detail = {"deidentified": True, "export_id": export_id, "profile": profile,
-                  "options": sorted(o.value for o in opts), "destination": str(dst.resolve()),
-                  "exported": counts["exported"], "quarantined": counts["quarantined"],
-                  "failed": counts["failed"]}
-        if audit_groups:
-            _audit(audit_groups, detail)
-        for src, final in staged:
+        with warnings.catch_warnings():
+            # pydicom's warnings quote offending values, which may be identifiers: keep
+            # them out of stderr and logs.
+            warnings.simplefilter("ignore")
+            for index, path in enumerate(inputs):
+                run.outcomes.append(run.one(index, path))
+        counts = Counter(o.status for o in run.outcomes)
+        if run.audit_groups:
+            _audit(run.audit_groups, {
+                "deidentified": True, "export_id": export_id, "profile": profile,
+                "options": sorted(o.value for o in opts), "destination": str(dst.resolve()),
+                "exported": counts["exported"], "quarantined": counts["quarantined"],
+                "failed": counts["failed"]})
+        for staged, final in run.staged:
             final.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(src, final)
+            os.replace(staged, final)
     except BaseException:
-        shutil.rmtree(quarantine, ignore_errors=True)
+        shutil.rmtree(run.quarantine, ignore_errors=True)
         raise
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(run.staging, ignore_errors=True)
     report = DeidReport(
         export_id=export_id, profile=profile, options=tuple(sorted(o.value for o in opts)),
         table_edition=deid_table.EDITION, exported=counts["exported"],
         quarantined=counts["quarantined"], skipped=counts["skipped"], failed=counts["failed"],
-        actions=dict(sorted(totals.items())),
-        attributes={k: dict(sorted(v.items())) for k, v in sorted(per_attr.items())},
-        files=tuple(outcomes), report_path=dst / f"deid-report-{export_id}.json",
-        quarantine_dir=quarantine if counts["quarantined"] else None,
+        actions=dict(sorted(run.totals.items())),
+        attributes={k: dict(sorted(v.items())) for k, v in sorted(run.per_attr.items())},
+        files=tuple(run.outcomes), report_path=dst / f"deid-report-{export_id}.json",
+        quarantine_dir=run.quarantine if counts["quarantined"] else None,
         longitudinal=_longitudinal(opts),
     )
-    report.report_path.write_text(json.dumps(report.to_json(), indent=2) + "\n")
+    text = json.dumps(report.to_json(), indent=2) + "\n"
+    report.report_path.write_text(text)
     if report.quarantine_dir is not None:
-        (quarantine / "quarantine-report.json").write_text(json.dumps(report.to_json(), indent=2) + "\n")
+        (report.quarantine_dir / "quarantine-report.json").write_text(text)
     log.info("export %s: %d exported, %d quarantined, %d skipped, %d failed", export_id,
              report.exported, report.quarantined, report.skipped, report.failed)
     return report
-
-
-def _one_file(
-    index: int, path: Path, staging: Path, quarantine: Path, mapper: _Mapper,
-    opts: frozenset[str], pixel_rules: Sequence[PixelRule], totals: Counter[str],
-    per_attr: dict[str, Counter[str]], audit_groups: dict[tuple[str, str], dict[str, Any]],
-) -> tuple[FileOutcome, tuple[Path, Path] | None]:
-    with warnings.catch_warnings():
-        # pydicom's warnings quote offending values, which may be identifiers: keep them
-        # out of stderr and logs.
-        warnings.simplefilter("ignore")
-        return _one_file_quiet(index, path, staging, quarantine, mapper, opts, pixel_rules,
-                               totals, per_attr, audit_groups)
 
 
 def _read(path: Path) -> Dataset:
@@ -884,63 +867,84 @@ def _read(path: Path) -> Dataset:
         return ds
 
 
-def _one_file_quiet(
-    index: int, path: Path, staging: Path, quarantine: Path, mapper: _Mapper,
-    opts: frozenset[str], pixel_rules: Sequence[PixelRule], totals: Counter[str],
-    per_attr: dict[str, Counter[str]], audit_groups: dict[tuple[str, str], dict[str, Any]],
-) -> tuple[FileOutcome, tuple[Path, Path] | None]:
-    try:
-        ds = _read(path)
-    except Exception as exc:  # noqa: BLE001 - anything unreadable is skipped and reported
-        return FileOutcome(index, "skipped", reason=f"not a readable DICOM file ({type(exc).__name__})"), None
-    sop_class = str(ds.get("SOPClassUID", "")) or str(getattr(ds.file_meta, "MediaStorageSOPClassUID", ""))
-    modality = str(ds.get("Modality", "")) or None
-    if sop_class == _DICOMDIR_CLASS or "DirectoryRecordSequence" in ds:
-        return FileOutcome(index, "skipped", sop_class=sop_class, reason="DICOMDIR (not exported)"), None
-    if "SOPInstanceUID" not in ds or not sop_class:
-        return FileOutcome(index, "skipped", sop_class=sop_class or None, modality=modality,
-                           reason="no SOP Class/Instance UID (not a composite instance)"), None
-    try:
-        orig = (str(ds.get("PatientID", "")), str(ds.get("StudyInstanceUID", "")),
-                str(ds.get("PatientName", "")), str(ds.SOPInstanceUID))
+@dataclass
+class _Export:
+    """State of one export run: where files go, what was done, who to audit."""
+
+    dst: Path
+    staging: Path
+    quarantine: Path
+    mapper: _Mapper
+    options: frozenset[str]
+    pixel_rules: tuple[PixelRule, ...]
+    totals: Counter[str] = field(default_factory=Counter)
+    per_attr: dict[str, Counter[str]] = field(default_factory=lambda: defaultdict(Counter))
+    outcomes: list[FileOutcome] = field(default_factory=list)
+    #: (original Patient ID, original Study UID) -> patient name and instance UIDs, for the audit
+    audit_groups: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
+    staged: list[tuple[Path, Path]] = field(default_factory=list)
+
+    def one(self, index: int, path: Path) -> FileOutcome:
+        """De-identify one file into staging (or quarantine); never raises."""
+        try:
+            ds = _read(path)
+        except Exception as exc:  # noqa: BLE001 - anything unreadable is skipped and reported
+            return FileOutcome(index, "skipped", reason=f"not a readable DICOM file ({type(exc).__name__})")
+        sop_class = str(ds.get("SOPClassUID", "")) or str(ds.file_meta.get("MediaStorageSOPClassUID", ""))
+        modality = str(ds.get("Modality", "")) or None
+        if sop_class == _DICOMDIR_CLASS or "DirectoryRecordSequence" in ds:
+            return FileOutcome(index, "skipped", sop_class=sop_class, reason="DICOMDIR (not exported)")
+        if "SOPInstanceUID" not in ds or not sop_class:
+            return FileOutcome(index, "skipped", sop_class=sop_class or None, modality=modality,
+                               reason="no SOP Class/Instance UID (not a composite instance)")
+        try:
+            return self._deidentify(index, ds, sop_class, modality)
+        except Exception as exc:  # noqa: BLE001 - one bad file must not stop the export
+            log.warning("input #%d: de-identification failed (%s)", index, type(exc).__name__)
+            return FileOutcome(index, "failed", sop_class=sop_class, modality=modality,
+                               reason=f"de-identification failed ({type(exc).__name__})")
+
+    def _deidentify(self, index: int, ds: Dataset, sop_class: str, modality: str | None) -> FileOutcome:
+        patient = (str(ds.get("PatientID", "")), str(ds.get("StudyInstanceUID", "")))
+        patient_name, sop_uid = str(ds.get("PatientName", "")), str(ds.SOPInstanceUID)
         risk = burned_in_risk(ds)
-        rule = next((r for r in pixel_rules if r.matches(ds)), None) if risk else None
+        rule = next((r for r in self.pixel_rules if r.matches(ds)), None) if risk else None
         if rule is not None:
             _blank(ds, rule)
-        ctx = _Context(mapper=mapper, options=opts, day_offset=mapper.day_offset(_patient_key(ds)),
+        ctx = _Context(mapper=self.mapper, options=self.options,
+                       day_offset=self.mapper.day_offset(_patient_key(ds)),
                        identifiers=_collect_identifiers(ds))
         _apply(ds, ctx)
-        _mark(ds, opts, pixel_cleaned=rule is not None)
-        transfer_syntax = str(ds.file_meta.get("TransferSyntaxUID") or _transfer_syntax_of(ds))
-        if rule is not None:
-            transfer_syntax = ExplicitVRLittleEndian
+        _mark(ds, self.options, pixel_cleaned=rule is not None)
+        transfer_syntax = (ExplicitVRLittleEndian if rule is not None
+                           else str(ds.file_meta.get("TransferSyntaxUID") or _transfer_syntax_of(ds)))
         _rebuild_meta(ds, transfer_syntax)
-        rel = Path(str(ds.get("StudyInstanceUID", "") or "study")) / str(ds.get("SeriesInstanceUID", "") or "series") / f"{ds.SOPInstanceUID}.dcm"
-        for part in rel.parts:
-            if not re.fullmatch(r"[0-9.]+(\.dcm)?|study|series", part):
-                raise DicomInputError(None, "a UID is not a valid UID after remapping")
-        totals.update(ctx.counts)
+        rel = _output_path(ds)
+        self.totals.update(ctx.counts)
         for name, c in ctx.per_attr.items():
-            per_attr[name].update(c)
+            self.per_attr[name].update(c)
         if risk is not None and rule is None:
-            _write(ds, quarantine / rel)
+            _write(ds, self.quarantine / rel)
             return FileOutcome(index, "quarantined", output=rel.as_posix(), sop_class=sop_class,
-                               modality=modality, reason=risk), None
-        staged_path = staging / f"{index:06d}.dcm"
-        _write(ds, staged_path)
-        group = audit_groups.setdefault((orig[0], orig[1]), {"patient_name": orig[2], "instances": []})
-        group["instances"].append(orig[3])
-        return (FileOutcome(index, "exported", output=rel.as_posix(), sop_class=sop_class,
-                            modality=modality, pixel_rule=rule is not None),
-                (staged_path, staging.parent / rel))
-    except MedaiError as exc:
-        log.warning("input #%d: %s", index, type(exc).__name__)
-        return FileOutcome(index, "failed", sop_class=sop_class, modality=modality,
-                           reason=type(exc).__name__), None
-    except Exception as exc:  # noqa: BLE001 - one bad file must not stop the export
-        log.warning("input #%d: de-identification failed (%s)", index, type(exc).__name__)
-        return FileOutcome(index, "failed", sop_class=sop_class, modality=modality,
-                           reason=f"de-identification failed ({type(exc).__name__})"), None
+                               modality=modality, reason=risk)
+        staged = self.staging / f"{index:06d}.dcm"
+        _write(ds, staged)
+        self.staged.append((staged, self.dst / rel))
+        group = self.audit_groups.setdefault(patient, {"patient_name": patient_name, "instances": []})
+        group["instances"].append(sop_uid)
+        return FileOutcome(index, "exported", output=rel.as_posix(), sop_class=sop_class,
+                           modality=modality, pixel_rule=rule is not None)
+
+
+def _output_path(ds: Dataset) -> Path:
+    """``<study>/<series>/<instance>.dcm`` from the (remapped) UIDs, which are checked to be
+    plain UIDs so a crafted value cannot escape the destination."""
+    parts = [str(ds.get("StudyInstanceUID", "") or "study"), str(ds.get("SeriesInstanceUID", "") or "series"),
+             str(ds.SOPInstanceUID)]
+    for part in parts:
+        if not re.fullmatch(r"[0-9]+(\.[0-9]+)*|study|series", part) or len(part) > 64:
+            raise UnsafeInputError(None, "a UID is not a plain UID; refusing to use it in a file name")
+    return Path(parts[0], parts[1], parts[2] + ".dcm")
 
 
 def iter_dicom_outputs(report: DeidReport, dst_dir: str | os.PathLike[str]) -> Iterator[Path]:
