@@ -293,6 +293,14 @@ def read_header(path: Path) -> dict[str, Any]:
     """Read one file's header into a plain dict (picklable, cheap to send back
     from a worker). Raises a :class:`DicomInputError` subclass, or returns a dict
     with ``skip`` = (kind, reason)."""
+    with warnings.catch_warnings():
+        # pydicom warns about every non-conformant value; the reasons that matter
+        # end up in the skip record instead.
+        warnings.simplefilter("ignore")
+        return _read_header(path)
+
+
+def _read_header(path: Path) -> dict[str, Any]:
     size = path.stat().st_size
     if size == 0:
         return {"skip": (NOT_DICOM, "empty file")}

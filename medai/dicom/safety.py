@@ -82,6 +82,7 @@ class _GuardedReader(io.BufferedReader):
         super().__init__(raw, buffer_size=65536)
         self._size = size
         self._path = path
+        self.short_read = False
 
     @property
     def size(self) -> int:
@@ -107,7 +108,12 @@ class _GuardedReader(io.BufferedReader):
             if n > MAX_ELEMENT_BYTES:
                 raise UnsafeInputError(self._path, f"a data element of {n} bytes exceeds the "
                                        f"{MAX_ELEMENT_BYTES}-byte limit")
-        return super().read(n)
+        data = super().read(n)
+        # pydicom tolerates short reads at the end of a file; a short read is
+        # only clean when it is the 8-byte tag read exactly at the end.
+        if len(data) < n and (len(data) > 0 or n != 8):
+            self.short_read = True
+        return data
 
 
 def open_guarded(path: str | os.PathLike[str]) -> _GuardedReader:
@@ -139,7 +145,7 @@ def read_dataset_safely(path: str | os.PathLike[str], *, stop_before_pixels: boo
             # and whatever trails it (padding, signatures) is never parsed.
             ds = pydicom.dcmread(fp, stop_before_pixels=True, specific_tags=specific_tags,
                                  force=force)
-            if fp.tell() > fp.size:
+            if fp.tell() > fp.size or fp.short_read:
                 raise TruncatedInputError(p, "truncated: the file ends inside a header element")
             if stop_before_pixels:
                 pixel_length = _peek_pixel_length(fp, ds, p)

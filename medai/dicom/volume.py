@@ -281,6 +281,10 @@ def _resolve_series(files_or_dir: Any, series_uid: str | None) -> list[Path]:
             raise _DicomInputError(where, f"series {series_uid} not found "
                                    f"({len(index.series)} series, {len(index.skipped)} files skipped)")
         return list(entry.files)
+    if not candidates and len(index.skipped) == 1 and index.files_seen == 1:
+        only = index.skipped[0]
+        error = _UnsafeInputError if only.kind == "unsafe" else _DicomInputError
+        raise error(only.path, only.reason)
     if not candidates:
         reasons = "; ".join(f"{s.path.name}: {s.reason}" for s in index.skipped[:3])
         raise _DicomInputError(where, "no image series found"

