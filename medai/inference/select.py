@@ -33,7 +33,7 @@ def _text(entry: Any, *names: str) -> str:
 
 
 def _count(entry: Any) -> int:
-    for name in ("n_frames", "num_frames", "frames", "n_instances"):
+    for name in ("frame_count", "n_frames", "num_frames", "frames", "n_instances"):
         value = getattr(entry, name, None)
         if isinstance(value, int) and value > 0:
             return value
