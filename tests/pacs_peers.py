@@ -194,3 +194,31 @@ def wait_until(predicate, timeout: float, interval: float = 0.2, what: str = "co
             return
         time.sleep(interval)
     raise TimeoutError(f"timed out waiting for {what}")
+
+
+COLIN27 = REPO / ".cache" / "testdata" / "colin27" / "ch2.nii.gz"
+
+
+def make_t1_study(dest: Path) -> list[Path]:
+    """A T1 head MR series the brain-extraction card selects: the real Colin27
+    T1 (1 mm) written as DICOM slices. The headers are synthetic
+    (medai.dicom.synth marks them so); the pixels and geometry are Colin27's."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    from medai.dicom import synth
+
+    img = sitk.ReadImage(str(COLIN27))
+    arr = sitk.GetArrayFromImage(img)  # [k, j, i]
+    d = np.asarray(img.GetDirection()).reshape(3, 3)
+    pixels = np.clip(arr, 0, None).astype(np.uint16)
+    series = synth.write_series(dest, n=pixels.shape[0], rows=pixels.shape[1], cols=pixels.shape[2],
+                                spacing=tuple(img.GetSpacing()), origin=img.GetOrigin(),
+                                row_dir=tuple(d[:, 0]), col_dir=tuple(d[:, 1]), modality="MR", slope=1.0,
+                                intercept=0.0, pixels=pixels, name="t1")
+    for path in series.files:
+        ds = pydicom.dcmread(path)
+        ds.SeriesDescription = "T1 MPRAGE (Colin27, synthetic headers)"
+        ds.BodyPartExamined = "HEAD"
+        ds.save_as(path, enforce_file_format=True)
+    return list(series.files)

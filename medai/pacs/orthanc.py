@@ -158,40 +158,52 @@ class Follower:
         return not done
 
     def import_study(self, orthanc_study: str) -> str | None:
-        """Fetch the study's instances we do not hold yet; queue it as stable."""
-        study_uid: str | None = None
-        audited = False
+        """Fetch the study's instances we do not hold yet; queue it as stable.
+
+        Instances already held and our own uploaded results are skipped, so a
+        change seen twice (restart, or Orthanc announcing our upload) costs a
+        listing and nothing else; stabilising is idempotent."""
+        info = self.client.get_json(f"/studies/{urllib.parse.quote(orthanc_study, safe='')}")
+        study_uid = validate_uid(info.get("MainDicomTags", {}).get("StudyInstanceUID"), "Study Instance UID")
+        fetched: list[str] = []
+        patient: tuple[str | None, str | None] = (None, None)
+        known = self.db.known_sops()
         for inst in self.client.study_instances(orthanc_study):
-            tags = inst.get("MainDicomTags", {})
-            sop_hint = str(tags.get("SOPInstanceUID", ""))
-            if sop_hint and self.db.is_output(sop_hint):
-                continue  # one of our own results, uploaded earlier
+            sop_hint = str(inst.get("MainDicomTags", {}).get("SOPInstanceUID", ""))
+            if sop_hint and (sop_hint in known or self.db.is_output(sop_hint)):
+                continue
             data = self.client.instance_file(str(inst["ID"]))
             try:
                 ds = _header(data)
                 sop_uid = validate_uid(ds.get("SOPInstanceUID"), "SOP Instance UID")
-                this_study = validate_uid(ds.get("StudyInstanceUID"), "Study Instance UID")
+                if validate_uid(ds.get("StudyInstanceUID"), "Study Instance UID") != study_uid:
+                    raise UnsafeInputError(None, "instance belongs to another study")
                 series_uid = validate_uid(ds.get("SeriesInstanceUID"), "Series Instance UID")
                 sop_class = validate_uid(ds.get("SOPClassUID"), "SOP Class UID")
-            except (UnsafeInputError, Exception) as exc:  # noqa: BLE001 - skip one bad instance, not the study
+            except Exception as exc:  # noqa: BLE001 - skip one bad instance, not the study
                 log.warning("orthanc instance skipped: %s", getattr(exc, "reason", type(exc).__name__))
                 continue
             if self.db.is_output(sop_uid):
                 continue
-            study_uid = this_study
-            if not audited:
-                _audit.record("import", patient_id=str(ds.get("PatientID", "")) or None,
-                              patient_name=str(ds.get("PatientName", "")) or None, study_uid=study_uid,
+            if not fetched:
+                patient = (str(ds.get("PatientID", "")) or None, str(ds.get("PatientName", "")) or None)
+                # Fail closed: no trail, no import.
+                _audit.record("import", patient_id=patient[0], patient_name=patient[1], study_uid=study_uid,
                               detail={"phase": "begin", "via": "orthanc", "source": self.client.describe()})
-                audited = True
             stored = self.store.put(data, study_uid, series_uid, sop_uid)
-            info = SeriesInfo(study_uid, series_uid, str(ds.get("Modality", "")), str(ds.get("BodyPartExamined", "")),
-                              str(ds.get("SeriesDescription", "")), sop_class)
+            info_s = SeriesInfo(study_uid, series_uid, str(ds.get("Modality", "")),
+                                str(ds.get("BodyPartExamined", "")), str(ds.get("SeriesDescription", "")), sop_class)
             self.db.record_instance(sop_uid=sop_uid, study_uid=study_uid, series_uid=series_uid,
-                                    sop_class_uid=sop_class, size=stored.size, sha256=stored.sha256, series=info,
+                                    sop_class_uid=sop_class, size=stored.size, sha256=stored.sha256, series=info_s,
                                     source="orthanc")
-        if study_uid is not None:
-            log.info("orthanc study imported study=%s", _audit.key(study_uid))
+            fetched.append(sop_uid)
+        if fetched:
+            _audit.record("instances_transferred", patient_id=patient[0], patient_name=patient[1],
+                          study_uid=study_uid, instance_uids=tuple(fetched),
+                          detail={"direction": "received", "via": "orthanc", "source": self.client.describe(),
+                                  "count": len(fetched)})
+            log.info("orthanc study imported study=%s instances=%d", _audit.key(study_uid), len(fetched))
+        if self.db.study_source(study_uid) is not None:
             self.on_stable(study_uid)
         return study_uid
 

@@ -1,0 +1,138 @@
+"""Unattended round trips with the real brain-extraction model and real peers:
+
+* dcmtk storescu -> ``medai pacs listen`` -> model -> DICOM SEG -> dcmtk storescp;
+* a real Orthanc (temp config, loopback ports): StableStudy on its changes feed ->
+  ``medai pacs follow-orthanc`` -> model -> SEG uploaded back, visible in Orthanc.
+
+The T1 series is the real Colin27 T1 written as DICOM with synthetic headers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from pacs_peers import (MEDAI, Listener, StoreSCP, free_port, make_t1_study, medai_json, needs_dcmtk, storescu,
+                        wait_port, wait_until)
+
+pytestmark = [pytest.mark.network, pytest.mark.slow,
+              pytest.mark.skipif(not needs_dcmtk, reason="dcmtk not installed")]
+
+SEG_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
+
+
+@pytest.fixture(scope="module")
+def t1_study(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    return make_t1_study(tmp_path_factory.mktemp("t1"))
+
+
+def _check_seg(path: Path, study_uid: str) -> None:
+    seg = pydicom.dcmread(path)
+    assert seg.SOPClassUID == SEG_CLASS
+    assert seg.StudyInstanceUID == study_uid
+    assert seg.Modality == "SEG"
+    assert seg.SegmentSequence[0].SegmentLabel
+
+
+def test_storescu_to_listener_to_storescp(t1_study: list[Path], medai_home: Path, tmp_path: Path) -> None:
+    dest = StoreSCP.start(tmp_path / "dest")
+    lst = Listener(medai_home, "--stable-seconds", "2", "--destination", dest.address).start()
+    try:
+        sent = storescu(lst.port, t1_study)
+        assert sent.returncode == 0, sent.stderr[-500:]
+        wait_until(lambda: len(dest.files()) >= 1, timeout=240, what="the SEG at storescp")
+        study_uid = str(pydicom.dcmread(t1_study[0], stop_before_pixels=True).StudyInstanceUID)
+        (seg,) = dest.files()
+        _check_seg(seg, study_uid)
+        wait_until(lambda: medai_json(medai_home, "pacs", "status")["transfers"].get("sent") == 1, 30,
+                   what="the transfer marked sent")
+        status = medai_json(medai_home, "pacs", "status")
+        assert status["jobs"] == {"done": 1} and status["queue_depth"] == 0
+        # Re-sending the same study changes nothing: no second run, no second SEG.
+        assert storescu(lst.port, t1_study[:10]).returncode == 0
+        time.sleep(4)
+        assert medai_json(medai_home, "pacs", "status")["jobs"] == {"done": 1}
+        assert len(dest.files()) == 1
+    finally:
+        assert lst.terminate() == 0
+        dest.stop()
+    from medai.compliance import audit
+
+    exports = [r for r in audit.iter_records(medai_home / "audit" / "trail.jsonl") if r["event"] == "export"]
+    assert exports and all(r["detail"]["destination"] == dest.address for r in exports)
+    assert {r["detail"]["phase"] for r in exports} == {"begin", "end"}
+
+
+class Orthanc:
+    """A real Orthanc on loopback ports with a temp config and storage."""
+
+    def __init__(self, root: Path) -> None:
+        self.http, self.dicom = free_port(), free_port()
+        storage = root / "storage"
+        storage.mkdir(parents=True)
+        cfg = {"Name": "medai-test", "StorageDirectory": str(storage), "IndexDirectory": str(storage),
+               "HttpPort": self.http, "DicomPort": self.dicom, "DicomAet": "ORTHANC",
+               "RemoteAccessAllowed": False, "AuthenticationEnabled": False, "StableAge": 2,
+               "DicomCheckCalledAet": False, "Plugins": [], "HttpServerEnabled": True}
+        (root / "orthanc.json").write_text(json.dumps(cfg))
+        self.log = open(root / "orthanc.log", "w")
+        self.proc = subprocess.Popen(["Orthanc", str(root / "orthanc.json")], stdout=self.log, stderr=self.log)
+        wait_port(self.http, 60)
+        self.url = f"http://127.0.0.1:{self.http}"
+
+    def get(self, path: str):  # type: ignore[no-untyped-def]
+        with urllib.request.urlopen(self.url + path, timeout=30) as resp:
+            return json.loads(resp.read())
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(30)
+        self.log.close()
+
+
+@pytest.mark.skipif(shutil.which("Orthanc") is None, reason="Orthanc not installed")
+def test_orthanc_changes_feed_round_trip(t1_study: list[Path], medai_home: Path, tmp_path: Path) -> None:
+    orthanc = Orthanc(tmp_path / "orthanc")
+    env = {**os.environ, "MEDAI_HOME": str(medai_home)}
+    follower = subprocess.Popen([*MEDAI, "-v", "pacs", "follow-orthanc", "--url", orthanc.url],
+                                env=env, stdout=subprocess.PIPE, stderr=open(tmp_path / "follow.log", "w"),
+                                text=True)
+    try:
+        assert json.loads(follower.stdout.readline())["event"] == "following"  # type: ignore[union-attr]
+        # The study reaches Orthanc by DICOM, as from a modality.
+        sent = storescu(orthanc.dicom, t1_study, aec="ORTHANC")
+        assert sent.returncode == 0, sent.stderr[-500:]
+
+        def seg_series() -> list[dict]:
+            studies = orthanc.get("/studies")
+            if not studies:
+                return []
+            series = orthanc.get(f"/studies/{studies[0]}/series")
+            return [s for s in series if s["MainDicomTags"].get("Modality") == "SEG"]
+
+        wait_until(lambda: len(seg_series()) == 1, timeout=240, interval=1.0, what="the SEG in Orthanc")
+        (seg,) = seg_series()
+        (instance,) = orthanc.get(f"/series/{seg['ID']}/instances")
+        with urllib.request.urlopen(f"{orthanc.url}/instances/{instance['ID']}/file", timeout=30) as resp:
+            (tmp_path / "seg.dcm").write_bytes(resp.read())
+        study_uid = str(pydicom.dcmread(t1_study[0], stop_before_pixels=True).StudyInstanceUID)
+        _check_seg(tmp_path / "seg.dcm", study_uid)
+        # Our upload makes Orthanc announce the study as stable again: no second run.
+        time.sleep(5)
+        status = medai_json(medai_home, "pacs", "status")
+        assert status["jobs"] == {"done": 1} and status["transfers"] == {"sent": 1}
+        assert len(seg_series()) == 1 and len(orthanc.get("/instances")) == len(t1_study) + 1
+    finally:
+        follower.send_signal(signal.SIGTERM)
+        code = follower.wait(60)
+        orthanc.stop()
+    assert code == 0, (tmp_path / "follow.log").read_text()[-2000:]
