@@ -65,7 +65,7 @@ _local = threading.local()
 
 def _host_text(host: Any) -> str:
     if isinstance(host, (bytes, bytearray)):
-        host = bytes(host).decode("idna", "replace")
+        host = bytes(host).decode("ascii", "replace")
     return "" if host is None else str(host).strip().lower().rstrip(".")
 
 

@@ -1,0 +1,160 @@
+"""Nothing leaves the machine, checked by the kernel's view rather than medai's own:
+
+* the CLI's main job (``medai triage`` over a real T1 study, running the installed
+  models) under ``strace -f -e trace=network`` makes no connect/sendto/sendmsg to a
+  non-loopback address — this also sees native code such as onnxruntime's;
+* the same job inside a network namespace with no interfaces (``unshare -rn``)
+  gives identical outputs.
+
+The strace parser is checked against a process that does connect to a public
+address, so the test can fail.
+"""
+
+from __future__ import annotations
+
+import csv
+import ipaddress
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+MEDAI = [sys.executable, "-m", "medai"]
+_SYSCALL = re.compile(r"\b(connect|sendto|sendmsg|sendmmsg)\((.*)")
+_INET = re.compile(r'sa_family=AF_INET6?,.*?(?:inet_addr\("([^"]+)"\)|inet_pton\(AF_INET6?, "([^"]+)"\))')
+
+
+def _have(tool: str, *probe: str) -> bool:
+    return shutil.which(tool) is not None and subprocess.run([tool, *probe], capture_output=True).returncode == 0
+
+
+HAVE_STRACE = _have("strace", "-f", "-e", "trace=network", "true")
+HAVE_NETNS = _have("unshare", "-rn", "true")
+
+
+def non_loopback_sends(strace_log: str) -> list[str]:
+    """Lines of an strace log where a process connected or sent to a non-loopback
+    IPv4/IPv6 address (Unix and netlink sockets are local)."""
+    bad = []
+    for line in strace_log.splitlines():
+        match = _SYSCALL.search(line)
+        if not match:
+            continue
+        for v4, v6 in _INET.findall(match.group(2)):
+            addr = ipaddress.ip_address(v4 or v6)
+            mapped = getattr(addr, "ipv4_mapped", None)
+            if not (addr.is_loopback or (mapped is not None and mapped.is_loopback)):
+                bad.append(line.strip())
+    return bad
+
+
+@pytest.mark.skipif(not (HAVE_STRACE and HAVE_NETNS), reason="needs strace and unshare -rn")
+def test_strace_parser_sees_a_real_public_connect(tmp_path):
+    """Positive control, with no guard and no network: the connect to a public address is
+    attempted by the kernel (and fails: the namespace has no interfaces) and the parser
+    reports it; a loopback connect is not reported."""
+    log = tmp_path / "strace.log"
+    code = ("import socket\nfor a in [('127.0.0.1', 9), ('203.0.113.1', 443)]:\n"
+            "    try: socket.create_connection(a, timeout=1)\n    except OSError: pass\n")
+    subprocess.run(["unshare", "-rn", "strace", "-f", "-qq", "-e", "trace=network", "-o", str(log),
+                    sys.executable, "-c", code], capture_output=True, timeout=60, check=True)
+    bad = non_loopback_sends(log.read_text())
+    assert len(bad) == 1 and "203.0.113.1" in bad[0]
+
+
+@pytest.fixture(scope="module")
+def t1_study(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    # The shared writer of the Colin27 T1 study (real pixels, synthetic headers).
+    from tests.test_ui_browser import write_t1_study
+
+    return write_t1_study(tmp_path_factory.mktemp("t1"))
+
+
+def _main_job(work: Path, study: Path, wrap: list[str]) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "MEDAI_HOME": str(work / "home"), "PYTHONPATH": str(REPO)}
+    env.pop("MEDAI_CONFIG", None)
+    return subprocess.run([*wrap, *MEDAI, "triage", str(study), "--out", str(work / "worklist.json")],
+                          capture_output=True, text=True, timeout=540, env=env, cwd=work)
+
+
+_VOLATILE = re.compile(r"time|timing|measured|seconds|elapsed|duration|started|finished|created|issued|uid|pid|session|host",
+                       re.IGNORECASE)
+
+
+def _scrub(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _scrub(v) for k, v in value.items() if not _VOLATILE.search(k)}
+    if isinstance(value, list):
+        return [_scrub(v) for v in value]
+    return value
+
+
+def _content(path: Path) -> Any:
+    """What must be identical between two runs of the job: JSON/CSV without clock and
+    UID fields, DICOM pixel data and coded content, NIfTI voxels, other bytes."""
+    name = path.name
+    if name.endswith(".json"):
+        return _scrub(json.loads(path.read_text()))
+    if name.endswith(".csv"):
+        return _scrub([dict(r) for r in csv.DictReader(path.open())])
+    if name.endswith(".dcm"):
+        import pydicom
+
+        ds = pydicom.dcmread(path)
+        keep = {k: str(ds.get(k, "")) for k in ("SOPClassUID", "Modality", "SeriesDescription", "Rows",
+                                                 "Columns", "NumberOfFrames")}
+        if "PixelData" in ds:
+            keep["pixels"] = __import__("hashlib").sha256(ds.PixelData).hexdigest()
+        return keep
+    if name.endswith((".nii", ".nii.gz")):
+        import SimpleITK as sitk
+
+        image = sitk.ReadImage(str(path))
+        return (image.GetSize(), image.GetSpacing(), sitk.GetArrayViewFromImage(image).tobytes())
+    if name.endswith((".sqlite", ".db", ".db-wal", ".db-shm", ".log", ".lock")):
+        return None  # state databases and logs carry timestamps by design
+    return path.read_bytes()
+
+
+def _outputs(work: Path) -> dict[str, Any]:
+    return {str(p.relative_to(work)): _content(p) for p in sorted(work.rglob("*"))
+            if p.is_file() and "home" not in p.relative_to(work).parts[:1]}
+
+
+@pytest.mark.skipif(not (HAVE_STRACE and HAVE_NETNS), reason="needs strace and unshare -rn")
+def test_main_job_sends_nothing_off_machine_and_runs_identically_without_network(tmp_path, t1_study):
+    # Both runs use the same paths (paths appear in outputs); the first is moved aside.
+    work = tmp_path / "job"
+    work.mkdir()
+    log = tmp_path / "strace.log"
+    traced = _main_job(work, t1_study, ["strace", "-f", "-qq", "--seccomp-bpf", "-e", "trace=network",
+                                        "-o", str(log)])
+    first = tmp_path / "first"
+    work.rename(first)
+    work.mkdir()
+    # same install keys, so pseudonymous study keys (folder names) match
+    shutil.copytree(first / "home" / "keys", work / "home" / "keys")
+    isolated = _main_job(work, t1_study, ["unshare", "-rn"])
+
+    assert non_loopback_sends(log.read_text()) == []
+    assert traced.returncode == isolated.returncode, (traced.stderr[-2000:], isolated.stderr[-2000:])
+    clock = re.compile(r"\d+(\.\d+)? ?s\b")
+    assert clock.sub("", traced.stdout) == clock.sub("", isolated.stdout)
+    a, b = _outputs(first), _outputs(work)
+    assert a and a.keys() == b.keys()
+    for name in a:
+        assert a[name] == b[name], name
+    # both runs were audited, and the trails verify
+    for home in (first / "home", work / "home"):
+        env = {**os.environ, "MEDAI_HOME": str(home)}
+        check = subprocess.run([*MEDAI, "audit", "verify"], capture_output=True, text=True, env=env, timeout=120)
+        assert check.returncode == 0, check.stdout + check.stderr
