@@ -423,7 +423,26 @@ def test_text_heuristic_flags_burned_text_and_not_real_images(tmp_path: Path) ->
     burned = np.asarray(img, dtype=np.int32)
     assert text_like(burned) and not text_like(arr)
     ds.PixelData = burned.astype(ds.pixel_array.dtype).tobytes()
-    assert burned_in_risk(ds) == "text-like content in the image border bands"
+    assert burned_in_risk(ds) == "text-like content (a line of glyphs) in the pixels"
+
+
+@pytest.mark.parametrize(("name", "has_text"), [
+    ("US1_J2KR.dcm", True),  # GE ultrasound: site name, dates, settings burned in
+    ("OBXXXX1A.dcm", True),  # Philips obstetric ultrasound: header bar and side text
+    ("RG1_UNCR.dcm", False),  # chest CR (MONOCHROME1) with a saturated background corner
+    ("RG3_J2KR.dcm", False),  # CR
+    ("MR2_J2KR.dcm", False),  # 1024x1024 MR
+    ("693_UNCI.dcm", False),  # CT
+])
+def test_text_detector_on_real_images(name: str, has_text: bool) -> None:
+    """Real images from pydicom-data (scripts/fetch-test-data): the glyph detector alone,
+    apart from the SOP-class rules, finds the burned-in text of real ultrasound screens
+    and nothing in radiographs, MR and CT."""
+    ds = pydicom.dcmread(get_testdata_file(name))
+    frame = deid._first_frame(ds)
+    if ds.PhotometricInterpretation == "MONOCHROME1":
+        frame = frame.max() - frame
+    assert text_like(frame) is has_text
 
 
 def test_confirmed_pixel_rule_blanks_and_exports(study: dict, tmp_path: Path) -> None:

@@ -581,30 +581,30 @@ def _clean(ds: Dataset, elem: DataElement, ctx: _Context) -> None:
 def burned_in_risk(ds: Dataset) -> str | None:
     """Why this image may carry burned-in text, or None.
 
-    Trusts an explicit ``BurnedInAnnotation`` (YES: risk; NO: none). Otherwise flags
-    secondary captures and ultrasound (screens and typed annotations) and, for any other
-    image, a simple text detector: overlay text is drawn at (near) the display maximum as
-    thin strokes in the top/bottom bands of the image, so we flag images whose near-max
-    pixels sit mostly in those bands, are numerous enough to form glyphs, and cover only
-    a small part of the band (unlike anatomy or a bright table)."""
+    ``BurnedInAnnotation`` YES is a risk. Secondary captures (screens) and ultrasound
+    (typed annotations) are a risk whatever that attribute says: devices often write NO
+    over text that a person still has to look at. Any other image with NO is trusted;
+    without the attribute, the glyph detector :func:`text_like` decides."""
     if _PIXEL_DATA not in ds:
         return None
     burned = str(ds.get("BurnedInAnnotation", "")).strip().upper()
     if burned == "YES":
         return "BurnedInAnnotation is YES"
-    if burned == "NO":
-        return None
     sop_class = str(ds.get("SOPClassUID", ""))
     if sop_class in SECONDARY_CAPTURE_CLASSES:
         return "secondary capture image (screen content may include text)"
     if sop_class in ULTRASOUND_CLASSES or str(ds.get("Modality", "")).upper() == "US":
         return "ultrasound image (annotations are usually burned in)"
+    if burned == "NO":
+        return None
     try:
         frame = _first_frame(ds)
     except Exception as exc:  # noqa: BLE001 - undecodable pixels cannot be checked: quarantine
         return f"pixel data could not be decoded for the text check ({type(exc).__name__})"
+    if frame is not None and str(ds.get("PhotometricInterpretation", "")) == "MONOCHROME1":
+        frame = frame.max() - frame  # so that text, drawn white, is the maximum
     if frame is not None and text_like(frame):
-        return "text-like content in the image border bands"
+        return "text-like content (a line of glyphs) in the pixels"
     return None
 
 
@@ -631,17 +631,53 @@ def _first_frame(ds: Dataset) -> np.ndarray | None:
 
 
 def text_like(frame: np.ndarray) -> bool:
-    """The border-band text heuristic of :func:`burned_in_risk` on one 2D frame."""
-    lo, hi = float(frame.min()), float(frame.max())
-    if hi <= lo:
+    """The text detector of :func:`burned_in_risk`, on one 2D frame whose brightest value
+    displays white (invert MONOCHROME1 first).
+
+    Burned-in text is drawn near the display maximum as glyphs: small bright connected
+    shapes (5 px to 6% of the image height tall, at most twice as wide as tall, filling
+    at most 70% of their box) with sharp edges (most of their pixels touch a pixel at least
+    half the range darker) standing on a common baseline. A frame is text-like when at
+    least :data:`TEXT_MIN_GLYPHS` such glyphs of similar height share a baseline (+-1 px).
+    Anatomy, noise and saturated backgrounds rarely form such rows; frames with more than
+    5000 bright components (noise) are not judged text-like."""
+    import SimpleITK as sitk
+
+    f = frame.astype(np.float32, copy=False)
+    lo, hi = float(f.min()), float(f.max())
+    if hi <= lo or min(f.shape) < 8:
         return False
-    bright = frame >= hi - 0.02 * (hi - lo)
-    rows = frame.shape[0]
-    band = max(rows // 8, 4)
-    in_bands = int(bright[:band].sum() + bright[-band:].sum())
-    total = int(bright.sum())
-    band_area = 2 * band * frame.shape[1]
-    return in_bands >= 20 and in_bands >= 0.5 * total and in_bands <= 0.2 * band_area
+    span = hi - lo
+    bright = f >= hi - 0.1 * span
+    dark = f <= hi - 0.5 * span
+    near_dark = np.zeros_like(dark)
+    near_dark[1:] |= dark[:-1]
+    near_dark[:-1] |= dark[1:]
+    near_dark[:, 1:] |= dark[:, :-1]
+    near_dark[:, :-1] |= dark[:, 1:]
+    labels_img = sitk.ConnectedComponent(sitk.GetImageFromArray(bright.astype(np.uint8)), True)
+    stats = sitk.LabelShapeStatisticsImageFilter()
+    stats.Execute(labels_img)
+    if stats.GetNumberOfLabels() > 5000:
+        return False
+    labels = sitk.GetArrayViewFromImage(labels_img).ravel()
+    sharp = np.bincount(labels, weights=(bright & near_dark).ravel(), minlength=stats.GetNumberOfLabels() + 1)
+    max_h = max(12, int(f.shape[0] * 0.06))
+    glyphs: list[tuple[int, int]] = []  # (baseline row, height)
+    for lab in stats.GetLabels():
+        x, y, w, h = stats.GetBoundingBox(lab)
+        n = stats.GetNumberOfPixels(lab)
+        if 5 <= h <= max_h and w <= 2 * h and n <= 0.7 * w * h and sharp[lab] >= 0.6 * n:
+            glyphs.append((y + h, h))
+    for base, height in glyphs:
+        line = sum(1 for b, h in glyphs if abs(b - base) <= 1 and abs(h - height) <= max(2, height // 3))
+        if line >= TEXT_MIN_GLYPHS:
+            return True
+    return False
+
+
+#: Glyphs on one baseline that make a frame text-like (a short word or a date).
+TEXT_MIN_GLYPHS = 4
 
 
 def _blank(ds: Dataset, rule: PixelRule) -> None:
