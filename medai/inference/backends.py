@@ -29,7 +29,9 @@ speed it buys. Sessions are cached per (file digest, provider, threads).
 Parity
 ------
 The first time a graph runs on a non-CPU provider on this machine, its output on a
-fixed seeded input is compared with the CPU output (card ``[parity]``:
+fixed seeded input is compared with the CPU reference (CPU provider, graph
+optimisations off; ``medai doctor`` on a CPU-only machine checks the optimised CPU
+graph against the same reference) (card ``[parity]``:
 ``max_abs_diff`` on outputs, ``dice_min`` on ``output > 0``). The verdict is cached
 in ``$MEDAI_HOME/cache/parity.json`` keyed by model file digest, provider and
 onnxruntime version; a failed check makes the run fall back to CPU, and the reason
@@ -186,10 +188,13 @@ _lock = threading.Lock()
 
 
 def _make(path: Path, digest: str, key: str, spec_input: str, spec_output: str, provider: str,
-          threads: int) -> Session:
+          threads: int, *, reference: bool = False) -> Session:
     ort = _ort()
+    opts = session_options(threads)
+    if reference:  # the plainest execution of the graph: no fusions or layout rewrites
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     try:
-        raw = ort.InferenceSession(str(path), sess_options=session_options(threads), providers=[provider])
+        raw = ort.InferenceSession(str(path), sess_options=opts, providers=[provider])
     except Exception as exc:  # onnxruntime raises its own untyped errors
         raise BackendError(f"{path.name}: cannot create an ONNX Runtime session on {provider} ({exc})") from exc
     used = raw.get_providers()[0]
@@ -249,7 +254,9 @@ def parity_check(bundle: "Bundle", key: str, provider: str, *, threads: int | No
     threads = thread_count(threads)
     x = _parity_input(spec)
     t0 = time.perf_counter()
-    cpu = _make(bundle.file(spec.file), digest, key, spec.input, spec.output, CPU, threads)
+    # The reference is CPU without graph optimisations; checking CPU itself (doctor on a
+    # CPU-only machine) then tests the optimised graph the runs actually use.
+    cpu = _make(bundle.file(spec.file), digest, key, spec.input, spec.output, CPU, threads, reference=True)
     other = _make(bundle.file(spec.file), digest, key, spec.input, spec.output, provider, threads)
     ref, out = cpu.run(x), other.run(x)
     diff = float(np.max(np.abs(ref.astype(np.float64) - out.astype(np.float64))))

@@ -32,7 +32,7 @@ import numpy as np
 
 from medai import __version__, config
 from medai.dicom.volume import Volume
-from medai.errors import DicomInputError, MedaiError, ModelIntegrityError
+from medai.errors import DicomInputError, MedaiError, ModelIntegrityError, PromptError
 from medai.inference import _audit, backends, planner, registry
 from medai.inference.bundle import Bundle
 from medai.inference.pipeline import (Finding, Measurement, Pipeline, PipelineContext, PipelineOutput, Priority,
@@ -165,9 +165,12 @@ def run_on_volume(bundle: Bundle, volume: Volume, out_dir: str | Path, *, device
     plan = planner.plan(bundle, volume.shape, budget)
     pipeline = load_pipeline(bundle)
     if prompt is not None and not isinstance(prompt, Prompt):
-        prompt = Prompt.from_dict(prompt)
+        try:
+            prompt = Prompt.from_dict(prompt)
+        except ValueError as exc:
+            raise PromptError(f"model {bundle.id}: {exc}") from None
     if prompt is not None and not pipeline.accepts_prompt:
-        raise DicomInputError(None, f"model {bundle.id} does not take prompts (--plane/--slice/--box)")
+        raise PromptError(f"model {bundle.id} does not take prompts (--plane/--slice/--box)")
     sessions: dict[str, backends.Session] = {}
 
     def session(key: str) -> backends.Session:

@@ -1,0 +1,169 @@
+"""``medai models``: list, show, verify, install, roll back and import signed model bundles."""
+
+from __future__ import annotations
+
+import base64
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from medai.cli._common import EXIT_FAILURE, emit
+
+models_app = typer.Typer(help="Signed model bundles: list, show, verify, install, rollback, import.",
+                         no_args_is_help=True)
+
+
+def _bundle_row(bundle: Any, origin: str, error: str | None = None, folder_id: str | None = None,
+                path: Path | None = None) -> dict[str, Any]:
+    if bundle is None:
+        return {"id": folder_id, "version": None, "origin": origin, "trust": None, "ok": False,
+                "path": str(path), "error": error}
+    return {"id": bundle.id, "version": bundle.version, "origin": origin, "trust": bundle.trust, "ok": True,
+            "task": bundle.card.task, "name": bundle.card.name, "path": str(bundle.path),
+            "card_sha256": bundle.card_sha256}
+
+
+def _print_rows(rows: list[dict[str, Any]]) -> None:
+    for r in rows:
+        status = r["trust"] if r["ok"] else f"REFUSED: {r['error']}"
+        sys.stdout.write(f"{r['id']:<22} {r['version'] or '-':<16} {r['origin']:<10} {status}\n")
+
+
+@models_app.command("list")
+def list_command(ctx: typer.Context,
+                 allow_unsigned: bool = typer.Option(False, "--allow-unsigned", help="Development only (audited).")) -> None:
+    """Every bundle found (installed and shipped) and whether it verifies."""
+    from medai.inference import registry
+
+    rows = [_bundle_row(e.bundle, e.origin, e.error, e.id, e.path)
+            for e in registry.scan(allow_unsigned=allow_unsigned or None)]
+    emit(ctx, rows, _print_rows)
+
+
+@models_app.command("show")
+def show_command(ctx: typer.Context, model_id: str = typer.Argument(..., metavar="ID"),
+                 allow_unsigned: bool = typer.Option(False, "--allow-unsigned")) -> None:
+    """The model card of ID (verified first): intended use, data, licence, metrics."""
+    import json
+
+    from medai.inference import registry
+
+    bundle = registry.get_bundle(model_id, allow_unsigned=allow_unsigned or None)
+    data = {"path": str(bundle.path), "origin": bundle.origin, "trust": bundle.trust,
+            "card_sha256": bundle.card_sha256, "card": bundle.card.raw}
+
+    def human(d: dict[str, Any]) -> None:
+        card = d["card"]
+        out = sys.stdout
+        out.write(f"{card['name']}  ({card['id']} {card['version']}, {d['trust']})\n{card.get('summary', '')}\n\n")
+        out.write(f"Intended use: {card.get('intended_use', {}).get('text', '')}\n")
+        out.write(f"Out of scope: {card.get('intended_use', {}).get('out_of_scope', '')}\n")
+        out.write(f"Training data: {card.get('training_data', {}).get('text', '')}\n")
+        out.write(f"Licence: {card.get('license', {}).get('spdx', '')} - {card.get('license', {}).get('attribution', '')}\n")
+        out.write("Metrics measured by medai:\n")
+        for m in card.get("metrics", []):
+            extra = {k: v for k, v in m.items() if k not in {"name", "value", "note", "data"}}
+            out.write(f"  {m['name']}: {m['value']}  {json.dumps(extra)}\n    data: {m.get('data', '')}\n"
+                      f"    {m.get('note', '')}\n")
+        out.write(f"Files: {', '.join(card.get('files', {}))}\n")
+
+    emit(ctx, data, human)
+
+
+@models_app.command("verify")
+def verify_command(ctx: typer.Context,
+                   target: Optional[str] = typer.Argument(None, help="Model id or bundle folder (default: all).")) -> None:
+    """Verify signatures and file digests; exit 1 when any bundle is refused."""
+    from medai.errors import ModelIntegrityError
+    from medai.inference import registry
+    from medai.inference.bundle import load_bundle
+
+    rows: list[dict[str, Any]] = []
+    if target is None:
+        rows = [_bundle_row(e.bundle, e.origin, e.error, e.id, e.path) for e in registry.scan()]
+    else:
+        path = Path(target)
+        try:
+            if path.is_dir():
+                origin = "shipped" if path.resolve().parent == registry.shipped_dir() else "path"
+                bundle = load_bundle(path, origin=origin, pinned=registry._pins())  # type: ignore[arg-type]
+            else:
+                bundle = registry.get_bundle(target)
+            rows = [_bundle_row(bundle, bundle.origin)]
+        except ModelIntegrityError as exc:
+            rows = [_bundle_row(None, "path" if path.is_dir() else "?", str(exc), target, path)]
+    emit(ctx, rows, _print_rows)
+    if not rows or not all(r["ok"] for r in rows):
+        raise typer.Exit(EXIT_FAILURE)
+
+
+@models_app.command("install")
+def install_command(ctx: typer.Context,
+                    source: Path = typer.Argument(..., help="Bundle folder, .zip or .tar(.gz)."),
+                    allow_unsigned: bool = typer.Option(False, "--allow-unsigned")) -> None:
+    """Install a bundle signed by a trusted key; the previous version is kept for rollback."""
+    from medai.inference import registry
+
+    bundle = registry.install(source, allow_unsigned=allow_unsigned or None)
+    emit(ctx, _bundle_row(bundle, "installed"), lambda r: sys.stdout.write(
+        f"installed {r['id']} {r['version']} ({r['trust']})\n"))
+
+
+@models_app.command("rollback")
+def rollback_command(ctx: typer.Context, model_id: str = typer.Argument(..., metavar="ID")) -> None:
+    """Make the previously installed version of ID current again."""
+    from medai.inference import registry
+
+    bundle = registry.rollback(model_id)
+    emit(ctx, _bundle_row(bundle, "installed"), lambda r: sys.stdout.write(
+        f"{r['id']} is now {r['version']}\n"))
+
+
+@models_app.command("import")
+def import_command(ctx: typer.Context,
+                   onnx_file: Path = typer.Argument(..., exists=True, dir_okay=False, help="Your model.onnx."),
+                   card: Path = typer.Option(..., "--card", exists=True, dir_okay=False,
+                                             help="card.toml for it (without [files]; see docs/models.md)."),
+                   extra: list[Path] = typer.Option([], "--file", exists=True, dir_okay=False,
+                                                    help="Extra file to include (licence, ...).")) -> None:
+    """Bring your own model: bundle it with your card, sign it with this machine's key, install it."""
+    from medai.inference import registry
+
+    bundle = registry.import_onnx(onnx_file, card, extra_files=tuple(extra))
+    emit(ctx, _bundle_row(bundle, "installed"), lambda r: sys.stdout.write(
+        f"imported {r['id']} {r['version']} ({r['trust']})\n"))
+
+
+@models_app.command("trust")
+def trust_command(ctx: typer.Context,
+                  key_file: Path = typer.Argument(..., exists=True, dir_okay=False,
+                                                  help="Publisher's Ed25519 public key: PEM, or base64 raw 32 bytes."),
+                  name: str = typer.Option("", "--name", help="Label for this key.")) -> None:
+    """Trust bundles signed by a publisher's (e.g. your organisation's) key."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    from medai.errors import ModelIntegrityError
+    from medai.inference import _audit, trust
+
+    data = key_file.read_bytes()
+    try:
+        if b"BEGIN PUBLIC KEY" in data:
+            key = serialization.load_pem_public_key(data)
+            if not isinstance(key, Ed25519PublicKey):
+                raise ValueError("not an Ed25519 key")
+            raw = key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+        else:
+            raw = base64.b64decode(data.strip(), validate=True)
+    except ValueError as exc:
+        raise ModelIntegrityError(f"{key_file}: not an Ed25519 public key ({exc})") from None
+    kid = trust.add_trusted_key(raw, name=name or key_file.name)
+    _audit.record("security_alert", detail={"what": "model signing key trusted", "key_id": kid, "name": name},
+                  outcome="success")
+    emit(ctx, {"key_id": kid}, lambda d: sys.stdout.write(f"trusted key {d['key_id']}\n"))
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(models_app, name="models")
