@@ -1,0 +1,105 @@
+"""Backend policy, parity check, planner and the deterministic steps (fast, real ONNX graphs)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from medai.errors import BackendError, ConfigError, ResourceError
+from medai.inference import backends, planner, registry
+from medai.inference.pipeline import Prompt
+from medai.inference.steps import bbox_with_margin, normalize, reorientation, resize_nearest
+
+
+def test_remote_providers_are_never_used(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert "AzureExecutionProvider" not in backends.available_providers()
+    assert backends.choose_providers("auto")[-1] == "CPUExecutionProvider"
+    with pytest.raises(ConfigError, match="remotely"):
+        backends.choose_providers("AzureExecutionProvider")
+    with pytest.raises(ConfigError, match="unknown device"):
+        backends.choose_providers("tpu")
+    monkeypatch.setenv("MEDAI_DEVICE", "cpu")
+    assert backends.choose_providers() == ["CPUExecutionProvider"]
+
+
+def test_missing_accelerator_is_a_clear_error() -> None:
+    if "CUDAExecutionProvider" in backends.available_providers():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(BackendError, match="install the matching extra"):
+        backends.choose_providers("cuda")
+
+
+def test_parity_check_runs_and_is_cached() -> None:
+    bundle = registry.get_bundle("brain-extraction")
+    first = backends.parity_check(bundle, "bbox", "CPUExecutionProvider")
+    assert first.passed and not first.cached and first.dice > 0.99
+    again = backends.parity_check(bundle, "bbox", "CPUExecutionProvider")
+    assert again.cached and again.max_abs_diff == first.max_abs_diff
+    session = backends.get_session(bundle, "bbox", device="cpu", threads=1)
+    assert session is backends.get_session(bundle, "bbox", device="cpu", threads=1)  # cached
+    assert session.provider == "CPUExecutionProvider"
+
+
+def test_planner_predicts_and_refuses_impossible_budgets() -> None:
+    bundle = registry.get_bundle("brain-extraction")
+    plan = planner.plan(bundle, (181, 217, 181))
+    assert 300 * planner.MB < plan.predicted_bytes < 4000 * planner.MB
+    assert planner.plan(bundle, (181, 217, 181), 8 * 1024 * planner.MB).tile is None
+    with pytest.raises(ResourceError, match="needs about"):
+        planner.plan(bundle, (181, 217, 181), 100 * planner.MB)
+    assert planner.peak_rss_bytes() > 10 * planner.MB
+
+
+def test_resize_follows_nearest_exact() -> None:
+    x = np.arange(5)[None, None, :]
+    # torch nearest-exact: src = floor((dst + 0.5) * 5 / 3) -> 0, 2, 4 ; upsampling 5 -> 8
+    assert resize_nearest(x, (1, 1, 3)).ravel().tolist() == [0, 2, 4]
+    assert resize_nearest(x, (1, 1, 8)).ravel().tolist() == [0, 0, 1, 2, 2, 3, 4, 4]
+
+
+def test_reorientation_round_trip_and_canonical_axes() -> None:
+    rng = np.random.default_rng(0)
+    a = rng.random((4, 5, 6))
+    # axial LPS volume: i -> L, j -> P, k -> S; RAS canonical flips i and j only
+    r = reorientation((1, 0, 0, 0, 1, 0, 0, 0, 1))
+    assert r.perm == (0, 1, 2) and r.flip == (True, True, False)
+    assert np.array_equal(r.invert(r.apply(a)), a)
+    # sagittal: i -> P... any orthonormal direction round-trips
+    r = reorientation((0, 0, -1, 1, 0, 0, 0, -1, 0))
+    assert np.array_equal(r.invert(r.apply(a)), a)
+    assert r.apply(a).shape == tuple(a.shape[::-1][p] for p in r.perm)
+
+
+def test_normalize_matches_the_reference_formula() -> None:
+    x = np.random.default_rng(1).normal(100, 30, (20, 30, 40)).astype(np.float32)
+    y = normalize(x, 50.0, 150.0, 0.226, 0.449)
+    z = np.clip((x.astype(np.float64) - 50) / 100, 0, 1)
+    ref = (z - z.mean()) / z.std(ddof=1) * 0.226 + 0.449
+    assert np.abs(y - ref).max() < 1e-5
+
+
+def test_bbox_with_margin() -> None:
+    m = np.zeros((10, 10, 10), bool)
+    m[2:6, 3:7, 4:8] = True
+    box = bbox_with_margin(m, (20, 20, 20), margin=0.1)
+    assert [(s.start, s.stop) for s in box] == [(3, 13), (5, 15), (7, 17)]
+
+
+def test_prompt_parsing() -> None:
+    p = Prompt.from_dict({"plane": "coronal", "slice": 12, "box": "10,20,30,40", "propagate": True})
+    assert p.box == (10, 20, 30, 40) and p.slice_index == 12 and p.plane == "coronal"
+    with pytest.raises(ValueError):
+        Prompt.from_dict({"box": "30,20,10,40"})
+    with pytest.raises(ValueError):
+        Prompt.from_dict({"plane": "oblique"})
+
+
+def test_runtime_does_not_import_torch() -> None:
+    code = ("import sys, medai.inference.run, medai.inference.pipelines.brain_extraction, medai.cli.run, "
+            "medai.cli.models, medai.cli.doctor, medai.dicom.outputs.seg; "
+            "bad = [m for m in ('torch', 'monai', 'deepbet') if m in sys.modules]; "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)
