@@ -63,7 +63,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 
 from medai import __version__, config
 from medai.dicom import deid_table
-from medai.errors import AuditWriteError, ConfigError, DicomInputError, UnsafeInputError
+from medai.errors import AuditWriteError, ConfigError, UnsafeInputError
 
 log = logging.getLogger("medai.dicom.deid")
 log.addHandler(logging.NullHandler())
@@ -700,18 +700,13 @@ def _blank(ds: Dataset, rule: PixelRule) -> None:
 
 
 def _iter_inputs(paths: Iterable[Path], dst: Path) -> list[Path]:
+    from medai.dicom.index import iter_files
+
     dst_r = dst.resolve()
-    out: set[Path] = set()
     for p in paths:
-        if not p.exists():
-            raise DicomInputError(p, "does not exist")
-        if p.is_dir():
-            if dst_r == p.resolve() or dst_r.is_relative_to(p.resolve()):
-                raise ConfigError(f"{dst}: the destination must not be inside the source {p}")
-            out.update(f for f in p.rglob("*") if f.is_file())
-        else:
-            out.add(p)
-    return sorted(out)
+        if p.is_dir() and (dst_r == p.resolve() or dst_r.is_relative_to(p.resolve())):
+            raise ConfigError(f"{dst}: the destination must not be inside the source {p}")
+    return sorted(set(iter_files(paths)))
 
 
 def _transfer_syntax_of(ds: Dataset) -> str:
@@ -890,12 +885,15 @@ def deidentify_study(
 
 
 def _read(path: Path) -> Dataset:
-    """Read a whole file; files without preamble/meta (older writers) are read with force
-    and must then still look like a composite instance."""
+    """Read a whole file under medai's input limits (:mod:`medai.dicom.safety`: no
+    decompression bombs, absurd lengths or unbounded nesting). Files without preamble/meta
+    (older writers) are read with force and must then still look like a composite instance."""
+    from medai.dicom.safety import read_dataset_safely
+
     try:
-        return pydicom.dcmread(path)
+        return read_dataset_safely(path)[0]
     except InvalidDicomError:
-        ds = pydicom.dcmread(path, force=True)
+        ds = read_dataset_safely(path, force=True)[0]
         if "SOPClassUID" not in ds or "SOPInstanceUID" not in ds:
             raise
         ds.file_meta = FileMetaDataset()
