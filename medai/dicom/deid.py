@@ -114,6 +114,9 @@ SECONDARY_CAPTURE_CLASSES = frozenset({
 ULTRASOUND_CLASSES = frozenset({
     "1.2.840.10008.5.1.4.1.1.6.1", "1.2.840.10008.5.1.4.1.1.6.2", "1.2.840.10008.5.1.4.1.1.3.1",
 })
+#: Objects whose pixels are computed maps, never screens a device typed on (SEG, RT Dose):
+#: the text detector is not run on them (a YES is still honoured).
+_NO_TEXT_CLASSES = frozenset({"1.2.840.10008.5.1.4.1.1.66.4", "1.2.840.10008.5.1.4.1.1.481.2"})
 _DICOMDIR_CLASS = "1.2.840.10008.1.3.10"
 _DATE_VRS = frozenset({"DA", "DT"})
 _TEMPORAL_VRS = frozenset({"DA", "DT", "TM"})
@@ -595,7 +598,7 @@ def burned_in_risk(ds: Dataset) -> str | None:
         return "secondary capture image (screen content may include text)"
     if sop_class in ULTRASOUND_CLASSES or str(ds.get("Modality", "")).upper() == "US":
         return "ultrasound image (annotations are usually burned in)"
-    if burned == "NO":
+    if burned == "NO" or sop_class in _NO_TEXT_CLASSES:
         return None
     try:
         frame = _first_frame(ds)
@@ -692,7 +695,12 @@ def _blank(ds: Dataset, rule: PixelRule) -> None:
     fill = view.max() if photometric == "MONOCHROME1" else (0 if int(ds.SamplesPerPixel) > 1 else view.min())
     for x, y, w, h in rule.rectangles:
         view[:, y:y + h, x:x + w, ...] = fill
-    ds.PixelData = arr.tobytes()
+    if int(ds.BitsAllocated) == 1:
+        from pydicom.pixels import pack_bits
+
+        ds.PixelData = pack_bits(arr)
+    else:
+        ds.PixelData = arr.tobytes()
     ds.BurnedInAnnotation = "NO"
 
 
