@@ -60,7 +60,12 @@ def malformed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str,
     put("notes.txt", b"not an image\n" * 20, "not_dicom")
     put("tiny.dcm", b"DICM", "not_dicom")
     put("png_named.dcm", b"\x89PNG\r\n\x1a\n" + bytes(300), "not_dicom")
-    put("truncated_header.dcm", raw[:600], "truncated")
+    # Cut inside a header value: truncated. Cut inside an element's 8-byte tag
+    # header, the index (which reads only its own tags) sees a header that just
+    # ends early and reports the missing UIDs; the loader's full read says
+    # "truncated" (test_loader_names_unsafe_files).
+    put("truncated_header.dcm", raw[:610], "truncated")
+    put("cut_in_tag_header.dcm", raw[:600], "incomplete")
     put("truncated_pixels.dcm", raw[:len(raw) // 30], "truncated")
     put("preamble_only.dcm", bytes(128) + b"DICM", "truncated")
     # A header element (InstitutionName area) claiming 4 GB.
@@ -174,6 +179,11 @@ def test_loader_names_unsafe_files(malformed: tuple[Path, dict[str, str]]) -> No
     root, _ = malformed
     with pytest.raises(UnsafeInputError, match="nested deeper than"):
         load_series([root / "nested_200.dcm"])
+    from medai.dicom.volume import _read_full
+    from medai.dicom.safety import TruncatedInputError
+
+    with pytest.raises(TruncatedInputError):
+        _read_full(root / "cut_in_tag_header.dcm")
     with pytest.raises(UnsafeInputError, match="exceeds") as info:
         load_series([root / "bomb_frames_j2k.dcm"])
     assert info.value.path == root / "bomb_frames_j2k.dcm"

@@ -24,7 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from pydicom.dataelem import RawDataElement
 from pydicom.errors import InvalidDicomError
+from pydicom.multival import MultiValue
 from pydicom.uid import UID
 
 from medai.dicom.safety import (
@@ -72,6 +74,9 @@ INDEX_TAGS: tuple[int, ...] = (
     0x00280030,  # PixelSpacing
     0x00280100,  # BitsAllocated
 )
+
+#: Tags whose value is a binary integer (US/UL) rather than an IS string.
+_BINARY_INT_TAGS = {0x00280002, 0x00280010, 0x00280011, 0x00280100}
 
 #: SOP classes that carry no image stack even when they hold pixel data.
 _NON_IMAGE_PREFIXES = (
@@ -248,30 +253,77 @@ class DicomIndex:
 
 # --------------------------------------------------------------------------- reading
 
-def _text(ds: Any, keyword: str) -> str:
-    value = ds.get(keyword, "")
+def _raw_bytes(ds: Any, tag: int) -> tuple[bytes | None, Any]:
+    """The undecoded value bytes of ``tag`` (or its converted value when pydicom
+    already converted it). Reading raw bytes skips pydicom's value conversion
+    and validation, which is most of the cost of an index."""
+    if tag not in ds:
+        return None, None
+    elem = ds.get_item(tag)
+    if isinstance(elem, RawDataElement):
+        return elem.value, elem
+    return None, elem
+
+
+def _ascii(ds: Any, tag: int) -> str:
+    raw, elem = _raw_bytes(ds, tag)
+    if raw is not None:
+        return raw.decode("latin-1").strip(" \x00")
+    if elem is None:
+        return ""
+    value = elem.value
     if value is None:
         return ""
+    if isinstance(value, (list, tuple, MultiValue)):
+        return "\\".join(str(v).strip() for v in value)
     return str(value).strip()
 
 
-def _int(ds: Any, keyword: str) -> int | None:
+def _strings(ds: Any, tag: int) -> tuple[str, ...]:
+    text = _ascii(ds, tag)
+    if not text:
+        return ()
+    return tuple(part.strip(" \x00") for part in text.split("\\"))
+
+
+def _text(ds: Any, keyword_tag: tuple[str, int]) -> str:
+    """A string that may use the dataset's character set (names, descriptions):
+    decoded by pydicom."""
+    keyword, tag = keyword_tag
+    if tag not in ds:
+        return ""
     try:
-        value = ds.get(keyword)
-        return None if value in (None, "") else int(value)
+        value = ds[tag].value
+    except Exception:  # undecodable text: keep going without it
+        return ""
+    return "" if value is None else str(value).strip()
+
+
+def _int(ds: Any, tag: int) -> int | None:
+    raw, elem = _raw_bytes(ds, tag)
+    if raw is None and elem is None:
+        return None
+    vr = elem.VR if elem is not None else None
+    try:
+        if raw is not None and vr in (None, "US", "UL", "SS", "SL") and len(raw) in (2, 4) and \
+                tag in _BINARY_INT_TAGS:
+            little = elem.is_little_endian
+            return int.from_bytes(raw[: len(raw)], "little" if little else "big", signed=vr in ("SS", "SL"))
+        text = _ascii(ds, tag)
+        return int(float(text.split("\\")[0])) if text else None
     except (TypeError, ValueError, OverflowError):
         return None
 
 
-def _floats(ds: Any, keyword: str, n: int) -> tuple[float, ...] | None:
-    try:
-        value = ds.get(keyword)
-        if value is None:
-            return None
-        out = tuple(float(v) for v in value)
-        return out if len(out) == n else None
-    except (TypeError, ValueError):
+def _floats(ds: Any, tag: int, n: int) -> tuple[float, ...] | None:
+    parts = _strings(ds, tag)
+    if len(parts) != n:
         return None
+    try:
+        out = tuple(float(v) for v in parts)
+    except ValueError:
+        return None
+    return out if all(abs(v) < 1e9 for v in out) else None
 
 
 def _plausible_raw_dicom(path: Path) -> bool:
@@ -319,35 +371,38 @@ def _read_header(path: Path) -> dict[str, Any]:
             ds, pixel_length = read_dataset_safely(path, stop_before_pixels=True,
                                                    specific_tags=list(INDEX_TAGS), force=True)
     meta = getattr(ds, "file_meta", None)
-    if meta is not None and str(meta.get("MediaStorageSOPClassUID", "")) == "1.2.840.10008.1.3.10":
+    meta_class = str(meta.get("MediaStorageSOPClassUID", "")) if meta is not None else ""
+    if meta_class == "1.2.840.10008.1.3.10":
         return {"skip": (DIRECTORY, "DICOMDIR (media directory), not an instance")}
-    sop_class = _text(ds, "SOPClassUID") or (str(meta.get("MediaStorageSOPClassUID", "")) if meta else "")
-    if not sop_class and not _text(ds, "SOPInstanceUID"):
+    sop_class = _ascii(ds, 0x00080016) or meta_class
+    sop_instance = _ascii(ds, 0x00080018)
+    if not sop_class and not sop_instance:
         return {"skip": (NOT_DICOM, "no SOP Class/Instance UID: not a DICOM instance")}
+    thickness = _floats(ds, 0x00180050, 1)
     record: dict[str, Any] = {
         "sop_class_uid": check_uid(sop_class, path, "SOP Class UID"),
-        "sop_instance_uid": check_uid(_text(ds, "SOPInstanceUID"), path, "SOP Instance UID"),
-        "study_instance_uid": check_uid(_text(ds, "StudyInstanceUID"), path, "Study Instance UID"),
-        "series_instance_uid": check_uid(_text(ds, "SeriesInstanceUID"), path, "Series Instance UID"),
+        "sop_instance_uid": check_uid(sop_instance, path, "SOP Instance UID"),
+        "study_instance_uid": check_uid(_ascii(ds, 0x0020000D), path, "Study Instance UID"),
+        "series_instance_uid": check_uid(_ascii(ds, 0x0020000E), path, "Series Instance UID"),
         "transfer_syntax_uid": str(meta.get("TransferSyntaxUID", "")) if meta is not None else "",
-        "modality": _text(ds, "Modality").upper(),
-        "patient_id": _text(ds, "PatientID"),
-        "patient_name": _text(ds, "PatientName"),
-        "study_date": _text(ds, "StudyDate"),
-        "study_description": _text(ds, "StudyDescription"),
-        "series_description": _text(ds, "SeriesDescription"),
-        "body_part": _text(ds, "BodyPartExamined").upper(),
-        "manufacturer": _text(ds, "Manufacturer"),
-        "series_number": _int(ds, "SeriesNumber"),
-        "instance_number": _int(ds, "InstanceNumber"),
-        "frames": _int(ds, "NumberOfFrames") or 1,
-        "rows": _int(ds, "Rows"),
-        "columns": _int(ds, "Columns"),
-        "position": _floats(ds, "ImagePositionPatient", 3),
-        "orientation": _floats(ds, "ImageOrientationPatient", 6),
-        "frame_of_reference_uid": _text(ds, "FrameOfReferenceUID"),
-        "image_type": tuple(str(v) for v in (ds.get("ImageType") or ())) if ds.get("ImageType") else (),
-        "slice_thickness": (_floats(ds, "SliceThickness", 1) or (None,))[0],
+        "modality": _ascii(ds, 0x00080060).upper(),
+        "patient_id": _text(ds, ("PatientID", 0x00100020)),
+        "patient_name": _text(ds, ("PatientName", 0x00100010)),
+        "study_date": _ascii(ds, 0x00080020),
+        "study_description": _text(ds, ("StudyDescription", 0x00081030)),
+        "series_description": _text(ds, ("SeriesDescription", 0x0008103E)),
+        "body_part": _ascii(ds, 0x00180015).upper(),
+        "manufacturer": _text(ds, ("Manufacturer", 0x00080070)),
+        "series_number": _int(ds, 0x00200011),
+        "instance_number": _int(ds, 0x00200013),
+        "frames": _int(ds, 0x00280008) or 1,
+        "rows": _int(ds, 0x00280010),
+        "columns": _int(ds, 0x00280011),
+        "position": _floats(ds, 0x00200032, 3),
+        "orientation": _floats(ds, 0x00200037, 6),
+        "frame_of_reference_uid": _ascii(ds, 0x00200052),
+        "image_type": _strings(ds, 0x00080008),
+        "slice_thickness": thickness[0] if thickness else None,
         "has_pixels": pixel_length is not None,
     }
     if pixel_length is not None:

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import pydicom
-from pydicom.dataelem import DataElement
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset, FileDataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import _read_file_meta_info, read_dataset, read_preamble
@@ -139,6 +139,11 @@ def read_dataset_safely(path: str | os.PathLike[str], *, stop_before_pixels: boo
     element that runs past the end of the file raises :class:`TruncatedInputError`.
     """
     p = Path(path)
+    if stop_before_pixels:
+        fast = _read_header_from_prefix(p, specific_tags, force)
+        if fast is not None:
+            check_depth(fast[0], p, parse=False)
+            return fast
     with open_guarded(p) as fp:
         try:
             # Always stop at the pixel data: it is read below by one bounded read,
@@ -157,8 +162,51 @@ def read_dataset_safely(path: str | os.PathLike[str], *, stop_before_pixels: boo
             file_meta = _read_file_meta_info(fp)
             ds, pixel_length = _read_deflated(fp, p, preamble, file_meta, stop_before_pixels,
                                               specific_tags)
-    check_depth(ds, p)
+    check_depth(ds, p, parse=not stop_before_pixels)
     return ds, pixel_length
+
+
+#: Headers are parsed from the first bytes of a file held in memory (most
+#: headers are a few KB); larger headers take the guarded file path.
+HEADER_PREFIX_BYTES = 256 * 1024
+
+
+def _read_header_from_prefix(path: Path, specific_tags: list[int] | None,
+                             force: bool) -> tuple[FileDataset, int | None] | None:
+    """Fast header read from an in-memory prefix of the file.
+
+    An in-memory buffer cannot be asked for more bytes than it holds (a forged
+    length just yields a short value), so no per-read guard is needed; the short
+    value is then reported as truncation. Returns ``None`` when the prefix does
+    not hold the whole header or the dataset is deflated (guarded path instead).
+    """
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        data = fh.read(min(size, HEADER_PREFIX_BYTES))
+    if b"1.2.840.10008.1.2.1.99" in data[:4096]:
+        return None  # deflated: needs the bounded inflater
+    buf = io.BytesIO(data)
+    ds = pydicom.dcmread(buf, stop_before_pixels=True, specific_tags=specific_tags, force=force)
+    pos = buf.tell()
+    whole = len(data) == size
+    if not whole and pos + 12 > len(data):
+        return None  # the header (or the pixel element header) continues past the prefix
+    if pos > len(data):  # an unread (skipped) element runs past the end
+        raise TruncatedInputError(path, "truncated: the file ends inside a data element")
+    if pos + 8 <= len(data):  # stopped at the pixel data
+        return ds, _peek_pixel_length(buf, ds, path, size=size)
+    # Reached the end of the file without pixel data: was the last element complete?
+    keys = list(ds.keys())
+    if not keys and not len(getattr(ds, "file_meta", None) or ()):
+        raise TruncatedInputError(path, "truncated: nothing follows the DICOM preamble")
+    last = ds.get_item(keys[-1]) if keys else None
+    if isinstance(last, RawDataElement) and last.value is not None and last.length != 0xFFFFFFFF:
+        if len(last.value) < last.length:
+            raise TruncatedInputError(path, f"truncated: element {last.tag} declares {last.length} "
+                                      f"bytes but the file ends after {len(last.value)}")
+        if not specific_tags and last.value_tell + last.length < size:
+            raise TruncatedInputError(path, "truncated: the file ends inside a data element header")
+    return ds, None
 
 
 def _read_deflated(fp: "_GuardedReader", path: Path, preamble: bytes | None, file_meta: Dataset,
@@ -220,12 +268,12 @@ def _read_pixel_element(fp: Any, ds: Dataset, path: Path) -> int | None:
     return length
 
 
-def _peek_pixel_length(fp: Any, ds: Dataset, path: Path) -> int | None:
+def _peek_pixel_length(fp: Any, ds: Dataset, path: Path, size: int | None = None) -> int | None:
     """Declared length of the pixel data element at the current position (pydicom
     rewinds to its start when ``stop_before_pixels`` stops there); ``None`` when
-    no pixel data follows."""
+    no pixel data follows. ``size``: the file size when ``fp`` holds a prefix."""
     here = fp.tell()
-    size = _size_of(fp)
+    size = _size_of(fp) if size is None else size
     if size - here < 8:
         return None
     head = fp.read(8)
@@ -258,13 +306,16 @@ def _size_of(fp: Any) -> int:
     return size
 
 
-def check_depth(ds: Dataset, path: Path, limit: int = MAX_SEQUENCE_DEPTH) -> None:
+def check_depth(ds: Dataset, path: Path, limit: int = MAX_SEQUENCE_DEPTH, *,
+                parse: bool = True) -> None:
     """Refuse datasets whose sequences nest deeper than ``limit``.
 
-    Walks iteratively (the check itself cannot overflow the stack) and parses
-    each sequence level as it goes: pydicom keeps defined-length sequences raw
-    until first access, so a nested-sequence bomb would otherwise go off later,
-    in whatever code touches it first.
+    Walks iteratively (the check itself cannot overflow the stack). With
+    ``parse`` it parses each sequence level as it goes: pydicom keeps
+    defined-length sequences raw until first access, so a nested-sequence bomb
+    would otherwise go off later, in whatever code touches it first. Without
+    ``parse`` (the header index, which never touches those sequences) only the
+    sequences pydicom already parsed are walked.
     """
     stack: list[tuple[Dataset, int]] = [(ds, 0)]
     try:
@@ -273,6 +324,8 @@ def check_depth(ds: Dataset, path: Path, limit: int = MAX_SEQUENCE_DEPTH) -> Non
             for tag in list(node.keys()):
                 raw = node.get_item(tag)
                 if getattr(raw, "VR", None) != "SQ" or int(tag) == 0x7FE00010:
+                    continue
+                if not parse and isinstance(raw, RawDataElement):
                     continue
                 if depth + 1 > limit:
                     raise UnsafeInputError(path, f"sequences nested deeper than {limit} levels")
