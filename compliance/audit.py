@@ -75,6 +75,14 @@ ALERT_AUDIT_STARTED = ("110134", "Audit Recording Started")
 
 _process: dict[str, Any] = {"role": "python", "ae_title": None}
 _lock = threading.Lock()
+
+
+def _after_fork() -> None:
+    global _lock
+    _lock = threading.Lock()  # a fork while another thread held it must not deadlock the child
+
+
+os.register_at_fork(after_in_child=_after_fork)
 _started: dict[str, Any] = {"pid": None, "session": None}
 _capture: contextvars.ContextVar[list[dict[str, Any]] | None] = contextvars.ContextVar("medai_audit_capture",
                                                                                      default=None)

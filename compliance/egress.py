@@ -132,7 +132,9 @@ def _decide(event: str, args: tuple[Any, ...]) -> tuple[bool, str, str]:
     """(allowed, destination class, destination text) for one audited socket event."""
     if event in ("socket.connect", "socket.sendto", "socket.sendmsg", "socket.bind"):
         sock, address = args[0], args[1]
-        if address is None or getattr(sock, "family", None) in _LOCAL_FAMILIES or isinstance(address, (str, bytes)):
+        if address is None:
+            return True, "connected", "connected socket"  # its connect was judged already
+        if getattr(sock, "family", None) in _LOCAL_FAMILIES or isinstance(address, (str, bytes)):
             return True, "unix", "local socket"
         if getattr(sock, "family", None) not in (socket.AF_INET, socket.AF_INET6):
             return False, "other", f"family {getattr(sock, 'family', '?')}"
@@ -171,9 +173,11 @@ def _hook(event: str, args: tuple[Any, ...]) -> None:
     if getattr(_local, "busy", False):
         return  # our own resolution of a configured host, or recording an alert
     ok, kind, dest = _decide(event, args)
-    _counts[(kind, "allowed" if ok else "blocked")] += 1
     if ok:
+        if kind != "connected":
+            _counts[(kind, "allowed")] += 1
         return
+    _counts[(kind, "blocked")] += 1
     what = "listen on" if event == "socket.bind" else "reach"
     message = (f"egress guard: refused to {what} {dest} ({kind}, {event}); only loopback and "
                "configured destinations are allowed (setting egress.allow)")

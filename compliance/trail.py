@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import socket
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
@@ -31,8 +32,11 @@ from medai.errors import AuditWriteError
 TRAIL = "trail.jsonl"
 CHECKPOINTS = "checkpoints.jsonl"
 ANCHOR = "audit-anchor.json"
-#: A signed checkpoint is written at least every this many records.
+#: A signed checkpoint is written at least every this many records...
 CHECKPOINT_EVERY = 1000
+#: ...and with the first record written after the newest checkpoint got this old (seconds),
+#: so a long-running server's trail is never long without one.
+CHECKPOINT_AGE = 600.0
 
 TornHandler = Callable[[int, str], Mapping[str, Any]]
 
@@ -66,6 +70,7 @@ class _HeadCache:
     head: str = chain.GENESIS
     cp_ident: tuple[int, int, int] = (-1, -1, -1)
     cp_count: int = 0
+    cp_time: float = 0.0  # POSIX time of the newest checkpoint
 
 
 _cache = _HeadCache()
@@ -181,7 +186,8 @@ def append(bodies: Sequence[Mapping[str, Any]], *, on_torn: TornHandler | None =
         _cache.ident, _cache.count, _cache.head = (st.st_dev, st.st_ino, st.st_size), count, head
         if size == 0:
             _fsync_dir(directory)
-        if checkpoint or count - _last_checkpoint_count() >= CHECKPOINT_EVERY:
+        cp_count, cp_time = _last_checkpoint()
+        if checkpoint or count - cp_count >= CHECKPOINT_EVERY or time.time() - cp_time >= CHECKPOINT_AGE:
             _write_checkpoint(count, head)
         return hashes
     finally:
@@ -196,25 +202,28 @@ def _fsync_dir(directory: Path) -> None:
         os.close(dfd)
 
 
-def _last_checkpoint_count() -> int:
+def _last_checkpoint() -> tuple[int, float]:
+    """(count, POSIX time) of the newest checkpoint; (0, 0.0) when there is none."""
     path = checkpoints_path()
     try:
         fd = os.open(path, os.O_RDONLY)
     except FileNotFoundError:
-        return 0
+        return 0, 0.0
     try:
         st = os.fstat(fd)
         ident = (st.st_dev, st.st_ino, st.st_size)
         if ident != _cache.cp_ident:
-            count = 0
+            count, when = 0, 0.0
             if st.st_size:
                 line, _ = _last_line(fd, st.st_size)
                 try:
-                    count = int(json.loads(line)["count"])
+                    data = json.loads(line)
+                    count = int(data["count"])
+                    when = _dt.datetime.fromisoformat(str(data["time"]).replace("Z", "+00:00")).timestamp()
                 except (ValueError, KeyError, TypeError):
-                    count = 0
-            _cache.cp_ident, _cache.cp_count = ident, count
-        return _cache.cp_count
+                    count, when = 0, 0.0
+            _cache.cp_ident, _cache.cp_count, _cache.cp_time = ident, count, when
+        return _cache.cp_count, _cache.cp_time
     finally:
         os.close(fd)
 

@@ -301,3 +301,22 @@ def test_capture_collects_calls_for_a_coordinator():
                       "detail": {"model": "m"}}]
     audit.record(**calls[0])
     assert _records()[-1]["event"] == "model_run"
+
+
+def test_threads_of_one_process_share_the_trail_safely():
+    import threading
+
+    def work(tag: str) -> None:
+        for i in range(25):
+            audit.record("query", detail={"thread": tag, "i": i})
+
+    threads = [threading.Thread(target=work, args=(f"t{k}",)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert verify().ok
+    recs = [r for r in _records() if r["event"] == "query"]
+    assert len(recs) == 100
+    for k in range(4):
+        assert [r["detail"]["i"] for r in recs if r["detail"]["thread"] == f"t{k}"] == list(range(25))

@@ -1,7 +1,7 @@
 """Nothing leaves the machine, checked by the kernel's view rather than medai's own:
 
-* the CLI's main job (``medai triage`` over a real T1 study, running the installed
-  models) under ``strace -f -e trace=network`` makes no connect/sendto/sendmsg to a
+* the CLI's main job (``medai demo``: the installed models on the bundled real T1
+  study, SEG/NIfTI/JSON outputs, audit check, signed attestation) under ``strace -f -e trace=network`` makes no connect/sendto/sendmsg to a
   non-loopback address — this also sees native code such as onnxruntime's;
 * the same job inside a network namespace with no interfaces (``unshare -rn``)
   gives identical outputs.
@@ -72,21 +72,23 @@ def test_strace_parser_sees_a_real_public_connect(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def t1_study(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    # The shared writer of the Colin27 T1 study (real pixels, synthetic headers).
-    from tests.test_ui_browser import write_t1_study
+def t1_study() -> Path:
+    from medai.data import demo_t1_dir  # the bundled real T1 study (synthetic headers)
 
-    return write_t1_study(tmp_path_factory.mktemp("t1"))
+    return demo_t1_dir()
 
 
 def _main_job(work: Path, study: Path, wrap: list[str]) -> subprocess.CompletedProcess[str]:
+    """``medai demo``: every installed model on the study, outputs, audit check and a
+    signed attestation (what scripts/demo runs)."""
     env = {**os.environ, "MEDAI_HOME": str(work / "home"), "PYTHONPATH": str(REPO)}
     env.pop("MEDAI_CONFIG", None)
-    return subprocess.run([*wrap, *MEDAI, "triage", str(study), "--out", str(work / "worklist.json")],
+    return subprocess.run([*wrap, *MEDAI, "demo", "--study", str(study), "--out", str(work / "out")],
                           capture_output=True, text=True, timeout=540, env=env, cwd=work)
 
 
-_VOLATILE = re.compile(r"time|timing|measured|seconds|elapsed|duration|started|finished|created|issued|uid|pid|session|host",
+_VOLATILE = re.compile(r"time|timing|measured|seconds|elapsed|duration|started|finished|created|issued|uid|pid|"
+                       r"session|host|signature|head",
                        re.IGNORECASE)
 
 
@@ -158,3 +160,21 @@ def test_main_job_sends_nothing_off_machine_and_runs_identically_without_network
         env = {**os.environ, "MEDAI_HOME": str(home)}
         check = subprocess.run([*MEDAI, "audit", "verify"], capture_output=True, text=True, env=env, timeout=120)
         assert check.returncode == 0, check.stdout + check.stderr
+
+
+@pytest.mark.skipif(not _have("unshare", "-rm", "true"), reason="needs unshare -rm for a read-only mount")
+def test_main_job_fails_closed_with_read_only_audit_dir(tmp_path, t1_study):
+    """With the audit directory read-only (a read-only bind mount, which binds root too)
+    the job stops before processing the study, says why, and writes nothing."""
+    home = tmp_path / "home"
+    env = {**os.environ, "MEDAI_HOME": str(home)}
+    subprocess.run([*MEDAI, "audit", "checkpoint"], check=True, capture_output=True, env=env, timeout=120)
+    audit_dir = home / "audit"
+    before = sorted(p for p in tmp_path.rglob("*") if p.is_file())
+    proc = subprocess.run(["unshare", "-rm", "sh", "-c", f'mount --bind -o ro "{audit_dir}" "{audit_dir}" && '
+                           'exec "$@"', "sh", *MEDAI, "demo", "--study", str(t1_study), "--out",
+                           str(tmp_path / "out")],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "cannot open the audit trail (Read-only file system); the operation was not performed" in proc.stderr
+    assert sorted(p for p in tmp_path.rglob("*") if p.is_file()) == before  # no output file at all
