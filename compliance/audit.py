@@ -18,15 +18,19 @@ from __future__ import annotations
 import base64
 import contextlib
 import contextvars
+import datetime as dt
+import functools
 import getpass
 import hashlib
 import json
 import os
+import re
 import secrets
 import socket
 import sys
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -71,7 +75,6 @@ OUTCOMES = {"success": 0, "minor_failure": 4, "failure": 8, "serious_failure": 8
 ALERT_NETWORK = ("110128", "Network Configuration")
 ALERT_SECURITY_CONFIG = ("110129", "Security Configuration")
 ALERT_RESTRICTED = ("110132", "Use of Restricted Function")
-ALERT_AUDIT_STARTED = ("110134", "Audit Recording Started")
 
 _process: dict[str, Any] = {"role": "python", "ae_title": None}
 _lock = threading.Lock()
@@ -167,13 +170,20 @@ def _participants(patient_id: str | None, patient_name: str | None, study_uid: s
 
 
 def _check_detail(detail: Mapping[str, Any] | None, secrets_: Sequence[str | None]) -> dict[str, Any]:
+    """``detail`` as plain JSON data; refuses one that contains the patient's ID or name
+    as a token (case-insensitive; IDs under 3 characters cannot be told from numbers)."""
     if detail is None:
         return {}
     if not isinstance(detail, Mapping):
         raise TypeError("audit detail must be a mapping")
     text = json.dumps(detail, sort_keys=True, default=str)
+    plain = json.dumps(detail, sort_keys=True, default=str, ensure_ascii=False)
     for value in secrets_:
-        if value and str(value).strip() and str(value).strip() in text:
+        token = str(value or "").strip()
+        if len(token) < 3:
+            continue
+        pattern = re.compile(rf"(?<![0-9A-Za-z]){re.escape(token)}(?![0-9A-Za-z])", re.IGNORECASE)
+        if pattern.search(text) or pattern.search(plain):
             raise ValueError("audit detail contains a patient identifier in clear; pass it as "
                              "patient_id/patient_name so it is pseudonymised")
     return json.loads(text)
@@ -272,8 +282,6 @@ def started() -> bool:
 def iter_records(path: os.PathLike[str] | None = None) -> Iterator[dict[str, Any]]:
     """Records of the trail in order, each checked against its own hash (not the chain:
     that is ``verify``'s job). Damaged lines raise AuditVerificationError."""
-    from pathlib import Path
-
     for lineno, line in enumerate(trail.iter_lines(Path(path) if path else None), 1):
         try:
             yield trail.chain.open_line(line, lineno).record
@@ -293,19 +301,20 @@ class Filter:
     session: str | None = None
 
     def matches(self, rec: Mapping[str, Any]) -> bool:
+        """Whether ``rec`` is selected (times compare as normalised UTC strings)."""
         if self.events and rec.get("event") not in self.events:
             return False
         t = str(rec.get("time", ""))
-        if self.since and t < _norm_time(self.since):
+        if self.since and t < normalise_time(self.since):
             return False
-        if self.until and t >= _norm_time(self.until):
+        if self.until and t >= normalise_time(self.until):
             return False
         if self.outcome and rec.get("outcome_text") != self.outcome:
             return False
         if self.session and rec.get("actor", {}).get("session") != self.session:
             return False
         if self.patient:
-            wanted = {self.patient, keys.pseudonym(self.patient)}
+            wanted = {self.patient, _pseudonym_cached(self.patient, str(keys.keys_dir()))}
             found = {p.get("pseudonym") for p in rec.get("participants", ())}
             if not wanted & found:
                 return False
@@ -316,10 +325,14 @@ def _is_pseudonym(text: str) -> bool:
     return len(text) == 16 and all(c in "0123456789abcdef" for c in text)
 
 
-def _norm_time(text: str) -> str:
-    """Accept ``2026-01-02``, ``2026-01-02T10:00`` or full ISO; compare as UTC strings."""
-    import datetime as dt
+@functools.lru_cache(maxsize=64)
+def _pseudonym_cached(text: str, install: str) -> str:  # ``install`` keys the cache per MEDAI_HOME
+    return keys.pseudonym(text)
 
+
+@functools.lru_cache(maxsize=64)
+def normalise_time(text: str) -> str:
+    """Accept ``2026-01-02``, ``2026-01-02T10:00`` or full ISO; compare as UTC strings."""
     value = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
     if value.tzinfo is None:
         value = value.replace(tzinfo=dt.timezone.utc)

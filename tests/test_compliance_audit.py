@@ -320,3 +320,12 @@ def test_threads_of_one_process_share_the_trail_safely():
     assert len(recs) == 100
     for k in range(4):
         assert [r["detail"]["i"] for r in recs if r["detail"]["thread"] == f"t{k}"] == list(range(25))
+
+
+def test_detail_check_matches_tokens_not_digits():
+    audit.record("query", patient_id="12", detail={"instances": 312, "series": "1.2.3.12"})  # too short to tell
+    audit.record("query", patient_id="4711", detail={"instances": 47110})  # not as a token
+    with pytest.raises(ValueError):
+        audit.record("query", patient_id="4711", detail={"note": "id 4711 seen"})
+    with pytest.raises(ValueError):
+        audit.record("query", patient_name="Müller^Anna", detail={"folder": "/x/müller^anna/"})

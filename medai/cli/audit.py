@@ -34,6 +34,15 @@ def _filter(event: list[str], since: Optional[str], until: Optional[str], patien
     for name in event:
         if name not in _audit.EVENTS:
             raise typer.BadParameter(f"unknown event {name!r}; {_EVENT_HELP}", param_hint="--event")
+    for hint, value in (("--since", since), ("--until", until)):
+        try:
+            if value:
+                _audit.normalise_time(value)
+        except ValueError:
+            raise typer.BadParameter(f"{value!r} is not an ISO 8601 time (e.g. 2026-11-25T14:00)",
+                                     param_hint=hint) from None
+    if outcome and outcome not in _audit.OUTCOMES:
+        raise typer.BadParameter(f"one of {', '.join(_audit.OUTCOMES)}", param_hint="--outcome")
     return _audit.Filter(tuple(event), since, until, patient, outcome, session)
 
 
