@@ -1,0 +1,261 @@
+"""Brain tissue classification (CSF, grey matter, white matter) inside a brain mask.
+
+Method: the classical unsupervised model behind FSL FAST and SPM's tissue step, without
+their atlases. Intensities inside the mask are a mixture of three Gaussians (one per
+tissue); a Potts Markov random field says neighbouring voxels tend to share a tissue.
+The fit is expectation-maximisation with a mean-field approximation of the field
+(Zhang, Brady & Smith, IEEE TMI 2001), after N4 bias-field correction (Tustison et al.,
+IEEE TMI 2010, through SimpleITK) so one set of class means holds over the whole brain.
+
+Volumes are the sum of the final posterior probabilities times the voxel volume (a soft
+estimate that spreads boundary voxels between classes, as partial-volume estimates do);
+the label map for display and DICOM SEG is the most probable class per voxel.
+
+Classes are ordered by mean intensity (darkest first). That is CSF, GM, WM only on a
+T1-weighted image: deciding whether the image is T1-weighted is the job of
+:mod:`medai.assist.qc`, not of this module.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger("medai.assist")
+
+#: Label values in the output map (0 is outside the brain mask).
+CSF, GM, WM = 1, 2, 3
+CLASS_NAMES = ("CSF", "GM", "WM")
+
+
+@dataclass(frozen=True)
+class TissueParams:
+    """Parameters of the classification (the card's ``[postprocessing.tissue]``)."""
+
+    #: Strength of the Potts prior (per unit neighbour weight); 0 disables it.
+    beta: float = 0.6
+    max_iterations: int = 25
+    #: Stop when the largest change of a posterior mean between iterations is below this.
+    tolerance: float = 1e-3
+    bias_correction: bool = True
+    #: Shrink factor for the N4 fit (the field is smooth; fitting it coarse is enough).
+    n4_shrink: int = 3
+    n4_iterations: tuple[int, ...] = (50, 50, 30)
+
+    @classmethod
+    def from_mapping(cls, data: dict[str, Any] | None) -> "TissueParams":
+        if not data:
+            return cls()
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown tissue parameters: {sorted(unknown)}")
+        values = dict(data)
+        if "n4_iterations" in values:
+            values["n4_iterations"] = tuple(int(v) for v in values["n4_iterations"])
+        return cls(**values)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"beta": self.beta, "max_iterations": self.max_iterations, "tolerance": self.tolerance,
+                "bias_correction": self.bias_correction, "n4_shrink": self.n4_shrink,
+                "n4_iterations": list(self.n4_iterations)}
+
+
+@dataclass(frozen=True, eq=False)
+class TissueSegmentation:
+    """Result of :func:`classify_tissue` on the input grid."""
+
+    #: uint8 label map: 0 outside the mask, then :data:`CSF`, :data:`GM`, :data:`WM`.
+    labels: np.ndarray
+    #: Soft volumes in mL per class, in :data:`CLASS_NAMES` order.
+    volumes_ml: dict[str, float]
+    #: Mask (intracranial) volume in mL.
+    mask_ml: float
+    #: Class means and standard deviations of the bias-corrected intensities, darkest first.
+    means: tuple[float, float, float]
+    stds: tuple[float, float, float]
+    #: Mixing proportions of CSF, CSF|GM, GM, GM|WM, WM (the last EM step).
+    mixing: tuple[float, ...]
+    iterations: int
+    converged: bool
+    params: TissueParams
+    #: Bias-corrected intensities inside the mask's bounding box (for QC), and that box.
+    corrected: np.ndarray = field(repr=False)
+    bbox: tuple[slice, slice, slice] = field(repr=False)
+
+
+def _bbox(mask: np.ndarray, margin: int = 1) -> tuple[slice, slice, slice]:
+    idx = np.nonzero(mask)
+    return tuple(slice(max(int(a.min()) - margin, 0), min(int(a.max()) + margin + 1, n))  # type: ignore[return-value]
+                 for a, n in zip(idx, mask.shape))
+
+
+def n4_correct(image: np.ndarray, mask: np.ndarray, spacing: tuple[float, float, float], *,
+               shrink: int = 3, iterations: tuple[int, ...] = (50, 50, 30)) -> np.ndarray:
+    """Divide out a smooth multiplicative bias field (N4) fitted inside ``mask``.
+
+    ``spacing`` is (i, j, k) = (column, row, slice) like SimpleITK; arrays are [k, j, i].
+    """
+    import SimpleITK as sitk
+
+    img = sitk.GetImageFromArray(np.ascontiguousarray(image, dtype=np.float32))
+    img.SetSpacing(tuple(float(s) for s in spacing))
+    msk = sitk.GetImageFromArray(np.ascontiguousarray(mask, dtype=np.uint8))
+    msk.CopyInformation(img)
+    shrink = max(1, int(shrink))
+    small = sitk.Shrink(img, [shrink] * 3) if shrink > 1 else img
+    small_mask = sitk.Shrink(msk, [shrink] * 3) if shrink > 1 else msk
+    n4 = sitk.N4BiasFieldCorrectionImageFilter()
+    n4.SetMaximumNumberOfIterations([int(i) for i in iterations])
+    # Intensities must be positive for the log-domain fit.
+    small = sitk.Maximum(small, 1e-3)
+    n4.Execute(small, small_mask)
+    log_field = sitk.GetArrayFromImage(n4.GetLogBiasFieldAsImage(img)).astype(np.float32)
+    return (image / np.exp(log_field)).astype(np.float32)
+
+
+def _kmeans_1d(y: np.ndarray, k: int = 3, iterations: int = 30) -> np.ndarray:
+    centres = np.percentile(y, np.linspace(10, 90, k))
+    for _ in range(iterations):
+        assign = np.argmin(np.abs(y[:, None] - centres[None, :]), axis=1)
+        new = np.array([y[assign == c].mean() if np.any(assign == c) else centres[c] for c in range(k)])
+        if np.allclose(new, centres, rtol=0, atol=1e-6 * (abs(centres).max() + 1)):
+            break
+        centres = new
+    return np.sort(centres)
+
+
+def _neighbour_sum(p: np.ndarray, weights: tuple[float, float, float]) -> np.ndarray:
+    """Weighted sum over the 6 face neighbours of each voxel, per class (axis 0 is class)."""
+    out = np.zeros_like(p)
+    for axis, w in zip((1, 2, 3), weights):
+        lo = [slice(None)] * 4
+        hi = [slice(None)] * 4
+        lo[axis] = slice(0, -1)
+        hi[axis] = slice(1, None)
+        out[tuple(lo)] += w * p[tuple(hi)]
+        out[tuple(hi)] += w * p[tuple(lo)]
+    return out
+
+
+def _five_classes(mu: np.ndarray, var: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Means/variances of CSF, CSF|GM, GM, GM|WM, WM: a mixed voxel's intensity is a
+    uniform blend of its two tissues plus noise (mean midway, variance + Δμ²/12)."""
+    mu5 = np.array([mu[0], (mu[0] + mu[1]) / 2, mu[1], (mu[1] + mu[2]) / 2, mu[2]])
+    var5 = np.array([var[0], (var[0] + var[1]) / 2 + (mu[1] - mu[0]) ** 2 / 12, var[1],
+                     (var[1] + var[2]) / 2 + (mu[2] - mu[1]) ** 2 / 12, var[2]])
+    return mu5, var5
+
+
+def _tissue_fractions(p5: np.ndarray, y: np.ndarray, mu: np.ndarray) -> np.ndarray:
+    """Expected fraction of each tissue per voxel: pure classes count whole, a mixed
+    class splits by where the intensity lies between the two tissue means."""
+    a_cg = np.clip((y - mu[0]) / max(mu[1] - mu[0], 1e-6), 0, 1)
+    a_gw = np.clip((y - mu[1]) / max(mu[2] - mu[1], 1e-6), 0, 1)
+    frac = np.empty((3, y.shape[0]), dtype=np.float32)
+    frac[0] = p5[0] + p5[1] * (1 - a_cg)
+    frac[1] = p5[2] + p5[1] * a_cg + p5[3] * (1 - a_gw)
+    frac[2] = p5[4] + p5[3] * a_gw
+    return frac
+
+
+def classify_tissue(image: np.ndarray, mask: np.ndarray, spacing: tuple[float, float, float],
+                    params: TissueParams | None = None) -> TissueSegmentation:
+    """Classify voxels inside ``mask`` into three tissues ordered by mean intensity.
+
+    ``image`` and ``mask`` are [k, j, i] arrays of the same shape; ``spacing`` is
+    (i, j, k) in mm. Raises ``ValueError`` for inputs that cannot be classified
+    (empty or tiny mask, constant image).
+    """
+    params = params or TissueParams()
+    if image.shape != mask.shape:
+        raise ValueError(f"image {image.shape} and mask {mask.shape} differ in shape")
+    mask = np.asarray(mask) > 0
+    n_mask = int(mask.sum())
+    if n_mask < 1000:
+        raise ValueError(f"brain mask has {n_mask} voxels; too small to classify tissue")
+    box = _bbox(mask)
+    m = mask[box]
+    img = np.asarray(image, dtype=np.float32)[box]
+    vals = img[m]
+    if not np.isfinite(vals).all():
+        raise ValueError("image has non-finite values inside the brain mask")
+    lo, hi = np.percentile(vals, [0.5, 99.5])
+    if hi <= lo:
+        raise ValueError("image is constant inside the brain mask")
+    sx, sy, sz = (float(s) for s in spacing)
+    if params.bias_correction:
+        shifted = np.where(m, img - min(lo, 0.0) + 1e-3 * (hi - lo), 0).astype(np.float32)
+        img = n4_correct(shifted, m, (sx, sy, sz), shrink=params.n4_shrink, iterations=params.n4_iterations)
+    vals = img[m].astype(np.float64)
+    # Scale to a robust unit range so tolerances mean the same on every scanner.
+    lo, hi = np.percentile(vals, [0.5, 99.5])
+    scale = hi - lo
+    y = (vals - lo) / scale
+    mu = _kmeans_1d(y)
+    assign = np.argmin(np.abs(y[:, None] - mu[None, :]), axis=1)
+    var = np.array([max(y[assign == c].var() if np.any(assign == c) else 0.01, 1e-4) for c in range(3)])
+    pi = np.array([max((assign == c).mean(), 1e-3) for c in range(3)])
+
+    # Neighbour weights ~ 1/distance, normalised so the six weights sum to 6 (β comparable
+    # across voxel sizes). Axis order of the box is [k, j, i] -> spacing (sz, sy, sx).
+    inv = np.array([1 / sz, 1 / sy, 1 / sx])
+    w = tuple(float(v) for v in inv * 3 / inv.sum())
+    yy = y.astype(np.float32)
+    member = np.zeros((3,) + m.shape, dtype=np.float32)  # tissue membership for the MRF
+    converged = False
+    it = 0
+    prev_mean = None
+    pi5 = np.array([pi[0], 0.05, pi[1], 0.05, pi[2]])
+    pi5 /= pi5.sum()
+    for it in range(1, params.max_iterations + 1):
+        mu5, var5 = _five_classes(mu, var)
+        loglik = -0.5 * (yy[None, :] - mu5[:, None]) ** 2 / var5[:, None] - 0.5 * np.log(var5[:, None])
+        logp = loglik + np.log(pi5)[:, None]
+        if it > 1 and params.beta > 0:
+            nb = _neighbour_sum(member, w)[:, m]
+            logp[0::2] += params.beta * nb
+            logp[1] += params.beta * 0.5 * (nb[0] + nb[1])
+            logp[3] += params.beta * 0.5 * (nb[1] + nb[2])
+        logp -= logp.max(axis=0, keepdims=True)
+        p = np.exp(logp)
+        p /= p.sum(axis=0, keepdims=True)
+        frac = _tissue_fractions(p, yy, mu)
+        for c in range(3):
+            member[c][m] = frac[c]
+        # M-step: pure-class parameters from pure-class posteriors only.
+        pure = p[0::2]
+        wsum = pure.sum(axis=1) + 1e-9
+        mu = (pure @ y) / wsum
+        # One noise variance shared by the pure classes: spread beyond it is left to the
+        # mixed classes (otherwise the broadest pure class swallows the boundary voxels).
+        pooled = float((pure * (y[None, :] - mu[:, None]) ** 2).sum() / wsum.sum())
+        var = np.full(3, max(pooled, 1e-4))
+        pi5 = np.maximum(p.sum(axis=1) / p.shape[1], 1e-3)
+        pi5 /= pi5.sum()
+        order = np.argsort(mu)
+        if not np.array_equal(order, np.arange(3)):
+            mu, var = mu[order], var[order]
+        mean_p = frac.mean(axis=1)
+        if prev_mean is not None and np.abs(mean_p - prev_mean).max() < params.tolerance and it > 3:
+            converged = True
+            break
+        prev_mean = mean_p
+    p = frac
+
+    vox_ml = sx * sy * sz / 1000.0
+    volumes = {name: float(p[c].sum() * vox_ml) for c, name in enumerate(CLASS_NAMES)}
+    labels = np.zeros(mask.shape, dtype=np.uint8)
+    sub = np.zeros(m.shape, dtype=np.uint8)
+    sub[m] = (np.argmax(p, axis=0) + 1).astype(np.uint8)
+    labels[box] = sub
+    means = tuple(float(v * scale + lo) for v in mu)
+    stds = tuple(float(np.sqrt(v) * scale) for v in var)
+    log.debug("tissue classification: %d iterations, converged=%s", it, converged)
+    corrected = np.where(m, img, 0).astype(np.float32)
+    return TissueSegmentation(labels=labels, volumes_ml=volumes, mask_ml=n_mask * vox_ml,
+                              means=means, stds=stds, mixing=tuple(float(v) for v in pi5), iterations=it, converged=converged,  # type: ignore[arg-type]
+                              params=params, corrected=corrected, bbox=box)
