@@ -27,11 +27,12 @@ from typing import Any, Iterable, Sequence
 from pydicom.dataelem import RawDataElement
 from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
+from pydicom.tag import Tag
 from pydicom.uid import UID
 
 from medai.dicom.safety import (
     TruncatedInputError,
-    check_pixel_budget,
+    check_pixel_budget_values,
     check_uid,
     read_dataset_safely,
 )
@@ -74,6 +75,8 @@ INDEX_TAGS: tuple[int, ...] = (
     0x00280030,  # PixelSpacing
     0x00280100,  # BitsAllocated
 )
+
+_INDEX_TAG_LIST = [Tag(t) for t in INDEX_TAGS]
 
 #: Tags whose value is a binary integer (US/UL) rather than an IS string.
 _BINARY_INT_TAGS = {0x00280002, 0x00280010, 0x00280011, 0x00280100}
@@ -286,12 +289,21 @@ def _strings(ds: Any, tag: int) -> tuple[str, ...]:
     return tuple(part.strip(" \x00") for part in text.split("\\"))
 
 
-def _text(ds: Any, keyword_tag: tuple[str, int]) -> str:
+#: Character sets whose text decodes byte-for-byte without pydicom's machinery.
+_SIMPLE_CHARSETS = {"": "latin-1", "ISO_IR 6": "latin-1", "ISO_IR 100": "latin-1",
+                    "ISO_IR 192": "utf-8"}
+
+
+def _text(ds: Any, keyword_tag: tuple[str, int], charset: str) -> str:
     """A string that may use the dataset's character set (names, descriptions):
-    decoded by pydicom."""
+    decoded directly for the common single-byte/UTF-8 sets, by pydicom otherwise."""
     keyword, tag = keyword_tag
     if tag not in ds:
         return ""
+    codec = _SIMPLE_CHARSETS.get(charset)
+    raw, _ = _raw_bytes(ds, tag)
+    if codec is not None and raw is not None:
+        return raw.decode(codec, "replace").strip(" \x00")
     try:
         value = ds[tag].value
     except Exception:  # undecodable text: keep going without it
@@ -364,12 +376,12 @@ def _read_header(path: Path) -> dict[str, Any]:
             if size < 132:
                 raise InvalidDicomError("no preamble")
             ds, pixel_length = read_dataset_safely(path, stop_before_pixels=True,
-                                                   specific_tags=list(INDEX_TAGS))
+                                                   specific_tags=_INDEX_TAG_LIST, size=size)
         except InvalidDicomError:
             if not _plausible_raw_dicom(path):
                 return {"skip": (NOT_DICOM, "not DICOM (no 'DICM' marker and no DICOM tags at the start)")}
             ds, pixel_length = read_dataset_safely(path, stop_before_pixels=True,
-                                                   specific_tags=list(INDEX_TAGS), force=True)
+                                                   specific_tags=_INDEX_TAG_LIST, force=True, size=size)
     meta = getattr(ds, "file_meta", None)
     meta_class = str(meta.get("MediaStorageSOPClassUID", "")) if meta is not None else ""
     if meta_class == "1.2.840.10008.1.3.10":
@@ -379,6 +391,7 @@ def _read_header(path: Path) -> dict[str, Any]:
     if not sop_class and not sop_instance:
         return {"skip": (NOT_DICOM, "no SOP Class/Instance UID: not a DICOM instance")}
     thickness = _floats(ds, 0x00180050, 1)
+    charset = _ascii(ds, 0x00080005)
     record: dict[str, Any] = {
         "sop_class_uid": check_uid(sop_class, path, "SOP Class UID"),
         "sop_instance_uid": check_uid(sop_instance, path, "SOP Instance UID"),
@@ -386,13 +399,13 @@ def _read_header(path: Path) -> dict[str, Any]:
         "series_instance_uid": check_uid(_ascii(ds, 0x0020000E), path, "Series Instance UID"),
         "transfer_syntax_uid": str(meta.get("TransferSyntaxUID", "")) if meta is not None else "",
         "modality": _ascii(ds, 0x00080060).upper(),
-        "patient_id": _text(ds, ("PatientID", 0x00100020)),
-        "patient_name": _text(ds, ("PatientName", 0x00100010)),
+        "patient_id": _text(ds, ("PatientID", 0x00100020), charset),
+        "patient_name": _text(ds, ("PatientName", 0x00100010), charset),
         "study_date": _ascii(ds, 0x00080020),
-        "study_description": _text(ds, ("StudyDescription", 0x00081030)),
-        "series_description": _text(ds, ("SeriesDescription", 0x0008103E)),
+        "study_description": _text(ds, ("StudyDescription", 0x00081030), charset),
+        "series_description": _text(ds, ("SeriesDescription", 0x0008103E), charset),
         "body_part": _ascii(ds, 0x00180015).upper(),
-        "manufacturer": _text(ds, ("Manufacturer", 0x00080070)),
+        "manufacturer": _text(ds, ("Manufacturer", 0x00080070), charset),
         "series_number": _int(ds, 0x00200011),
         "instance_number": _int(ds, 0x00200013),
         "frames": _int(ds, 0x00280008) or 1,
@@ -407,8 +420,11 @@ def _read_header(path: Path) -> dict[str, Any]:
     }
     if pixel_length is not None:
         encapsulated = pixel_length == 0xFFFFFFFF
-        stored = path.stat().st_size if encapsulated else pixel_length
-        check_pixel_budget(ds, path, stored, encapsulated)
+        stored = size if encapsulated else pixel_length
+        check_pixel_budget_values(
+            (record["rows"] or 0, record["columns"] or 0, record["frames"],
+             _int(ds, 0x00280002) or 1, _int(ds, 0x00280100) or 0),
+            path, stored, encapsulated)
     return record
 
 

@@ -129,8 +129,8 @@ def _at_pixel_data(tag: Any, vr: Any, length: int) -> bool:
 
 
 def read_dataset_safely(path: str | os.PathLike[str], *, stop_before_pixels: bool = False,
-                        specific_tags: list[int] | None = None,
-                        force: bool = False) -> tuple[FileDataset, int | None]:
+                        specific_tags: list[int] | None = None, force: bool = False,
+                        size: int | None = None) -> tuple[FileDataset, int | None]:
     """Read one file with every limit in this module applied.
 
     Returns the dataset and, when ``stop_before_pixels`` is set, the declared
@@ -140,7 +140,7 @@ def read_dataset_safely(path: str | os.PathLike[str], *, stop_before_pixels: boo
     """
     p = Path(path)
     if stop_before_pixels:
-        fast = _read_header_from_prefix(p, specific_tags, force)
+        fast = _read_header_from_prefix(p, specific_tags, force, size)
         if fast is not None:
             check_depth(fast[0], p, parse=False)
             return fast
@@ -171,8 +171,8 @@ def read_dataset_safely(path: str | os.PathLike[str], *, stop_before_pixels: boo
 HEADER_PREFIX_BYTES = 256 * 1024
 
 
-def _read_header_from_prefix(path: Path, specific_tags: list[int] | None,
-                             force: bool) -> tuple[FileDataset, int | None] | None:
+def _read_header_from_prefix(path: Path, specific_tags: list[int] | None, force: bool,
+                             size: int | None = None) -> tuple[FileDataset, int | None] | None:
     """Fast header read from an in-memory prefix of the file.
 
     An in-memory buffer cannot be asked for more bytes than it holds (a forged
@@ -180,7 +180,8 @@ def _read_header_from_prefix(path: Path, specific_tags: list[int] | None,
     value is then reported as truncation. Returns ``None`` when the prefix does
     not hold the whole header or the dataset is deflated (guarded path instead).
     """
-    size = path.stat().st_size
+    if size is None:
+        size = path.stat().st_size
     with open(path, "rb") as fh:
         data = fh.read(min(size, HEADER_PREFIX_BYTES))
     if b"1.2.840.10008.1.2.1.99" in data[:4096]:
@@ -363,13 +364,23 @@ def expected_pixel_bytes(ds: Dataset) -> int:
 
 def check_pixel_budget(ds: Dataset, path: Path, stored_bytes: int | None,
                        encapsulated: bool) -> int:
+    """:func:`check_pixel_budget_values` with the sizes read from ``ds``."""
+    dims = tuple(int(ds.get(k, d) or d) for k, d in (("Rows", 0), ("Columns", 0), ("NumberOfFrames", 1),
+                                                     ("SamplesPerPixel", 1), ("BitsAllocated", 0)))
+    return check_pixel_budget_values(dims, path, stored_bytes, encapsulated)  # type: ignore[arg-type]
+
+
+def check_pixel_budget_values(dims: tuple[int, int, int, int, int], path: Path,
+                              stored_bytes: int | None, encapsulated: bool) -> int:
     """Refuse pixel data whose declared decoded size is absurd or not backed by
     the stored bytes (decompression bombs, forged Rows/Columns/NumberOfFrames).
 
     ``stored_bytes`` is the stored pixel data size (for encapsulated data the
     file size is a fine upper bound). Returns the declared decoded size.
     """
-    need = expected_pixel_bytes(ds)
+    rows, cols, frames, samples, bits = dims
+    need = -1 if min(rows, cols, frames, samples, bits) < 0 else (
+        rows * cols * frames * samples * bits + 7) // 8
     if need < 0:
         raise UnsafeInputError(path, "negative Rows/Columns/NumberOfFrames/BitsAllocated")
     if need > MAX_PIXEL_BYTES:
@@ -379,7 +390,6 @@ def check_pixel_budget(ds: Dataset, path: Path, stored_bytes: int | None,
     if stored_bytes is None:
         return need
     if not encapsulated:
-        bits = int(ds.get("BitsAllocated", 0) or 0)
         if bits != 1 and stored_bytes + 1 < need:
             raise UnsafeInputError(path, f"header declares {need} bytes of pixel data but the "
                                    f"file holds {stored_bytes} (forged size or truncated)")
@@ -402,5 +412,5 @@ def is_dicom_preamble(path: Path) -> bool:
 __all__ = [
     "MAX_PIXEL_BYTES", "MAX_COMPRESSION_RATIO", "MAX_SEQUENCE_DEPTH", "MAX_ELEMENT_BYTES",
     "TruncatedInputError", "open_guarded", "read_dataset_safely", "check_depth", "check_uid",
-    "check_pixel_budget", "expected_pixel_bytes", "is_dicom_preamble",
+    "check_pixel_budget", "check_pixel_budget_values", "expected_pixel_bytes", "is_dicom_preamble",
 ]
