@@ -3,8 +3,11 @@
 Run the stages in order (each writes into ``.cache/build/brain-extraction``)::
 
     .venv-models/bin/python models/brain-extraction/build.py convert    # TorchScript -> ONNX (+ stage parity)
+    .venv-models/bin/python models/brain-extraction/build.py parity     # each stage vs TorchScript
     .venv-models/bin/python models/brain-extraction/build.py reference  # reference deepbet masks (torch)
+    .venv-models/bin/python models/brain-extraction/build.py precision  # fp16/int8 speed and Dice
     .venv/bin/python        models/brain-extraction/build.py evaluate   # our torch-free pipeline: Dice
+    .venv/bin/python        models/brain-extraction/build.py metrics    # measurements -> [[metrics]]
     .venv/bin/python        models/brain-extraction/build.py seal       # card.toml + signature + pin
 
 ``convert`` and ``reference`` need the build venv (``[models]`` extra plus
@@ -232,6 +235,60 @@ def reference() -> None:
         print(f"reference {case['name']}: {time.perf_counter() - t0:.1f}s", flush=True)
 
 
+def precision() -> None:
+    """fp16 and int8 (dynamic) variants of each graph: speed and mask agreement vs fp32 on CPU.
+
+    Measured, not shipped unless they win: on an x86 CPU without fp16/VNNI kernels they
+    are expected to be slower. Results go to the card as metrics either way.
+    """
+    import nibabel as nib
+    import numpy as np
+    import onnxruntime as ort
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+    import onnx
+
+    sys.path.insert(0, str(REPO))
+    from medai.inference.steps import normalize, quantiles, resize_nearest
+
+    case = eval_cases()[0]
+    img = nib.as_closest_canonical(nib.load(TESTDATA / case["image"]))
+    x = np.nan_to_num(np.asarray(img.dataobj, dtype=np.float32)).squeeze()
+    small = resize_nearest(x, BBOX_SHAPE)
+    lo, hi = quantiles(small, 0.005, 0.995)
+    inputs = {"bbox": normalize(small, lo, hi, 0.226, 0.449)[None, None],
+              "main": normalize(resize_nearest(x, MAIN_SHAPE), lo, hi, 0.226, 0.449)[None, None]}
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 2
+    opts.enable_cpu_mem_arena = False
+    rows = []
+    for key in ("bbox", "main"):
+        fp32 = WORK / f"{key}.onnx"
+        fp16 = WORK / f"{key}_fp16.onnx"
+        int8 = WORK / f"{key}_int8.onnx"
+        onnx.save(convert_float_to_float16(onnx.load(str(fp32)), keep_io_types=True), str(fp16))
+        quantize_dynamic(str(fp32), str(int8), weight_type=QuantType.QInt8)
+        ref = None
+        for variant, path in (("fp32", fp32), ("fp16", fp16), ("int8", int8)):
+            if key == "main" and variant == "int8":
+                continue  # 6-7x slower than fp32 on this CPU in the bbox measurement; not worth minutes here
+            sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+            sess.run(None, {"image": inputs[key]})
+            t0 = time.perf_counter()
+            out = sess.run(None, {"image": inputs[key]})[0][0, 0].astype(np.float32)
+            seconds = time.perf_counter() - t0
+            if ref is None:
+                ref, ref_s = out > 0, seconds
+            m = out > 0
+            dice = 2 * float((m & ref).sum()) / float(m.sum() + ref.sum())
+            rows.append({"name": f"precision_{variant}_{key}", "value": round(dice, 5), "n": 1,
+                         "speed_vs_fp32": round(ref_s / seconds, 2), "seconds": round(seconds, 2),
+                         "data": case["name"],
+                         "note": f"graph {key} on CPU (2 threads); value = Dice of its mask vs fp32"})
+            print(rows[-1], flush=True)
+    (WORK / "precision.json").write_text(json.dumps(rows, indent=2))
+
+
 # ----------------------------------------------------------------------------- evaluate (runtime)
 def _dice(a, b) -> float:
     inter = float((a & b).sum())
@@ -356,5 +413,6 @@ def seal() -> None:
 if __name__ == "__main__":
     stage = sys.argv[1] if len(sys.argv) > 1 else "help"
     {"convert": convert, "parity": stage_parity, "reference": reference, "evaluate": evaluate,
-     "metrics": summarize, "seal": seal}.get(
+     "metrics": summarize, "seal": seal,
+     "precision": precision}.get(
         stage, lambda: print(__doc__))()
