@@ -54,7 +54,7 @@ def test_one_flipped_byte_is_refused_and_audited(tmp_path: Path) -> None:
     data[len(data) // 2] ^= 0x01
     onnx.write_bytes(bytes(data))
     with pytest.raises(ModelIntegrityError, match=r"main\.onnx has SHA-256 .* the card says"):
-        load_bundle(folder, origin="shipped", pinned=registry._pins())
+        load_bundle(folder, origin="shipped", pinned=registry.pins())
     alert = _alerts()[-1]
     assert alert["outcome_text"] == "major_failure"
     assert "main.onnx" in alert["detail"]["reason"]
@@ -65,7 +65,7 @@ def test_edited_card_is_refused_and_audited(tmp_path: Path) -> None:
     card = folder / "card.toml"
     card.write_text(card.read_text().replace("threshold = 0.5", "threshold = 0.4", 1))
     with pytest.raises(ModelIntegrityError, match="signature does not verify"):
-        load_bundle(folder, origin="shipped", pinned=registry._pins())
+        load_bundle(folder, origin="shipped", pinned=registry.pins())
     assert "signature" in _alerts()[-1]["detail"]["reason"]
 
 
@@ -75,7 +75,7 @@ def test_resigned_card_is_not_the_pinned_one(tmp_path: Path) -> None:
     seal(folder, _template("1.0.2+medai.1").replace("threshold = 0.5", "threshold = 0.1", 1),
          ["bbox.onnx", "main.onnx", "LICENSE"], Ed25519PrivateKey.generate())
     with pytest.raises(ModelIntegrityError, match="not the one pinned"):
-        load_bundle(folder, origin="shipped", pinned=registry._pins())
+        load_bundle(folder, origin="shipped", pinned=registry.pins())
 
 
 def test_unsigned_refused_unless_allowed_and_audited(tmp_path: Path) -> None:

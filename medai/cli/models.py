@@ -88,7 +88,7 @@ def verify_command(ctx: typer.Context,
         try:
             if path.is_dir():
                 origin = "shipped" if path.resolve().parent == registry.shipped_dir() else "path"
-                bundle = load_bundle(path, origin=origin, pinned=registry._pins())  # type: ignore[arg-type]
+                bundle = load_bundle(path, origin=origin, pinned=registry.pins())
             else:
                 bundle = registry.get_bundle(target)
             rows = [_bundle_row(bundle, bundle.origin)]

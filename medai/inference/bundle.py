@@ -121,7 +121,7 @@ def _check_signature(path: Path, card: ModelCard, card_bytes: bytes, card_digest
             problem = str(exc)
         else:
             pins = set((pinned or {}).get(card.id, ()))
-            if origin == "shipped" and card_digest in pins:
+            if card_digest in pins:  # the exact card this release ships, wherever the folder is
                 label = "pinned"
             elif origin == "shipped" and pins:
                 problem = (f"card SHA-256 {card_digest[:12]}… is not the one pinned in this medai release "

@@ -45,7 +45,7 @@ def installed_dir() -> Path:
     return path
 
 
-def _pins() -> dict[str, tuple[str, ...]]:
+def pins() -> dict[str, tuple[str, ...]]:
     from medai.inference.pinned import PINNED
 
     return PINNED
@@ -95,7 +95,7 @@ def scan(*, allow_unsigned: bool | None = None) -> list[Entry]:
     entries = []
     for folder_id, path, origin in _locations():
         try:
-            bundle = load_bundle(path, origin=origin, pinned=_pins(), allow_unsigned=_allow(allow_unsigned))  # type: ignore[arg-type]
+            bundle = load_bundle(path, origin=origin, pinned=pins(), allow_unsigned=_allow(allow_unsigned))  # type: ignore[arg-type]
             entries.append(Entry(bundle.id, path, origin, bundle, None))
         except ModelIntegrityError as exc:
             entries.append(Entry(folder_id, path, origin, None, str(exc)))
@@ -115,10 +115,10 @@ def get_bundle(model_id: str, *, allow_unsigned: bool | None = None) -> Bundle:
     """The verified bundle for ``model_id`` (installed first, then shipped)."""
     installed = _installed_current(model_id) if (installed_dir() / model_id).is_dir() else None
     if installed is not None:
-        return load_bundle(installed, origin="installed", pinned=_pins(), allow_unsigned=_allow(allow_unsigned))
+        return load_bundle(installed, origin="installed", pinned=pins(), allow_unsigned=_allow(allow_unsigned))
     shipped = shipped_dir() / model_id
     if (shipped / CARD_NAME).is_file():
-        return load_bundle(shipped, origin="shipped", pinned=_pins(), allow_unsigned=_allow(allow_unsigned))
+        return load_bundle(shipped, origin="shipped", pinned=pins(), allow_unsigned=_allow(allow_unsigned))
     known = sorted({loc[0] for loc in _locations()})
     raise ModelNotFoundError(f"no model {model_id!r}; installed models: {', '.join(known) or 'none'}")
 
@@ -169,7 +169,7 @@ def install(source: str | Path, *, allow_unsigned: bool | None = None) -> Bundle
             extracted.mkdir()
             _safe_extract(source, extracted)
             shutil.move(str(_bundle_root(extracted)), work)
-        bundle = load_bundle(work, origin="installed", allow_unsigned=_allow(allow_unsigned))
+        bundle = load_bundle(work, origin="installed", pinned=pins(), allow_unsigned=_allow(allow_unsigned))
         base = installed_dir() / bundle.id
         versions = base / "versions"
         versions.mkdir(parents=True, exist_ok=True)
