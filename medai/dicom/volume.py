@@ -342,8 +342,31 @@ def _decode(ds: Any, path: Path) -> np.ndarray:
     return arr
 
 
+_J2K_SYNTAXES = {"1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91",
+                 "1.2.840.10008.1.2.4.92", "1.2.840.10008.1.2.4.93"}
+
+
+def _j2k_precision(ds: Any) -> int | None:
+    """Sample precision from the JPEG 2000 codestream's SIZ marker. GDCM sizes its
+    output from it rather than from BitsStored (they disagree in real files)."""
+    from pydicom.encaps import generate_frames
+
+    try:
+        n = int(ds.get("NumberOfFrames", 1) or 1)
+        frame = next(generate_frames(ds.PixelData, number_of_frames=n))
+        at = frame.find(b"\xff\x51")
+        if at < 0 or len(frame) < at + 41:
+            return None
+        return (frame[at + 40] & 0x7F) + 1
+    except Exception:  # malformed codestream: the decoder will say so
+        return None
+
+
 def _stored_range(ds: Any) -> tuple[int, int]:
     bits = int(ds.get("BitsStored", ds.get("BitsAllocated", 16)) or 16)
+    meta = getattr(ds, "file_meta", None)
+    if meta is not None and str(meta.get("TransferSyntaxUID", "")) in _J2K_SYNTAXES:
+        bits = _j2k_precision(ds) or bits
     if int(ds.get("PixelRepresentation", 0) or 0) == 1:
         return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
     return 0, (1 << bits) - 1
@@ -425,7 +448,7 @@ def load_series(files_or_dir: str | _os.PathLike[str] | _Iterable[str | _os.Path
     ``SeriesGeometryError``) naming the file and the reason.
     """
     files = _resolve_series(files_or_dir, series_uid)
-    where = Path(files[0]).parent if files else None
+    where = Path(files[0]) if len(files) == 1 else Path(files[0]).parent
     datasets = []
     frames: list[_Frame] = []
     for i, path in enumerate(files):
@@ -439,7 +462,8 @@ def load_series(files_or_dir: str | _os.PathLike[str] | _Iterable[str | _os.Path
 
     ordered, geometry, tilt = _order_and_geometry(frames, first_ds, where, on_tilt)
 
-    stored = _stored_range(first_ds)
+    ranges = [_stored_range(d) for d in datasets]
+    stored = (min(r[0] for r in ranges), max(r[1] for r in ranges))
     dtype = _output_dtype(ordered, stored, float_dtype) if tilt is None else np.dtype(float_dtype)
     decoded: dict[int, np.ndarray] = {}
     out = np.empty((len(ordered), ordered[0].rows, ordered[0].columns), dtype=dtype)
