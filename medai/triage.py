@@ -2,17 +2,25 @@
 
 The graph, in order::
 
-    folders ──► index (headers only) ──► per study × model: series selection (card rules)
-            ──► jobs not yet done (state database) ──► executor (in-process, a local
-                process pool, or an existing Dask cluster) ──► run_on_volume per job
+    folders ──► index (headers only; unreadable files traced back to their series)
+            ──► per study × automatic model: series selection (card rules)
+            ──► jobs not yet done (state database) ──► how many at once (planner × memory budget)
+            ──► executor (in-process, a local process pool, or a Dask cluster) ──► run_on_volume per job
             ──► state database (one row per finished job, committed at once)
             ──► worklist rows (one per study) ──► ranking ──► CSV / JSON / table
 
 Resumable: every finished job is committed to ``MEDAI_HOME/triage/state.sqlite``
-(keyed by pseudonymous study key, model id and model version) before the next
-result is looked at, so Ctrl-C or SIGKILL loses at most the jobs in flight; a
-rerun skips what is done unless ``force``. Failed jobs are remembered too and
-retried only with ``retry_failed`` (a broken study fails the same way again).
+(keyed by pseudonymous study key, model id and model version, and remembering a
+digest of the series' instances) before the next result is looked at, so Ctrl-C
+or SIGKILL loses at most the jobs in flight; a rerun skips what is done unless
+``force`` (or the series changed, or its result files are gone). Failed jobs are
+remembered too and retried only with ``retry_failed`` (a broken study fails the
+same way again).
+
+Robust: a job never raises for a bad study; a worker process that dies (a crash
+in native code, the OOM killer) is replaced and the jobs it held are retried
+once, then marked failed. Models whose card says ``accepts_prompt`` need a person
+to draw a prompt and are not run by triage.
 
 Privacy: logs and the state database hold the pseudonymous study key only.
 Accession number and patient ID appear in the worklist file alone, because the
@@ -22,6 +30,7 @@ person who asked for the worklist needs them to open the studies.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import logging
@@ -29,6 +38,7 @@ import os
 import sqlite3
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
@@ -42,6 +52,11 @@ LEVEL_RANK = {"routine": 0, "review": 1, "urgent": 2}
 STATUS_DONE = "done"
 STATUS_FAILED = "failed"
 STATUS_NO_MATCH = "no matching series"
+STATUS_NOT_RUN = "not run"
+#: Index skip kinds that mean "this was meant to be an instance of some series".
+_BROKEN_KINDS = frozenset({"truncated", "unreadable", "unsafe", "incomplete"})
+#: A job whose worker process died this many times is marked failed.
+MAX_CRASHES = 2
 
 
 # --------------------------------------------------------------------------- values
@@ -60,6 +75,10 @@ class Job:
     out_dir: str
     max_memory: int | None = None
     threads: int | None = None
+    #: (frames, rows, columns) from the headers, for the planner.
+    shape: tuple[int, int, int] = (0, 0, 0)
+    #: SHA-256 over the series' SOP Instance UIDs: a changed series is not "done".
+    inputs_digest: str = ""
 
 
 @dataclass(frozen=True)
@@ -79,6 +98,7 @@ class Outcome:
     priority: Mapping[str, Any] = field(default_factory=dict)
     outputs: Mapping[str, str] = field(default_factory=dict)
     seconds: float = 0.0
+    inputs_digest: str = ""
     #: Audit records made on a cluster worker, replayed into the coordinator's trail.
     audit: Sequence[Mapping[str, Any]] = ()
 
@@ -91,6 +111,12 @@ class Outcome:
     def from_json(cls, data: Mapping[str, Any]) -> "Outcome":
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__ and k != "audit"}
         return cls(**known)
+
+    @classmethod
+    def failed(cls, job: Job, reason: str, seconds: float = 0.0,
+               audit: Sequence[Mapping[str, Any]] = ()) -> "Outcome":
+        return cls(job.study_key, job.model_id, job.model_version, STATUS_FAILED, reason, job.series_uid,
+                   seconds=seconds, inputs_digest=job.inputs_digest, audit=tuple(audit))
 
 
 @dataclass
@@ -142,12 +168,28 @@ class StateDB:
         return Outcome.from_json(json.loads(row[0])) if row else None
 
     def put(self, outcome: Outcome) -> None:
+        """Commit one outcome (autocommit, synchronous=FULL: durable when this returns)."""
         self._db.execute("INSERT OR REPLACE INTO jobs VALUES (?, ?, ?, ?, ?, ?)",
                          (outcome.study_key, outcome.model_id, outcome.model_version, outcome.status,
                           json.dumps(outcome.to_json(), default=str), time.time()))
 
+    def counts(self) -> dict[str, int]:
+        return dict(self._db.execute("SELECT status, count(*) FROM jobs GROUP BY status").fetchall())
+
     def close(self) -> None:
         self._db.close()
+
+
+def reusable(prior: Outcome | None, job: Job, *, retry_failed: bool) -> bool:
+    """Whether a stored outcome still answers ``job``: same series content, result files
+    still there; failures only when not retrying them."""
+    if prior is None:
+        return False
+    if prior.inputs_digest and job.inputs_digest and prior.inputs_digest != job.inputs_digest:
+        return False
+    if prior.status != STATUS_DONE:
+        return not retry_failed
+    return all(Path(p).exists() for p in prior.outputs.values())
 
 
 # --------------------------------------------------------------------------- planning
@@ -163,6 +205,26 @@ class StudyPlan:
     patient_id: str = ""
     study_date: str = ""
     modalities: str = ""
+    #: model id → why its job cannot start (the chosen series has unreadable files).
+    blocked: dict[str, str] = field(default_factory=dict)
+
+
+def select_bundles(models: Sequence[str] | None) -> list[Any]:
+    """The bundles to run: the named ones, or every installed model that runs without a
+    prompt. A named prompt-only model is a usage error (it needs a person's box)."""
+    from medai.inference import registry
+
+    if models:
+        bundles = [registry.get_bundle(m) for m in models]
+        prompted = [b.id for b in bundles if b.card.accepts_prompt]
+        if prompted:
+            raise ConfigError(f"model {', '.join(prompted)} needs a prompt drawn by a person; triage runs "
+                              "automatic models only (use `medai run` or the UI for it)")
+    else:
+        bundles = [b for b in registry.list_bundles() if not b.card.accepts_prompt]
+    if not bundles:
+        raise ConfigError("no automatic model installed; see `medai models list`")
+    return bundles
 
 
 def _study_key(study_uid: str) -> str:
@@ -171,31 +233,95 @@ def _study_key(study_uid: str) -> str:
     return pseudonym(study_uid)
 
 
-def _first_header(files: Sequence[Path]) -> tuple[str, str]:
-    """Accession number and patient ID of a study, for the worklist file only."""
+def _accession(files: Sequence[Path]) -> str:
+    """Accession number of a study (not in the index), for the worklist file only."""
     import pydicom
 
     for path in files[:3]:
         try:
-            ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["AccessionNumber", "PatientID"])
+            ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["AccessionNumber"])
         except Exception:  # noqa: BLE001 - the index already accepted this file; be tolerant here
             continue
-        return str(ds.get("AccessionNumber", "") or ""), str(ds.get("PatientID", "") or "")
-    return "", ""
+        return str(ds.get("AccessionNumber", "") or "")
+    return ""
+
+
+def _uids_of_broken(path: Path) -> tuple[str, str] | None:
+    """(study UID, series UID) of a file the index could not accept, read from its first
+    64 KiB only (it may be truncated or hostile); None when even that fails."""
+    import warnings
+
+    import pydicom
+    from pydicom.filebase import DicomBytesIO
+
+    from medai.dicom.safety import check_uid
+
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(65536)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ds = pydicom.dcmread(DicomBytesIO(head), force=True, stop_before_pixels=True,
+                                 specific_tags=["StudyInstanceUID", "SeriesInstanceUID"])
+            return (check_uid(str(ds.StudyInstanceUID), path, "Study Instance UID"),
+                    check_uid(str(ds.SeriesInstanceUID), path, "Series Instance UID"))
+    except Exception:  # noqa: BLE001 - best effort: unattributed files are only counted
+        return None
+
+
+@dataclass(frozen=True)
+class BrokenFiles:
+    """Files the index skipped as damaged, traced back to their series where the header allows."""
+
+    by_series: Mapping[str, tuple[tuple[str, str], ...]]
+    #: Studies none of whose files could be read: study UID → (path, reason) pairs.
+    orphan_studies: Mapping[str, tuple[tuple[str, str], ...]]
+    unattributed: int
+
+
+def broken_files(index: Any) -> BrokenFiles:
+    by_series: dict[str, list[tuple[str, str]]] = {}
+    orphans: dict[str, list[tuple[str, str]]] = {}
+    unattributed = 0
+    for skip in index.skipped:
+        if skip.kind not in _BROKEN_KINDS:
+            continue
+        uids = _uids_of_broken(Path(skip.path))
+        if uids is None:
+            unattributed += 1
+        elif uids[0] in index.studies:
+            by_series.setdefault(uids[1], []).append((str(skip.path), skip.reason))
+        else:
+            orphans.setdefault(uids[0], []).append((str(skip.path), skip.reason))
+    return BrokenFiles({k: tuple(v) for k, v in by_series.items()},
+                       {k: tuple(v) for k, v in orphans.items()}, unattributed)
+
+
+def _digest(entry: Any) -> str:
+    uids = sorted(i.sop_instance_uid for i in entry.instances)
+    return hashlib.sha256("\n".join(uids).encode()).hexdigest()
+
+
+def _shape(entry: Any) -> tuple[int, int, int]:
+    first = entry.instances[0] if entry.instances else None
+    return (max(entry.frame_count, 1), (first.rows or 0) if first else 0, (first.columns or 0) if first else 0)
 
 
 def plan_studies(index: Any, bundles: Sequence[Any], results_dir: Path, *,
-                 max_memory: int | None = None, threads: int | None = None) -> list[StudyPlan]:
-    """One :class:`StudyPlan` per study in ``index``: a job for each model whose card
-    accepts one of the study's series (the best one by the card's ordering)."""
+                 broken: BrokenFiles | None = None) -> list[StudyPlan]:
+    """One :class:`StudyPlan` per study in ``index`` (plus one per study known only from
+    unreadable files): a job for each model whose card accepts one of the study's series
+    (the best one by the card's ordering). Budgets and threads are set later."""
     from medai.inference.select import matching_series, series_matches
 
+    broken = broken or BrokenFiles({}, {}, 0)
     plans = []
     for study_uid, study in sorted(index.studies.items()):
         series = index.series_of_study(study_uid)
         key = _study_key(study_uid)
         jobs: list[Job] = []
         skipped: dict[str, str] = {}
+        blocked: dict[str, str] = {}
         for bundle in bundles:
             hits = matching_series(bundle.card, series)
             if not hits:
@@ -203,46 +329,81 @@ def plan_studies(index: Any, bundles: Sequence[Any], results_dir: Path, *,
                 skipped[bundle.id] = "; ".join(reasons) or "no image series"
                 continue
             best = hits[0]
+            bad = broken.by_series.get(best.series_instance_uid)
+            if bad:
+                blocked[bundle.id] = (f"series incomplete: {len(bad)} file(s) unreadable, "
+                                      f"first {bad[0][0]}: {bad[0][1]}")
+                continue
             jobs.append(Job(key, study_uid, bundle.id, bundle.version, best.series_instance_uid,
                             tuple(str(p) for p in best.files), str(results_dir / key / bundle.id),
-                            max_memory, threads))
+                            shape=_shape(best), inputs_digest=_digest(best)))
         image_files = [p for s in series if s.is_image for p in s.files] or [p for s in series for p in s.files]
-        accession, patient_id = _first_header(image_files)
-        plans.append(StudyPlan(study_uid, key, jobs, skipped, accession, patient_id, study.study_date,
-                               "/".join(sorted({s.modality for s in series if s.modality}))))
+        patient = index.patients.get(study.patient_key)
+        plans.append(StudyPlan(study_uid, key, jobs, skipped, _accession(image_files),
+                               patient.patient_id if patient else "", study.study_date,
+                               "/".join(sorted({s.modality for s in series if s.modality})), blocked))
+    for study_uid, bad in sorted(broken.orphan_studies.items()):
+        reason = f"no readable instance: {len(bad)} file(s) unreadable, first {bad[0][0]}: {bad[0][1]}"
+        plans.append(StudyPlan(study_uid, _study_key(study_uid), [], {}, blocked={"*": reason}))
     return plans
 
 
 # --------------------------------------------------------------------------- running one job
 
-_WORKER_READY = False
+_WORKER: dict[str, Any] = {"ready": False}
 
 
-def _worker_setup(threads: int | None = None) -> None:
-    """Once per worker process: egress guard and telemetry off before any model library loads."""
-    global _WORKER_READY
-    if _WORKER_READY:
+def _die_with_parent() -> None:
+    """Linux: have the kernel kill this worker when the coordinator dies (SIGKILL
+    included), so no orphan keeps computing a result nobody will record."""
+    import ctypes
+    import signal
+    import sys
+
+    if not sys.platform.startswith("linux"):
         return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+        if os.getppid() == 1:  # the parent died before prctl took effect
+            os._exit(1)
+    except (OSError, AttributeError):
+        pass
+
+
+def _worker_setup(threads: int | None = None, allow: tuple[str, int] | None = None,
+                  pool_worker: bool = False) -> None:
+    """Once per worker process: egress guard (telemetry off) before any model library
+    loads. In the coordinator the entry point's guard is already on and stays as is."""
     from medai.compliance import egress
 
-    egress.install_for_entry_point("triage-worker")
+    if allow is not None:
+        egress.allow(*allow)  # the Dask scheduler this worker must keep talking to
+    if _WORKER["ready"]:
+        return
+    if pool_worker:
+        _die_with_parent()
+    if not egress.installed():
+        egress.install_for_entry_point("triage-worker")
     if threads:
         os.environ["MEDAI_THREADS"] = str(threads)
-    _WORKER_READY = True
+    _WORKER["ready"] = True
 
 
-def run_job(job: Job, *, capture_audit: bool = False) -> Outcome:
+def run_job(job: Job, *, capture_audit: bool = False, allow: tuple[str, int] | None = None) -> Outcome:
     """Run one job; never raises for a bad study (the outcome says what went wrong).
 
     With ``capture_audit`` (cluster workers) the audit records are returned in the
     outcome instead of written here, and the coordinator writes them to its trail.
     """
-    _worker_setup(job.threads)
+    _worker_setup(job.threads, allow)
+    from contextlib import nullcontext
+
     from medai.compliance import audit
 
     t0 = time.perf_counter()
-    captured: list[Mapping[str, Any]] = []
-    with (audit.capture(captured) if capture_audit else _nullcontext()):
+    captured: list[dict[str, Any]] = []
+    with (audit.capture(captured) if capture_audit else nullcontext()):
         try:
             from medai.dicom.volume import load_series
             from medai.inference import registry
@@ -257,14 +418,12 @@ def run_job(job: Job, *, capture_audit: bool = False) -> Outcome:
         except MedaiError as exc:
             if type(exc).__name__ == "AuditWriteError":
                 raise  # fail closed: the whole batch stops, nothing more is processed
-            return Outcome(job.study_key, job.model_id, job.model_version, STATUS_FAILED,
-                           f"{type(exc).__name__}: {exc}", job.series_uid,
-                           seconds=time.perf_counter() - t0, audit=tuple(captured))
+            return Outcome.failed(job, f"{type(exc).__name__}: {exc}", time.perf_counter() - t0, captured)
         except Exception as exc:  # noqa: BLE001 - one bad study never stops the batch
-            log.exception("study %s model %s: unexpected error", job.study_key, job.model_id)
-            return Outcome(job.study_key, job.model_id, job.model_version, STATUS_FAILED,
-                           f"internal error ({type(exc).__name__})", job.series_uid,
-                           seconds=time.perf_counter() - t0, audit=tuple(captured))
+            log.error("study %s model %s: unexpected %s", job.study_key, job.model_id, type(exc).__name__,
+                      exc_info=log.isEnabledFor(logging.DEBUG))
+            return Outcome.failed(job, f"internal error ({type(exc).__name__})", time.perf_counter() - t0,
+                                  captured)
     outputs = {name: str(p) for name, p in (("result", result.result_path), ("mask", result.mask_path),
                                             ("seg", result.seg_path), ("sr", result.sr_path)) if p}
     return Outcome(
@@ -275,15 +434,8 @@ def run_job(job: Job, *, capture_audit: bool = False) -> Outcome:
         qc=_plain(result.qc),
         priority={"level": result.priority.level, "score": result.priority.score,
                   "reasons": list(result.priority.reasons)},
-        outputs=outputs, seconds=time.perf_counter() - t0, audit=tuple(captured))
-
-
-class _nullcontext:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
+        outputs=outputs, seconds=time.perf_counter() - t0, inputs_digest=job.inputs_digest,
+        audit=tuple(captured))
 
 
 def _plain(value: Any) -> Any:
@@ -302,22 +454,57 @@ def run_inline(jobs: Sequence[Job]) -> Iterator[Outcome]:
 
 
 def run_pool(workers: int) -> Executor:
-    """A local process pool (spawned processes: onnxruntime's threads do not survive fork)."""
+    """A local process pool (spawned processes: onnxruntime's threads do not survive fork).
+
+    At most ``workers`` jobs are submitted at a time, so an interruption loses at most
+    those. A dead worker (native crash, OOM killer) breaks the whole pool in
+    ``concurrent.futures``: the pool is rebuilt and the jobs it held are run again one
+    at a time, so the one that kills its worker alone is marked failed and the
+    bystanders finish."""
     import multiprocessing
 
     def execute(jobs: Sequence[Job]) -> Iterator[Outcome]:
         ctx = multiprocessing.get_context("spawn")
         threads = jobs[0].threads if jobs else None
-        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_setup,
-                                 initargs=(threads,)) as pool:
-            pending: set[Future[Outcome]] = set()
-            queue = list(jobs)
-            while queue or pending:
-                while queue and len(pending) < workers:
-                    pending.add(pool.submit(run_job, queue.pop(0)))
-                done, pending = wait(pending, return_when=FIRST_COMPLETED)
-                for fut in done:
-                    yield fut.result()
+        queue = list(jobs)
+        suspects: set[int] = set()
+        while queue:
+            pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_setup,
+                                       initargs=(threads, None, True))
+            pending: dict[Future[Outcome], Job] = {}
+            held: list[Job] = []
+            finished = False
+            try:
+                while (queue or pending) and not held:
+                    alone = any(id(j) in suspects for j in [*queue[:1], *pending.values()])
+                    while queue and len(pending) < (1 if alone else workers):
+                        job = queue.pop(0)
+                        pending[pool.submit(run_job, job)] = job
+                        alone = alone or id(job) in suspects
+                    done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                    for fut in done:
+                        job = pending.pop(fut)
+                        try:
+                            outcome = fut.result()
+                        except BrokenProcessPool:
+                            held.append(job)
+                            continue
+                        yield outcome
+                held += pending.values()
+                pending.clear()
+                finished = True
+            finally:
+                if not finished:  # interrupted: the jobs in flight are lost, stop their workers
+                    for proc in list(getattr(pool, "_processes", {}).values()):
+                        proc.terminate()
+                pool.shutdown(wait=finished, cancel_futures=True)
+            if len(held) == 1:
+                yield Outcome.failed(held[0], "worker process died while running it (crash or out of memory)")
+            elif held:
+                log.warning("a triage worker process died; rerunning the %d jobs it may have hit one by one",
+                            len(held))
+                suspects.update(id(j) for j in held)
+                queue[:0] = held
 
     return execute
 
@@ -325,8 +512,9 @@ def run_pool(workers: int) -> Executor:
 def run_dask(address: str, workers: int) -> Executor:
     """Jobs on a Dask cluster: ``local`` starts one on this machine (loopback only, no
     dashboard); ``dask://host:port`` or ``tcp://host:port`` joins an existing scheduler,
-    which must be a configured egress destination. Workers run :func:`run_job` with
-    audit capture; the coordinator writes their records to its own trail."""
+    which becomes an allowed egress destination (of this process and of the workers).
+    Workers run :func:`run_job` with audit capture; the coordinator writes their records
+    to its own trail. The files must be reachable at the same paths on the workers."""
     try:
         from dask.distributed import Client, LocalCluster, as_completed
     except ImportError:
@@ -334,23 +522,29 @@ def run_dask(address: str, workers: int) -> Executor:
 
     def execute(jobs: Sequence[Job]) -> Iterator[Outcome]:
         cluster = None
+        allow: tuple[str, int] | None = None
         if address == "local":
             cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                                   host="127.0.0.1", dashboard_address=None)
+                                   host="127.0.0.1", dashboard_address=None, scheduler_port=0)
             client = Client(cluster)
         else:
             target = address.replace("dask://", "tcp://", 1)
-            host_port = target.split("://", 1)[-1]
-            host, _, port = host_port.rpartition(":")
+            host, _, port = target.split("://", 1)[-1].rpartition(":")
+            if not host or not port.isdigit():
+                raise ConfigError(f"--cluster {address!r}: expected local or dask://host:port")
             from medai.compliance import egress
 
-            egress.allow(host, int(port))
+            allow = (host.strip("[]"), int(port))
+            egress.allow(*allow)
             client = Client(target)
+        futures = []
         try:
-            futures = [client.submit(run_job, job, capture_audit=True, pure=False) for job in jobs]
+            futures = [client.submit(run_job, job, capture_audit=True, allow=allow, pure=False) for job in jobs]
             for fut in as_completed(futures):
                 yield fut.result()
         finally:
+            for fut in futures:
+                fut.cancel()
             client.close()
             if cluster is not None:
                 cluster.close()
@@ -367,37 +561,47 @@ class TriageReport:
     skipped_done: int
     failed: int
     seconds: float
+    workers: int = 1
+    #: Damaged files that could not be traced to any study (counted, not listed).
+    unattributed_files: int = 0
 
     @property
     def exit_code(self) -> int:
-        if not self.rows:
-            return 1
-        if all(r.status.startswith(STATUS_FAILED) for r in self.rows) or (
-                self.ran == 0 and self.skipped_done == 0 and self.failed == 0):
-            return 1
-        return 3 if any(r.status.startswith(STATUS_FAILED) for r in self.rows) else 0
+        """0 all done (or nothing matched alongside done ones), 3 some studies failed,
+        1 nothing could run (no study, every study failed, or nothing matched)."""
+        failed = [r for r in self.rows if r.status.startswith(STATUS_FAILED)]
+        if failed:
+            return 1 if len(failed) == len(self.rows) else 3
+        return 0 if any(r.status == STATUS_DONE for r in self.rows) else 1
+
+    def status_counts(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for row in self.rows:
+            kind = STATUS_FAILED if row.status.startswith(STATUS_FAILED) else row.status
+            counts[kind] = counts.get(kind, 0) + 1
+        return counts
 
 
-def concurrency(bundles: Sequence[Any], index: Any, requested: int, budget: int | None) -> int:
-    """How many jobs may run at once: the request, capped by the memory budget divided by
-    the largest predicted peak (planner) of any job, never below one."""
-    if requested <= 1:
-        return 1
+def concurrency(jobs: Sequence[Job], bundles: Sequence[Any], requested: int,
+                budget: int | None) -> tuple[int, int]:
+    """How many jobs may run at once, and the largest predicted peak (bytes) of any job.
+
+    The request, capped by the number of jobs and by the memory budget (``budget``,
+    else 80 % of the memory available now) divided by the planner's largest prediction;
+    never below one (a single job that does not fit is the planner's to refuse)."""
     from medai.inference import planner
 
-    budget = budget or _available_memory()
+    by_id = {b.id: b for b in bundles}
     worst = 0
-    for entry in index.image_series:
-        first = entry.instances[0] if entry.instances else None
-        shape = (max(entry.frame_count, 1), (first.rows or 256) if first else 256, (first.columns or 256) if first else 256)
-        for bundle in bundles:
-            try:
-                worst = max(worst, planner.plan(bundle, shape, None).predicted_bytes)
-            except MedaiError:
-                continue
-    if worst <= 0:
-        return requested
-    return max(1, min(requested, budget // worst))
+    for job in jobs:
+        try:
+            worst = max(worst, planner.plan(by_id[job.model_id], job.shape, None).predicted_bytes)
+        except (MedaiError, KeyError):
+            continue
+    n = max(1, min(requested, len(jobs)))
+    if worst > 0:
+        n = max(1, min(n, (budget or _available_memory()) // worst))
+    return n, worst
 
 
 def _available_memory() -> int:
@@ -410,25 +614,33 @@ def _available_memory() -> int:
     return 4 * 1024**3
 
 
+def _cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
 def triage(paths: Sequence[Path], *, models: Sequence[str] | None = None, results_dir: Path,
            workers: int = 1, max_memory: int | None = None, force: bool = False, retry_failed: bool = False,
            cluster: str | None = None, state: StateDB | None = None,
            progress: Callable[[int, int], None] | None = None) -> TriageReport:
-    """Run the batch and return the ranked worklist rows (see the module docstring)."""
+    """Run the batch and return the ranked worklist rows (see the module docstring).
+
+    ``max_memory`` is the budget for all jobs running at once; each job gets an equal
+    share. ``progress(done, total)`` counts studies with work to do in this run."""
+    from dataclasses import replace
+
     from medai.compliance import audit
     from medai.dicom.index import scan
-    from medai.inference import registry
 
     t0 = time.perf_counter()
-    bundles = [registry.get_bundle(m) for m in models] if models else registry.list_bundles()
-    if not bundles:
-        raise ConfigError("no model installed; see `medai models list`")
+    bundles = select_bundles(models)
     index = scan(list(paths))
+    broken = broken_files(index)
     audit.record("query", detail={"purpose": "triage", "studies": len(index.studies),
                                   "series": len(index.series), "skipped_files": len(index.skipped)})
-    n = concurrency(bundles, index, workers, max_memory)
-    threads = max(1, (os.cpu_count() or 1) // n) if n > 1 else None
-    plans = plan_studies(index, bundles, results_dir, max_memory=max_memory, threads=threads)
+    plans = plan_studies(index, bundles, results_dir, broken=broken)
     state = state or StateDB()
     outcomes: dict[tuple[str, str], Outcome] = {}
     todo: list[Job] = []
@@ -436,55 +648,68 @@ def triage(paths: Sequence[Path], *, models: Sequence[str] | None = None, result
     for plan in plans:
         for job in plan.jobs:
             prior = None if force else state.get(job.study_key, job.model_id, job.model_version)
-            if prior is not None and (prior.status == STATUS_DONE or not retry_failed):
-                outcomes[(job.study_key, job.model_id)] = prior
+            if reusable(prior, job, retry_failed=retry_failed):
+                outcomes[(job.study_key, job.model_id)] = prior  # type: ignore[assignment]
                 skipped_done += 1
             else:
                 todo.append(job)
-    log.info("triage: %d studies, %d jobs to run, %d already done, %d at once",
-             len(plans), len(todo), skipped_done, n)
+    n, worst = concurrency(todo, bundles, workers, max_memory)
+    share = max_memory // n if max_memory else None
+    local = cluster in (None, "local")
+    threads = max(1, _cpus() // n) if local and (n > 1 or cluster) else None
+    todo = [replace(j, max_memory=share, threads=threads) for j in todo]
+    log.info("triage: %d studies, %d jobs to run (%d already done), %d at once (largest predicted peak %d MB)",
+             len(plans), len(todo), skipped_done, n, worst // 2**20)
     if cluster:
         execute = run_dask(cluster, n)
-    elif n > 1 and len(todo) > 1:
+    elif n > 1:
         execute = run_pool(n)
     else:
         execute = run_inline
-    ran = failed = 0
+    remaining = {p.study_key: sum(1 for j in todo if j.study_key == p.study_key) for p in plans}
+    total_studies = sum(1 for v in remaining.values() if v)
+    studies_done = ran = failed = 0
     if progress:
-        progress(0, len(todo))
+        progress(0, total_studies)
     for outcome in execute(todo):
         for body in outcome.audit:
             audit.record(**body)  # a cluster worker's records, written by the coordinator
         state.put(outcome)
         outcomes[(outcome.study_key, outcome.model_id)] = outcome
         ran += 1
-        failed += outcome.status != STATUS_DONE
         if outcome.status != STATUS_DONE:
+            failed += 1
             log.warning("study %s model %s failed: %s", outcome.study_key, outcome.model_id, outcome.reason)
-        if progress:
-            progress(ran, len(todo))
-    rows = rank([_row(plan, outcomes, results_dir) for plan in plans])
-    return TriageReport(rows, ran, skipped_done, failed, time.perf_counter() - t0)
+        remaining[outcome.study_key] -= 1
+        if remaining[outcome.study_key] == 0:
+            studies_done += 1
+            if progress:
+                progress(studies_done, total_studies)
+    rows = rank([_row(plan, outcomes) for plan in plans])
+    return TriageReport(rows, ran, skipped_done, failed, time.perf_counter() - t0, n, broken.unattributed)
 
 
-def _row(plan: StudyPlan, outcomes: Mapping[tuple[str, str], Outcome], results_dir: Path) -> StudyRow:
+def _row(plan: StudyPlan, outcomes: Mapping[tuple[str, str], Outcome]) -> StudyRow:
     row = StudyRow(plan.study_key, plan.accession_number, plan.patient_id, plan.study_date, plan.modalities,
                    STATUS_NO_MATCH)
     results = [outcomes[(plan.study_key, j.model_id)] for j in plan.jobs if (plan.study_key, j.model_id) in outcomes]
-    if not results:
-        if plan.jobs:
-            row.status = "not run"
-        row.reasons = "; ".join(f"{m}: {why}" for m, why in sorted(plan.skipped.items()))
-        return row
-    failed = [o for o in results if o.status != STATUS_DONE]
+    failures = [f"{m}: {why}" if m != "*" else why for m, why in sorted(plan.blocked.items())]
+    failures += [f"{o.model_id}: {o.reason}" for o in results if o.status != STATUS_DONE]
     done = [o for o in results if o.status == STATUS_DONE]
     row.models = [o.model_id for o in results]
-    row.status = (f"{STATUS_FAILED}: " + "; ".join(f"{o.model_id}: {o.reason}" for o in failed)) if failed else STATUS_DONE
+    if failures:
+        row.status = f"{STATUS_FAILED}: " + "; ".join(failures)
+    elif done:
+        row.status = STATUS_DONE
+    elif plan.jobs:
+        row.status = STATUS_NOT_RUN
+    if not done:
+        row.reasons = "; ".join(f"{m}: {why}" for m, why in sorted(plan.skipped.items()))
+        return row
     best = max(done, key=lambda o: (float(o.priority.get("score", 0.0)),
-                                    LEVEL_RANK.get(o.priority.get("level", "routine"), 0)), default=None)
-    if best is not None:
-        row.priority = best.priority.get("level", "routine")
-        row.score = float(best.priority.get("score", 0.0))
+                                    LEVEL_RANK.get(o.priority.get("level", "routine"), 0)))
+    row.priority = best.priority.get("level", "routine")
+    row.score = float(best.priority.get("score", 0.0))
     qc_states = [_qc_state(o.qc) for o in done]
     row.qc = "fail" if "fail" in qc_states else "warn" if "warn" in qc_states else "pass" if "pass" in qc_states else ""
     parts = []
@@ -499,7 +724,9 @@ def _row(plan: StudyPlan, outcomes: Mapping[tuple[str, str], Outcome], results_d
 
 
 def _qc_state(qc: Mapping[str, Any]) -> str:
-    """``fail``/``warn``/``pass`` from a pipeline's QC mapping, or '' when it has no verdict."""
+    """``fail``/``warn``/``pass`` from a pipeline's QC mapping (its own ``status``/``verdict``/
+    ``passed``, or the worst of its sections' verdicts, e.g. ``image_quality.status``),
+    or '' when it has no verdict."""
     verdict = qc.get("status") or qc.get("verdict")
     if isinstance(verdict, str) and verdict.lower() in {"fail", "warn", "pass"}:
         return verdict.lower()
@@ -507,16 +734,25 @@ def _qc_state(qc: Mapping[str, Any]) -> str:
         return "fail"
     if qc.get("passed") is True:
         return "pass"
-    return ""
+    nested = {_qc_state(v) for v in qc.values() if isinstance(v, Mapping)}
+    return next((s for s in ("fail", "warn", "pass") if s in nested), "")
+
+
+def _no_result_order(status: str) -> int:
+    if status.startswith(STATUS_FAILED):
+        return 0  # someone has to look at why
+    return 1 if status == STATUS_NOT_RUN else 2
 
 
 def rank(rows: Iterable[StudyRow]) -> list[StudyRow]:
-    """Reader order: QC failures, then by priority (score, level), then studies without a
-    result (failed, not run, no match); ties by study key so the order is reproducible."""
+    """Reader order: QC failures, then by the card-defined priority (score, level), then
+    studies without a result (failed, not run, no match); ties by study key so the
+    order is reproducible."""
     def key(row: StudyRow) -> tuple[Any, ...]:
         has_result = bool(row.priority)
         return (0 if row.qc_failed else 1, 0 if has_result else 1, -row.score,
-                -LEVEL_RANK.get(row.priority, 0), row.status != STATUS_DONE, row.study_key)
+                -LEVEL_RANK.get(row.priority, 0), row.status != STATUS_DONE,
+                0 if has_result else _no_result_order(row.status), row.study_key)
 
     return sorted(rows, key=key)
 
@@ -527,12 +763,16 @@ COLUMNS = ["rank", "study_key", "accession_number", "patient_id", "study_date", 
            "priority", "score", "qc", "models", "measurements", "findings", "reasons", "results"]
 
 
+def worklist_records(rows: Sequence[StudyRow]) -> list[dict[str, Any]]:
+    return [{"rank": i + 1, **r.to_json(), "models": ",".join(r.models)} for i, r in enumerate(rows)]
+
+
 def write_worklist(rows: Sequence[StudyRow], path: Path, fmt: str | None = None) -> Path:
     """Write the worklist atomically as CSV or JSON (by ``fmt`` or the file suffix)."""
     fmt = (fmt or path.suffix.lstrip(".") or "csv").lower()
     if fmt not in {"csv", "json"}:
         raise ConfigError(f"{path}: worklist format must be csv or json, not {fmt!r}")
-    records = [{"rank": i + 1, **r.to_json(), "models": ",".join(r.models)} for i, r in enumerate(rows)]
+    records = worklist_records(rows)
     if fmt == "json":
         text = json.dumps({"not_for_diagnostic_use": True, "studies": records}, indent=2)
     else:

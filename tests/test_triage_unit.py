@@ -1,12 +1,14 @@
-"""Triage ranking, worklist files and state database: no model needed."""
+"""Triage ranking, worklist files, state database, concurrency and planning: no model run."""
 
 from __future__ import annotations
 
 import csv
 import json
 
-from medai.triage import (STATUS_DONE, STATUS_NO_MATCH, Outcome, StateDB, StudyRow, TriageReport, rank,
-                          write_worklist)
+import pytest
+
+from medai.triage import (STATUS_DONE, STATUS_FAILED, STATUS_NO_MATCH, Job, Outcome, StateDB, StudyRow,
+                          TriageReport, _qc_state, concurrency, rank, reusable, select_bundles, write_worklist)
 
 
 def _row(key: str, *, priority: str = "", score: float = 0.0, qc: str = "", status: str = STATUS_DONE) -> StudyRow:
@@ -23,8 +25,9 @@ def test_rank_qc_failures_first_then_priority_then_no_result_ties_by_key():
         _row("f", status="failed: m: DicomInputError: x"),
         _row("g", priority="review", score=0.5, qc="warn"),
     ]
-    assert [r.study_key for r in rank(rows)] == ["d", "c", "g", "a", "b", "e", "f"]
-    assert [r.study_key for r in rank(reversed(rows))] == ["d", "c", "g", "a", "b", "e", "f"]
+    # without a result: failed (someone must look) before no match
+    assert [r.study_key for r in rank(rows)] == ["d", "c", "g", "a", "b", "f", "e"]
+    assert [r.study_key for r in rank(reversed(rows))] == ["d", "c", "g", "a", "b", "f", "e"]
 
 
 def test_worklist_csv_and_json(tmp_path):
@@ -58,3 +61,66 @@ def test_exit_codes():
     assert TriageReport([failed], ran=1, skipped_done=0, failed=1, seconds=0).exit_code == 1
     assert TriageReport([], ran=0, skipped_done=0, failed=0, seconds=0).exit_code == 1
     assert TriageReport([nomatch], ran=0, skipped_done=0, failed=0, seconds=0).exit_code == 1
+    assert TriageReport([failed, nomatch], ran=1, skipped_done=0, failed=1, seconds=0).exit_code == 3
+    # a rerun where everything was already done is a success, not "nothing could run"
+    assert TriageReport([done], ran=0, skipped_done=1, failed=0, seconds=0).exit_code == 0
+
+
+def _job(**kw) -> Job:
+    base = dict(study_key="k", study_uid="1.2.3", model_id="brain-extraction", model_version="v",
+                series_uid="1.2.3.4", files=("a.dcm",), out_dir="out", shape=(181, 217, 181), inputs_digest="d1")
+    base.update(kw)
+    return Job(**base)
+
+
+def test_stored_outcome_reused_only_for_the_same_series_with_results_present(tmp_path):
+    result = tmp_path / "result.json"
+    result.write_text("{}")
+    done = Outcome("k", "brain-extraction", "v", STATUS_DONE, outputs={"result": str(result)}, inputs_digest="d1")
+    assert reusable(done, _job(), retry_failed=False)
+    assert not reusable(done, _job(inputs_digest="d2"), retry_failed=False)  # series gained/lost instances
+    result.unlink()
+    assert not reusable(done, _job(), retry_failed=False)  # results deleted: redo
+    failed = Outcome("k", "brain-extraction", "v", STATUS_FAILED, "x", inputs_digest="d1")
+    assert reusable(failed, _job(), retry_failed=False)
+    assert not reusable(failed, _job(), retry_failed=True)
+    assert not reusable(None, _job(), retry_failed=False)
+
+
+def test_concurrency_follows_planner_prediction_and_memory_budget():
+    from medai.inference import planner, registry
+
+    bundle = registry.get_bundle("brain-extraction")
+    jobs = [_job(study_key=f"k{i}") for i in range(8)]
+    peak = planner.plan(bundle, (181, 217, 181), None).predicted_bytes
+    assert peak > 500 * 2**20  # the 256^3 main stage dominates
+    assert concurrency(jobs, [bundle], 4, 10 * peak) == (4, peak)        # budget allows more than asked
+    assert concurrency(jobs, [bundle], 4, int(2.5 * peak)) == (2, peak)  # budget caps it
+    assert concurrency(jobs, [bundle], 4, peak // 2) == (1, peak)        # never below one
+    assert concurrency(jobs[:3], [bundle], 8, 100 * peak) == (3, peak)   # never more than jobs
+    # a bigger series predicts more memory, hence fewer at once
+    big = [_job(study_key="b", shape=(600, 512, 512))]
+    n_big, peak_big = concurrency(big + jobs, [bundle], 4, int(2.5 * peak))
+    assert peak_big > peak and n_big == 1
+
+
+def test_prompted_models_are_not_triaged(monkeypatch):
+    from dataclasses import replace
+
+    from medai.errors import ConfigError
+    from medai.inference import registry
+
+    real = registry.get_bundle("brain-extraction")
+    prompted = replace(real, card=replace(real.card, id="boxy", accepts_prompt=True))
+    monkeypatch.setattr(registry, "list_bundles", lambda **kw: [real, prompted])
+    monkeypatch.setattr(registry, "get_bundle", lambda m, **kw: {"boxy": prompted}.get(m, real))
+    assert select_bundles(None) == [real]
+    with pytest.raises(ConfigError, match="prompt"):
+        select_bundles(["boxy"])
+
+
+def test_qc_verdicts_nested_or_flat():
+    assert _qc_state({"image_quality": {"status": "fail", "checks": []}}) == "fail"
+    assert _qc_state({"a": {"status": "warn"}, "b": {"status": "pass"}}) == "warn"
+    assert _qc_state({"passed": True}) == "pass"
+    assert _qc_state({"dice": 0.9}) == ""
