@@ -85,8 +85,11 @@ def test_demo_study(tmp_path: Path) -> None:
 
     from medai.compliance import audit
 
-    events = [r["event"] for r in audit.iter_records()]
-    assert "instances_accessed" in events and "model_run" in events
+    records = {r["event"]: r for r in audit.iter_records()}
+    assert "model_run" in records
+    accessed = records["instances_accessed"]
+    assert any("pseudonym" in p for p in accessed["participants"])  # the patient, pseudonymised
+    assert "MEDAI-DEMO-0001" not in json.dumps(accessed)
 
 
 def test_real_t1_not_in_repo(tmp_path: Path) -> None:

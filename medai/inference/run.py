@@ -91,7 +91,15 @@ def load_pipeline(bundle: Bundle) -> Pipeline:
     return pipeline
 
 
-def _load_volume(source: Path, series_uid: str | None, bundle: Bundle) -> Volume:
+Patient = tuple[str | None, str | None]  # clear (PatientID, PatientName), only for the audit trail
+
+
+def _patient_of(index: Any, entry: Any) -> Patient:
+    person = getattr(index, "patients", {}).get(getattr(entry, "patient_key", None))
+    return (getattr(person, "patient_id", None) or None, getattr(person, "patient_name", None) or None)
+
+
+def _load_volume(source: Path, series_uid: str | None, bundle: Bundle) -> tuple[Volume, Patient]:
     """A Volume from a NIfTI/NRRD file or a DICOM file/folder (series chosen by the card)."""
     lower = source.name.lower()
     if source.is_file() and lower.endswith((".nii", ".nii.gz", ".nrrd", ".mha", ".mhd")):
@@ -103,9 +111,9 @@ def _load_volume(source: Path, series_uid: str | None, bundle: Bundle) -> Volume
             raise DicomInputError(source, f"cannot read image ({exc})") from None
         if image.GetDimension() == 4:
             image = image[:, :, :, 0]
-        return Volume.from_sitk(image, modality="")
+        return Volume.from_sitk(image, modality=""), (None, None)
     from medai.dicom.index import scan
-    from medai.dicom.volume import load_series  # type: ignore[attr-defined]
+    from medai.dicom.volume import load_series
 
     index = scan([source])
     if series_uid is None:
@@ -119,7 +127,8 @@ def _load_volume(source: Path, series_uid: str | None, bundle: Bundle) -> Volume
         series_uid = getattr(hits[0], "series_uid", None) or getattr(hits[0], "series_instance_uid")
     if series_uid not in index.series:
         raise DicomInputError(source, f"series {series_uid} not found")
-    return load_series(list(index.series[series_uid].files), series_uid=series_uid)
+    entry = index.series[series_uid]
+    return load_series(list(entry.files), series_uid=series_uid), _patient_of(index, entry)
 
 
 def _apply_rules(bundle: Bundle, measurements: tuple[Measurement, ...], volumes: Mapping[str, float]) -> Priority:
@@ -135,8 +144,8 @@ def _apply_rules(bundle: Bundle, measurements: tuple[Measurement, ...], volumes:
     return Priority(level, {"routine": 0.0, "review": 0.5, "urgent": 1.0}[level], tuple(reasons))  # type: ignore[arg-type]
 
 
-def _audit_ids(volume: Volume) -> dict[str, Any]:
-    return {"patient_id": volume.attributes.get("PatientID"), "patient_name": volume.attributes.get("PatientName"),
+def _audit_ids(volume: Volume, patient: Patient) -> dict[str, Any]:
+    return {"patient_id": patient[0], "patient_name": patient[1],
             "study_uid": volume.study_instance_uid or None, "series_uid": volume.series_instance_uid or None,
             "instance_uids": tuple(s.sop_instance_uid for s in volume.sources)}
 
@@ -153,12 +162,16 @@ def write_mask(volume: Volume, labels: np.ndarray, path: Path) -> None:
 
 def run_on_volume(bundle: Bundle, volume: Volume, out_dir: str | Path, *, device: str | None = None,
                   max_memory: int | str | None = None, prompt: Prompt | Mapping[str, Any] | None = None,
-                  threads: int | None = None) -> RunResult:
-    """Run ``bundle`` on an already loaded ``volume`` and write the outputs to ``out_dir``."""
+                  threads: int | None = None, patient: Patient = (None, None)) -> RunResult:
+    """Run ``bundle`` on an already loaded ``volume`` and write the outputs to ``out_dir``.
+
+    ``patient``: the clear (PatientID, PatientName) of the series when the caller knows
+    them (from the DICOM index); they go to the audit trail only, which pseudonymises them.
+    """
     t_start = time.perf_counter()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    ids = _audit_ids(volume)
+    ids = _audit_ids(volume, patient)
     _audit.record("instances_accessed", **ids, detail={"purpose": "model_run", "model": bundle.id})
     budget = config.get("max_memory", max_memory)
     budget = config.parse_size(budget) if budget is not None else None
@@ -278,21 +291,26 @@ def run_model(model_id: str, source: Path | str | Volume, out_dir: str | Path, *
     no SEG: there are no source instances to reference).
     """
     bundle = registry.get_bundle(model_id, allow_unsigned=allow_unsigned)
-    volume = source if isinstance(source, Volume) else _load_volume(Path(source), series_uid, bundle)
+    if isinstance(source, Volume):
+        volume, patient = source, (None, None)
+    else:
+        volume, patient = _load_volume(Path(source), series_uid, bundle)
     return run_on_volume(bundle, volume, out_dir, device=device, max_memory=max_memory, prompt=prompt,
-                         threads=threads)
+                         threads=threads, patient=patient)
 
 
 def run_study(model_id: str, source: Path | str, out_dir: str | Path, **kwargs: Any) -> list[RunResult]:
     """Run on every series of ``source`` the card accepts, each into ``out_dir/<series UID>/``."""
     from medai.dicom.index import scan
-    from medai.dicom.volume import load_series  # type: ignore[attr-defined]
+    from medai.dicom.volume import load_series
     from medai.inference.select import matching_series
 
     bundle = registry.get_bundle(model_id, allow_unsigned=kwargs.pop("allow_unsigned", None))
     results = []
-    for entry in matching_series(bundle.card, scan([Path(source)])):
+    index = scan([Path(source)])
+    for entry in matching_series(bundle.card, index):
         uid = getattr(entry, "series_uid", None) or getattr(entry, "series_instance_uid")
         volume = load_series(list(entry.files), series_uid=uid)
-        results.append(run_on_volume(bundle, volume, Path(out_dir) / uid, **kwargs))
+        results.append(run_on_volume(bundle, volume, Path(out_dir) / uid, patient=_patient_of(index, entry),
+                                     **kwargs))
     return results

@@ -38,9 +38,19 @@ def _code(triple: tuple[str, str, str]):  # type: ignore[no-untyped-def]
     return CodedConcept(value=value, scheme_designator=scheme, meaning=meaning)
 
 
+#: The last series' source headers: SEG and SR of one run reference the same instances,
+#: so they are read once (one entry only: a run's outputs are written together).
+_last_sources: tuple[tuple, list] | None = None  # type: ignore[type-arg]
+
+
 def _source_datasets(volume: "Volume") -> list:  # type: ignore[type-arg]
+    """Headers (no pixels) of the volume's source instances, in slice order."""
+    global _last_sources
     import pydicom
 
+    key = tuple((s.sop_instance_uid, str(s.path)) for s in volume.sources)
+    if _last_sources is not None and _last_sources[0] == key:
+        return list(_last_sources[1])
     if not volume.sources or any(s.path is None for s in volume.sources):
         raise DicomInputError(None, "a SEG needs the source DICOM instances; this volume has none")
     if any(s.frame is not None for s in volume.sources):
@@ -54,7 +64,8 @@ def _source_datasets(volume: "Volume") -> list:  # type: ignore[type-arg]
         if ds.SOPInstanceUID != ref.sop_instance_uid:
             raise DicomInputError(ref.path, "source instance changed since the series was loaded")
         datasets.append(ds)
-    return datasets
+    _last_sources = (key, datasets)
+    return list(datasets)
 
 
 def build_seg(volume: "Volume", labels: np.ndarray, segments: Sequence["Segment"], bundle: "Bundle"):  # type: ignore[no-untyped-def]
