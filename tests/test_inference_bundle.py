@@ -143,3 +143,24 @@ def test_unknown_model_and_bad_cards() -> None:
     with pytest.raises(ModelIntegrityError, match="not a plain relative path"):
         parse_card(good + '"../evil.onnx" = "' + "0" * 64 + '"\n')
     assert tomllib.loads(good)["license"]["spdx"] == "MIT"
+
+
+def test_install_from_archives_and_refuse_escaping_members(tmp_path: Path) -> None:
+    import tarfile
+    import zipfile
+
+    folder = _copy(tmp_path / "src")
+    (folder / "card.toml").unlink()
+    seal(folder, _template("3.0.0"), ["bbox.onnx", "main.onnx", "LICENSE"], trust.local_key())
+    archive = tmp_path / "bundle.tar"
+    with tarfile.open(archive, "w") as tf:
+        tf.add(folder, arcname="brain-extraction")
+    assert registry.install(archive).version == "3.0.0"
+
+    evil = tmp_path / "evil.zip"
+    with zipfile.ZipFile(evil, "w") as zf:
+        zf.writestr("../../outside.txt", "x")
+        zf.writestr("card.toml", "schema = 1")
+    with pytest.raises(ModelIntegrityError, match="escapes"):
+        registry.install(evil)
+    assert not (tmp_path / "outside.txt").exists()
