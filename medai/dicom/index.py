@@ -495,8 +495,18 @@ def _read_all(files: list[Path], workers: int) -> list[tuple[Path, dict[str, Any
     results: list[tuple[Path, dict[str, Any]]] = []
     import multiprocessing as mp
 
-    # fork is cheap and shares the imported pydicom; fall back to spawn elsewhere.
-    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    # fork is cheap and shares the imported pydicom, but forking a process that
+    # runs other threads (the Streamlit UI, the PACS listener) can deadlock a
+    # child on a lock held by one of them: use forkserver there.
+    import threading
+
+    methods = mp.get_all_start_methods()
+    if "fork" in methods and threading.active_count() == 1:
+        method = "fork"
+    elif "forkserver" in methods:
+        method = "forkserver"
+    else:
+        method = "spawn"
     with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context(method)) as pool:
         for part in pool.map(_read_chunk, chunks):
             results.extend(part)
