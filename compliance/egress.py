@@ -271,7 +271,15 @@ def install_for_entry_point(name: str) -> None:
     telemetry.disable()
     from medai.compliance import audit
 
-    audit.set_role(name)
+    ae_title = None
+    if name.startswith("pacs"):  # acting as a DICOM node: records name our AE title
+        try:
+            from medai import config
+
+            ae_title = config.get("pacs.ae_title")
+        except MedaiError:
+            ae_title = None
+    audit.set_role(name, ae_title=ae_title)
     _state["entry"] = name
     _config_allowances()
     if not _state["installed"]:

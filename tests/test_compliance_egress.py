@@ -189,3 +189,12 @@ def test_cli_entry_point_installs_the_guard():
             "    print('refused', type(e).__name__)\n")
     proc = _run(code)
     assert proc.stdout.split() == ["True", "refused", "EgressBlocked"], proc.stderr
+
+
+def test_pacs_entry_point_names_its_ae_title_in_records():
+    code = ("from medai.compliance import audit, egress\negress.install_for_entry_point('pacs')\n"
+            "audit.record('query', detail={'probe': True})\n")
+    proc = _run(code, env={"MEDAI_PACS_AE_TITLE": "WORKSTATION7"})
+    assert proc.returncode == 0, proc.stderr
+    rec = [r for r in _trail_records() if r["event"] == "query"][0]
+    assert rec["actor"]["role"] == "pacs" and rec["actor"]["ae_title"] == "WORKSTATION7"
