@@ -258,3 +258,13 @@ def test_cli_convert_refuses_bad_series(tmp_path: Path, capsys: pytest.CaptureFi
     assert "gap" in capsys.readouterr().err
     assert not (tmp_path / "x.nii.gz").exists()
     assert os.listdir(tmp_path) == ["s"]
+
+
+def test_parser_errors_do_not_quote_header_values() -> None:
+    """Third-party parser messages quote offending values; a header value may be a
+    patient identifier, so reasons carry ``<value>`` instead."""
+    from medai.dicom.safety import describe_error
+
+    reason = describe_error(ValueError("invalid literal for int() with base 10: 'DOE^JANE'"))
+    assert "DOE" not in reason and reason.endswith("<value>")
+    assert "JANE" not in describe_error(UnicodeDecodeError("ascii", b"JANE", 0, 1, "bad"))

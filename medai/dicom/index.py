@@ -34,6 +34,7 @@ from medai.dicom.safety import (
     TruncatedInputError,
     check_pixel_budget_values,
     check_uid,
+    describe_error,
     read_dataset_safely,
 )
 from medai.errors import DicomInputError, UnsafeInputError
@@ -447,12 +448,7 @@ def _read_one(path: Path) -> tuple[Path, dict[str, Any]]:
     except EOFError:
         return path, {"skip": (TRUNCATED, "truncated: the file ends inside the header")}
     except Exception as exc:  # pydicom raises many types on malformed headers
-        return path, {"skip": (UNREADABLE, f"unreadable header: {type(exc).__name__}: {_clip(exc)}")}
-
-
-def _clip(exc: BaseException, limit: int = 160) -> str:
-    text = str(exc).replace("\n", " ")
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+        return path, {"skip": (UNREADABLE, f"unreadable header: {describe_error(exc)}")}
 
 
 def _read_chunk(paths: Sequence[str]) -> list[tuple[Path, dict[str, Any]]]:

@@ -399,6 +399,21 @@ def check_pixel_budget_values(dims: tuple[int, int, int, int, int], path: Path,
     return need
 
 
+_QUOTED = re.compile(r"b?'[^']{0,400}'|b?\"[^\"]{0,400}\"")
+
+
+def describe_error(exc: BaseException, limit: int = 160) -> str:
+    """A parser exception as a one-line reason without the values it quotes.
+
+    Third-party messages often quote the offending value (``invalid literal
+    for int(): 'DOE^JOHN'``); a value from a header may be a patient
+    identifier, so quoted literals are replaced by ``<value>``.
+    """
+    text = _QUOTED.sub("<value>", str(exc).replace("\n", " "))
+    text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def is_dicom_preamble(path: Path) -> bool:
     """Cheap test: does the file carry the 'DICM' magic at offset 128?"""
     try:
@@ -412,5 +427,5 @@ def is_dicom_preamble(path: Path) -> bool:
 __all__ = [
     "MAX_PIXEL_BYTES", "MAX_COMPRESSION_RATIO", "MAX_SEQUENCE_DEPTH", "MAX_ELEMENT_BYTES",
     "TruncatedInputError", "open_guarded", "read_dataset_safely", "check_depth", "check_uid",
-    "check_pixel_budget", "check_pixel_budget_values", "expected_pixel_bytes", "is_dicom_preamble",
+    "check_pixel_budget", "check_pixel_budget_values", "expected_pixel_bytes", "describe_error", "is_dicom_preamble",
 ]

@@ -147,6 +147,7 @@ from typing import Literal as _Literal
 from medai.errors import DicomInputError as _DicomInputError
 from medai.errors import SeriesGeometryError as _SeriesGeometryError
 from medai.errors import UnsafeInputError as _UnsafeInputError
+from medai.dicom.safety import describe_error
 
 _log = _logging.getLogger("medai.dicom")
 
@@ -307,7 +308,7 @@ def _read_full(path: Path) -> Any:
         except RecursionError:
             raise _UnsafeInputError(path, "sequences nested too deeply to parse") from None
         except Exception as exc:
-            raise _DicomInputError(path, f"unreadable: {type(exc).__name__}: {exc}") from None
+            raise _DicomInputError(path, f"unreadable: {describe_error(exc)}") from None
     if "PixelData" not in ds:
         raise _DicomInputError(path, "no pixel data")
     ts = ds.file_meta.get("TransferSyntaxUID") if getattr(ds, "file_meta", None) else None
@@ -333,7 +334,7 @@ def _decode(ds: Any, path: Path) -> np.ndarray:
         except Exception as exc:
             ts = ds.file_meta.get("TransferSyntaxUID", "?") if getattr(ds, "file_meta", None) else "?"
             raise _DicomInputError(path, f"cannot decode pixel data ({getattr(ts, 'name', ts)}): "
-                                   f"{type(exc).__name__}: {exc}") from None
+                                   f"{describe_error(exc)}") from None
     n = int(ds.get("NumberOfFrames", 1) or 1)
     if n == 1 and arr.ndim == 2:
         arr = arr[np.newaxis]
