@@ -92,7 +92,8 @@ def default_sources() -> list[tuple[Path, str]]:
 def catalog(sources: Iterable[tuple[Path, str]]) -> tuple[list[StudyRow], list[tuple[str, str]]]:
     """Index the given folders (headers only) into studies with their image series.
 
-    Returns the studies (newest first) and the files skipped with the reason.
+    Returns the studies (local folders, then PACS, then demo; newest first within
+    each) and the files skipped with the reason.
     """
     from medai.dicom.index import scan
 
@@ -116,7 +117,10 @@ def catalog(sources: Iterable[tuple[Path, str]]) -> tuple[list[StudyRow], list[t
             rows[study_uid] = StudyRow(study_uid, patient.patient_name if patient else "",
                                        patient.patient_id if patient else "", study.study_date,
                                        study.description, source, tuple(series))
+    # the clinician's own folders first, then PACS arrivals, then the demo; newest first within each
+    rank = {"local": 0, "pacs": 1, "demo": 2}
     studies = sorted(rows.values(), key=lambda r: (r.study_date, r.study_uid), reverse=True)
+    studies.sort(key=lambda r: rank.get(r.source, 3))
     return studies, skipped
 
 

@@ -41,14 +41,17 @@ rows = [{
 } for s in studies]
 event = st.dataframe(rows, hide_index=True, width="stretch", on_select="rerun",
                      selection_mode="single-row", key="study_table")
+if not studies:
+    st.stop()
+labels = [f"{s.study_date or '—'} · {s.description or '(no description)'} · {s.modalities} · {s.source}"
+          for s in studies]
 picked = event.selection.rows[0] if event and event.selection.rows else None
 if picked is None:
-    picked = next((i for i, s in enumerate(studies) if s.study_uid == st.session_state.study_uid), None)
-if picked is None:
-    if not studies:
-        st.stop()
-    picked = 0  # newest study until the clinician selects a row
-
+    wanted = st.session_state.get("browse_uid") or st.session_state.study_uid
+    current = next((i for i, s in enumerate(studies) if s.study_uid == wanted), 0)
+    picked = st.selectbox("Study", range(len(studies)), index=current, format_func=labels.__getitem__,
+                          help="Or select a row in the table")
+st.session_state.browse_uid = studies[picked].study_uid
 study = studies[picked]
 st.subheader(f"Series of {study.description or 'the selected study'}")
 for series in study.series:
