@@ -178,9 +178,13 @@ def _hook(event: str, args: tuple[Any, ...]) -> None:
             _counts[(kind, "allowed")] += 1
         return
     _counts[(kind, "blocked")] += 1
-    what = "listen on" if event == "socket.bind" else "reach"
-    message = (f"egress guard: refused to {what} {dest} ({kind}, {event}); only loopback and "
-               "configured destinations are allowed (setting egress.allow)")
+    if event == "socket.bind":
+        message = (f"egress guard: refused to listen on {dest} ({kind}); servers listen on 127.0.0.1 unless "
+                   "the user asked for this address explicitly and the server approved it with "
+                   "egress.check_bind(address, explicit=True)")
+    else:
+        message = (f"egress guard: refused to reach {dest} ({kind}, {event}); only loopback and "
+                   "configured destinations are allowed (setting egress.allow)")
     if not _alert(event, kind, dest):
         message += "; the security alert could not be written to the audit trail"
     raise EgressBlocked(message)
