@@ -230,6 +230,10 @@ def test_several_series_need_a_uid(tmp_path: Path) -> None:
     with pytest.raises(DicomInputError, match="2 image series found"):
         load_series(tmp_path)
     assert load_series(tmp_path, series_uid=b.series_uid).shape[0] == 4
+    from medai.dicom.index import scan
+
+    entry = scan(tmp_path).series[b.series_uid]
+    assert np.array_equal(load_series(entry).array, b.expected)
     assert load_series(tmp_path, series_uid=a.series_uid).series_instance_uid == a.series_uid
 
 

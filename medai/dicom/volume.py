@@ -19,6 +19,8 @@ import numpy as np
 if TYPE_CHECKING:  # pragma: no cover
     import SimpleITK as sitk
 
+    from medai.dicom.index import SeriesEntry
+
 
 @dataclass(frozen=True)
 class Geometry:
@@ -265,7 +267,12 @@ def _frames_of(ds: Any, path: Path, source: int) -> list[_Frame]:
 
 
 def _resolve_series(files_or_dir: Any, series_uid: str | None) -> list[Path]:
-    from medai.dicom.index import scan
+    from medai.dicom.index import SeriesEntry, scan
+
+    if isinstance(files_or_dir, SeriesEntry):  # already indexed: no second scan
+        if not files_or_dir.instances:
+            raise _DicomInputError(None, f"series {files_or_dir.series_instance_uid} has no instances")
+        return list(files_or_dir.files)
 
     if isinstance(files_or_dir, (str, _os.PathLike)):
         items = [files_or_dir]
@@ -431,14 +438,15 @@ def _unit(v: Any) -> np.ndarray:
     return a / norm
 
 
-def load_series(files_or_dir: str | _os.PathLike[str] | _Iterable[str | _os.PathLike[str]], *,
+def load_series(files_or_dir: "str | _os.PathLike[str] | _Iterable[str | _os.PathLike[str]] | SeriesEntry", *,
                 series_uid: str | None = None,
                 on_tilt: _Literal["resample", "refuse"] = "resample",
                 float_dtype: Any = np.float32) -> "Volume":
     """Load one image series as a :class:`Volume` (voxels after the modality LUT,
     LPS geometry like SimpleITK, ``sources`` in slice order).
 
-    ``files_or_dir``: a folder (scanned recursively) or a list of files/folders.
+    ``files_or_dir``: a folder (scanned recursively), a list of files/folders, or
+    a :class:`~medai.dicom.index.SeriesEntry` from :func:`~medai.dicom.index.scan`.
     ``series_uid``: which series, when there is more than one image series.
     ``on_tilt``: ``"resample"`` (default) corrects gantry tilt onto an orthogonal
     grid, ``"refuse"`` raises :class:`SeriesGeometryError`.
