@@ -303,7 +303,10 @@ def read_checkpoints(path: Path | None = None) -> list[chain.Checkpoint]:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         return []
-    stripped = text.strip()
-    if stripped.startswith("{") and "\n" in stripped and not stripped.splitlines()[0].rstrip().endswith("}"):
-        return [chain.Checkpoint.from_json(json.loads(stripped))]  # pretty-printed single anchor
+    try:
+        whole = json.loads(text)  # an exported anchor: one (pretty-printed) object
+    except ValueError:
+        whole = None
+    if isinstance(whole, dict):
+        return [chain.Checkpoint.from_json(whole)]
     return [chain.Checkpoint.from_json(json.loads(line)) for line in text.splitlines() if line.strip()]
