@@ -28,6 +28,11 @@ DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
 needs_dcmtk = shutil.which("storescu") is not None and shutil.which("storescp") is not None
 
 
+#: Pin routing to one model (other installed models would add their own jobs).
+T1_ROUTE = {"MEDAI_PACS_ROUTES": json.dumps([{"model": "brain-extraction", "modality": "MR",
+                                              "series_description": "t1"}])}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -79,7 +84,9 @@ def make_copies(dest: Path, count: int, *, per_study: int = 20) -> dict[str, tup
 
 def storescu(port: int, files: list[Path], *, aec: str = "MEDAI", aet: str = "STORESCU",
              verbose: bool = False, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    args = ["storescu", "-aec", aec, "-aet", aet, *(["-v"] if verbose else []), "127.0.0.1", str(port),
+    # -R: propose each file's own transfer syntax (dcmtk's storescu cannot
+    # transcode JPEG-LS, e.g. the bundled demo study, to an uncompressed one).
+    args = ["storescu", "-R", "-aec", aec, "-aet", aet, *(["-v"] if verbose else []), "127.0.0.1", str(port),
             *map(str, files)]
     return subprocess.run(args, env=DCMTK_ENV, capture_output=True, text=True, timeout=timeout)
 
@@ -134,11 +141,11 @@ class StoreSCP:
 class Listener:
     """``medai pacs listen`` in a subprocess on a free loopback port."""
 
-    def __init__(self, home: Path, *args: str, port: int | None = None) -> None:
+    def __init__(self, home: Path, *args: str, port: int | None = None, env: dict[str, str] | None = None) -> None:
         self.home = home
         self.port = port or free_port()
         self.args = ["pacs", "listen", "--port", str(self.port), *args]
-        self.env = {**os.environ, "MEDAI_HOME": str(home)}
+        self.env = {**os.environ, "MEDAI_HOME": str(home), **(env or {})}
         self.stderr_path = home / f"listener-{self.port}-{time.monotonic_ns()}.log"
         self.proc: subprocess.Popen[str] | None = None
 
@@ -196,29 +203,26 @@ def wait_until(predicate, timeout: float, interval: float = 0.2, what: str = "co
     raise TimeoutError(f"timed out waiting for {what}")
 
 
-COLIN27 = REPO / ".cache" / "testdata" / "colin27" / "ch2.nii.gz"
+
+DEMO_T1 = REPO / "medai" / "data" / "demo-t1"
 
 
-def make_t1_study(dest: Path) -> list[Path]:
-    """A T1 head MR series the brain-extraction card selects: the real Colin27
-    T1 (1 mm) written as DICOM slices. The headers are synthetic
-    (medai.dicom.synth marks them so); the pixels and geometry are Colin27's."""
-    import numpy as np
-    import SimpleITK as sitk
+def decompressed(files: list[Path], dest: Path) -> list[Path]:
+    """Explicit VR Little Endian copies (storescu cannot mix JPEG-LS files and
+    uncompressed ones in one association: it offers one context per SOP class)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    out = []
+    for f in files:
+        ds = pydicom.dcmread(f)
+        ds.decompress()
+        ds.save_as(dest / f.name, enforce_file_format=True)
+        out.append(dest / f.name)
+    return out
 
-    from medai.dicom import synth
 
-    img = sitk.ReadImage(str(COLIN27))
-    arr = sitk.GetArrayFromImage(img)  # [k, j, i]
-    d = np.asarray(img.GetDirection()).reshape(3, 3)
-    pixels = np.clip(arr, 0, None).astype(np.uint16)
-    series = synth.write_series(dest, n=pixels.shape[0], rows=pixels.shape[1], cols=pixels.shape[2],
-                                spacing=tuple(img.GetSpacing()), origin=img.GetOrigin(),
-                                row_dir=tuple(d[:, 0]), col_dir=tuple(d[:, 1]), modality="MR", slope=1.0,
-                                intercept=0.0, pixels=pixels, name="t1")
-    for path in series.files:
-        ds = pydicom.dcmread(path)
-        ds.SeriesDescription = "T1 MPRAGE (Colin27, synthetic headers)"
-        ds.BodyPartExamined = "HEAD"
-        ds.save_as(path, enforce_file_format=True)
-    return list(series.files)
+def demo_t1() -> list[Path]:
+    """The bundled T1 demo study (real Colin27 pixels, synthetic headers, JPEG-LS)."""
+    files = sorted(DEMO_T1.glob("*.dcm"))
+    if not files:
+        raise FileNotFoundError(f"{DEMO_T1}: the bundled demo study is missing")
+    return files

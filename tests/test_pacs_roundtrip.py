@@ -4,7 +4,7 @@
 * a real Orthanc (temp config, loopback ports): StableStudy on its changes feed ->
   ``medai pacs follow-orthanc`` -> model -> SEG uploaded back, visible in Orthanc.
 
-The T1 series is the real Colin27 T1 written as DICOM with synthetic headers.
+The study is the bundled T1 demo (real Colin27 pixels, synthetic headers, JPEG-LS).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from pacs_peers import (MEDAI, Listener, StoreSCP, free_port, make_t1_study, medai_json, needs_dcmtk, storescu,
+from pacs_peers import (MEDAI, T1_ROUTE, Listener, StoreSCP, demo_t1, free_port, medai_json, needs_dcmtk, storescu,
                         wait_port, wait_until)
 
 pytestmark = [pytest.mark.network, pytest.mark.slow,
@@ -31,8 +31,8 @@ SEG_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
 
 
 @pytest.fixture(scope="module")
-def t1_study(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
-    return make_t1_study(tmp_path_factory.mktemp("t1"))
+def t1_study() -> list[Path]:
+    return demo_t1()
 
 
 def _check_seg(path: Path, study_uid: str) -> None:
@@ -45,23 +45,24 @@ def _check_seg(path: Path, study_uid: str) -> None:
 
 def test_storescu_to_listener_to_storescp(t1_study: list[Path], medai_home: Path, tmp_path: Path) -> None:
     dest = StoreSCP.start(tmp_path / "dest")
-    lst = Listener(medai_home, "--stable-seconds", "2", "--destination", dest.address).start()
+    lst = Listener(medai_home, "--stable-seconds", "2", "--destination", dest.address, env=T1_ROUTE).start()
     try:
         sent = storescu(lst.port, t1_study)
         assert sent.returncode == 0, sent.stderr[-500:]
-        wait_until(lambda: len(dest.files()) >= 1, timeout=240, what="the SEG at storescp")
+        wait_until(lambda: (lambda st: st["jobs"] == {"done": 1} and st["queue_depth"] == 0)(
+            medai_json(medai_home, "pacs", "status")), timeout=300, interval=0.5, what="the job done and sent")
         study_uid = str(pydicom.dcmread(t1_study[0], stop_before_pixels=True).StudyInstanceUID)
-        (seg,) = dest.files()
-        _check_seg(seg, study_uid)
-        wait_until(lambda: medai_json(medai_home, "pacs", "status")["transfers"].get("sent") == 1, 30,
-                   what="the transfer marked sent")
+        received = dest.files()
+        segs = [f for f in received if pydicom.dcmread(f, stop_before_pixels=True).Modality == "SEG"]
+        assert len(segs) == 1
+        _check_seg(segs[0], study_uid)
         status = medai_json(medai_home, "pacs", "status")
-        assert status["jobs"] == {"done": 1} and status["queue_depth"] == 0
-        # Re-sending the same study changes nothing: no second run, no second SEG.
+        assert status["transfers"] == {"sent": len(received)}
+        # Re-sending part of the same study changes nothing: no second run, no second SEG.
         assert storescu(lst.port, t1_study[:10]).returncode == 0
         time.sleep(4)
         assert medai_json(medai_home, "pacs", "status")["jobs"] == {"done": 1}
-        assert len(dest.files()) == 1
+        assert len(dest.files()) == len(received)
     finally:
         assert lst.terminate() == 0
         dest.stop()
@@ -70,6 +71,12 @@ def test_storescu_to_listener_to_storescp(t1_study: list[Path], medai_home: Path
     exports = [r for r in audit.iter_records(medai_home / "audit" / "trail.jsonl") if r["event"] == "export"]
     assert exports and all(r["detail"]["destination"] == dest.address for r in exports)
     assert {r["detail"]["phase"] for r in exports} == {"begin", "end"}
+
+
+def _job_models(home: Path) -> list[str]:
+    from medai.pacs.queue import PacsDB
+
+    return [r[0] for r in PacsDB(home / "pacs" / "queue.sqlite3").rows("SELECT model_id FROM jobs")]
 
 
 class Orthanc:
@@ -119,18 +126,28 @@ def test_orthanc_changes_feed_round_trip(t1_study: list[Path], medai_home: Path,
             series = orthanc.get(f"/studies/{studies[0]}/series")
             return [s for s in series if s["MainDicomTags"].get("Modality") == "SEG"]
 
-        wait_until(lambda: len(seg_series()) == 1, timeout=240, interval=1.0, what="the SEG in Orthanc")
-        (seg,) = seg_series()
-        (instance,) = orthanc.get(f"/series/{seg['ID']}/instances")
+        # Default routing: every installed model whose card selects the T1 series
+        # (brain-extraction among them) runs once; each result is uploaded once.
+        def settled() -> bool:
+            st = medai_json(medai_home, "pacs", "status")
+            return bool(st["jobs"]) and st["queue_depth"] == 0 and set(st["jobs"]) == {"done"}
+
+        wait_until(lambda: len(seg_series()) >= 1 and settled(), timeout=300, interval=1.0,
+                   what="results uploaded into Orthanc")
+        instance = orthanc.get(f"/series/{seg_series()[0]['ID']}/instances")[0]
         with urllib.request.urlopen(f"{orthanc.url}/instances/{instance['ID']}/file", timeout=30) as resp:
             (tmp_path / "seg.dcm").write_bytes(resp.read())
         study_uid = str(pydicom.dcmread(t1_study[0], stop_before_pixels=True).StudyInstanceUID)
         _check_seg(tmp_path / "seg.dcm", study_uid)
-        # Our upload makes Orthanc announce the study as stable again: no second run.
-        time.sleep(5)
         status = medai_json(medai_home, "pacs", "status")
-        assert status["jobs"] == {"done": 1} and status["transfers"] == {"sent": 1}
-        assert len(seg_series()) == 1 and len(orthanc.get("/instances")) == len(t1_study) + 1
+        sent = status["transfers"]["sent"]
+        assert status["transfers"] == {"sent": sent} and "brain-extraction" in _job_models(medai_home)
+        assert len(orthanc.get("/instances")) == len(t1_study) + sent
+        # Our uploads make Orthanc announce the study as stable again: no second run.
+        time.sleep(6)
+        again = medai_json(medai_home, "pacs", "status")
+        assert again["jobs"] == status["jobs"] and again["transfers"] == {"sent": sent}
+        assert len(orthanc.get("/instances")) == len(t1_study) + sent
     finally:
         follower.send_signal(signal.SIGTERM)
         code = follower.wait(60)

@@ -219,11 +219,13 @@ class PacsDB:
             if changed:
                 db.execute("INSERT OR REPLACE INTO instances VALUES(?,?,?,?,?,?,?)",
                            (sop_uid, study_uid, series_uid, sop_class_uid, size, sha256, now))
-                db.execute(
-                    "INSERT INTO studies(study_uid, source, first_received, last_received, state) "
-                    "VALUES(?,?,?,?,'receiving') ON CONFLICT(study_uid) DO UPDATE SET "
-                    "last_received=excluded.last_received, state='receiving'",
-                    (study_uid, source, now, now))
+            # Any instance, even a duplicate, restarts the quiet period: a sender
+            # re-sending a study after an interruption is still sending it.
+            db.execute(
+                "INSERT INTO studies(study_uid, source, first_received, last_received, state) "
+                "VALUES(?,?,?,?,'receiving') ON CONFLICT(study_uid) DO UPDATE SET "
+                "last_received=excluded.last_received, state='receiving'",
+                (study_uid, source, now, now))
             if series is not None:
                 db.execute("INSERT OR IGNORE INTO series VALUES(?,?,?,?,?,?)",
                            (series.series_uid, series.study_uid, series.modality, series.body_part,
@@ -231,6 +233,14 @@ class PacsDB:
             db.execute("INSERT INTO kv(key, value) VALUES('last_received', ?) ON CONFLICT(key) "
                        "DO UPDATE SET value=excluded.value", (json.dumps(now),))
         return changed
+
+    def restart_quiet_periods(self, now: float | None = None) -> int:
+        """After a restart: studies still receiving get a full quiet period
+        again, because nothing could arrive while we were down (the senders
+        are probably about to retry)."""
+        now = time.time() if now is None else now
+        with self._tx() as db:
+            return db.execute("UPDATE studies SET last_received=? WHERE state='receiving'", (now,)).rowcount
 
     def known_sops(self) -> set[str]:
         return {r[0] for r in self._conn().execute("SELECT sop_uid FROM instances")}

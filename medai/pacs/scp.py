@@ -153,6 +153,7 @@ class Listener:
         """Bind and serve. With ``block=False`` returns once listening."""
         self.store.clean_partial()
         self.reconcile()
+        self.db.restart_quiet_periods()
         self._server = self.ae.start_server((self.cfg.address, self.cfg.port), block=False,
                                             evt_handlers=self._handlers())
         # Host filter: refused before any DICOM byte is read (TCP close).
