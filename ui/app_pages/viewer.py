@@ -37,7 +37,7 @@ controls, main, info = st.columns([1.3, 3, 1.2], gap="medium")
 
 with controls:
     view = st.segmented_control("View", viewer.VIEWS, key="view", format_func=str.capitalize,
-                                selection_mode="single") or "axial"
+                                selection_mode="single", persist_state="session") or "axial"
     n = viewer.slice_count(display, view)
     slider_key = f"slice-{series.series_uid}-{view}"
     ss.setdefault(slider_key, n // 2 + 1)  # 1-based, as the clinician counts slices
@@ -45,7 +45,8 @@ with controls:
     def _step(delta: int, key: str = slider_key, count: int = n) -> None:
         ss[key] = min(count, max(1, ss[key] + delta))
 
-    index = st.slider("Slice", 1, n, key=slider_key, help="Up/Down arrow keys step one slice") - 1
+    index = st.slider("Slice", 1, n, key=slider_key, help="Up/Down arrow keys step one slice",
+                      persist_state="session") - 1
     prev_col, next_col = st.columns(2)
     prev_col.button("Prev", icon=":material/keyboard_arrow_up:", on_click=_step, args=(-1,),
                     shortcut="Up", width="stretch", key="prev-slice")
@@ -59,7 +60,7 @@ with controls:
             else ("abdomen" if volume.modality.upper() == "CT" else "auto")
     preset = st.selectbox("Window", presets, key="window",
                           format_func=lambda p: f"{p} {viewer.CT_PRESETS[p].width:g}/{viewer.CT_PRESETS[p].level:g}"
-                          if p in viewer.CT_PRESETS else p)
+                          if p in viewer.CT_PRESETS else p, persist_state="session")
     if preset == "manual":
         # start from what was on screen, so switching to manual does not jump
         base = viewer.WindowLevel(*(ss.wl_manual or ss.get("wl_shown") or (1.0, 0.0)))
@@ -67,9 +68,9 @@ with controls:
         span = max(1.0, hi - lo)
         step = float(max(1, round(span / 200)))
         width = st.number_input("Width", min_value=1.0, max_value=max(2.0, 4 * span, base.width),
-                                value=float(base.width), step=step, key="wl_width")
+                                value=float(base.width), step=step, key="wl_width", persist_state="session")
         level = st.number_input("Level", min_value=min(lo - span, base.level), max_value=max(hi + span, base.level),
-                                value=float(base.level), step=step, key="wl_level")
+                                value=float(base.level), step=step, key="wl_level", persist_state="session")
         window = viewer.WindowLevel(width, level, "manual")
         ss.wl_manual = (window.width, window.level)
     else:
@@ -81,9 +82,10 @@ with controls:
     st.divider()
     result_dir = ss.result_dir
     if result_dir:
-        overlay_on = st.toggle("Show segmentation", key="overlay_on")
-        st.slider("Opacity", 0.0, 1.0, step=0.05, key="opacity", disabled=not overlay_on)
-        st.radio("Draw as", ["fill", "outline"], key="overlay_mode", horizontal=True, disabled=not overlay_on)
+        overlay_on = st.toggle("Show segmentation", key="overlay_on", persist_state="session")
+        st.slider("Opacity", 0.0, 1.0, step=0.05, key="opacity", disabled=not overlay_on, persist_state="session")
+        st.radio("Draw as", ["fill", "outline"], key="overlay_mode", horizontal=True, disabled=not overlay_on,
+                 persist_state="session")
     else:
         overlay_on = False
         st.caption("No segmentation yet: run a model to see an overlay.")
@@ -100,8 +102,7 @@ if ss.last_pick is not None and mode == "read value":
     points_here = [mark] if mark else []
 
 with main:
-    st.markdown(f"**{series.modality} · {series.description or 'series'}** — {view} "
-                f"{int(index) + 1}/{n} · {image.mm_per_pixel:.2f} mm/px")
+    st.markdown(f"**{series.modality} · {series.description or 'series'}** — {view} {int(index) + 1}/{n}")
     box_here = ss.box if ss.box is not None and ss.get("box_at") == (view, int(index)) else None
     dragging = mode == "draw box prompt"
     click = streamlit_image_coordinates(viewer.annotate(image, points=points_here, box=box_here),
