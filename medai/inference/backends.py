@@ -21,7 +21,8 @@ Small-machine settings
 ----------------------
 intra-op threads = physical cores (or ``MEDAI_THREADS``), inter-op 1 with
 sequential execution (3-D U-Nets have no useful graph parallelism and extra
-threads only add memory), full graph optimisation, and the CPU memory arena
+threads only add memory), no spin-waiting of idle pool threads, full graph
+optimisation, and the CPU memory arena
 *off*: the arena keeps the high-water mark of a 256³ run reserved for the life of
 the process, which on an 8-16 GB workstation is worse than the few percent of
 speed it buys. Sessions are cached per (file digest, provider, threads).
@@ -162,6 +163,9 @@ def session_options(threads: int) -> "ort.SessionOptions":
     opts.enable_cpu_mem_arena = False
     opts.enable_mem_pattern = True
     opts.log_severity_level = 3
+    # Idle pool threads sleep instead of spinning: on a shared 2-8 core workstation the
+    # spinning burns the cores the UI and the other processes need.
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return opts
 
 
