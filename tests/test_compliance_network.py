@@ -4,7 +4,10 @@
   study, SEG/NIfTI/JSON outputs, audit check, signed attestation) under ``strace -f -e trace=network`` makes no connect/sendto/sendmsg to a
   non-loopback address — this also sees native code such as onnxruntime's;
 * the same job inside a network namespace with no interfaces (``unshare -rn``)
-  gives identical outputs.
+  gives identical outputs;
+* a canary Patient ID and name planted in the study never appear in clear in
+  MEDAI_HOME (trail, checkpoints, keys, caches) or in the job's log output;
+* with the audit directory read-only the job refuses to start.
 
 The strace parser is checked against a process that does connect to a public
 address, so the test can fail.
@@ -71,11 +74,28 @@ def test_strace_parser_sees_a_real_public_connect(tmp_path):
     assert len(bad) == 1 and "203.0.113.1" in bad[0]
 
 
-@pytest.fixture(scope="module")
-def t1_study() -> Path:
-    from medai.data import demo_t1_dir  # the bundled real T1 study (synthetic headers)
+CANARY_ID = "CANARY-NET-60417"
+CANARY_NAME = "Zqcanary^Ottoline"
 
-    return demo_t1_dir()
+
+@pytest.fixture(scope="module")
+def t1_study(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The bundled real T1 study (synthetic headers) with canary patient identity planted."""
+    import pydicom
+
+    from medai.data import demo_t1_dir
+
+    out = tmp_path_factory.mktemp("canary-t1")
+    for path in sorted(demo_t1_dir().glob("*.dcm")):
+        ds = pydicom.dcmread(path)
+        ds.PatientID, ds.PatientName = CANARY_ID, CANARY_NAME
+        ds.save_as(out / path.name)
+    return out
+
+
+def _canary_free(text: str) -> bool:
+    low = text.lower()
+    return all(c.lower() not in low for c in (CANARY_ID, CANARY_NAME, CANARY_NAME.split("^")[0]))
 
 
 def _main_job(work: Path, study: Path, wrap: list[str]) -> subprocess.CompletedProcess[str]:
@@ -148,6 +168,12 @@ def test_main_job_sends_nothing_off_machine_and_runs_identically_without_network
     isolated = _main_job(work, t1_study, ["unshare", "-rn"])
 
     assert non_loopback_sends(log.read_text()) == []
+    # no patient name or ID in clear in the trail, keys, caches or logs (outputs are DICOM
+    # for the PACS and JSON for the user: they may name the patient)
+    assert _canary_free(traced.stderr) and _canary_free(isolated.stderr)
+    for path in (first / "home").rglob("*"):
+        if path.is_file():
+            assert _canary_free(path.read_bytes().decode("latin-1")), path
     assert traced.returncode == isolated.returncode, (traced.stderr[-2000:], isolated.stderr[-2000:])
     assert _scrub(json.loads(traced.stdout)) == _scrub(json.loads(isolated.stdout))
     a, b = _outputs(first), _outputs(work)
