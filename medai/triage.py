@@ -418,12 +418,14 @@ def run_job(job: Job, *, capture_audit: bool = False, allow: tuple[str, int] | N
         except MedaiError as exc:
             if type(exc).__name__ == "AuditWriteError":
                 raise  # fail closed: the whole batch stops, nothing more is processed
-            return Outcome.failed(job, f"{type(exc).__name__}: {exc}", time.perf_counter() - t0, captured)
+            return Outcome.failed(job, f"{type(exc).__name__}: {exc}", time.perf_counter() - t0,
+                                  _tag_worker(captured))
         except Exception as exc:  # noqa: BLE001 - one bad study never stops the batch
             log.error("study %s model %s: unexpected %s", job.study_key, job.model_id, type(exc).__name__,
                       exc_info=log.isEnabledFor(logging.DEBUG))
             return Outcome.failed(job, f"internal error ({type(exc).__name__})", time.perf_counter() - t0,
-                                  captured)
+                                  _tag_worker(captured))
+    _tag_worker(captured)
     outputs = {name: str(p) for name, p in (("result", result.result_path), ("mask", result.mask_path),
                                             ("seg", result.seg_path), ("sr", result.sr_path)) if p}
     return Outcome(
@@ -436,6 +438,20 @@ def run_job(job: Job, *, capture_audit: bool = False, allow: tuple[str, int] | N
                   "reasons": list(result.priority.reasons)},
         outputs=outputs, seconds=time.perf_counter() - t0, inputs_digest=job.inputs_digest,
         audit=tuple(captured))
+
+
+def _tag_worker(captured: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Say in each captured record which cluster worker made it (the coordinator writes it)."""
+    if captured:
+        try:
+            from distributed import get_worker
+
+            where = get_worker().address
+        except (ImportError, ValueError):
+            where = "unknown"
+        for call in captured:
+            call["detail"] = {**(call.get("detail") or {}), "cluster_worker": where}
+    return captured
 
 
 def _plain(value: Any) -> Any:
