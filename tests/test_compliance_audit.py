@@ -328,3 +328,29 @@ def test_detail_check_matches_tokens_not_digits():
         audit.record("query", patient_id="4711", detail={"note": "id 4711 seen"})
     with pytest.raises(ValueError):
         audit.record("query", patient_name="Müller^Anna", detail={"folder": "/x/müller^anna/"})
+
+
+@pytest.mark.slow
+def test_writer_killed_mid_stream_leaves_a_valid_trail():
+    import signal
+    import time
+
+    endless = ("from medai.compliance import audit\ni = 0\nwhile True:\n"
+               "    audit.record('query', detail={'writer': 'victim', 'i': i})\n    i += 1\n")
+    victim = subprocess.Popen([sys.executable, "-c", endless])
+    other = subprocess.Popen([sys.executable, "-c", WRITER, "survivor", "60"])
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:  # let it write for a while, then kill it mid-stream
+        if trail.trail_path().exists() and trail.trail_path().stat().st_size > 20_000:
+            break
+        time.sleep(0.05)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait(timeout=30)
+    assert other.wait(timeout=120) == 0
+    audit.record("query", detail={"after": True})
+    report = verify()
+    assert report.ok, report.problems
+    recs = _records()
+    mine = [r["detail"]["i"] for r in recs if r["event"] == "query" and r["detail"].get("writer") == "victim"]
+    assert mine == list(range(len(mine))) and len(mine) > 5  # no gap, no duplicate
+    assert [r["detail"]["i"] for r in recs if r["detail"].get("writer") == "survivor"] == list(range(60))
