@@ -365,7 +365,8 @@ def composite(grey: np.ndarray, labels: np.ndarray | None, *, opacity: float = 0
 
 def render(display: DisplayVolume, view: View, index: int, window: WindowLevel, *,
            labels: np.ndarray | None = None, opacity: float = 0.4, mode: FillMode = "fill",
-           visible: Sequence[int] | None = None, target: int = 512) -> SliceImage:
+           visible: Sequence[int] | None = None, target: int = 512,
+           colours: Mapping[int, tuple[int, int, int]] | None = None) -> SliceImage:
     """The screen image of one slice: windowed, square-pixel, overlay on top.
 
     ``labels`` is a label map already in display layout (see
@@ -382,7 +383,7 @@ def render(display: DisplayVolume, view: View, index: int, window: WindowLevel, 
         raw_labels = raw_slice(DisplayVolume(labels, display.spacing, display.axis_of, display.flipped,
                                              display.source_shape, display.volume), view, index)
         label_plane = raw_labels[_resample_index(rows, plane.shape[0])][:, _resample_index(cols, plane.shape[1])]
-    rgb = composite(grey, label_plane, opacity=opacity, mode=mode, visible=visible)
+    rgb = composite(grey, label_plane, opacity=opacity, mode=mode, visible=visible, colours=colours)
     return SliceImage(rgb, view, index, mm, plane.shape, ORIENTATION_LABELS[view])
 
 

@@ -229,17 +229,54 @@ def models_for(series: SeriesRow) -> list[ModelChoice]:
 
 
 def card_summary(card: Any) -> dict[str, Any]:
-    """What the clinician reads before running: intended use, limits, metrics, licence."""
-    use = dict(card.intended_use)
+    """What the clinician reads before running: intended use, limits, measured
+    metrics (as table rows), training data, licence."""
+    use = {str(k): v for k, v in dict(card.intended_use).items()}
+    limits = use.pop("out_of_scope", None) or use.pop("limitations", None) or card.raw.get("limitations")
+    metrics = [{"Metric": str(m.get("name", "")).replace("_", " "),
+                "Data": m.get("case") or m.get("data", ""),
+                "n": m.get("n", ""),
+                "Value": m.get("value", ""),
+                "Note": m.get("note", "")} for m in card.metrics]
     return {
         "summary": card.summary,
         "task": card.task,
-        "intended_use": use,
-        "limitations": use.get("limitations", card.raw.get("limitations", [])),
-        "metrics": card.metrics,
+        "intended_use": use.pop("text", "") or "; ".join(f"{k}: {v}" for k, v in use.items()),
+        "limitations": limits if isinstance(limits, list) else ([limits] if limits else []),
+        "metrics": metrics,
+        "training_data": card.raw.get("training_data", {}),
         "labels": [label.name for label in card.labels],
         "license": dict(card.license),
     }
+
+
+@dataclass(frozen=True)
+class LegendEntry:
+    """One segment of a run as the overlay draws it."""
+
+    value: int
+    name: str
+    colour: tuple[int, int, int]
+    volume_ml: float | None
+
+
+def legend(result_dir: Path) -> list[LegendEntry]:
+    """Label values, names, overlay colours (the card's, else the viewer
+    palette) and volumes of one run."""
+    from medai import viewer
+    from medai.inference import registry
+
+    result = read_result(result_dir)
+    volumes = {str(k): float(v) for k, v in (result.get("volumes_ml") or {}).items()}
+    model_id = (result.get("model") or {}).get("id") or result_dir.name
+    try:
+        labels = registry.get_bundle(model_id).card.labels
+    except Exception:  # noqa: BLE001 - an uninstalled model still has its volumes shown
+        labels = ()
+    if labels:
+        return [LegendEntry(int(lb.value), lb.name, tuple(lb.color) if lb.color else viewer.label_colour(int(lb.value)),
+                            volumes.get(lb.name)) for lb in labels]  # type: ignore[arg-type]
+    return [LegendEntry(i, name, viewer.label_colour(i), ml) for i, (name, ml) in enumerate(volumes.items(), 1)]
 
 
 def run(model_id: str, volume: Any, series: SeriesRow, *, prompt: dict[str, Any] | None = None) -> Any:

@@ -98,8 +98,16 @@ def rendered(series_uid: str, files: tuple[str, ...], view: str, index: int, wid
              result_dir: str | None, opacity: float, mode: str, target: int) -> viewer.SliceImage:
     display = loaded(series_uid, files)
     labels = overlay(result_dir, series_uid, files) if result_dir else None
+    colours = {e.value: e.colour for e in workstation.legend(Path(result_dir))} if result_dir else None
     return viewer.render(display, view, index, viewer.WindowLevel(width, level), labels=labels,  # type: ignore[arg-type]
-                         opacity=opacity, mode=mode, target=target)  # type: ignore[arg-type]
+                         opacity=opacity, mode=mode, target=target, colours=colours)  # type: ignore[arg-type]
+
+
+def swatch(colour: tuple[int, int, int]) -> str:
+    """A small coloured square for a legend line (inline HTML, nothing fetched)."""
+    r, g, b = colour
+    return (f"<span style='display:inline-block;width:0.8em;height:0.8em;background:rgb({r},{g},{b});"
+            "border-radius:2px;margin-right:0.4em;vertical-align:middle'></span>")
 
 
 def open_series(study_uid: str, series_uid: str) -> None:

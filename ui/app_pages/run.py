@@ -36,20 +36,19 @@ left, right = st.columns([3, 2], gap="large")
 with right:
     st.subheader("Model card")
     st.markdown(card["summary"])
-    use = card["intended_use"]
-    if use:
+    if card["intended_use"]:
         st.markdown("**Intended use**")
-        for key, value in use.items():
-            if key != "limitations":
-                st.markdown(f"- {key.replace('_', ' ')}: {value}")
+        st.markdown(card["intended_use"])
     if card["limitations"]:
-        st.markdown("**Limits**")
-        items = card["limitations"] if isinstance(card["limitations"], list) else [card["limitations"]]
-        for item in items:
+        st.markdown("**Limits (out of scope)**")
+        for item in card["limitations"]:
             st.markdown(f"- {item}")
     if card["metrics"]:
         st.markdown("**Measured performance**")
-        st.dataframe(card["metrics"], hide_index=True, width="stretch")
+        st.dataframe(card["metrics"], hide_index=True, width="stretch",
+                     column_config={"Value": st.column_config.NumberColumn(format="%.4g")})
+    if card["license"]:
+        st.caption("Licence: " + ", ".join(f"{k} {v}" for k, v in card["license"].items()))
     st.caption(workstation.NOT_FOR_DIAGNOSTIC_USE)
 
 with left:
@@ -108,14 +107,17 @@ with left:
                                window.width, window.level, ss.result_dir, float(ss.opacity), ss.overlay_mode, 512)
         img_col.image(viewer.annotate(image), caption=f"{view} slice {index + 1} with segmentation")
         with num_col:
-            for name, ml in (result.get("volumes_ml") or {}).items():
-                st.metric(f"{name} volume", f"{float(ml):.1f} mL")
+            for entry in workstation.legend(Path(ss.result_dir)):
+                if entry.volume_ml is not None:
+                    st.metric(f"{entry.name} volume", f"{entry.volume_ml:.1f} mL")
             for finding in result.get("findings") or []:
                 st.markdown(f"- {finding.get('text') or finding.get('description') or finding}")
             qc = result.get("qc") or {}
             if qc:
                 st.markdown("**Quality checks**")
-                st.json(qc, expanded=False)
+                st.dataframe([{"Check": str(k).replace("_", " "), "Value": str(v)} for k, v in qc.items()],
+                             hide_index=True, width="stretch")
+            st.caption(workstation.NOT_FOR_DIAGNOSTIC_USE)
             st.caption(f"Model {result['model'].get('id', model_id)} {result['model'].get('version', '')} · "
                        f"{result['backend']['provider']} · {result['timings_s'].get('total', 0)} s")
         st.page_link("app_pages/viewer.py", label="Review in the Viewer", icon=":material/view_in_ar:")

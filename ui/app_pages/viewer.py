@@ -146,13 +146,13 @@ with info:
         st.caption("Choose 'measure distance', then click two points.")
     if result_dir:
         try:
-            result = workstation.read_result(Path(result_dir))
+            entries = workstation.legend(Path(result_dir))
         except (OSError, ValueError):
-            result = {}
-        volumes = result.get("volumes_ml", result.get("volumes", {}))
-        if volumes:
+            entries = []
+        if entries:
             st.markdown("**Segmentation**")
-            for name, ml in volumes.items():
-                st.markdown(f"{name}: **{float(ml):.1f} mL**")
+            for entry in entries:
+                ml = f" **{entry.volume_ml:.1f} mL**" if entry.volume_ml is not None else ""
+                st.markdown(f"{state.swatch(entry.colour)}{entry.name}:{ml}", unsafe_allow_html=True)
     sx, sy, sz = display.spacing
     st.caption(f"Voxel {sx:.2f} × {sy:.2f} × {sz:.2f} mm · {display.shape[2]}×{display.shape[1]}×{display.shape[0]}")
