@@ -48,6 +48,7 @@ def test_rollback_without_history_is_a_clear_error(capsys: pytest.CaptureFixture
     assert "no previous installed version" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_doctor_reports_hardware_providers_and_parity(capsys: pytest.CaptureFixture[str]) -> None:
     code, report = _json(capsys, "doctor")
     assert code == 0
