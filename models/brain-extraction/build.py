@@ -343,7 +343,7 @@ def summarize() -> None:
         if "dice_vs_deepbet" in r:
             metrics.append({"name": "dice_vs_reference_deepbet", "case": r["case"], "kind": r["kind"], "n": 1,
                             "value": r["dice_vs_deepbet"], "voxels_differing": r["voxels_differing_from_deepbet"],
-                            "data": r["source"],
+                            "data": r["source"].split(";")[0],
                             "note": "whole pipeline (medai, ONNX Runtime CPU) vs deepbet 1.0.2 run_bet (torch CPU)"})
     for r in rows:
         metrics.append({"name": "dice_vs_reference_mask", "case": r["case"], "kind": r["kind"], "n": 1,
