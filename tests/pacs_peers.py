@@ -83,10 +83,11 @@ def make_copies(dest: Path, count: int, *, per_study: int = 20) -> dict[str, tup
 
 
 def storescu(port: int, files: list[Path], *, aec: str = "MEDAI", aet: str = "STORESCU",
-             verbose: bool = False, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    # -R: propose each file's own transfer syntax (dcmtk's storescu cannot
-    # transcode JPEG-LS, e.g. the bundled demo study, to an uncompressed one).
-    args = ["storescu", "-R", "-aec", aec, "-aet", aet, *(["-v"] if verbose else []), "127.0.0.1", str(port),
+             verbose: bool = False, timeout: float = 300, jpeg_ls: bool = False) -> subprocess.CompletedProcess[str]:
+    """dcmtk storescu; ``jpeg_ls`` proposes JPEG-LS lossless (the bundled demo
+    study is JPEG-LS, which this storescu cannot transcode to uncompressed)."""
+    args = ["storescu", "-aec", aec, "-aet", aet, *(["-xt"] if jpeg_ls else []), *(["-v"] if verbose else []),
+            "127.0.0.1", str(port),
             *map(str, files)]
     return subprocess.run(args, env=DCMTK_ENV, capture_output=True, text=True, timeout=timeout)
 

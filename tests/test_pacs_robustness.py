@@ -30,7 +30,7 @@ def _pixels_sha(path: Path) -> str:
 
 
 def _send_parallel(port: int, groups: list[list[Path]]) -> list[subprocess.Popen[str]]:
-    return [subprocess.Popen(["storescu", "-R", "-v", "-aec", "MEDAI", "-aet", f"SENDER{i}", "127.0.0.1", str(port),
+    return [subprocess.Popen(["storescu", "-v", "-aec", "MEDAI", "-aet", f"SENDER{i}", "127.0.0.1", str(port),
                               *map(str, g)], env=DCMTK_ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                              text=True) for i, g in enumerate(groups)]
 

@@ -47,7 +47,7 @@ def test_storescu_to_listener_to_storescp(t1_study: list[Path], medai_home: Path
     dest = StoreSCP.start(tmp_path / "dest")
     lst = Listener(medai_home, "--stable-seconds", "2", "--destination", dest.address, env=T1_ROUTE).start()
     try:
-        sent = storescu(lst.port, t1_study)
+        sent = storescu(lst.port, t1_study, jpeg_ls=True)
         assert sent.returncode == 0, sent.stderr[-500:]
         wait_until(lambda: (lambda st: st["jobs"] == {"done": 1} and st["queue_depth"] == 0)(
             medai_json(medai_home, "pacs", "status")), timeout=300, interval=0.5, what="the job done and sent")
@@ -59,7 +59,7 @@ def test_storescu_to_listener_to_storescp(t1_study: list[Path], medai_home: Path
         status = medai_json(medai_home, "pacs", "status")
         assert status["transfers"] == {"sent": len(received)}
         # Re-sending part of the same study changes nothing: no second run, no second SEG.
-        assert storescu(lst.port, t1_study[:10]).returncode == 0
+        assert storescu(lst.port, t1_study[:10], jpeg_ls=True).returncode == 0
         time.sleep(4)
         assert medai_json(medai_home, "pacs", "status")["jobs"] == {"done": 1}
         assert len(dest.files()) == len(received)
@@ -116,7 +116,7 @@ def test_orthanc_changes_feed_round_trip(t1_study: list[Path], medai_home: Path,
     try:
         assert json.loads(follower.stdout.readline())["event"] == "following"  # type: ignore[union-attr]
         # The study reaches Orthanc by DICOM, as from a modality.
-        sent = storescu(orthanc.dicom, t1_study, aec="ORTHANC")
+        sent = storescu(orthanc.dicom, t1_study, aec="ORTHANC", jpeg_ls=True)
         assert sent.returncode == 0, sent.stderr[-500:]
 
         def seg_series() -> list[dict]:

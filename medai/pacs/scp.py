@@ -36,6 +36,25 @@ CANNOT_UNDERSTAND = 0xC000
 PROCESSING_FAILURE = 0x0110
 
 
+#: Lossless encodings a sender may keep (no transcoding on its side, the original
+#: bytes in our store); preferred over uncompressed ones.
+_LOSSLESS_COMPRESSED = ("1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.70",
+                        "1.2.840.10008.1.2.4.57", "1.2.840.10008.1.2.5", "1.2.840.10008.1.2.4.201",
+                        "1.2.840.10008.1.2.4.202", "1.2.840.10008.1.2.4.110", "1.2.840.10008.1.2.4.92")
+_UNCOMPRESSED = ("1.2.840.10008.1.2.1", "1.2.840.10008.1.2", "1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.2")
+
+
+def transfer_syntax_preference() -> list[str]:
+    """Every transfer syntax pynetdicom knows, in the order we accept them.
+
+    pynetdicom picks, per presentation context, the first of *our* list that
+    the sender proposed. Lossless compressed first (keep what the sender has),
+    then uncompressed, and lossy ones last: choosing a lossy syntax while an
+    uncompressed one is on offer would make the sender compress with loss."""
+    rest = [ts for ts in ALL_TRANSFER_SYNTAXES if ts not in _LOSSLESS_COMPRESSED and ts not in _UNCOMPRESSED]
+    return [*_LOSSLESS_COMPRESSED, *_UNCOMPRESSED, *rest]
+
+
 def is_loopback(address: str) -> bool:
     if address == "localhost":
         return True
@@ -133,9 +152,10 @@ class Listener:
         ae.require_called_aet = False
         if self.cfg.allowed_callers:
             ae.require_calling_aet = list(self.cfg.allowed_callers)
+        syntaxes = transfer_syntax_preference()
         for cx in AllStoragePresentationContexts:
-            ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
-        ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
+            ae.add_supported_context(cx.abstract_syntax, syntaxes)
+        ae.add_supported_context(Verification, list(_UNCOMPRESSED))
         return ae
 
     def _handlers(self) -> list[tuple[Any, Any]]:
