@@ -126,6 +126,14 @@ def test_guard_refuses_foreign_missing_and_duplicate_hosts(kind):
     assert _call(guard, {"type": "lifespan"})[1]
 
 
+def test_a_refusal_is_recorded_as_a_security_alert(medai_home):
+    from medai.compliance import audit
+
+    server._note_refusal("websocket")
+    alerts = [r for r in audit.iter_records() if r["event"] == "security_alert"]
+    assert alerts and "foreign Host" in alerts[-1]["detail"]["reason"]
+
+
 def test_non_loopback_bind_is_allowed_only_as_its_own_host():
     assert server.allowed_host_names("127.0.0.1") == server.LOOPBACK_NAMES
     assert "10.1.2.3" in server.allowed_host_names("10.1.2.3")
@@ -190,3 +198,46 @@ def test_medai_ui_refuses_foreign_host_on_every_route_and_stops_on_ctrl_c(tmp_pa
         assert proc.wait(timeout=20) == 0
         err = proc.stderr.read() if proc.stderr else ""
         assert "Traceback" not in err and "stopped" in err
+
+
+def _non_loopback_ipv4() -> str | None:
+    """An address of this machine on a real interface, if it has one."""
+    with contextlib.suppress(OSError), socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.connect(("192.0.2.1", 9))  # UDP connect sends nothing; only picks the outgoing interface
+        addr = s.getsockname()[0]
+        return None if addr.startswith("127.") else addr
+    return None
+
+
+@pytest.mark.slow
+def test_non_loopback_listen_only_when_asked(medai_home):
+    addr = _non_loopback_ipv4()
+    if addr is None:
+        pytest.skip("this machine has no non-loopback IPv4 interface")
+    port = free_port()
+    proc = subprocess.Popen([str(MEDAI), "ui", "--port", str(port), "--address", addr], env=dict(os.environ),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == f"http://{addr}:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            with contextlib.suppress(OSError):
+                reply = raw_request(port, f"GET /_stcore/health HTTP/1.1\r\nHost: {addr}:{port}\r\n"
+                                          "Connection: close\r\n\r\n".encode(), address=addr)
+                if status_of(reply) == 200:
+                    break
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.2)
+        packed = socket.inet_aton(addr)[::-1].hex().upper()  # /proc/net/tcp byte order
+        assert _listening(port) == {packed}
+        bad = raw_request(port, b"GET / HTTP/1.1\r\nHost: attacker.example\r\nConnection: close\r\n\r\n", address=addr)
+        assert status_of(bad) == 403
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=20) == 0
+    err = proc.stderr.read() if proc.stderr else ""
+    assert "reachable from other machines" in err
+    from medai.compliance import audit
+
+    alerts = [r for r in audit.iter_records() if r["event"] == "security_alert"]  # same MEDAI_HOME
+    assert any(f"{addr}:{port}" in str(r.get("detail")) for r in alerts)

@@ -111,7 +111,7 @@ def _note_refusal(kind: str) -> None:
     except ImportError:  # compliance not installed in this build
         return
     try:
-        audit.record("security_alert", outcome="minor_failure",
+        audit.record("security_alert", outcome="minor_failure", subtype=audit.ALERT_NETWORK,
                      detail={"component": "ui", "reason": f"{kind} request with foreign Host header refused"})
     except Exception:  # noqa: BLE001 - the refusal itself already happened
         log.debug("could not audit a refused request", exc_info=True)
@@ -150,16 +150,18 @@ def streamlit_options(address: str, port: int) -> dict[str, Any]:
     }
 
 
-def disable_streamlit_telemetry() -> None:
-    """Usage statistics off through the environment too, before Streamlit is
-    imported (its config reads these at import)."""
+def guard_process(address: str, port: int) -> None:
+    """Before Streamlit is imported: egress guard on (role ``ui``), telemetry
+    switches set, usage statistics off in the environment too (Streamlit's config
+    reads it at import), and a non-loopback listen address approved as explicit
+    (the egress guard refuses to bind one otherwise, and records the approval)."""
+    from medai.compliance import egress
+
+    egress.install_for_entry_point("ui")
     os.environ["STREAMLIT_BROWSER_GATHER_USAGE_STATS"] = "false"
     os.environ["STREAMLIT_SERVER_HEADLESS"] = "true"
-    try:
-        from medai.compliance import telemetry
-    except ImportError:
-        return
-    telemetry.disable()
+    if not is_loopback(address):
+        egress.check_bind((address, port), explicit=True)
 
 
 def serve(address: str, port: int, *, on_ready: Callable[[str], None] | None = None) -> None:
@@ -167,7 +169,7 @@ def serve(address: str, port: int, *, on_ready: Callable[[str], None] | None = N
 
     Blocks. ``on_ready`` receives the URL once the port is known, before serving.
     """
-    disable_streamlit_telemetry()
+    guard_process(address, port)
     from starlette.middleware import Middleware
 
     import streamlit as st

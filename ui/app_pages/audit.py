@@ -16,11 +16,12 @@ c2.metric("Network attempts allowed", status.allowed_total, border=True,
 c3.metric("Network attempts blocked", status.blocked_total, border=True)
 if status.problems:
     st.error("Audit trail problems:\n\n" + "\n".join(f"- {p}" for p in status.problems))
+switched = sum(status.telemetry.values())
 st.caption(f"{status.records} records in the trail, {status.checkpoints} signed checkpoints · "
-           f"egress guard {'on' if status.egress_guard else 'OFF'} · telemetry off: "
-           f"{', '.join(k for k, v in status.telemetry.items() if v) or 'n/a'}")
-with st.expander("Network attempts by destination class"):
-    st.json(status.network, expanded=True)
+           f"egress guard {'on' if status.egress_guard else 'OFF'} · "
+           f"telemetry switches off: {switched}/{len(status.telemetry)}")
+with st.expander("Network attempts by destination class, telemetry switches"):
+    st.json({"network": status.network, "telemetry_off": status.telemetry}, expanded=True)
 
 st.subheader("This session's events")
 events = workstation.session_events()
