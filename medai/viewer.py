@@ -508,39 +508,6 @@ def screen_box_to_raw(image: SliceImage, x1: float, y1: float, x2: float, y2: fl
     return c0, r0, c1, r1
 
 
-def box_to_source(display: DisplayVolume, view: View, index: int,
-                  box: tuple[int, int, int, int]) -> tuple[str, int, tuple[int, int, int, int]]:
-    """A box drawn on a displayed slice, in the source array's terms.
-
-    ``box`` is ``(col0, row0, col1, row1)`` in raw-slice pixels of ``view`` (see
-    :func:`screen_box_to_raw`). Returns ``(plane, slice_index, (x0, y0, x1, y1))``
-    where the plane is named by the source axis the slice cuts (``axial`` =
-    array ``[k]``, whose 2-D pixels are ``[j, i]``; ``coronal`` = ``[:, j]`` with
-    pixels ``[k, i]``; ``sagittal`` = ``[:, :, i]`` with pixels ``[k, j]``), which
-    is what promptable pipelines receive. Bounds are inclusive.
-    """
-    c0, r0, c1, r1 = box
-    nz = display.shape[0]
-
-    def voxel(c: int, r: int) -> tuple[int, int, int]:
-        if view == "axial":
-            return c, r, index
-        if view == "coronal":
-            return c, index, nz - 1 - r
-        return index, c, nz - 1 - r
-
-    corners = [display.source_index(*voxel(c, r)) for c in (c0, c1) for r in (r0, r1)]
-    ijk = np.asarray(corners)
-    constant = [axis for axis in range(3) if np.all(ijk[:, axis] == ijk[0, axis])]
-    normal = 2 - display.axis_of[{"axial": 2, "coronal": 1, "sagittal": 0}[view]]  # ijk index of the normal
-    if normal not in constant:  # pragma: no cover - impossible with permutation-only reorientation
-        raise ValueError("box corners do not lie on one source slice")
-    plane = {2: "axial", 1: "coronal", 0: "sagittal"}[normal]
-    x_axis, y_axis = {2: (0, 1), 1: (0, 2), 0: (1, 2)}[normal]
-    lo, hi = ijk.min(axis=0), ijk.max(axis=0)
-    return plane, int(ijk[0, normal]), (int(lo[x_axis]), int(lo[y_axis]), int(hi[x_axis]), int(hi[y_axis]))
-
-
 def label_volumes_ml(labels: np.ndarray, volume: Volume) -> dict[int, float]:
     """Volume in mL of each non-zero label of a label map in source layout."""
     if labels.shape != volume.array.shape:
@@ -551,7 +518,7 @@ def label_volumes_ml(labels: np.ndarray, volume: Volume) -> dict[int, float]:
 
 __all__ = [
     "CT_PRESETS", "DisplayVolume", "LABEL_COLOURS", "ORIENTATION_LABELS", "Pick", "SliceImage",
-    "VIEWS", "WindowLevel", "annotate", "apply_window", "auto_window", "box_to_source", "composite", "default_window",
+    "VIEWS", "WindowLevel", "annotate", "apply_window", "auto_window", "composite", "default_window",
     "display_size", "distance_mm", "label_colour", "label_volumes_ml", "named_window", "pick",
     "raw_slice", "render", "screen_box_to_raw", "screen_point", "slice_count", "to_display", "windows_for",
 ]

@@ -279,6 +279,17 @@ def legend(result_dir: Path) -> list[LegendEntry]:
     return [LegendEntry(i, name, viewer.label_colour(i), ml) for i, (name, ml) in enumerate(volumes.items(), 1)]
 
 
+def box_prompt(display: Any, view: str, index: int, box: tuple[int, int, int, int], *,
+               propagate: bool) -> dict[str, Any]:
+    """A box drawn (or typed) on the viewer's slice as the prompt an interactive
+    model takes: plane, source slice index and box in that slice's pixel grid."""
+    from medai.inference.pipelines.medsam_lite import prompt_from_display
+
+    plane, source_index, source_box = prompt_from_display(display, view, index, box)
+    x0, y0, x1, y1 = (int(round(v)) for v in source_box.as_list())
+    return {"plane": plane, "slice_index": source_index, "box": (x0, y0, x1, y1), "propagate": propagate}
+
+
 def run(model_id: str, volume: Any, series: SeriesRow, *, prompt: dict[str, Any] | None = None) -> Any:
     """Run a model on the open series' volume (already in memory) into this
     series' results folder; returns the inference ``RunResult``."""

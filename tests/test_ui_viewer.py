@@ -204,3 +204,13 @@ def test_screen_box_maps_to_raw_pixels():
     img = viewer.render(viewer.to_display(vol), "axial", 0, viewer.WindowLevel(10, 5), target=200)
     assert img.rgb.shape[:2] == (100, 200)
     assert viewer.screen_box_to_raw(img, 180, 90, 20, 10) == (10, 5, 90, 45)
+
+
+def test_box_prompt_in_source_terms():
+    from medai import workstation
+
+    vol = _volume(shape=(6, 40, 50), direction=(-1, 0, 0, 0, 1, 0, 0, 0, 1))  # columns run to patient right
+    disp = viewer.to_display(vol)
+    prompt = workstation.box_prompt(disp, "axial", 2, (5, 10, 15, 20), propagate=True)
+    # display column c is source column 49 - c: the box is mirrored, rows unchanged
+    assert prompt == {"plane": "axial", "slice_index": 2, "box": (34, 10, 44, 20), "propagate": True}

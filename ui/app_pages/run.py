@@ -76,8 +76,10 @@ with left:
         r1 = cols[3].number_input("bottom", 0, rows_n - 1, min(int(box[3]), rows_n - 1))
         propagate = st.checkbox("Propagate to neighbouring slices", value=True)
         if c1 > c0 and r1 > r0:
-            plane, slice_index, src_box = viewer.box_to_source(display, view, index, (c0, r0, c1, r1))
-            prompt = {"plane": plane, "slice_index": slice_index, "box": src_box, "propagate": propagate}
+            try:
+                prompt = workstation.box_prompt(display, view, index, (c0, r0, c1, r1), propagate=propagate)
+            except Exception as exc:  # noqa: BLE001 - a box that cannot be used is explained
+                st.error(f"Box not usable: {exc}")
     disabled = not choice.accepts or (choice.interactive and prompt is None)
     if st.button("Run " + choice.name, type="primary", icon=":material/play_arrow:", disabled=disabled,
                  key="run-button"):
