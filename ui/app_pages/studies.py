@@ -9,7 +9,11 @@ import streamlit as st
 import state
 from medai import workstation
 
-st.title("Studies")
+head, refresh = st.columns([6, 1], vertical_alignment="bottom")
+head.title("Studies")
+if refresh.button("Refresh", icon=":material/refresh:", key="refresh-studies",
+                  help="Look again for studies the PACS sent since the list was made"):
+    state.studies.clear()
 
 with st.form("add-folder", clear_on_submit=True, border=False):
     cols = st.columns([5, 1], vertical_alignment="bottom")
