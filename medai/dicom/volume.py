@@ -160,6 +160,16 @@ SPACING_TOLERANCE = 0.2
 #: A step this many times the median step means missing slices.
 GAP_FACTOR = 1.5
 
+#: Header elements the loader itself uses (converted and checked up front).
+_LOADER_KEYWORDS = (
+    "SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID",
+    "Modality", "Rows", "Columns", "NumberOfFrames", "SamplesPerPixel", "BitsAllocated", "BitsStored",
+    "HighBit", "PixelRepresentation", "PhotometricInterpretation", "PlanarConfiguration",
+    "RescaleSlope", "RescaleIntercept", "ImagePositionPatient", "ImageOrientationPatient",
+    "PixelSpacing", "ImagerPixelSpacing", "SpacingBetweenSlices", "SliceThickness",
+    "SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence",
+)
+
 #: Header facts copied into ``Volume.attributes`` (non-identifying only).
 ATTRIBUTE_KEYWORDS = (
     "PatientAge", "PatientSex", "PatientSize", "PatientWeight", "Modality", "SeriesDescription",
@@ -304,22 +314,52 @@ def _resolve_series(files_or_dir: Any, series_uid: str | None) -> list[Path]:
 
 
 def _read_full(path: Path) -> Any:
-    from medai.dicom.safety import check_pixel_budget, read_dataset_safely
-
+    """Read and check one file completely (pydicom's warnings about
+    non-conformant values are silenced: what matters is raised as an error)."""
     with _warnings.catch_warnings():
         _warnings.simplefilter("ignore")
-        try:
-            ds, _ = read_dataset_safely(path)
-        except _DicomInputError:
-            raise
-        except RecursionError:
-            raise _UnsafeInputError(path, "sequences nested too deeply to parse") from None
-        except Exception as exc:
-            raise _DicomInputError(path, f"unreadable: {describe_error(exc)}") from None
+        return _read_and_check(path)
+
+
+def _read_and_check(path: Path) -> Any:
+    from medai.dicom.safety import check_pixel_budget, read_dataset_safely
+
+    try:
+        ds, _ = read_dataset_safely(path)
+    except _DicomInputError:
+        raise
+    except RecursionError:
+        raise _UnsafeInputError(path, "sequences nested too deeply to parse") from None
+    except Exception as exc:
+        raise _DicomInputError(path, f"unreadable: {describe_error(exc)}") from None
     if "PixelData" not in ds:
         raise _DicomInputError(path, "no pixel data")
+    # pydicom converts values on first access; convert everything the loader reads
+    # now, so a corrupt value is reported here with the file's name instead of
+    # escaping later as some parser exception.
+    for keyword in _LOADER_KEYWORDS:
+        try:
+            ds.get(keyword)
+        except Exception as exc:
+            raise _DicomInputError(path, f"unreadable {keyword}: {describe_error(exc)}") from None
+    try:
+        rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+        allocated = int(ds.get("BitsAllocated", 0) or 0)
+        bits_stored = int(ds.get("BitsStored", allocated) or allocated)
+        representation = int(ds.get("PixelRepresentation", 0) or 0)
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise _DicomInputError(path, f"image pixel description unreadable: {describe_error(exc)}") from None
+    if rows <= 0 or cols <= 0 or frames <= 0:
+        raise _DicomInputError(path, f"image size {rows}x{cols}x{frames} is not positive")
+    if allocated not in (1, 8, 16, 32, 64) or not 1 <= bits_stored <= allocated or representation not in (0, 1):
+        raise _DicomInputError(path, f"inconsistent pixel description: BitsAllocated={allocated}, "
+                               f"BitsStored={bits_stored}, PixelRepresentation={representation}")
     ts = ds.file_meta.get("TransferSyntaxUID") if getattr(ds, "file_meta", None) else None
-    encapsulated = bool(ts is not None and ts.is_compressed)
+    try:
+        encapsulated = bool(ts is not None and ts.is_compressed)
+    except ValueError:
+        raise _DicomInputError(path, f"unknown transfer syntax {str(ts)[:64]!r}") from None
     stored = path.stat().st_size if encapsulated else len(ds.PixelData)
     check_pixel_budget(ds, path, stored, encapsulated)
     return ds
@@ -338,7 +378,9 @@ def _decode(ds: Any, path: Path) -> np.ndarray:
         _warnings.simplefilter("ignore")
         try:
             arr = pixel_array(ds, decoding_plugin=codecs.preferred_plugin(ds))
-        except Exception as exc:
+        except (KeyboardInterrupt, SystemExit, GeneratorExit):
+            raise
+        except BaseException as exc:  # Rust decoders panic with a BaseException subclass
             ts = ds.file_meta.get("TransferSyntaxUID", "?") if getattr(ds, "file_meta", None) else "?"
             raise _DicomInputError(path, f"cannot decode pixel data ({getattr(ts, 'name', ts)}): "
                                    f"{describe_error(exc)}") from None
@@ -465,7 +507,12 @@ def load_series(files_or_dir: "str | _os.PathLike[str] | _Iterable[str | _os.Pat
         if int(ds.get("SamplesPerPixel", 1) or 1) != 1:
             raise _DicomInputError(Path(path), "colour image (SamplesPerPixel != 1); volumes need monochrome data")
         datasets.append(ds)
-        frames.extend(_frames_of(ds, Path(path), i))
+        try:
+            frames.extend(_frames_of(ds, Path(path), i))
+        except _DicomInputError:
+            raise
+        except Exception as exc:  # corrupt functional groups and the like
+            raise _DicomInputError(Path(path), f"unreadable frame geometry: {describe_error(exc)}") from None
     _check_consistent(frames, where)
     first_ds = datasets[0]
 
@@ -639,7 +686,10 @@ def _attributes(ds: Any) -> dict[str, Any]:
     out: dict[str, Any] = {}
     shared = _seq_item(ds, "SharedFunctionalGroupsSequence")
     for kw in ATTRIBUTE_KEYWORDS:
-        value = ds.get(kw)
+        try:
+            value = ds.get(kw)
+        except Exception:  # a corrupt optional fact is left out, not fatal
+            continue
         if value is None and shared is not None:
             for macro in ("MREchoSequence", "MRTimingAndRelatedParametersSequence",
                           "MRModifierSequence", "CTAcquisitionDetailsSequence",
