@@ -80,8 +80,26 @@ def _deepbet_models():
     return models
 
 
+def _constant_value(graph, name: str):
+    import numpy as np
+    from onnx import numpy_helper
+
+    for n in graph.node:
+        if n.op_type == "Constant" and n.output[0] == name:
+            return numpy_helper.to_array(n.attribute[0].t)
+    for t in graph.initializer:
+        if t.name == name:
+            return numpy_helper.to_array(t)
+    return np.array([np.nan])
+
+
 def _staged_instance_norm(graph, node, index: int):
-    """Nodes computing InstanceNormalization(x) with per-axis staged means."""
+    """Nodes computing InstanceNormalization(x) with per-axis staged means.
+
+    deepbet's instance norms are not affine (scale 1, bias 0): those two full-tensor
+    passes are then left out, which is exact (x * 1 + 0 == x in IEEE arithmetic).
+    """
+    import numpy as np
     from onnx import helper
 
     x, scale, bias = node.input
@@ -105,6 +123,10 @@ def _staged_instance_norm(graph, node, index: int):
     graph.initializer.append(eps_t)
     nodes.append(helper.make_node("Add", [var, eps_t.name], [f"{p}_ve"]))
     nodes.append(helper.make_node("Sqrt", [f"{p}_ve"], [f"{p}_sd"]))
+    scale_v, bias_v = _constant_value(graph, scale), _constant_value(graph, bias)
+    if np.all(scale_v == 1) and np.all(bias_v == 0):
+        nodes.append(helper.make_node("Div", [f"{p}_d", f"{p}_sd"], [node.output[0]]))
+        return nodes
     nodes.append(helper.make_node("Div", [f"{p}_d", f"{p}_sd"], [f"{p}_n"]))
     # scale/bias are per channel [C]; reshape to [1, C, 1, 1, 1] for broadcasting.
     shape = helper.make_tensor(f"{p}_cshape", 7, [5], [1, -1, 1, 1, 1])
@@ -151,6 +173,11 @@ def _rewrite(path_in: Path, path_out: Path, *, staged: bool) -> dict[str, int]:
                 new_nodes.append(node)
         del graph.node[:]
         graph.node.extend(new_nodes)
+    used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+    dead = [n for n in graph.node if n.op_type == "Constant" and n.output[0] not in used]
+    for n in dead:
+        graph.node.remove(n)
+    counts["dead_constants_removed"] = len(dead)
     model.producer_name = "medai models/brain-extraction/build.py"
     onnx.checker.check_model(model)
     onnx.save(model, str(path_out))
