@@ -168,3 +168,23 @@ def test_non_loopback_bind_needs_explicit_flag(medai_home: Path) -> None:
                          timeout=60)
     assert out.returncode == 2
     assert "--allow-remote" in out.stderr
+
+
+@pytest.mark.slow
+def test_sigterm_while_a_model_runs_returns_the_job_to_the_queue(medai_home: Path, tmp_path: Path) -> None:
+    from pacs_peers import T1_ROUTE, demo_t1, wait_until
+
+    lst = Listener(medai_home, "--stable-seconds", "1", "--destination", str(tmp_path / "results"),
+                   env=T1_ROUTE).start()
+    try:
+        assert storescu(lst.port, demo_t1(), jpeg_ls=True).returncode == 0
+        wait_until(lambda: medai_json(medai_home, "pacs", "status")["jobs"] == {"running": 1}, timeout=60,
+                   what="the model run to start")
+    finally:
+        code = lst.terminate(timeout=60)
+    assert code == 0
+    status = medai_json(medai_home, "pacs", "status")
+    assert status["jobs"] == {"pending": 1} and status["transfers"] == {}
+    assert not (tmp_path / "results").exists()
+    assert not list((medai_home / "pacs" / "results").glob("*/brain-extraction*"))  # no half result
+    assert "signal SIGTERM" in lst.log()

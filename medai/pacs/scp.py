@@ -354,5 +354,6 @@ class Listener:
         if entry is not None:
             with self._lock:
                 entry.studies.setdefault(study_uid, []).append(sop_uid)
-        log.debug("stored study=%s outcome=%s bytes=%d", _audit.key(study_uid), stored.outcome, stored.size)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("stored study=%s outcome=%s bytes=%d", _audit.key(study_uid), stored.outcome, stored.size)
         return SUCCESS
