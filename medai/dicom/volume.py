@@ -290,7 +290,7 @@ def _resolve_series(files_or_dir: Any, series_uid: str | None) -> list[Path]:
         items = list(files_or_dir)
     if not items:
         raise _DicomInputError(None, "no files given")
-    index = scan(items, workers=1 if len(items) < 400 else None)
+    index = scan(items)
     candidates = [s for s in index.series.values() if s.is_image]
     where = Path(items[0]) if len(items) == 1 else None
     if series_uid is not None:
