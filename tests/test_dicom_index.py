@@ -128,6 +128,7 @@ def malformed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str,
 def test_malformed_folder_every_file_accounted_for(malformed: tuple[Path, dict[str, str]]) -> None:
     root, expect = malformed
     assert len(expect) >= 30
+    print(f"malformed folder: {len(expect)} files")
     index = scan(root, workers=1)
     indexed = {str(i.path.relative_to(root)) for s in index.series.values() for i in s.instances}
     skipped = {str(s.path.relative_to(root)): s for s in index.skipped}
