@@ -107,7 +107,8 @@ def malformed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str,
     expect["copy_a.dcm"] = "indexed"
     expect["copy_b.dcm"] = "duplicate"
     # Real objects of other kinds: SR, SEG, RT plan, deflate, big endian, JPEG-LS.
-    for name in ("test-SR.dcm", "liver_1frame.dcm", "rtplan.dcm", "image_dfl.dcm",
+    # waveform_ecg.dcm: a 290 KB header (longer than the in-memory prefix).
+    for name in ("test-SR.dcm", "liver_1frame.dcm", "rtplan.dcm", "image_dfl.dcm", "waveform_ecg.dcm",
                  "MR_small_bigendian.dcm", "emri_small_jpeg_ls_lossless.dcm"):
         shutil.copy(_real(name), root / name)
         expect[name] = "indexed"
@@ -145,6 +146,7 @@ def test_malformed_folder_every_file_accounted_for(malformed: tuple[Path, dict[s
     # Non-image objects are separate from image series.
     kinds = {s.modality: s.is_image for s in index.series.values()}
     assert kinds["SR"] is False and kinds["SEG"] is False and kinds["RTPLAN"] is False
+    assert kinds["ECG"] is False
     assert kinds["MR"] is True
 
 

@@ -473,7 +473,8 @@ def _read_one(path: Path) -> tuple[Path, dict[str, Any]]:
     except MemoryError:
         return path, {"skip": (UNSAFE, "header needs more memory than is available")}
     except (OSError, PermissionError) as exc:
-        return path, {"skip": (UNREADABLE, f"cannot read file: {exc.strerror or type(exc).__name__}")}
+        reason = exc.strerror if exc.strerror else describe_error(exc)
+        return path, {"skip": (UNREADABLE, f"cannot read file: {reason}")}
     except EOFError:
         return path, {"skip": (TRUNCATED, "truncated: the file ends inside the header")}
     except Exception as exc:  # pydicom raises many types on malformed headers

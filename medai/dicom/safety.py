@@ -187,9 +187,14 @@ def _read_header_from_prefix(path: Path, specific_tags: list[int] | None, force:
     if b"1.2.840.10008.1.2.1.99" in data[:4096]:
         return None  # deflated: needs the bounded inflater
     buf = io.BytesIO(data)
-    ds = pydicom.dcmread(buf, stop_before_pixels=True, specific_tags=specific_tags, force=force)
-    pos = buf.tell()
     whole = len(data) == size
+    try:
+        ds = pydicom.dcmread(buf, stop_before_pixels=True, specific_tags=specific_tags, force=force)
+    except Exception:
+        if whole:
+            raise
+        return None  # the prefix ends inside a sequence: read the file itself
+    pos = buf.tell()
     if not whole and pos + 12 > len(data):
         return None  # the header (or the pixel element header) continues past the prefix
     if pos > len(data):  # an unread (skipped) element runs past the end
