@@ -6,6 +6,9 @@ alternate between the receivers so machine noise hits both alike. Reported:
 instances/s per receiver (median of the rounds) and the ratio medai/storescp
 (target >= 0.8).
 
+A third receiver, a bare pynetdicom SCP doing what storescp does (write the
+file, nothing else), shows how much of the gap is pynetdicom itself.
+
 Note the receivers do not promise the same thing: medai fsyncs every file and
 its directory, writes its queue database and audits each study before it
 answers success; storescp (default options) just writes the file.
@@ -108,6 +111,46 @@ def run_storescp(files_groups: list[list[Path]], work: Path) -> float:
     return seconds
 
 
+#: The same work as storescp with pynetdicom: write each received instance as a
+#: Part 10 file, no fsync, no database, no audit. It separates pynetdicom's own
+#: cost from what medai adds for durability.
+BARE_PYNETDICOM = """
+import sys
+from pathlib import Path
+from pynetdicom import AE, AllStoragePresentationContexts, ALL_TRANSFER_SYNTAXES, evt
+out = Path(sys.argv[2])
+ae = AE("BARE")
+ae.maximum_pdu_size = 0
+for cx in AllStoragePresentationContexts:
+    ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+def store(event):
+    (out / (event.request.AffectedSOPInstanceUID + ".dcm")).write_bytes(event.encoded_dataset())
+    return 0
+print("ready", flush=True)
+ae.start_server(("127.0.0.1", int(sys.argv[1])), block=True, evt_handlers=[(evt.EVT_C_STORE, store)])
+"""
+
+
+def run_bare(files_groups: list[list[Path]], work: Path) -> float:
+    out = work / "bare-out"
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir()
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-c", BARE_PYNETDICOM, str(port), str(out)], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL)
+    try:
+        assert proc.stdout is not None
+        proc.stdout.readline()
+        wait_port(port)
+        seconds = send(port, files_groups, "BARE")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+    if sum(1 for _ in out.iterdir()) != sum(map(len, files_groups)):
+        raise RuntimeError("bare pynetdicom lost instances")
+    return seconds
+
+
 def run_medai(files_groups: list[list[Path]], work: Path) -> float:
     home = work / "medai-home"
     shutil.rmtree(home, ignore_errors=True)
@@ -144,9 +187,9 @@ def main() -> int:
         files = make_study(work / "study", args.instances)
         n = args.associations
         groups = [files[i::n] for i in range(n)]
-        times: dict[str, list[float]] = {"storescp": [], "medai": []}
+        times: dict[str, list[float]] = {"storescp": [], "medai": [], "pynetdicom": []}
         for r in range(args.rounds):
-            for name, fn in (("storescp", run_storescp), ("medai", run_medai)):
+            for name, fn in (("storescp", run_storescp), ("medai", run_medai), ("pynetdicom", run_bare)):
                 seconds = fn(groups, work)
                 times[name].append(seconds)
                 print(f"round {r + 1} {name:9s} {len(files) / seconds:8.1f} instances/s ({seconds:.2f} s)",
@@ -155,7 +198,9 @@ def main() -> int:
     print(f"instances: {len(files)} per round, {args.rounds} rounds, {n} association(s)")
     print(f"dcmtk storescp:     {rate['storescp']:8.1f} instances/s (median)")
     print(f"medai pacs listen:  {rate['medai']:8.1f} instances/s (median)")
-    print(f"ratio medai/storescp: {rate['medai'] / rate['storescp']:.2f}x (target >= 0.8x)")
+    print(f"bare pynetdicom SCP: {rate['pynetdicom']:8.1f} instances/s (median; no fsync/db/audit, reference)")
+    print(f"ratio medai/storescp: {rate['medai'] / rate['storescp']:.2f}x (target >= 0.8x); "
+          f"bare pynetdicom/storescp: {rate['pynetdicom'] / rate['storescp']:.2f}x")
     return 0
 
 

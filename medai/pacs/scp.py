@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import struct
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from pydicom.dataset import Dataset
-from pynetdicom import AE, AllStoragePresentationContexts, ALL_TRANSFER_SYNTAXES, evt
+from pynetdicom import (AE, ALL_TRANSFER_SYNTAXES, PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION,
+                        AllStoragePresentationContexts, evt)
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from medai import config
@@ -62,6 +64,36 @@ def is_loopback(address: str) -> bool:
         return ipaddress.ip_address(address).is_loopback
     except ValueError:
         return False
+
+
+def _meta_element(element: int, vr: bytes, value: bytes) -> bytes:
+    if len(value) % 2:
+        value += b"\x00"  # UI values pad with NUL, SH/AE with space (handled by the caller)
+    if vr == b"OB":
+        return struct.pack("<HH2sHI", 0x0002, element, vr, 0, len(value)) + value
+    return struct.pack("<HH2sH", 0x0002, element, vr, len(value)) + value
+
+
+def part10_header(sop_class: str, sop_uid: str, transfer_syntax: str, source_ae: str) -> bytes:
+    """Preamble, prefix and File Meta Information (PS3.10 7.1), encoded directly.
+
+    The same elements pynetdicom's ``event.file_meta`` holds (plus the sender's
+    AE title), without a pydicom encoding pass per instance: that pass was about
+    a tenth of the time spent per received instance."""
+    ae = source_ae.strip().encode("ascii", "replace")[:16]
+    ae += b" " * (len(ae) % 2)
+    version = PYNETDICOM_IMPLEMENTATION_VERSION.encode()
+    version += b" " * (len(version) % 2)
+    body = b"".join((
+        _meta_element(0x0001, b"OB", b"\x00\x01"),
+        _meta_element(0x0002, b"UI", sop_class.encode()),
+        _meta_element(0x0003, b"UI", sop_uid.encode()),
+        _meta_element(0x0010, b"UI", transfer_syntax.encode()),
+        _meta_element(0x0012, b"UI", PYNETDICOM_IMPLEMENTATION_UID.encode()),
+        _meta_element(0x0013, b"SH", version),
+        *((_meta_element(0x0016, b"AE", ae),) if ae else ()),
+    ))
+    return b"\x00" * 128 + b"DICM" + struct.pack("<HH2sHI", 0x0002, 0x0000, b"UL", 4, len(body)) + body
 
 
 @dataclass(frozen=True)
@@ -139,6 +171,7 @@ class Listener:
         self._assocs: dict[int, _AssocLog] = {}
         self._lock = threading.Lock()
         self._server: Any = None
+        self._free, self._free_at = 0, -1.0
         self.ae = self._make_ae()
 
     # -- setup --------------------------------------------------------------
@@ -276,6 +309,13 @@ class Listener:
             log.info("association closed study=%s instances=%d calling_ae=%s", _audit.key(study_uid), len(sops),
                      entry.calling_ae)
 
+    def _free_bytes(self) -> int:
+        """Free space on the store's disk, sampled at most every half second."""
+        now = time.monotonic()
+        if now - self._free_at > 0.5:
+            self._free, self._free_at = self.store.free_bytes(), now
+        return self._free
+
     # -- the store handler -------------------------------------------------
     @staticmethod
     def _status(code: int, comment: str) -> Dataset:
@@ -316,7 +356,7 @@ class Listener:
             log.warning("instance refused: dataset cannot be decoded (%s)", type(exc).__name__)
             return self._status(CANNOT_UNDERSTAND, "dataset cannot be decoded")
 
-        if self.store.free_bytes() < self.cfg.min_free_bytes:
+        if self._free_bytes() < self.cfg.min_free_bytes:
             self.db.bump("failed_stores")
             log.error("instance refused: store disk below pacs.min_free_space")
             return self._status(OUT_OF_RESOURCES, "storage full")
@@ -343,7 +383,9 @@ class Listener:
                 return self._status(OUT_OF_RESOURCES, "audit trail unavailable")
 
         try:
-            stored = self.store.put(event.encoded_dataset(include_meta=True), study_uid, series_uid, sop_uid)
+            data = part10_header(sop_class, sop_uid, str(event.context.transfer_syntax),
+                                 str(event.assoc.requestor.ae_title)) + event.request.DataSet.getvalue()
+            stored = self.store.put(data, study_uid, series_uid, sop_uid)
             self.db.record_instance(sop_uid=sop_uid, study_uid=study_uid, series_uid=series_uid,
                                     sop_class_uid=sop_class, size=stored.size, sha256=stored.sha256, series=info)
         except OSError as exc:
