@@ -45,11 +45,9 @@ def _setup_logging(log_json: bool, verbose: bool) -> None:
         for handler in root.handlers:
             if not isinstance(handler, logging.NullHandler):
                 handler.setFormatter(_JsonFormatter())
-    # pynetdicom would otherwise log request identifiers (patient data) at debug level.
-    from pynetdicom import _config as pnd_config
+    from medai.pacs._audit import quiet_pynetdicom
 
-    pnd_config.LOG_REQUEST_IDENTIFIERS = False
-    pnd_config.LOG_RESPONSE_IDENTIFIERS = False
+    quiet_pynetdicom()
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
 
 

@@ -34,13 +34,30 @@ def record(event: str, **kwargs: Any) -> None:
     if audit is None:
         raise AuditWriteError(f"audit trail unavailable (medai.compliance.audit missing); {event} refused")
     try:
-        audit.record(event, **kwargs)
+        try:
+            audit.record(event, **kwargs)
+        except ValueError as exc:
+            # The trail refuses a detail in which the patient id/name appears as
+            # text; a short id (say "12") can occur inside an address or count.
+            # Record the event without its detail rather than lose it.
+            if not kwargs.get("detail") or "patient identifier" not in str(exc):
+                raise
+            audit.record(event, **{**kwargs, "detail": {"detail_withheld": "overlapped a patient identifier"}})
     except AuditWriteError:
         raise
     except OSError as exc:
         raise AuditWriteError(f"audit trail could not be written: {exc.strerror or exc}") from exc
     except ValueError as exc:  # a record the trail refuses is a record not written
         raise AuditWriteError(f"audit record refused: {exc}") from exc
+
+
+def quiet_pynetdicom() -> None:
+    """pynetdicom logs request/response identifiers (patient data) at debug
+    level unless told not to; medai never wants them in a log."""
+    from pynetdicom import _config as pnd_config
+
+    pnd_config.LOG_REQUEST_IDENTIFIERS = False
+    pnd_config.LOG_RESPONSE_IDENTIFIERS = False
 
 
 def allow_destination(host: str, port: int) -> None:

@@ -167,10 +167,9 @@ class Follower:
         study_uid = validate_uid(info.get("MainDicomTags", {}).get("StudyInstanceUID"), "Study Instance UID")
         fetched: list[str] = []
         patient: tuple[str | None, str | None] = (None, None)
-        known = self.db.known_sops()
         for inst in self.client.study_instances(orthanc_study):
             sop_hint = str(inst.get("MainDicomTags", {}).get("SOPInstanceUID", ""))
-            if sop_hint and (sop_hint in known or self.db.is_output(sop_hint)):
+            if sop_hint and (self.db.has_instance(sop_hint) or self.db.is_output(sop_hint)):
                 continue
             data = self.client.instance_file(str(inst["ID"]))
             try:

@@ -242,6 +242,9 @@ class PacsDB:
         with self._tx() as db:
             return db.execute("UPDATE studies SET last_received=? WHERE state='receiving'", (now,)).rowcount
 
+    def has_instance(self, sop_uid: str) -> bool:
+        return self._conn().execute("SELECT 1 FROM instances WHERE sop_uid=?", (sop_uid,)).fetchone() is not None
+
     def known_sops(self) -> set[str]:
         return {r[0] for r in self._conn().execute("SELECT sop_uid FROM instances")}
 

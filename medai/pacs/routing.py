@@ -12,6 +12,8 @@ Two sources of rules, in this order:
   selection rules (``medai.inference.select.matching_series``) decide, exactly
   as for an interactive run.
 
+Models that take a user prompt (a box drawn on a slice) never run unattended.
+
 Routing never reads pixels: series attributes were recorded from the headers at
 reception.
 """
@@ -92,9 +94,15 @@ def parse_routes(raw: Any) -> tuple[Route, ...]:
     return tuple(routes)
 
 
-def _model_version(model_id: str) -> str:
+def _model_version(model_id: str) -> str | None:
+    """The installed version, or None for a model that needs a person's prompt
+    (a box drawn on a slice): nobody is there to give it one."""
     registry = importlib.import_module("medai.inference.registry")
-    return str(registry.get_bundle(model_id).version)
+    bundle = registry.get_bundle(model_id)
+    if bundle.card.accepts_prompt:
+        log.error("route to %s ignored: it takes a user prompt and cannot run unattended", model_id)
+        return None
+    return str(bundle.version)
 
 
 def route_explicit(routes: Sequence[Route], series: Sequence[SeriesInfo],
@@ -106,7 +114,9 @@ def route_explicit(routes: Sequence[Route], series: Sequence[SeriesInfo],
             continue
         for s in ordered:
             if route.matches(s):
-                targets[route.model] = RouteTarget(route.model, _model_version(route.model), s.series_uid)
+                version = _model_version(route.model)
+                if version is not None:
+                    targets[route.model] = RouteTarget(route.model, version, s.series_uid)
                 break
     return list(targets.values())
 
@@ -133,6 +143,8 @@ def route_default(study_dir: Path) -> list[RouteTarget]:
     index = index_mod.scan([study_dir])
     targets = []
     for bundle in registry.list_bundles():
+        if bundle.card.accepts_prompt:
+            continue  # needs a person's prompt (a box on a slice): interactive use only
         try:
             picked = select.matching_series(bundle.card, index)
         except MedaiError as exc:

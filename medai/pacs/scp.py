@@ -165,6 +165,7 @@ class Listener:
 
     def __init__(self, cfg: ListenerConfig, *, store: StudyStore | None = None, db: PacsDB | None = None) -> None:
         cfg.check()
+        _audit.quiet_pynetdicom()
         self.cfg = cfg
         self.store = store or StudyStore()
         self.db = db or PacsDB()

@@ -55,6 +55,7 @@ class DicomDestination:
     def send(self, paths: Sequence[Path]) -> None:
         from pynetdicom import AE
 
+        _audit.quiet_pynetdicom()
         datasets = [pydicom.dcmread(p) for p in paths]
         ae = AE(ae_title=self.calling_ae)
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = self.timeout
