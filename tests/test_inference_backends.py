@@ -128,3 +128,20 @@ def test_sliding_window_runs_a_real_graph_on_tiles() -> None:
     # statistics), so tiles change its answer: the card therefore declares no tile size
     y = sliding_window(x, (64, 64, 64), session.run, overlap=0.25)
     assert y.shape == whole.shape and not np.array_equal(y > 0, whole > 0)
+
+
+def test_provider_failing_parity_falls_back_to_cpu_with_reason(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A provider that cannot really run here (CUDA on a CPU-only build: onnxruntime quietly
+    runs CPU instead) fails its parity check; the run falls back to CPU and says why."""
+    if "CUDAExecutionProvider" in backends._ort().get_available_providers():
+        pytest.skip("this machine really has CUDA")
+    monkeypatch.setattr(backends, "available_providers",
+                        lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    backends.clear_sessions()
+    bundle = registry.get_bundle("brain-extraction")
+    session = backends.get_session(bundle, "bbox", device="auto", threads=1)
+    assert session.provider == "CPUExecutionProvider"
+    assert session.fallback_reason and "CUDAExecutionProvider is not usable here" in session.fallback_reason
+    cached = backends.parity_check(bundle, "bbox", "CUDAExecutionProvider")
+    assert cached.cached and not cached.passed
+    backends.clear_sessions()

@@ -47,6 +47,7 @@ import logging
 import os
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -198,7 +199,9 @@ def _make(path: Path, digest: str, key: str, spec_input: str, spec_output: str, 
     if reference:  # the plainest execution of the graph: no fusions or layout rewrites
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     try:
-        raw = ort.InferenceSession(str(path), sess_options=opts, providers=[provider])
+        with warnings.catch_warnings():  # an unavailable provider is reported through the result
+            warnings.simplefilter("ignore")
+            raw = ort.InferenceSession(str(path), sess_options=opts, providers=[provider])
     except Exception as exc:  # onnxruntime raises its own untyped errors
         raise BackendError(f"{path.name}: cannot create an ONNX Runtime session on {provider} ({exc})") from exc
     used = raw.get_providers()[0]
@@ -267,8 +270,13 @@ def parity_check(bundle: "Bundle", key: str, provider: str, *, threads: int | No
     dice = _dice(ref > 0, out > 0)
     tol, dice_min = bundle.card.parity.get("max_abs_diff", 1e-3), bundle.card.parity.get("dice_min", 0.99)
     passed = diff <= tol and dice >= dice_min and other.provider == provider
-    reason = "" if passed else (f"{provider} differs from CPU on the parity input: max |diff| {diff:.3g} "
-                                f"(limit {tol:g}), Dice {dice:.4f} (min {dice_min:g})")
+    if other.provider != provider:
+        reason = f"{provider} is not usable here (onnxruntime ran {other.provider} instead)"
+    elif not passed:
+        reason = (f"{provider} differs from CPU on the parity input: max |diff| {diff:.3g} "
+                  f"(limit {tol:g}), Dice {dice:.4f} (min {dice_min:g})")
+    else:
+        reason = ""
     result = ParityResult(other.provider, passed, diff, dice, time.perf_counter() - t0, False, reason)
     if use_cache:
         cache[cache_key] = {k: v for k, v in result.__dict__.items() if k != "cached"}
