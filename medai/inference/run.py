@@ -199,9 +199,9 @@ def run_on_volume(bundle: Bundle, volume: Volume, out_dir: str | Path, *, device
     t0 = time.perf_counter()
     try:
         output: PipelineOutput = pipeline.run(volume, ctx)
-    except MedaiError as exc:
-        _audit.record("model_run", outcome="serious_failure", **ids,
-                      detail={"model": bundle.id, "version": bundle.version, "error": type(exc).__name__})
+    except Exception as exc:  # every failed run is in the trail, whatever failed
+        _audit.record("model_run", outcome="serious_failure" if isinstance(exc, MedaiError) else "major_failure",
+                      **ids, detail={"model": bundle.id, "version": bundle.version, "error": type(exc).__name__})
         raise
     ctx.timings["pipeline"] = time.perf_counter() - t0
     if output.labels.shape != volume.shape:
