@@ -74,7 +74,7 @@ with left:
         r0 = cols[1].number_input("top", 0, rows_n - 1, min(int(box[1]), rows_n - 1))
         c1 = cols[2].number_input("right", 0, cols_n - 1, min(int(box[2]), cols_n - 1))
         r1 = cols[3].number_input("bottom", 0, rows_n - 1, min(int(box[3]), rows_n - 1))
-        propagate = st.checkbox("Propagate to neighbouring slices", value=True)
+        propagate = st.checkbox("Propagate to neighbouring slices", value=True, key="prompt_propagate")
         if c1 > c0 and r1 > r0:
             try:
                 prompt = workstation.box_prompt(display, view, index, (c0, r0, c1, r1), propagate=propagate)
