@@ -119,6 +119,10 @@ def test_slice_stepping_buttons_and_bounds():
     at.segmented_control[0].set_value("sagittal").run()
     _no_exception(at)
     assert at.slider[0].max == 256  # sagittal slices run across the 256 columns
+    at.toggle(key="show_planes").set_value(True).run()
+    _no_exception(at)
+    captions = [img.proto.imgs[0].caption for img in at.get("image")]
+    assert captions == ["axial 1/20", "coronal 129/256"]  # axial kept where it was stepped to
 
 
 def test_ct_window_presets_change_the_pixels_exactly(ct_series):
@@ -277,3 +281,33 @@ def test_studies_received_from_the_pacs_are_listed(medai_home):
     _no_exception(at)
     table = at.dataframe[0].value
     assert list(table[table["Source"] == "pacs"]["Images"]) == [20]
+
+
+@pytest.mark.slow
+def test_interactive_box_prompt_runs_litemedsam_on_the_current_slice(medai_home):
+    """A box on the middle axial slice of the demo T1 (as drawn in the Viewer),
+    LiteMedSAM from the Run page without propagation: a mask on that slice only."""
+    if workstation.demo_dir() is None:
+        pytest.fail("the bundled demo T1 study (medai/data/demo-t1) is missing")
+    at = _open_first_series(_app())
+    at.session_state["box"] = (70, 80, 110, 140)  # around the left lateral ventricle, display pixels
+    at.session_state["box_at"] = ("axial", 90)
+    at.switch_page("app_pages/run.py").run()
+    from medai.inference import registry
+
+    if "medsam-lite" not in [b.id for b in registry.list_bundles()]:
+        pytest.skip("the medsam-lite bundle is not shipped in this checkout yet")
+    at.selectbox(key="run_model_id").set_value("medsam-lite").run()
+    _no_exception(at)
+    assert [n.value for n in at.number_input] == [70, 80, 110, 140]
+    at.checkbox(key="prompt_propagate").uncheck().run()
+    at.button(key="run-button").click().run(timeout=600)
+    _no_exception(at)
+    assert not [e.value for e in at.error if "Not for diagnostic use" not in e.value]
+    import SimpleITK as sitk
+
+    mask = sitk.GetArrayFromImage(sitk.ReadImage(str(Path(at.session_state["result_dir"]) / "mask.nii.gz")))
+    slices = np.unique(np.nonzero(mask)[0])
+    assert len(slices) == 1  # the prompted slice only
+    volume_ml = float(next(m.value for m in at.metric if m.label.endswith("volume")).split()[0])
+    assert 0 < volume_ml < 40 * 60 / 1000 + 1e-6  # inside the 41 x 61 px box of 1 mm voxels, one slice

@@ -108,6 +108,14 @@ with main:
     click = streamlit_image_coordinates(viewer.annotate(image, points=points_here, box=box_here),
                                         key=f"img-{view}-{'drag' if dragging else 'click'}", width="stretch",
                                         cursor="crosshair", click_and_drag=dragging)
+    if st.toggle("Other planes", key="show_planes", persist_state="session",
+                 help="The two other planes through the middle of the volume, with the same window and overlay"):
+        others = [v for v in viewer.VIEWS if v != view]
+        for column, other in zip(st.columns(2), others):
+            other_index = int(ss.get(f"slice-{series.series_uid}-{other}", viewer.slice_count(display, other) // 2 + 1)) - 1
+            thumb = state.rendered(series.series_uid, files, other, other_index, window.width, window.level,
+                                   shown_result, float(ss.opacity), ss.overlay_mode, 320)
+            column.image(viewer.annotate(thumb), caption=f"{other} {other_index + 1}/{viewer.slice_count(display, other)}")
     st.caption(workstation.NOT_FOR_DIAGNOSTIC_USE)
 
 if click and click.get("unix_time") != ss.get("last_click_time"):
