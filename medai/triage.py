@@ -382,7 +382,11 @@ def _worker_setup(threads: int | None = None, allow: tuple[str, int] | None = No
     if _WORKER["ready"]:
         return
     if pool_worker:
+        import signal
+
         _die_with_parent()
+        # Ctrl-C reaches the whole process group: the coordinator stops the workers itself
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     if not egress.installed():
         egress.install_for_entry_point("triage-worker")
     if threads:

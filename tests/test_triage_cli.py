@@ -72,6 +72,8 @@ def test_real_folder_worklist(folder, tmp_path):
     assert [r["rank"] for r in data["studies"]] == list(range(1, 10))
     # identifiers only in the worklist file, never on the terminal
     assert "MEDAI-DEMO-0001" not in proc.stderr + proc.stdout and "SYNTH-0000" not in proc.stderr + proc.stdout
+    # stderr is not a terminal: no progress bar, but the summary table
+    assert "studies/s" not in proc.stderr and "Worklist: 9 studies" in proc.stderr
     assert _model_runs("brain-volumetry") == 2
 
     # the CSV, from the state database: nothing runs again, same rows, same order, same exit code
@@ -94,7 +96,21 @@ def test_usage_errors_exit_2(tmp_path):
     assert proc.returncode != 0 and "no-such-model" in proc.stderr
 
 
-def test_empty_folder_nothing_could_run(tmp_path):
+def test_empty_folder_nothing_could_run_progress_on_a_terminal(tmp_path):
+    import os
+    import pty
+
     (tmp_path / "notes.txt").write_text("not DICOM")
-    proc = _medai("triage", str(tmp_path), "--models", "brain-extraction", "--out", str(tmp_path / "w.csv"))
-    assert proc.returncode == 1, proc.stderr
+    master, slave = pty.openpty()
+    proc = subprocess.run([sys.executable, "-m", "medai", "triage", str(tmp_path), "--models", "brain-extraction",
+                           "--out", str(tmp_path / "w.csv")], stdout=subprocess.PIPE, stderr=slave, timeout=120)
+    os.close(slave)
+    shown = b""
+    try:
+        while chunk := os.read(master, 65536):
+            shown += chunk
+    except OSError:  # EIO: the terminal's other side is closed
+        pass
+    os.close(master)
+    assert proc.returncode == 1, shown
+    assert b"studies/s" in shown  # the progress bar, on the terminal only
