@@ -222,3 +222,28 @@ def test_destination_not_configured_is_never_contacted(medai_home: Path) -> None
     assert worker.send_one()
     row = next(db.rows("SELECT state, error, attempts FROM transfers"))
     assert row["state"] == "failed" and row["error"] == "destination no longer configured"
+
+
+def test_recovery_leaves_work_of_a_live_process_alone(medai_home: Path) -> None:
+    """A listener and an Orthanc follower may share MEDAI_HOME: a worker starting
+    must not take back the job the other one is running (it would run twice)."""
+    import socket
+
+    from medai.pacs import queue
+
+    db = PacsDB()
+    _receive(db, "1.2.3.4.5.1")
+    db.mark_stable(STUDY, [RouteTarget("m", "1")], destination=None)
+    assert db.claim_job() is not None
+    other = subprocess.Popen(["sleep", "30"])
+    try:
+        owner = f"{socket.gethostname()}|{queue._boot_id()}|{other.pid}"
+        with db._tx() as conn:
+            conn.execute("UPDATE jobs SET owner=?", (owner,))
+        assert db.recover() == (0, 0)
+        assert db.status()["jobs"] == {"running": 1}
+    finally:
+        other.kill()
+        other.wait()
+    assert db.recover() == (1, 0)  # its process is gone now
+    assert db.status()["jobs"] == {"pending": 1}

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import socket
 import sqlite3
 import threading
 import time
@@ -63,6 +65,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     next_attempt_at REAL NOT NULL DEFAULT 0,
     error TEXT,
     out_dir TEXT,
+    owner TEXT,
     created_at REAL NOT NULL,
     updated_at REAL NOT NULL,
     UNIQUE(study_uid, model_id, model_version)
@@ -76,6 +79,7 @@ CREATE TABLE IF NOT EXISTS transfers (
     attempts INTEGER NOT NULL DEFAULT 0,
     next_attempt_at REAL NOT NULL DEFAULT 0,
     error TEXT,
+    owner TEXT,
     updated_at REAL NOT NULL,
     UNIQUE(job_id, path, destination)
 );
@@ -131,6 +135,39 @@ class RouteTarget:
     model_id: str
     model_version: str
     series_uid: str | None = None
+
+
+def _boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()[:8]
+    except OSError:
+        return ""
+
+
+#: Who claimed a job or transfer: host, boot and process id (a pid from an
+#: earlier boot, reused by another program, must not look alive).
+_OWNER = f"{socket.gethostname()}|{_boot_id()}|{os.getpid()}"
+
+
+def _owner_alive(owner: str | None) -> bool:
+    """Whether the process that claimed the work still runs. Work of another
+    host is assumed alive; work of this very process is not (a recovering
+    worker cannot be running anything yet)."""
+    parts = (owner or "").split("|")
+    if len(parts) != 3 or not parts[2].isdigit():
+        return False
+    host, boot, pid = parts[0], parts[1], int(parts[2])
+    if host != socket.gethostname():
+        return True
+    if boot != _boot_id() or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def default_path() -> Path:
@@ -307,13 +344,21 @@ class PacsDB:
 
     # -- jobs ---------------------------------------------------------------
     def recover(self) -> tuple[int, int]:
-        """After a restart: work that was in flight goes back to pending."""
+        """After a restart: work whose process is gone goes back to pending.
+
+        Work claimed by a process that is still alive (a listener and an
+        Orthanc follower sharing one ``MEDAI_HOME``) is left alone, or it would
+        run twice."""
         now = time.time()
+        counts = []
         with self._tx() as db:
-            jobs = db.execute("UPDATE jobs SET state='pending', updated_at=? WHERE state='running'", (now,)).rowcount
-            transfers = db.execute("UPDATE transfers SET state='pending', updated_at=? WHERE state='sending'",
-                                   (now,)).rowcount
-        return jobs, transfers
+            for table, busy in (("jobs", "running"), ("transfers", "sending")):
+                orphans = [r["id"] for r in db.execute(f"SELECT id, owner FROM {table} WHERE state=?", (busy,))
+                           if not _owner_alive(r["owner"])]
+                db.executemany(f"UPDATE {table} SET state='pending', owner=NULL, updated_at=? WHERE id=?",
+                               [(now, i) for i in orphans])
+                counts.append(len(orphans))
+        return counts[0], counts[1]
 
     def claim_job(self, now: float | None = None) -> Job | None:
         now = time.time() if now is None else now
@@ -322,7 +367,8 @@ class PacsDB:
                              (now,)).fetchone()
             if row is None:
                 return None
-            db.execute("UPDATE jobs SET state='running', attempts=attempts+1, updated_at=? WHERE id=?", (now, row["id"]))
+            db.execute("UPDATE jobs SET state='running', attempts=attempts+1, owner=?, updated_at=? WHERE id=?",
+                       (_OWNER, now, row["id"]))
         return Job(row["id"], row["study_uid"], row["model_id"], row["model_version"], row["series_uid"],
                    row["input_digest"], row["destination"], row["attempts"] + 1)
 
@@ -370,8 +416,8 @@ class PacsDB:
                              "t.state='pending' AND t.next_attempt_at <= ? ORDER BY t.id LIMIT 1", (now,)).fetchone()
             if row is None:
                 return None
-            db.execute("UPDATE transfers SET state='sending', attempts=attempts+1, updated_at=? WHERE id=?",
-                       (now, row["id"]))
+            db.execute("UPDATE transfers SET state='sending', attempts=attempts+1, owner=?, updated_at=? WHERE id=?",
+                       (_OWNER, now, row["id"]))
         return Transfer(row["id"], row["job_id"], Path(row["path"]), row["destination"], row["attempts"] + 1,
                         row["study_uid"])
 
