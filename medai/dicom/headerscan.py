@@ -79,6 +79,8 @@ def _walk(data: bytes, size: int, wanted: frozenset[int] | set[int], path: Path)
     while off + 8 <= n and data[off:off + 2] == b"\x02\x00":
         tag = 0x00020000 | struct.unpack_from("<H", data, off + 2)[0]
         vr = data[off + 4:off + 6]
+        if not (vr.isalpha() and vr.isupper()):
+            return None  # meta group not in explicit VR: a broken writer, let pydicom cope
         if vr in _LONG_VRS:
             if off + 12 > n:
                 raise _NeedMore
