@@ -187,7 +187,7 @@ def test_overlay_toggle_opacity_and_outline(ct_series, medai_home):
 
 
 @pytest.mark.slow
-def test_running_brain_extraction_from_the_run_page(medai_home):
+def test_running_brain_extraction_from_the_run_page(medai_home, monkeypatch):
     """The bundled real T1 demo study, the shipped brain-extraction bundle, run
     from the page: the card is shown first, the result volume and the overlay follow."""
     if workstation.demo_dir() is None:
@@ -228,6 +228,38 @@ def test_running_brain_extraction_from_the_run_page(medai_home):
     from medai.compliance import audit
 
     assert "export" in {r["event"] for r in audit.iter_records()}
+    # ...and to the configured PACS: a real dcmtk storescp on loopback receives the SEG
+    received = _send_to_storescp(at, medai_home, monkeypatch)
+    assert "SEG" in received.values()
+
+
+def _send_to_storescp(at: AppTest, home: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    import shutil
+    import subprocess
+    import time
+
+    import pydicom
+
+    from tests.test_ui_server import free_port
+
+    storescp = shutil.which("storescp")
+    assert storescp, "dcmtk storescp missing: run scripts/setup --test as root"
+    inbox = home / "pacs-inbox"
+    inbox.mkdir()
+    port = free_port()
+    peer = subprocess.Popen([storescp, "-aet", "PEER", "-od", str(inbox), str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    monkeypatch.setenv("MEDAI_PACS_DESTINATION", f"PEER@127.0.0.1:{port}")
+    try:
+        time.sleep(0.5)
+        at.run()
+        at.button(key="send-button").click().run()
+        _no_exception(at)
+        assert any("Sent (audited)" in m.value for m in at.success), [e.value for e in at.error]
+    finally:
+        peer.terminate()
+        peer.wait(timeout=10)
+    return {p.name: str(pydicom.dcmread(p).Modality) for p in inbox.iterdir()}
 
 
 def test_audit_page_verifies_the_chain_and_writes_an_attestation(medai_home):
