@@ -35,9 +35,12 @@ with st.sidebar:
     st.markdown("### medai workstation")
     st.error(workstation.NOT_FOR_DIAGNOSTIC_USE, icon=":material/warning:")
     study, series = state.selected()
-    if series is not None:
+    if series is not None and study is not None:
+        # who this is, on every page: the guard against reading the wrong patient's images
         st.caption("Open series")
-        st.markdown(f"**{series.modality}** · {series.description or '(no description)'}  \n"
+        st.markdown(f"**{study.patient_name.replace('^', ' ') or '(no name)'}**  \n"
+                    f"ID {study.patient_id or '—'} · {study.study_date or 'no date'}  \n"
+                    f"**{series.modality}** · {series.description or '(no description)'}  \n"
                     f"{series.n_images} images")
     st.caption("Runs on this machine only · nothing leaves it unless you send it.")
 
