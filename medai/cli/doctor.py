@@ -76,8 +76,12 @@ def doctor_command(
         for bundle in registry.list_bundles():
             for key in bundle.card.graphs:
                 for provider in backends.available_providers():
-                    res = backends.parity_check(bundle, key, provider, use_cache=not fresh)
                     reference = "CPU (no graph optimisation)"
+                    try:
+                        res = backends.parity_check(bundle, key, provider, use_cache=not fresh)
+                    except Exception as exc:  # one model's problem must not hide the others
+                        res = backends.ParityResult(provider, False, float("nan"), 0.0, 0.0,
+                                                    reason=f"parity check could not run: {exc}")
                     report["parity"].append({"model": bundle.id, "graph": key, "provider": res.provider,
                                              "reference": reference, "passed": res.passed,
                                              "max_abs_diff": res.max_abs_diff, "dice": res.dice,

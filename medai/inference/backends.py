@@ -236,6 +236,29 @@ def _parity_input(spec: "GraphSpec") -> np.ndarray:
     return np.broadcast_to(noisy, shape).astype(np.float32).copy()
 
 
+_NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
+                "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(uint8)": np.uint8,
+                "tensor(bool)": np.bool_}
+
+
+def _parity_feed(session: Any, spec: "GraphSpec") -> dict[str, np.ndarray]:
+    """Inputs for every graph input: the blob for the card's main input, seeded values for others
+    (e.g. a prompt box): parity compares providers on the same numbers, whatever they mean."""
+    rng = np.random.default_rng(7)
+    feed = {}
+    for arg in session.get_inputs():
+        if arg.name == spec.input:
+            feed[arg.name] = _parity_input(spec)
+            continue
+        shape = [d if isinstance(d, int) and d > 0 else 1 for d in arg.shape]
+        dtype = _NUMPY_TYPES.get(arg.type, np.float32)
+        if np.issubdtype(dtype, np.floating):
+            feed[arg.name] = rng.random(shape).astype(dtype)
+        else:
+            feed[arg.name] = np.zeros(shape, dtype=dtype)
+    return feed
+
+
 def _dice(a: np.ndarray, b: np.ndarray) -> float:
     inter = float(np.logical_and(a, b).sum())
     total = float(a.sum() + b.sum())
@@ -259,13 +282,14 @@ def parity_check(bundle: "Bundle", key: str, provider: str, *, threads: int | No
         if cache_key in cache:
             return ParityResult(**{**cache[cache_key], "cached": True})
     threads = thread_count(threads)
-    x = _parity_input(spec)
     t0 = time.perf_counter()
     # The reference is CPU without graph optimisations; checking CPU itself (doctor on a
     # CPU-only machine) then tests the optimised graph the runs actually use.
     cpu = _make(bundle.file(spec.file), digest, key, spec.input, spec.output, CPU, threads, reference=True)
     other = _make(bundle.file(spec.file), digest, key, spec.input, spec.output, provider, threads)
-    ref, out = cpu.run(x), other.run(x)
+    feed = _parity_feed(cpu._session, spec)
+    ref = cpu._session.run([spec.output], feed)[0]
+    out = other._session.run([spec.output], feed)[0]
     diff = float(np.max(np.abs(ref.astype(np.float64) - out.astype(np.float64))))
     dice = _dice(ref > 0, out > 0)
     tol, dice_min = bundle.card.parity.get("max_abs_diff", 1e-3), bundle.card.parity.get("dice_min", 0.99)
