@@ -187,6 +187,11 @@ class Session:
         """Run the graph on one input array; returns its one output array."""
         return self._session.run([self.output_name], {self.input_name: x})[0]
 
+    def run_feeds(self, feeds: dict[str, np.ndarray], outputs: list[str] | None = None) -> list[np.ndarray]:
+        """Run a graph with several inputs (e.g. embedding + prompt box); ``outputs`` by name
+        (default: the card's output only)."""
+        return list(self._session.run(outputs or [self.output_name], feeds))
+
 
 _cache: dict[tuple[str, str, int], Session] = {}
 _lock = threading.Lock()
