@@ -20,6 +20,7 @@ calls it once per run (keep heavy state in the session cache, not in the module)
             x = ctx.steps.apply(volume)                  # card [[preprocessing]] steps, recorded
             session = ctx.session("main")                # ONNX session for card graph "main"
             y = session.run(x[None, None])               # numpy in, numpy out
+            # several inputs: session.run_feeds({"embedding": e, "box": b}, ["logits", "iou"])
             ctx.record("threshold", value=0.5)           # record anything else you do
             labels = ...                                 # uint8/uint16, volume.shape, source grid
             return PipelineOutput(labels=labels, segments=segments_from_card(self.bundle.card))
