@@ -234,9 +234,9 @@ def card_summary(card: Any) -> dict[str, Any]:
     use = {str(k): v for k, v in dict(card.intended_use).items()}
     limits = use.pop("out_of_scope", None) or use.pop("limitations", None) or card.raw.get("limitations")
     metrics = [{"Metric": str(m.get("name", "")).replace("_", " "),
+                "Value": m.get("value", ""),
                 "Data": m.get("case") or m.get("data", ""),
                 "n": m.get("n", ""),
-                "Value": m.get("value", ""),
                 "Note": m.get("note", "")} for m in card.metrics]
     return {
         "summary": card.summary,

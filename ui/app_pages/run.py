@@ -117,8 +117,7 @@ with left:
             qc = result.get("qc") or {}
             if qc:
                 st.markdown("**Quality checks**")
-                st.dataframe([{"Check": str(k).replace("_", " "), "Value": str(v)} for k, v in qc.items()],
-                             hide_index=True, width="stretch")
+                st.table({str(k).replace("_", " "): str(v) for k, v in qc.items()})
             st.caption(workstation.NOT_FOR_DIAGNOSTIC_USE)
             st.caption(f"Model {result['model'].get('id', model_id)} {result['model'].get('version', '')} · "
                        f"{result['backend']['provider']} · {result['timings_s'].get('total', 0)} s")
