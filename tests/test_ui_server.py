@@ -241,3 +241,15 @@ def test_non_loopback_listen_only_when_asked(medai_home):
 
     alerts = [r for r in audit.iter_records() if r["event"] == "security_alert"]  # same MEDAI_HOME
     assert any(f"{addr}:{port}" in str(r.get("detail")) for r in alerts)
+
+
+def test_busy_port_is_refused_before_any_url_is_printed(medai_home):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run([str(MEDAI), "ui", "--port", str(port)], capture_output=True, text=True,
+                              timeout=120, env=dict(os.environ))
+    assert done.returncode == 2
+    assert done.stdout == ""
+    assert f"cannot serve on 127.0.0.1:{port}" in done.stderr

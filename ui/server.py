@@ -128,6 +128,23 @@ def is_loopback(address: str) -> bool:
         return False
 
 
+def check_port(address: str, port: int) -> None:
+    """Refuse early, with a clear message, when the port is taken (before the URL is
+    printed, so a script never reads the URL of someone else's server)."""
+    import socket
+
+    from medai.errors import ConfigError
+
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((address.strip("[]"), port))
+        except OSError as exc:
+            raise ConfigError(f"cannot serve on {address}:{port}: {exc.strerror or exc} "
+                              "(choose another with --port)") from None
+
+
 def streamlit_options(address: str, port: int) -> dict[str, Any]:
     """Streamlit settings for the workstation: local, quiet, protected."""
     return {
@@ -170,6 +187,7 @@ def serve(address: str, port: int, *, on_ready: Callable[[str], None] | None = N
     Blocks. ``on_ready`` receives the URL once the port is known, before serving.
     """
     guard_process(address, port)
+    check_port(address, port)
     from starlette.middleware import Middleware
 
     import streamlit as st
