@@ -54,7 +54,8 @@ def _crude_brain_mask(a: np.ndarray, spacing: tuple[float, float, float]) -> np.
 
 @pytest.mark.slow
 def test_tissue_volumes_agree_with_mni152_maps(mni: dict) -> None:
-    seg = tissue.classify_tissue(mni["t1"], mni["mask"], mni["spacing"], tissue.TissueParams(beta=0.3))
+    params = tissue.TissueParams.from_mapping(_card()["postprocessing"]["tissue"])  # the shipped parameters
+    seg = tissue.classify_tissue(mni["t1"], mni["mask"], mni["spacing"], params)
     for cls in ("GM", "WM", "CSF"):
         err = abs(seg.volumes_ml[cls] - mni["ref"][cls]) / mni["ref"][cls]
         assert err < 0.15, (cls, seg.volumes_ml[cls], mni["ref"][cls])
@@ -110,11 +111,14 @@ def test_qc_flags_very_noisy_input(mni: dict) -> None:
     assert qc.run_qc(mild, mni["mask"], mni["spacing"])["snr"].status == "pass"
 
 
-def _card_measures() -> dict:
+def _card() -> dict:
     import tomllib
 
-    card = tomllib.loads((REPO / "models" / "brain-volumetry" / "card.toml").read_text())
-    return normative.load_measures(card["normative"])
+    return tomllib.loads((REPO / "models" / "brain-volumetry" / "card.toml").read_text())
+
+
+def _card_measures() -> dict:
+    return normative.load_measures(_card()["normative"])
 
 
 def test_normative_percentiles_and_missing_age_sex() -> None:
@@ -151,6 +155,14 @@ def test_medai_run_brain_volumetry_writes_seg_sr_and_summary(tmp_path: Path) -> 
     parts = names["gm_volume_ml"]["value"] + names["wm_volume_ml"]["value"] + names["csf_volume_ml"]["value"]
     assert abs(parts - icv) / icv < 0.01
     assert 0.6 < names["brain_parenchymal_fraction"]["value"] < 0.95
+    # The demo study is Colin27 (real single subject): agree within 15 % with the independent
+    # ANTs Atropos reference recorded on the card (same brain-extraction mask).
+    refs = {m["name"]: m["reference_ml"] for m in _card()["metrics"]
+            if m["dataset"].startswith("Colin27") and m["name"].endswith("_volume_error_percent")}
+    assert set(refs) == {"gm_volume_error_percent", "wm_volume_error_percent", "csf_volume_error_percent"}
+    for cls in ("gm", "wm", "csf"):
+        ours, ref = names[f"{cls}_volume_ml"]["value"], refs[f"{cls}_volume_error_percent"]
+        assert abs(ours - ref) / ref < 0.15, (cls, ours, ref)
     assert data["qc"]["image_quality"]["status"] == "pass"
     assert data["qc"]["normative"][0]["measure"] == "brain_parenchymal_fraction"
     assert "percentile" in data["qc"]["normative"][0]  # demo headers: 34 y, M

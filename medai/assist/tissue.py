@@ -41,6 +41,10 @@ class TissueParams:
     #: Stop when the largest change of a posterior mean between iterations is below this.
     tolerance: float = 1e-3
     bias_correction: bool = True
+    #: Which pure classes share one noise variance: "all" or "gm_wm" (CSF free).
+    tied_variance: str = "all"
+    #: Intensities below this percentile of the mask are raised to it (see classify_tissue).
+    clip_low_percentile: float = 0.0
     #: Shrink factor for the N4 fit (the field is smooth; fitting it coarse is enough).
     n4_shrink: int = 3
     n4_iterations: tuple[int, ...] = (50, 50, 30)
@@ -60,7 +64,7 @@ class TissueParams:
 
     def as_dict(self) -> dict[str, Any]:
         return {"beta": self.beta, "max_iterations": self.max_iterations, "tolerance": self.tolerance,
-                "bias_correction": self.bias_correction, "n4_shrink": self.n4_shrink,
+                "bias_correction": self.bias_correction, "tied_variance": self.tied_variance, "clip_low_percentile": self.clip_low_percentile, "n4_shrink": self.n4_shrink,
                 "n4_iterations": list(self.n4_iterations)}
 
 
@@ -191,7 +195,12 @@ def classify_tissue(image: np.ndarray, mask: np.ndarray, spacing: tuple[float, f
         shifted = np.where(m, img - min(lo, 0.0) + 1e-3 * (hi - lo), 0).astype(np.float32)
         img = n4_correct(shifted, m, (sx, sy, sz), shrink=params.n4_shrink, iterations=params.n4_iterations)
     vals = img[m].astype(np.float64)
-    # Scale to a robust unit range so tolerances mean the same on every scanner.
+    # Scale to a robust unit range so tolerances mean the same on every scanner. The darkest
+    # voxels are clipped up to a low percentile: inside an intracranial mask they are CSF,
+    # dura or air the mask took in, and a dense spike of them (e.g. zeros around a
+    # skull-stripped input) would otherwise capture the CSF class on its own.
+    floor = np.percentile(vals, params.clip_low_percentile) if params.clip_low_percentile > 0 else -np.inf
+    vals = np.maximum(vals, floor)
     lo, hi = np.percentile(vals, [0.5, 99.5])
     scale = hi - lo
     y = (vals - lo) / scale
@@ -232,8 +241,12 @@ def classify_tissue(image: np.ndarray, mask: np.ndarray, spacing: tuple[float, f
         mu = (pure @ y) / wsum
         # One noise variance shared by the pure classes: spread beyond it is left to the
         # mixed classes (otherwise the broadest pure class swallows the boundary voxels).
-        pooled = float((pure * (y[None, :] - mu[:, None]) ** 2).sum() / wsum.sum())
-        var = np.full(3, max(pooled, 1e-4))
+        sq = (pure * (y[None, :] - mu[:, None]) ** 2).sum(axis=1)
+        if params.tied_variance == "all":
+            var = np.full(3, max(float(sq.sum() / wsum.sum()), 1e-4))
+        else:  # "gm_wm": CSF keeps its own (vessels, dura and partial skull make it broader)
+            tied = max(float((sq[1] + sq[2]) / (wsum[1] + wsum[2])), 1e-4)
+            var = np.array([max(float(sq[0] / wsum[0]), tied), tied, tied])
         pi5 = np.maximum(p.sum(axis=1) / p.shape[1], 1e-3)
         pi5 /= pi5.sum()
         order = np.argsort(mu)

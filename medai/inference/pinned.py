@@ -7,6 +7,6 @@ the card in turn pins every file by SHA-256. No private key is needed at run tim
 
 PINNED: dict[str, tuple[str, ...]] = {
     "brain-extraction": ("36799871c9d14417c06ea70baffc61648cdce454f61f3eae170af12723fa63b6",),
-    "brain-volumetry": ("63b203a2fb00aa7ecf1bcfb9d0ed0c216b892044f6d0591449608ce081f361b3",),
+    "brain-volumetry": ("63ff06d26d18862c8210c1430ec2dd1b1dce7825e8ef221e71e92a877399b556",),
     "medsam-lite": ("56e374269f386932def2e6715bfb58217a017f298f7ad007c5d86b889cc94e79",),
 }
