@@ -11,6 +11,7 @@ band for the patient's sex across age, the image-quality checks and the findings
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
@@ -71,8 +72,9 @@ def _normative_plot(ax: Any, qc: Mapping[str, Any], card: "ModelCard") -> None:
     ax.set_title("Brain parenchymal fraction vs. age (reference)", fontsize=9)
     ax.tick_params(labelsize=7)
     if m is None or comp is None or "z" not in comp:
-        ax.text(0.5, 0.5, (comp or {}).get("note", "no normative comparison"), ha="center", va="center",
-                fontsize=8, wrap=True, transform=ax.transAxes)
+        note = (comp or {}).get("note") or ("volumes not reported (image QC failed)" if comp is None
+                                            else "no normative comparison")
+        ax.text(0.5, 0.5, textwrap.fill(note, 45), ha="center", va="center", fontsize=8, transform=ax.transAxes)
         ax.set_axis_off()
         return
     sex = qc.get("sex") or "F"
@@ -139,25 +141,32 @@ def render_summary(volume: "Volume", output: "PipelineOutput", card: "ModelCard"
 
     y = 0.38
     fig.text(0.04, y, "Image quality checks", fontsize=9, weight="bold", va="top")
+    line = 0.0125
+    y -= 0.006
     for check in quality.get("checks", []):
-        y -= 0.019
+        y -= 0.013
         value = "-" if check.get("value") is None else f"{check['value']:.3g}"
         fig.text(0.05, y, f"{check['status'].upper():>12}", fontsize=7, va="top", family="monospace",
                  color=_STATUS_COLOUR.get(check["status"], "black"))
-        fig.text(0.17, y, f"{check['name']}: {value} {check['unit']} ({check['threshold']}) — {check['message']}"[:135],
-                 fontsize=7, va="top")
-    y -= 0.035
+        text = textwrap.fill(f"{check['name']}: {value} {check['unit']} ({check['threshold']}) — {check['message']}",
+                             118)
+        fig.text(0.17, y, text, fontsize=7, va="top")
+        y -= line * text.count("\n")
+    y -= 0.03
     fig.text(0.04, y, "Findings (assistive, for review)", fontsize=9, weight="bold", va="top")
+    y -= 0.006
     for f in output.findings or ():
-        y -= 0.022
-        fig.text(0.05, y, f"[{f.severity}] {f.text}"[:160], fontsize=7.5, va="top", wrap=True)
+        y -= 0.016
+        text = textwrap.fill(f"[{f.severity}] {f.text}", 120)
+        fig.text(0.05, y, text, fontsize=7.5, va="top")
+        y -= line * text.count("\n")
     if output.priority is not None:
         y -= 0.03
         fig.text(0.04, y, f"Worklist priority: {output.priority.level} (score {output.priority.score:.2f})",
                  fontsize=8, va="top")
-    fig.text(0.04, 0.02, "Normative source: " + "; ".join(sorted({c.get('source', '') for c in qc.get('normative', [])
-                                                               if c.get('source')}))[:200]
-             or "Normative source: none used", fontsize=6, va="bottom", color="#555555", wrap=True)
+    sources = sorted({c["source"] for c in qc.get("normative", []) if c.get("source")})
+    fig.text(0.04, 0.02, textwrap.fill("Normative source: " + ("; ".join(sources) if sources else "none used"), 170),
+             fontsize=6, va="bottom", color="#555555")
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = [out_dir / "summary.png", out_dir / "summary.pdf"]
     for p in paths:
