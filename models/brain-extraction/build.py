@@ -80,26 +80,15 @@ def _deepbet_models():
     return models
 
 
-def _constant_value(graph, name: str):
-    import numpy as np
-    from onnx import numpy_helper
-
-    for n in graph.node:
-        if n.op_type == "Constant" and n.output[0] == name:
-            return numpy_helper.to_array(n.attribute[0].t)
-    for t in graph.initializer:
-        if t.name == name:
-            return numpy_helper.to_array(t)
-    return np.array([np.nan])
-
-
 def _staged_instance_norm(graph, node, index: int):
     """Nodes computing InstanceNormalization(x) with per-axis staged means.
 
-    deepbet's instance norms are not affine (scale 1, bias 0): those two full-tensor
-    passes are then left out, which is exact (x * 1 + 0 == x in IEEE arithmetic).
+    deepbet's norms are not affine (scale 1, bias 0), so the final Mul/Add could be left
+    out exactly; measured on the 256^3 graph that saved ~17 % CPU but raised the peak by
+    ~90 MB (onnxruntime reuses buffers differently), and memory is the scarcer resource on
+    the machines we target, so they stay. Computing the variance with ReduceSumSquare
+    (no full-size squared map) raised the peak further and is not used either.
     """
-    import numpy as np
     from onnx import helper
 
     x, scale, bias = node.input
@@ -123,10 +112,6 @@ def _staged_instance_norm(graph, node, index: int):
     graph.initializer.append(eps_t)
     nodes.append(helper.make_node("Add", [var, eps_t.name], [f"{p}_ve"]))
     nodes.append(helper.make_node("Sqrt", [f"{p}_ve"], [f"{p}_sd"]))
-    scale_v, bias_v = _constant_value(graph, scale), _constant_value(graph, bias)
-    if np.all(scale_v == 1) and np.all(bias_v == 0):
-        nodes.append(helper.make_node("Div", [f"{p}_d", f"{p}_sd"], [node.output[0]]))
-        return nodes
     nodes.append(helper.make_node("Div", [f"{p}_d", f"{p}_sd"], [f"{p}_n"]))
     # scale/bias are per channel [C]; reshape to [1, C, 1, 1, 1] for broadcasting.
     shape = helper.make_tensor(f"{p}_cshape", 7, [5], [1, -1, 1, 1, 1])
