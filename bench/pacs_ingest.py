@@ -7,7 +7,9 @@ instances/s per receiver (median of the rounds) and the ratio medai/storescp
 (target >= 0.8).
 
 A third receiver, a bare pynetdicom SCP doing what storescp does (write the
-file, nothing else), shows how much of the gap is pynetdicom itself.
+file, nothing else), shows how much of the gap is pynetdicom itself; a fourth
+is the same SCP with medai's event-driven association reactors
+(``medai.pacs._reactor``), i.e. what those alone are worth.
 
 Note the receivers do not promise the same thing: medai fsyncs every file and
 its directory, writes its queue database and audits each study before it
@@ -126,17 +128,22 @@ for cx in AllStoragePresentationContexts:
 def store(event):
     (out / (event.request.AffectedSOPInstanceUID + ".dcm")).write_bytes(event.encoded_dataset())
     return 0
+server = ae.start_server(("127.0.0.1", int(sys.argv[1])), block=False, evt_handlers=[(evt.EVT_C_STORE, store)])
+if sys.argv[3] == "event-driven":
+    from medai.pacs._reactor import EventDrivenRequestHandler
+    server.RequestHandlerClass = EventDrivenRequestHandler
 print("ready", flush=True)
-ae.start_server(("127.0.0.1", int(sys.argv[1])), block=True, evt_handlers=[(evt.EVT_C_STORE, store)])
+import threading
+threading.Event().wait()
 """
 
 
-def run_bare(files_groups: list[list[Path]], work: Path) -> float:
+def run_bare(files_groups: list[list[Path]], work: Path, reactor: str = "stock") -> float:
     out = work / "bare-out"
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir()
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-c", BARE_PYNETDICOM, str(port), str(out)], stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-c", BARE_PYNETDICOM, str(port), str(out), reactor], stdout=subprocess.PIPE,
                             stderr=subprocess.DEVNULL)
     try:
         assert proc.stdout is not None
@@ -187,20 +194,25 @@ def main() -> int:
         files = make_study(work / "study", args.instances)
         n = args.associations
         groups = [files[i::n] for i in range(n)]
-        times: dict[str, list[float]] = {"storescp": [], "medai": [], "pynetdicom": []}
+        times: dict[str, list[float]] = {"storescp": [], "medai": [], "pynetdicom": [], "pynetdicom+reactors": []}
+        receivers = (("storescp", run_storescp), ("medai", run_medai), ("pynetdicom", run_bare),
+                     ("pynetdicom+reactors", lambda g, w: run_bare(g, w, "event-driven")))
         for r in range(args.rounds):
-            for name, fn in (("storescp", run_storescp), ("medai", run_medai), ("pynetdicom", run_bare)):
+            for name, fn in receivers:
                 seconds = fn(groups, work)
                 times[name].append(seconds)
-                print(f"round {r + 1} {name:9s} {len(files) / seconds:8.1f} instances/s ({seconds:.2f} s)",
+                print(f"round {r + 1} {name:19s} {len(files) / seconds:8.1f} instances/s ({seconds:.2f} s)",
                       file=sys.stderr)
     rate = {k: len(files) / statistics.median(v) for k, v in times.items()}
     print(f"instances: {len(files)} per round, {args.rounds} rounds, {n} association(s)")
     print(f"dcmtk storescp:     {rate['storescp']:8.1f} instances/s (median)")
     print(f"medai pacs listen:  {rate['medai']:8.1f} instances/s (median)")
     print(f"bare pynetdicom SCP: {rate['pynetdicom']:8.1f} instances/s (median; no fsync/db/audit, reference)")
+    print(f"  same, medai reactors: {rate['pynetdicom+reactors']:8.1f} instances/s (median; event-driven waits, "
+          "see medai/pacs/_reactor.py)")
     print(f"ratio medai/storescp: {rate['medai'] / rate['storescp']:.2f}x (target >= 0.8x); "
-          f"bare pynetdicom/storescp: {rate['pynetdicom'] / rate['storescp']:.2f}x")
+          f"bare pynetdicom/storescp: {rate['pynetdicom'] / rate['storescp']:.2f}x, "
+          f"with medai reactors: {rate['pynetdicom+reactors'] / rate['storescp']:.2f}x")
     return 0
 
 

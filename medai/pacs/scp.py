@@ -26,6 +26,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from medai import config
 from medai.errors import AuditWriteError, ConfigError, UnsafeInputError
 from medai.pacs import _audit
+from medai.pacs._reactor import ContextList, EventDrivenRequestHandler
 from medai.pacs.queue import PacsDB, SeriesInfo
 from medai.pacs.store import RESOURCE_ERRNOS, StudyStore, validate_uid
 
@@ -210,6 +211,10 @@ class Listener:
         self.db.restart_quiet_periods()
         self._server = self.ae.start_server((self.cfg.address, self.cfg.port), block=False,
                                             evt_handlers=self._handlers())
+        # socketserver builds each connection's handler from this class: ours
+        # gives the association event-driven reactors (see medai.pacs._reactor).
+        self._server.RequestHandlerClass = EventDrivenRequestHandler
+        self._server.contexts = ContextList(self._server.contexts)
         # Host filter: refused before any DICOM byte is read (TCP close).
         original = self._server.verify_request
         self._server.verify_request = lambda request, client_address: (
