@@ -18,9 +18,10 @@ import logging
 import os
 import secrets
 import shutil
+import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 from medai import config
 from medai.dicom.safety import check_uid
@@ -51,10 +52,54 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_atomic(path: Path, data: bytes, *, tmp_dir: Path | None = None) -> None:
+class DirSync:
+    """Directory fsyncs shared between threads (group commit).
+
+    One fsync of a directory makes durable every entry change made in it
+    before that fsync *started*. Concurrent associations renaming files into
+    the same series directory therefore need not each pay for their own: a
+    caller whose rename precedes an fsync already under way waits for the next
+    one (started once the current one ends, covering everything renamed so
+    far) or returns as soon as one that began after its rename has finished.
+    A lone caller pays exactly one fsync, as before."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        #: per directory: [tickets issued, highest ticket made durable, sync running]
+        self._state: dict[Path, list[Any]] = {}
+
+    def after_change(self, directory: Path) -> None:
+        """Return once a change already made in ``directory`` is durable."""
+        with self._cond:
+            state = self._state.setdefault(directory, [0, 0, False])
+            state[0] += 1
+            ticket = state[0]
+            while state[1] < ticket:
+                if state[2]:
+                    self._cond.wait()
+                    continue
+                state[2] = True
+                target = state[0]
+                self._cond.release()
+                try:
+                    fsync_dir(directory)
+                except BaseException:
+                    self._cond.acquire()
+                    state[2] = False
+                    self._cond.notify_all()
+                    raise
+                self._cond.acquire()
+                state[1], state[2] = target, False
+                self._cond.notify_all()
+            if state[0] == state[1] and not state[2]:
+                self._state.pop(directory, None)  # nothing pending: keep the map small
+
+
+def write_atomic(path: Path, data: bytes, *, tmp_dir: Path | None = None, dir_sync: DirSync | None = None) -> None:
     """Write ``data`` to ``path`` so the final name only ever holds complete
     content: temporary file in ``tmp_dir`` (same filesystem), fsync, rename,
-    fsync of the directory."""
+    fsync of the directory (shared with concurrent writers through
+    ``dir_sync``)."""
     tmp_dir = tmp_dir or path.parent
     tmp = tmp_dir / f".{secrets.token_hex(8)}.part"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -74,7 +119,10 @@ def write_atomic(path: Path, data: bytes, *, tmp_dir: Path | None = None) -> Non
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    fsync_dir(path.parent)
+    if dir_sync is not None:
+        dir_sync.after_change(path.parent)
+    else:
+        fsync_dir(path.parent)
 
 
 @dataclass(frozen=True)
@@ -98,6 +146,7 @@ class StudyStore:
         self.root = Path(root) if root is not None else config.home() / "store"
         self.studies_dir = self.root / "studies"
         self.tmp_dir = self.root / ".incoming"
+        self._dir_sync = DirSync()
         for folder in (self.root, self.studies_dir, self.tmp_dir):
             folder.mkdir(parents=True, exist_ok=True, mode=0o700)
 
@@ -142,7 +191,7 @@ class StudyStore:
             path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             fsync_dir(path.parent.parent)
             fsync_dir(path.parent.parent.parent)
-        write_atomic(path, data, tmp_dir=self.tmp_dir)
+        write_atomic(path, data, tmp_dir=self.tmp_dir, dir_sync=self._dir_sync)
         return StoredInstance(path, study_uid, series_uid, sop_uid, len(data), digest, outcome)
 
     def iter_study_files(self, study_uid: str) -> Iterator[Path]:
