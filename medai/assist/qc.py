@@ -46,6 +46,7 @@ class QcThresholds:
     snr_fail: float = 6.0
     ghost_warn: float = 0.05
     ghost_fail: float = 0.15
+    head_margin_mm: float = 25.0
     icv_min_ml: float = 900.0
     icv_max_ml: float = 2300.0
     mask_largest_component_min: float = 0.98
@@ -228,13 +229,14 @@ def check_ghosting(image: np.ndarray, mask: np.ndarray, spacing: tuple[float, fl
                        "phase-encoding direction unknown")
     import SimpleITK as sitk
 
-    # The head is the largest bright connected piece (noise speckles in the air are not).
-    img = sitk.GetImageFromArray((image > 0.1 * signal).astype(np.uint8))
+    # The head is the brain mask grown by the scalp's thickness (from the mask, not from
+    # thresholding, so a strong ghost cannot make itself part of the "head").
+    img = sitk.GetImageFromArray((mask > 0).astype(np.uint8))
     img.SetSpacing(tuple(float(s) for s in spacing))
-    img = sitk.RelabelComponent(sitk.ConnectedComponent(img), sortByObjectSize=True) == 1
-    radius = [max(1, int(round(4.0 / s))) for s in spacing]
-    dilated = sitk.GetArrayFromImage(sitk.BinaryDilate(img, radius)) > 0
-    background = ~dilated
+    outside = sitk.GetArrayFromImage(sitk.SignedMaurerDistanceMap(
+        img, insideIsPositive=False, squaredDistance=False, useImageSpacing=True))
+    dilated = outside <= t.head_margin_mm
+    background = outside > t.head_margin_mm + 5.0
     if background.sum() < 1000:
         return QcCheck("ghosting", "not_assessed", None, "ratio", f"warn > {t.ghost_warn:g}",
                        "no background air in the field of view")
