@@ -125,7 +125,11 @@ class BrainVolumetry:
                                   priority=self._priority(report, [], blocked=True))
 
         t0 = time.perf_counter()
-        seg = tissue.classify_tissue(image, mask, spacing, self.tissue_params)  # type: ignore[arg-type]
+        try:
+            seg = tissue.classify_tissue(image, mask, spacing, self.tissue_params)  # type: ignore[arg-type]
+        except ValueError as exc:
+            raise DicomInputError(None, f"series {volume.series_instance_uid or '(file)'}: tissue "
+                                        f"classification impossible ({exc})") from None
         ctx.timings["tissue"] = time.perf_counter() - t0
         ctx.record("tissue_classification", method="3-class Gaussian mixture + partial-volume classes, "
                    "mean-field Potts MRF, EM; N4 bias correction", **seg.params.as_dict(),
