@@ -221,9 +221,10 @@ def classify_tissue(image: np.ndarray, mask: np.ndarray, spacing: tuple[float, f
     pi5 = np.array([pi[0], 0.05, pi[1], 0.05, pi[2]])
     pi5 /= pi5.sum()
     for it in range(1, params.max_iterations + 1):
-        mu5, var5 = _five_classes(mu, var)
-        loglik = -0.5 * (yy[None, :] - mu5[:, None]) ** 2 / var5[:, None] - 0.5 * np.log(var5[:, None])
-        logp = loglik + np.log(pi5)[:, None]
+        # float32 on the voxel arrays (half the memory traffic); class parameters stay float64.
+        mu5, var5 = (v.astype(np.float32) for v in _five_classes(mu, var))
+        logp = -0.5 * (yy[None, :] - mu5[:, None]) ** 2 / var5[:, None]
+        logp += (np.log(pi5) - 0.5 * np.log(var5)).astype(np.float32)[:, None]
         if it > 1 and params.beta > 0:
             nb = _neighbour_sum(member, w)[:, m]
             logp[0::2] += params.beta * nb
@@ -232,22 +233,22 @@ def classify_tissue(image: np.ndarray, mask: np.ndarray, spacing: tuple[float, f
         logp -= logp.max(axis=0, keepdims=True)
         p = np.exp(logp)
         p /= p.sum(axis=0, keepdims=True)
-        frac = _tissue_fractions(p, yy, mu)
+        frac = _tissue_fractions(p, yy, mu.astype(np.float32))
         for c in range(3):
             member[c][m] = frac[c]
         # M-step: pure-class parameters from pure-class posteriors only.
         pure = p[0::2]
-        wsum = pure.sum(axis=1) + 1e-9
-        mu = (pure @ y) / wsum
+        wsum = pure.sum(axis=1, dtype=np.float64) + 1e-9
+        mu = (pure @ yy).astype(np.float64) / wsum
         # One noise variance shared by the pure classes: spread beyond it is left to the
         # mixed classes (otherwise the broadest pure class swallows the boundary voxels).
-        sq = (pure * (y[None, :] - mu[:, None]) ** 2).sum(axis=1)
+        sq = (pure * (yy[None, :] - mu.astype(np.float32)[:, None]) ** 2).sum(axis=1, dtype=np.float64)
         if params.tied_variance == "all":
             var = np.full(3, max(float(sq.sum() / wsum.sum()), 1e-4))
         else:  # "gm_wm": CSF keeps its own (vessels, dura and partial skull make it broader)
             tied = max(float((sq[1] + sq[2]) / (wsum[1] + wsum[2])), 1e-4)
             var = np.array([max(float(sq[0] / wsum[0]), tied), tied, tied])
-        pi5 = np.maximum(p.sum(axis=1) / p.shape[1], 1e-3)
+        pi5 = np.maximum(p.sum(axis=1, dtype=np.float64) / p.shape[1], 1e-3)
         pi5 /= pi5.sum()
         order = np.argsort(mu)
         if not np.array_equal(order, np.arange(3)):
