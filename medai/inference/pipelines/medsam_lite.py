@@ -41,6 +41,7 @@ import logging
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import TYPE_CHECKING, Any, Callable, Literal, Mapping, Sequence
 
 import numpy as np
@@ -398,6 +399,7 @@ def choose_windowing(volume: "Volume", settings: Settings, window: Any = None) -
     return Windowing("percentile_clip", low, high, {"low_percentile": lo_p, "high_percentile": hi_p})
 
 
+@lru_cache(maxsize=64)
 def resample_matrix(n_in: int, n_out: int) -> np.ndarray:
     """``(n_out, n_in)`` linear-interpolation weights, widened when shrinking (anti-aliased).
 
@@ -411,7 +413,9 @@ def resample_matrix(n_in: int, n_out: int) -> np.ndarray:
     dist = np.abs(np.arange(n_in, dtype=np.float64)[None, :] - centres[:, None]) / support
     weights = np.maximum(0.0, 1.0 - dist)
     weights /= weights.sum(axis=1, keepdims=True)
-    return weights.astype(np.float32)
+    out = weights.astype(np.float32)
+    out.flags.writeable = False  # shared by the cache
+    return out
 
 
 def resize(image: np.ndarray, rows: int, cols: int) -> np.ndarray:
