@@ -26,7 +26,8 @@ _COLOURS = {1: (0.0, 0.47, 1.0), 2: (1.0, 0.55, 0.0), 3: (0.94, 0.94, 0.63)}
 _STATUS_COLOUR = {"pass": "#2e7d32", "warn": "#ef6c00", "fail": "#c62828", "not_assessed": "#757575"}
 _NAMES = {"intracranial_volume_ml": "Intracranial volume (ICV)", "parenchyma_volume_ml": "Brain parenchyma (GM+WM)",
           "gm_volume_ml": "Grey matter", "wm_volume_ml": "White matter", "csf_volume_ml": "CSF",
-          "brain_parenchymal_fraction": "Brain parenchymal fraction"}
+          "brain_parenchymal_fraction": "Brain parenchymal fraction",
+          "brain_parenchymal_fraction_percentile": "BPF percentile for age and sex"}
 
 
 def _slices(volume: "Volume", labels: np.ndarray) -> list[tuple[str, np.ndarray, np.ndarray, float]]:
@@ -127,7 +128,12 @@ def render_summary(volume: "Volume", output: "PipelineOutput", card: "ModelCard"
     ax.set_title("Measurements", fontsize=9, loc="left")
     rows = []
     for m in output.measurements:
-        value = f"{m.value:.3f}" if m.unit == "1" else f"{m.value:.0f} {m.unit}"
+        if m.unit == "1":
+            value = f"{m.value:.3f}"
+        elif m.name.endswith("_percentile"):
+            value = f"{m.value:.0f}th"
+        else:
+            value = f"{m.value:.0f} {m.unit}"
         rows.append([_NAMES.get(m.name, m.name), value])
     if not rows:
         rows = [["Volumes not reported", "QC failed"]]

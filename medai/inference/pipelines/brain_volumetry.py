@@ -41,6 +41,7 @@ CONCEPTS: dict[str, tuple[str, str, str]] = {
     "wm_volume_ml": ("SCT", "389080008", "White Matter"),
     "csf_volume_ml": ("SCT", "65216001", "Cerebrospinal Fluid"),
     "brain_parenchymal_fraction": ("99MEDAI", "BPF", "Brain parenchymal fraction"),
+    "brain_parenchymal_fraction_percentile": ("99MEDAI", "BPFPCT", "Brain parenchymal fraction percentile"),
 }
 
 
@@ -162,9 +163,14 @@ class BrainVolumetry:
             measurements.append(Measurement(name, round(float(value), 4 if units[name] == "1" else 2), units[name],
                                             label=labels_for.get(name), concept=CONCEPTS[name], note=note))
 
+        bpf_cmp = by_name.get("brain_parenchymal_fraction")
+        if bpf_cmp is not None and bpf_cmp.compared:
+            # Also a measurement, so PACS viewers of the SR show it next to the BPF.
+            measurements.append(Measurement("brain_parenchymal_fraction_percentile", round(bpf_cmp.percentile, 1), "%",  # type: ignore[arg-type]
+                                            concept=CONCEPTS["brain_parenchymal_fraction_percentile"],
+                                            note=f"for age {age:.0f}, sex {sex}; {bpf_cmp.source}"))
         low_p, high_p = self.extreme_percentiles
         out_of_range: list[str] = []
-        bpf_cmp = by_name.get("brain_parenchymal_fraction")
         if bpf_cmp is not None and bpf_cmp.compared:
             if bpf_cmp.percentile < low_p:  # type: ignore[operator]
                 text = (f"Brain parenchymal fraction {bpf:.3f} is below the {low_p:g}th percentile for age "
