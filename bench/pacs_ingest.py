@@ -143,7 +143,8 @@ def run_bare(files_groups: list[list[Path]], work: Path, reactor: str = "stock")
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir()
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-c", BARE_PYNETDICOM, str(port), str(out), reactor], stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-c", BARE_PYNETDICOM, str(port), str(out), reactor],
+                            stdout=subprocess.PIPE,
                             stderr=subprocess.DEVNULL)
     try:
         assert proc.stdout is not None

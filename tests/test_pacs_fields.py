@@ -65,7 +65,8 @@ def test_text_that_needs_a_character_set_goes_to_pydicom(charset: bytes, name: b
         value += b" " * (len(value) % 2)
         return struct.pack("<HH2sH", group, elem, vr, len(value)) + value
 
-    body = b"".join((element(0x0008, 0x0005, b"CS", charset), element(0x0008, 0x0016, b"UI", b"1.2.840.10008.5.1.4.1.1.4\x00"),
+    body = b"".join((element(0x0008, 0x0005, b"CS", charset),
+                     element(0x0008, 0x0016, b"UI", b"1.2.840.10008.5.1.4.1.1.4\x00"),
                      element(0x0008, 0x0018, b"UI", b"1.2.3.4"), element(0x0010, 0x0010, b"PN", name)))
     fields = quick_fields(body, "1.2.840.10008.1.2.1")
     assert (fields is None) is expect_fallback

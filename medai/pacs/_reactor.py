@@ -277,4 +277,5 @@ _SUPPORTED = all(hasattr(DULServiceProvider, name) for name in (
     "_process_recv_primitive", "_is_transport_event", "idle_timer_expired", "receive_pdu", "kill_dul")) and all(
     hasattr(Association, name) for name in ("_serve_request", "_run_reactor", "kill", "release", "abort"))
 if not _SUPPORTED:
-    log.warning("this pynetdicom lacks internals medai.pacs._reactor uses; associations keep pynetdicom's polling loops")
+    log.warning("this pynetdicom lacks internals medai.pacs._reactor uses; "
+                "associations keep pynetdicom's polling loops")
