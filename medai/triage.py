@@ -479,8 +479,8 @@ def run_pool(workers: int) -> Executor:
     At most ``workers`` jobs are submitted at a time, so an interruption loses at most
     those. A dead worker (native crash, OOM killer) breaks the whole pool in
     ``concurrent.futures``: the pool is rebuilt and the jobs it held are run again one
-    at a time, so the one that kills its worker alone is marked failed and the
-    bystanders finish."""
+    at a time; a job whose worker dies :data:`MAX_CRASHES` times while it runs alone
+    is marked failed, the bystanders finish."""
     import multiprocessing
 
     def execute(jobs: Sequence[Job]) -> Iterator[Outcome]:
@@ -488,19 +488,26 @@ def run_pool(workers: int) -> Executor:
         threads = jobs[0].threads if jobs else None
         queue = list(jobs)
         suspects: set[int] = set()
+        crashes: dict[int, int] = {}
         while queue:
             pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_setup,
                                        initargs=(threads, None, True))
             pending: dict[Future[Outcome], Job] = {}
             held: list[Job] = []
-            finished = False
+            broken = finished = False
             try:
-                while (queue or pending) and not held:
+                while (queue or pending) and not broken:
                     alone = any(id(j) in suspects for j in [*queue[:1], *pending.values()])
-                    while queue and len(pending) < (1 if alone else workers):
+                    while queue and len(pending) < (1 if alone else workers) and not broken:
                         job = queue.pop(0)
-                        pending[pool.submit(run_job, job)] = job
+                        try:
+                            pending[pool.submit(run_job, job)] = job
+                        except BrokenProcessPool:  # a worker died while idle
+                            queue.insert(0, job)
+                            broken = True
                         alone = alone or id(job) in suspects
+                    if not pending:
+                        continue
                     done, _ = wait(pending, return_when=FIRST_COMPLETED)
                     for fut in done:
                         job = pending.pop(fut)
@@ -508,6 +515,7 @@ def run_pool(workers: int) -> Executor:
                             outcome = fut.result()
                         except BrokenProcessPool:
                             held.append(job)
+                            broken = True
                             continue
                         yield outcome
                 held += pending.values()
@@ -518,13 +526,17 @@ def run_pool(workers: int) -> Executor:
                     for proc in list(getattr(pool, "_processes", {}).values()):
                         proc.terminate()
                 pool.shutdown(wait=finished, cancel_futures=True)
-            if len(held) == 1:
-                yield Outcome.failed(held[0], "worker process died while running it (crash or out of memory)")
-            elif held:
-                log.warning("a triage worker process died; rerunning the %d jobs it may have hit one by one",
-                            len(held))
-                suspects.update(id(j) for j in held)
-                queue[:0] = held
+            if held:
+                log.warning("a triage worker process died; rerunning the %d job(s) it may have hit, "
+                            "one at a time", len(held))
+            if len(held) == 1:  # alone in its worker: this job is the likely cause
+                crashes[id(held[0])] = crashes.get(id(held[0]), 0) + 1
+                if crashes[id(held[0])] >= MAX_CRASHES:
+                    yield Outcome.failed(held[0], f"worker process died {MAX_CRASHES} times while running it "
+                                                  "(crash or out of memory)")
+                    held = []
+            suspects.update(id(j) for j in held)
+            queue[:0] = held
 
     return execute
 
