@@ -47,6 +47,9 @@ Rules
 * ``priority``: set it when the pipeline knows; otherwise the runner applies the
   card's ``[[priority.rules]]`` to ``measurements`` (and label volumes named
   ``volume_ml:<label name>``).
+* Optional ``write_extras(out_dir, volume, output) -> list[Path]``: files beyond
+  mask/SEG/SR (e.g. a one-page summary) written after them and listed in
+  ``result.json`` under ``outputs.extra``.
 * Raise :class:`medai.errors.DicomInputError` (or a subclass) when the volume is
   unusable for this model; the runner records it and moves on to the next series.
 """
@@ -181,6 +184,9 @@ class PipelineContext:
     plan: "Plan"
     steps: "StepRunner"
     prompt: Prompt | None = None
+    #: ``session_for(bundle, graph_key)``: a session for another bundle this pipeline builds
+    #: on (same device and threads as the run; its provider is reported with the result).
+    session_for: Callable[["Bundle", str], "Session"] | None = None
     #: Applied steps in order, as dicts ({"op": ..., params...}); written to result.json.
     recorded: list[dict[str, Any]] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)

@@ -184,16 +184,23 @@ def run_on_volume(bundle: Bundle, volume: Volume, out_dir: str | Path, *, device
             raise PromptError(f"model {bundle.id}: {exc}") from None
     if prompt is not None and not pipeline.accepts_prompt:
         raise PromptError(f"model {bundle.id} does not take prompts (--plane/--slice/--box)")
-    sessions: dict[str, backends.Session] = {}
+    sessions: dict[tuple[str, str], backends.Session] = {}
+
+    def session_for(b: Bundle, key: str) -> backends.Session:
+        """Sessions for this bundle and for bundles a pipeline builds on (e.g. a mask model),
+        all with the run's device/threads and all reported in the result's provider list."""
+        if (b.id, key) not in sessions:
+            t0 = time.perf_counter()
+            sessions[(b.id, key)] = backends.get_session(b, key, device=device, threads=threads)
+            label = key if b.id == bundle.id else f"{b.id}:{key}"
+            ctx.timings[f"session_{label}"] = time.perf_counter() - t0
+        return sessions[(b.id, key)]
 
     def session(key: str) -> backends.Session:
-        if key not in sessions:
-            t0 = time.perf_counter()
-            sessions[key] = backends.get_session(bundle, key, device=device, threads=threads)
-            ctx.timings[f"session_{key}"] = time.perf_counter() - t0
-        return sessions[key]
+        return session_for(bundle, key)
 
-    ctx = PipelineContext(bundle=bundle, session=session, plan=plan, steps=StepRunner(bundle.card), prompt=prompt)
+    ctx = PipelineContext(bundle=bundle, session=session, plan=plan, steps=StepRunner(bundle.card), prompt=prompt,
+                          session_for=session_for)
     ctx.steps.bind(ctx)
     planner.reset_peak_rss()
     t0 = time.perf_counter()
@@ -228,6 +235,9 @@ def run_on_volume(bundle: Bundle, volume: Volume, out_dir: str | Path, *, device
                 sr = None
             if sr is not None:
                 sr_path = sr.write_sr(volume, output, bundle, out / "sr.dcm", seg_path=seg_path)
+    # Pipeline-specific files (e.g. the volumetry one-page summary), named in result.json.
+    write_extras = getattr(pipeline, "write_extras", None)
+    extras = [Path(p) for p in write_extras(out, volume, output)] if callable(write_extras) else []
     ctx.timings["write"] = time.perf_counter() - t0
     ctx.timings["total"] = time.perf_counter() - t_start
     provider = ", ".join(sorted({s.provider for s in sessions.values()})) or "none"
@@ -252,7 +262,8 @@ def run_on_volume(bundle: Bundle, volume: Volume, out_dir: str | Path, *, device
         "timings_s": {k: round(v, 3) for k, v in ctx.timings.items()},
         "memory": memory,
         "outputs": {"mask": mask_path.name, "seg": seg_path.name if seg_path else None,
-                    "sr": sr_path.name if sr_path else None},
+                    "sr": sr_path.name if sr_path else None,
+                    "extra": [p.name for p in extras]},
         "intended_use": "Research/assistive output. Not for diagnostic use.",
     }
     result_path = out / "result.json"

@@ -77,6 +77,8 @@ class BrainVolumetry:
         pipeline = load_pipeline(mask_bundle)
 
         def session(key: str) -> backends.Session:
+            if ctx.session_for is not None:
+                return ctx.session_for(mask_bundle, key)
             return backends.get_session(mask_bundle, key)
 
         sub = PipelineContext(bundle=mask_bundle, session=session, plan=ctx.plan, steps=StepRunner(mask_bundle.card))
