@@ -191,6 +191,10 @@ def test_errors_come_before_any_encoding(model: ml.MedSamLite) -> None:
         model.segment_box(vol, "axial", 3, "10,10,500,60")
     with pytest.raises(PromptError, match="plane"):
         model.segment_box(vol, "transverse", 3, "10,10,50,60")
+    with pytest.raises(PromptError, match="contain slice 3"):
+        model.propagate(vol, "axial", 3, "10,10,50,60", slice_range=(5, 9))
+    with pytest.raises(PromptError, match="two slice indices"):
+        model.propagate(vol, "axial", 3, "10,10,50,60", slice_range=("a", 9))  # type: ignore[arg-type]
     assert model.cache.misses == before
 
 

@@ -294,6 +294,17 @@ def evaluate(out: Path) -> dict[str, Any]:
             "stopped": dict(prop.stopped), "volume_ml": round(prop.volume_ml, 1),
             "reference_ml": round(float(ref.sum()) * vol.voxel_volume_ml, 1),
             "propagation_seconds": round(seconds, 1), "source": ds["source"], "structure": ds["structure"]})
+        # upstream's 3-D protocol: the user also gives the structure's first and last slice
+        present = np.flatnonzero(areas > 0)
+        span = (int(present[0]), int(present[-1]))
+        t0 = time.perf_counter()
+        prop = model.propagate(vol, "axial", seed, ref_box(slice_ref(ref, axis, seed)), window=ds["window"],
+                               slice_range=span)
+        result[ds["name"]].update({
+            "dice3d_range": round(dice(prop.mask > 0, ref), 4), "slice_range": list(span),
+            "stopped_range": dict(prop.stopped), "volume_ml_range": round(prop.volume_ml, 1),
+            "slices_segmented_range": int((prop.mask.sum(axis=tuple(a for a in range(3) if a != axis)) > 0).sum()),
+            "propagation_seconds_range": round(time.perf_counter() - t0, 1)})
     return result
 
 
@@ -331,6 +342,15 @@ def metrics(report: dict[str, Any]) -> list[dict[str, Any]]:
                      "reference_ml": ev["reference_ml"], "seconds": ev["propagation_seconds"], "data": ev["source"],
                      "note": "one box on the slice with the largest reference area, propagated both ways "
                              "(squash recipe, card guards); stopped: " + json.dumps(ev["stopped"])})
+        if "dice3d_range" in ev:
+            rows.append({"name": "dice3d_propagated_in_range", "case": name, "structure": ev["structure"],
+                         "value": ev["dice3d_range"], "n": 1, "slice_range": ev["slice_range"],
+                         "slices_segmented": ev["slices_segmented_range"], "volume_ml": ev["volume_ml_range"],
+                         "reference_ml": ev["reference_ml"], "seconds": ev["propagation_seconds_range"],
+                         "data": ev["source"],
+                         "note": "as dice3d_propagated, with the user also giving the first and last slice "
+                                 "(upstream's 3-D box protocol; here taken from the reference); stopped: "
+                                 + json.dumps(ev["stopped_range"])})
     return rows
 
 

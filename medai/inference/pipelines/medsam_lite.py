@@ -599,7 +599,8 @@ class MedSamLite:
     # ------------------------------------------------------------ propagation
 
     def propagate(self, volume: "Volume", plane: str, index: int, box: "Box | str | Sequence[float]", *,
-                  window: Any = None, max_slices: int | None = None) -> PropagationResult:
+                  window: Any = None, max_slices: int | None = None,
+                  slice_range: tuple[int, int] | None = None) -> PropagationResult:
         """Grow a 3-D mask from the prompted slice through its neighbours, both ways.
 
         Each next slice is prompted with the previous mask's box widened by
@@ -607,8 +608,21 @@ class MedSamLite:
         ended), the predicted IoU drops below ``min_iou``, the area jumps by more
         than ``max_area_ratio``, the mask stops overlapping the previous one, or
         its box leaves the first box (widened by ``drift_margin``) — the drift guard.
+        ``slice_range`` (first, last; inclusive) is the user's own limit: where a
+        structure continues into a neighbour of similar look (brainstem into spinal
+        cord), only the user knows where it ends — upstream's 3-D protocol gives
+        the model that extent too.
         """
         s = self.settings
+        n = volume.array.shape[plane_axis(volume.geometry, plane)]
+        lo, hi = 0, n - 1
+        if slice_range is not None:
+            try:
+                lo, hi = sorted(int(v) for v in slice_range)
+            except (TypeError, ValueError):
+                raise PromptError(f"slice range {slice_range!r} is not two slice indices") from None
+            if not 0 <= lo <= index <= hi < n:
+                raise PromptError(f"slice range {lo}..{hi} must lie in 0..{n - 1} and contain slice {index}")
         windowing = choose_windowing(volume, s, window)
         seed = self.segment_box(volume, plane, index, box, windowing=windowing)
         shape = volume.array.shape
@@ -623,13 +637,12 @@ class MedSamLite:
         allowed = first.expanded(s.drift_margin * (first.width + 1), s.drift_margin * (first.height + 1),
                                  seed.mask.shape)
         limit = s.max_slices if max_slices is None else max_slices
-        n = shape[seed.axis]
         for name, step in (("up", 1), ("down", -1)):
             prev = seed.mask
             k = seed.index + step
-            reason = "reached the end of the volume"
+            reason = "reached the end of the volume" if slice_range is None else "reached the end of the range"
             count = 0
-            while 0 <= k < n:
+            while lo <= k <= hi:
                 if count >= limit:
                     reason = f"reached max_slices={limit}"
                     break
@@ -737,12 +750,13 @@ def segment_box(volume: "Volume", plane: str, index: int, box: "Box | str | Sequ
 
 
 def propagate(volume: "Volume", plane: str, index: int, box: "Box | str | Sequence[float]", *,
-              model_id: str = "medsam-lite", window: Any = None, device: str | None = None) -> PropagationResult:
+              model_id: str = "medsam-lite", window: Any = None, device: str | None = None,
+              slice_range: tuple[int, int] | None = None) -> PropagationResult:
     """:func:`segment_box`, then carried through the neighbouring slices (see :meth:`MedSamLite.propagate`)."""
     from medai.inference import registry
 
     return for_bundle(registry.get_bundle(model_id), device=device).propagate(
-        volume, plane, index, box, window=window)
+        volume, plane, index, box, window=window, slice_range=slice_range)
 
 
 def prompt_from_display(display: "DisplayVolume", view: str, index: int,
@@ -820,7 +834,11 @@ class MedSamLitePipeline:
         ctx.record("replicate_channels", channels=3)
         t0 = time.perf_counter()
         if prompt.propagate:
-            result = model.propagate(volume, prompt.plane, int(prompt.slice_index), prompt.box, window=window)
+            span = prompt.extra.get("slice_range")
+            if isinstance(span, str):
+                span = span.split(",")
+            result = model.propagate(volume, prompt.plane, int(prompt.slice_index), prompt.box, window=window,
+                                     slice_range=tuple(span) if span is not None else None)  # type: ignore[arg-type]
             labels, seed = result.mask, result.seed
             qc: dict[str, Any] = {"propagated": True, "stopped": dict(result.stopped),
                                   "slices": list(result.slices)}
