@@ -170,6 +170,24 @@ def test_non_loopback_bind_needs_explicit_flag(medai_home: Path) -> None:
     assert "--allow-remote" in out.stderr
 
 
+def test_non_loopback_bind_with_allow_remote_is_approved_and_audited(medai_home: Path) -> None:
+    from netcheck import ipv4_hex, listening, non_loopback_ipv4
+
+    addr = non_loopback_ipv4()
+    if addr is None:
+        pytest.skip("this machine has no non-loopback IPv4 interface")
+    lst = Listener(medai_home, "--address", addr, "--allow-remote", "--no-worker").start()
+    try:
+        # The kernel's table only: tests send nothing to a non-loopback address.
+        assert listening(lst.port) == {ipv4_hex(addr)}
+    finally:
+        assert lst.terminate() == 0
+    from medai.compliance import audit
+
+    alerts = [r for r in audit.iter_records() if r["event"] == "security_alert"]
+    assert any(f"{addr}:{lst.port}" in str(r.get("detail")) for r in alerts)
+
+
 @pytest.mark.slow
 def test_sigterm_while_a_model_runs_returns_the_job_to_the_queue(medai_home: Path, tmp_path: Path) -> None:
     from pacs_peers import T1_ROUTE, demo_t1, wait_until

@@ -141,13 +141,6 @@ def register(app: typer.Typer) -> None:
         wcfg = WorkerConfig.from_config(stable_seconds=stable_seconds, destination=destination)
         listener = Listener(cfg)
         worker = None if no_worker else Worker(wcfg, store=listener.store)
-        from medai.pacs import _audit
-        from medai.pacs.scp import is_loopback
-
-        if not is_loopback(cfg.address):
-            _audit.record("security_alert", outcome="minor_failure",
-                          detail={"reason": "C-STORE SCP bound to a non-loopback address", "address": cfg.address,
-                                  "port": cfg.port})
         listener.start(block=False)
         state = {"pid": os.getpid(), "ae_title": cfg.ae_title, "address": cfg.address, "port": listener.port,
                  "started": time.time(), "worker": worker is not None}

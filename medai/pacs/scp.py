@@ -249,6 +249,12 @@ class Listener:
         self.store.clean_partial()
         self.reconcile()
         self.db.restart_quiet_periods()
+        if not is_loopback(self.cfg.address):
+            # Approved (and audited as a Security Alert) by the egress guard, which
+            # otherwise refuses any non-loopback listening socket.
+            from medai.compliance import egress
+
+            egress.check_bind((self.cfg.address, self.cfg.port), explicit=self.cfg.allow_remote)
         self._server = self.ae.start_server((self.cfg.address, self.cfg.port), block=False,
                                             evt_handlers=self._handlers())
         # socketserver builds each connection's handler from this class: ours
