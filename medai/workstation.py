@@ -346,6 +346,25 @@ def send_to_destination(result_dir: Path, kinds: Sequence[str], destination: str
     return f"{len(chosen)} file(s) to {dest.describe()}"
 
 
+def export_deidentified(result_dir: Path | None, kinds: Sequence[str], series: SeriesRow, folder: Path,
+                        options: Sequence[str] = ()) -> dict[str, Any]:
+    """A de-identified copy (PS3.15 Annex E basic profile, :mod:`medai.dicom.deid`) of the
+    open series and the chosen DICOM results, for a second opinion or teaching. UIDs are
+    remapped with the install's key, so the SEG still points at the exported images.
+    Images that may carry burned-in text are quarantined, not exported. Audited by the
+    de-identifier (fail closed). Returns the export's summary (no original values)."""
+    from medai.dicom.deid import deidentify_study
+
+    sources: list[Path] = list(series.files)
+    if result_dir is not None:
+        files = available_outputs(result_dir)
+        sources += [files[k] for k in kinds if k in files and files[k].suffix == ".dcm"]
+    report = deidentify_study(sources, folder, options)
+    return {"exported": report.exported, "quarantined": report.quarantined, "skipped": report.skipped,
+            "failed": report.failed, "report": str(folder / report.report_path.name),
+            "quarantine": report.quarantine_dir is not None}
+
+
 @dataclass(frozen=True)
 class PrivacyStatus:
     """What the Audit & privacy page shows at the top."""

@@ -231,6 +231,19 @@ def test_running_brain_extraction_from_the_run_page(medai_home, monkeypatch):
     # ...and to the configured PACS: a real dcmtk storescp on loopback receives the SEG
     received = _send_to_storescp(at, medai_home, monkeypatch)
     assert "SEG" in received.values()
+    # ...and a de-identified copy: series + SEG, identity gone, SEG still points at the copies
+    at.text_input(key="deid_folder").set_value(str(medai_home / "deid")).run()
+    at.button(key="deid-button").click().run(timeout=300)
+    _no_exception(at)
+    assert any("exported" in m.value for m in at.success), [e.value for e in at.error]
+    copies = {p: pydicom.dcmread(p) for p in (medai_home / "deid").rglob("*.dcm")}
+    seg = [ds for ds in copies.values() if ds.Modality == "SEG"]
+    images = {ds.SOPInstanceUID for ds in copies.values() if ds.Modality == "MR"}
+    assert len(seg) == 1 and len(images) == 181
+    refs = {r.ReferencedSOPInstanceUID for s in seg[0].ReferencedSeriesSequence for r in s.ReferencedInstanceSequence}
+    assert refs and refs <= images
+    blob = b"".join(p.read_bytes() for p in (medai_home / "deid").rglob("*") if p.is_file())
+    assert b"MEDAI-DEMO-0001" not in blob and b"DEMO^T1" not in blob.upper()
 
 
 def _send_to_storescp(at: AppTest, home: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:

@@ -53,3 +53,22 @@ with to_pacs:
                 st.error(f"Not sent: {exc}")
             else:
                 st.success(f"Sent (audited): {report}")
+
+st.divider()
+st.subheader("De-identified copy (second opinion, teaching)")
+st.caption("The open series and the chosen SEG/SR, with every identifying attribute handled by the "
+           "DICOM PS3.15 Annex E basic profile. UIDs are remapped consistently, so the SEG still "
+           "points at the exported images. Images that may carry burned-in text are held in "
+           "quarantine, not exported.")
+deid_folder = st.text_input("Folder", value=str(config.home() / "exports" / "deidentified"), key="deid_folder")
+keep_dates = st.checkbox("Keep intervals between dates (shift dates per patient)", key="deid_dates")
+if st.button("Export de-identified copy", icon=":material/shield_person:", key="deid-button"):
+    try:
+        summary = workstation.export_deidentified(
+            result_dir, kinds, series, Path(deid_folder).expanduser(),
+            ["retain-longitudinal-dates"] if keep_dates else [])
+    except Exception as exc:  # noqa: BLE001
+        st.error(f"Not exported: {exc}")
+    else:
+        st.success(f"{summary['exported']} file(s) exported, {summary['quarantined']} quarantined, "
+                   f"{summary['failed'] + summary['skipped']} not usable. Report: `{summary['report']}`")
