@@ -340,8 +340,7 @@ def test_interactive_box_prompt_runs_litemedsam_on_the_current_slice(medai_home)
     at.switch_page("app_pages/run.py").run()
     from medai.inference import registry
 
-    if "medsam-lite" not in [b.id for b in registry.list_bundles()]:
-        pytest.skip("the medsam-lite bundle is not shipped in this checkout yet")
+    assert "medsam-lite" in [b.id for b in registry.list_bundles()], "the shipped medsam-lite bundle is missing"
     at.selectbox(key="run_model_id").set_value("medsam-lite").run()
     _no_exception(at)
     assert [n.value for n in at.number_input] == [70, 80, 110, 140]
