@@ -26,3 +26,18 @@ def testdata(*parts: str) -> Path:
     if not path.exists():
         raise FileNotFoundError(f"{path} missing: run scripts/fetch-test-data")
     return path
+
+
+#: Real peers the suite drives; scripts/setup --test installs them (Debian packages).
+REQUIRED_TOOLS = ("storescu", "storescp", "echoscu", "dciodvfy", "Orthanc", "strace", "chromium", "unshare")
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Under CI a missing peer is a set-up error, not a reason to skip: fail at once."""
+    import os
+    import shutil
+
+    if os.environ.get("CI"):
+        missing = [tool for tool in REQUIRED_TOOLS if shutil.which(tool) is None]
+        if missing:
+            raise pytest.UsageError(f"CI: missing test peers {', '.join(missing)}; scripts/setup --test installs them")
