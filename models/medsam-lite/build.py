@@ -337,14 +337,16 @@ def metrics(report: dict[str, Any]) -> list[dict[str, Any]]:
                          "note": "mean 2-D Dice vs the reference on axial slices spread over the structure; box = "
                                  "reference box + 3 px"})
         rows.append({"name": "dice3d_propagated", "case": name, "structure": ev["structure"], "value": ev["dice3d"],
-                     "n": 1, "seed_slice": ev["seed_slice"], "slices_segmented": ev["slices_segmented"],
+                     "n": 1, "box_margin": ev.get("box_margin", 0.05), "seed_slice": ev["seed_slice"],
+                     "slices_segmented": ev["slices_segmented"],
                      "slices_with_reference": ev["slices_with_reference"], "volume_ml": ev["volume_ml"],
                      "reference_ml": ev["reference_ml"], "seconds": ev["propagation_seconds"], "data": ev["source"],
                      "note": "one box on the slice with the largest reference area, propagated both ways "
                              "(squash recipe, card guards); stopped: " + json.dumps(ev["stopped"])})
         if "dice3d_range" in ev:
             rows.append({"name": "dice3d_propagated_in_range", "case": name, "structure": ev["structure"],
-                         "value": ev["dice3d_range"], "n": 1, "slice_range": ev["slice_range"],
+                         "value": ev["dice3d_range"], "n": 1, "box_margin": ev.get("box_margin_range", 0.05),
+                         "slice_range": ev["slice_range"],
                          "slices_segmented": ev["slices_segmented_range"], "volume_ml": ev["volume_ml_range"],
                          "reference_ml": ev["reference_ml"], "seconds": ev["propagation_seconds_range"],
                          "data": ev["source"],

@@ -183,7 +183,7 @@ class Settings:
     fill_holes: bool = True
     min_iou: float = 0.6
     min_area_px: int = 10
-    box_margin: float = 0.1
+    box_margin: float = 0.05
     max_area_ratio: float = 1.6
     min_overlap: float = 0.3
     drift_margin: float = 0.25
