@@ -91,10 +91,16 @@ def test_prompt_errors_are_typed(ct_series: tuple[Path, np.ndarray, str], tmp_pa
 def test_cli_box_prompt_and_clear_error(ct_series: tuple[Path, np.ndarray, str], tmp_path: Path) -> None:
     series, _, box = ct_series
     ok = subprocess.run([sys.executable, "-m", "medai", "run", "--model", "medsam-lite", str(series),
-                         "--plane", "axial", "--slice", str(K), "--box", box, "--out", str(tmp_path / "ok")],
+                         "--plane", "axial", "--slice", str(K), "--box", box, "--window", "lung",
+                         "--out", str(tmp_path / "ok")],
                         capture_output=True, text=True, timeout=240)
     assert ok.returncode == 0, ok.stderr[-2000:]
     assert (tmp_path / "ok" / "seg.dcm").is_file() and (tmp_path / "ok" / "result.json").is_file()
+    import json
+
+    result = json.loads((tmp_path / "ok" / "result.json").read_text())
+    assert result["prompt"]["window"] == "lung"
+    assert "lung" in json.dumps(result["preprocessing"])  # the window actually used is recorded
     bad = subprocess.run([sys.executable, "-m", "medai", "run", "--model", "medsam-lite", str(series),
                           "--plane", "axial", "--slice", "99", "--box", box, "--out", str(tmp_path / "bad")],
                          capture_output=True, text=True, timeout=240)

@@ -11,11 +11,15 @@ import typer
 from medai.cli._common import emit
 
 
-def _prompt(plane: Optional[str], slice_index: Optional[int], box: Optional[str],
-            propagate: bool) -> dict[str, Any] | None:
+def _prompt(plane: Optional[str], slice_index: Optional[int], box: Optional[str], propagate: bool,
+            window: Optional[str] = None, slice_range: Optional[str] = None) -> dict[str, Any] | None:
     if plane is None and slice_index is None and box is None and not propagate:
         return None
     prompt: dict[str, Any] = {"plane": plane or "axial", "propagate": propagate}
+    if window is not None:
+        prompt["window"] = window
+    if slice_range is not None:
+        prompt["slice_range"] = slice_range
     if slice_index is not None:
         prompt["slice"] = slice_index
     if box is not None:
@@ -38,12 +42,16 @@ def run_command(
     slice_index: Optional[int] = typer.Option(None, "--slice", help="Prompt slice index in that plane."),
     box: Optional[str] = typer.Option(None, "--box", help="Prompt box X0,Y0,X1,Y1 in slice pixels."),
     propagate: bool = typer.Option(False, "--propagate", help="Carry a prompted segmentation to neighbouring slices."),
+    window: Optional[str] = typer.Option(None, "--window", help="CT window for box prompts: soft_tissue, liver, lung, "
+                                         "bone, brain, or LEVEL,WIDTH in HU (MR uses percentiles)."),
+    slice_range: Optional[str] = typer.Option(None, "--slice-range", help="FIRST,LAST: slices propagation may "
+                                              "reach (inclusive), the structure's extent as the reader sees it."),
 ) -> None:
     """Run MODEL on SOURCE: writes seg.dcm, mask.nii.gz and result.json into --out."""
     from medai.errors import MedaiError
     from medai.inference import run as runner
 
-    prompt = _prompt(plane, slice_index, box, propagate)
+    prompt = _prompt(plane, slice_index, box, propagate, window, slice_range)
     kwargs: dict[str, Any] = {"device": device, "max_memory": max_memory, "prompt": prompt, "threads": threads}
     if all_series:
         if series:
