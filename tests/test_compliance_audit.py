@@ -340,8 +340,9 @@ def test_writer_killed_mid_stream_leaves_a_valid_trail():
     victim = subprocess.Popen([sys.executable, "-c", endless])
     other = subprocess.Popen([sys.executable, "-c", WRITER, "survivor", "60"])
     deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:  # let it write for a while, then kill it mid-stream
-        if trail.trail_path().exists() and trail.trail_path().stat().st_size > 20_000:
+    while time.monotonic() < deadline:  # let the victim itself write a while, then kill it mid-stream
+        path = trail.trail_path()
+        if path.exists() and path.read_bytes().count(b'"victim"') > 20:
             break
         time.sleep(0.05)
     victim.send_signal(signal.SIGKILL)

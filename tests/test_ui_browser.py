@@ -112,7 +112,7 @@ def test_clinician_workflow_in_chromium(tmp_path, medai_home):
             expect(page.get_by_text("Intended use")).to_be_visible()
             page.screenshot(path=shots / "run-card.png")
             page.get_by_role("button", name=re.compile("^Run ")).click()
-            expect(page.get_by_text(re.compile(r"brain volume", re.I))).to_be_visible(timeout=400_000)
+            expect(page.get_by_test_id("stMetricLabel").get_by_text("Brain volume")).to_be_visible(timeout=400_000)
             page.screenshot(path=shots / "run-result.png", full_page=True)
 
             # Viewer with the overlay

@@ -176,6 +176,7 @@ def render_summary(volume: "Volume", output: "PipelineOutput", card: "ModelCard"
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = [out_dir / "summary.png", out_dir / "summary.pdf"]
     for p in paths:
-        fig.savefig(p)
+        # No creation time in the PDF: the same input gives the same bytes.
+        fig.savefig(p, metadata={"CreationDate": None} if p.suffix == ".pdf" else None)
     plt.close(fig)
     return paths

@@ -60,7 +60,7 @@ st.caption("The open series and the chosen SEG/SR, with every identifying attrib
            "DICOM PS3.15 Annex E basic profile. UIDs are remapped consistently, so the SEG still "
            "points at the exported images. Images that may carry burned-in text are held in "
            "quarantine, not exported.")
-deid_folder = st.text_input("Folder", value=str(config.home() / "exports" / "deidentified"), key="deid_folder")
+deid_folder = st.text_input("Folder for the de-identified copy", value=str(config.home() / "exports" / "deidentified"), key="deid_folder")
 keep_dates = st.checkbox("Keep intervals between dates (shift dates per patient)", key="deid_dates")
 if st.button("Export de-identified copy", icon=":material/shield_person:", key="deid-button"):
     try:
