@@ -174,7 +174,10 @@ def test_main_job_sends_nothing_off_machine_and_runs_identically_without_network
     for path in (first / "home").rglob("*"):
         if path.is_file():
             assert _canary_free(path.read_bytes().decode("latin-1")), path
-    assert traced.returncode == isolated.returncode, (traced.stderr[-2000:], isolated.stderr[-2000:])
+    assert traced.returncode == isolated.returncode == 0, (traced.stderr[-2000:], isolated.stderr[-2000:])
+    demo = json.loads(traced.stdout)  # the main job ran every automatic model, left the prompted one to a reader
+    assert {r["model"] for r in demo["runs"]} == {"brain-extraction", "brain-volumetry"}
+    assert demo["interactive"] == ["medsam-lite"] and demo["failures"] == [] and demo["audit"]["ok"]
     assert _scrub(json.loads(traced.stdout)) == _scrub(json.loads(isolated.stdout))
     a, b = _outputs(first), _outputs(work)
     assert a and a.keys() == b.keys()

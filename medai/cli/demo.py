@@ -37,9 +37,12 @@ def run_demo(study: Path, out: Path) -> dict[str, Any]:
         "study": str(study), "out": str(out),
         "index": {"studies": len(index.studies), "series": len(index.series),
                   "instances": index.instances_indexed, "skipped_files": len(index.skipped)},
-        "runs": [], "failures": [],
+        "runs": [], "failures": [], "interactive": [],
     }
     for bundle in registry.list_bundles():
+        if bundle.card.accepts_prompt:
+            summary["interactive"].append(bundle.id)  # needs a reader's box: `medai ui` or `medai run --box`
+            continue
         for entry in matching_series(bundle.card, index)[:1]:
             try:
                 result = run_model(bundle.id, Path(entry.files[0]).parent, out / bundle.id,
@@ -75,6 +78,8 @@ def _human(d: dict[str, Any]) -> None:
         for text in run["findings"]:
             con.print(f"    finding: {text}")
         con.print(f"    outputs: {run['out_dir']}")
+    for model in d["interactive"]:
+        con.print(f"  {model}: interactive (box prompt); try it in `medai ui` or with `medai run --box`")
     for fail in d["failures"]:
         con.print(f"  [red]{fail['model']} failed[/red]: {fail['error']}")
     a = d["audit"]
