@@ -141,19 +141,25 @@ def _head(fd: int, on_torn: TornHandler | None) -> tuple[int, str, int, list[byt
     return count, head, size, lines
 
 
+def _open_trail() -> tuple[Path, int]:
+    """The trail file, created if missing, opened for append under an exclusive lock
+    (writers in other processes wait). Raises AuditWriteError when it cannot be opened."""
+    directory = audit_dir()
+    path = directory / TRAIL
+    try:
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        return path, _open_locked(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, fcntl.LOCK_EX)
+    except OSError as exc:
+        raise _fail(path, "open", exc) from exc
+
+
 def append(bodies: Sequence[Mapping[str, Any]], *, on_torn: TornHandler | None = None,
            checkpoint: bool = False) -> list[str]:
     """Seal and durably append ``bodies`` in order; return their hashes.
 
     Raises AuditWriteError (and leaves the file as it was) when anything fails."""
-    directory = audit_dir()
-    path = directory / TRAIL
     keys.ensure()  # first record: create the install keys; later: a missing key fails closed
-    try:
-        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd = _open_locked(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, fcntl.LOCK_EX)
-    except OSError as exc:
-        raise _fail(path, "open", exc) from exc
+    path, fd = _open_trail()
     try:
         try:
             count, head, size, lines = _head(fd, on_torn)
@@ -185,7 +191,7 @@ def append(bodies: Sequence[Mapping[str, Any]], *, on_torn: TornHandler | None =
         st = os.fstat(fd)
         _cache.ident, _cache.count, _cache.head = (st.st_dev, st.st_ino, st.st_size), count, head
         if size == 0:
-            _fsync_dir(directory)
+            _fsync_dir(path.parent)
         cp_count, cp_time = _last_checkpoint()
         if checkpoint or count - cp_count >= CHECKPOINT_EVERY or time.time() - cp_time >= CHECKPOINT_AGE:
             _write_checkpoint(count, head)
@@ -249,13 +255,7 @@ def _write_checkpoint(count: int, head: str) -> chain.Checkpoint:
 
 def checkpoint() -> chain.Checkpoint:
     """Sign a checkpoint of the trail as it stands now (an empty trail gives count 0)."""
-    directory = audit_dir()
-    path = directory / TRAIL
-    try:
-        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd = _open_locked(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, fcntl.LOCK_EX)
-    except OSError as exc:
-        raise _fail(path, "open", exc) from exc
+    path, fd = _open_trail()
     try:
         count, head, _, _ = _head(fd, None)
         return _write_checkpoint(count, head)

@@ -46,12 +46,16 @@ def _filter(event: list[str], since: Optional[str], until: Optional[str], patien
     return _audit.Filter(tuple(event), since, until, patient, outcome, session)
 
 
-def _write(path: Optional[Path], data: Any) -> None:
-    text = json.dumps(data, indent=2, sort_keys=False) + "\n"
+def _write_text(path: Optional[Path], text: str) -> None:
+    """To stdout, or to a private (0600) file: exports may hold identifiers."""
     if path is None:
         sys.stdout.write(text)
     else:
         keys.write_secret(path.resolve(), text.encode("utf-8"))
+
+
+def _write(path: Optional[Path], data: Any) -> None:
+    _write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
 @audit_app.command("show")
@@ -147,11 +151,7 @@ def export(
     if fmt == "fhir":
         _write(out, fhir.bundle(records))
     else:
-        text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in records)
-        if out is None:
-            sys.stdout.write(text)
-        else:
-            keys.write_secret(out.resolve(), text.encode("utf-8"))
+        _write_text(out, "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
 
 
 @audit_app.command("attest")
