@@ -6,10 +6,11 @@ alternate between the receivers so machine noise hits both alike. Reported:
 instances/s per receiver (median of the rounds) and the ratio medai/storescp
 (target >= 0.8).
 
-A third receiver, a bare pynetdicom SCP doing what storescp does (write the
-file, nothing else), shows how much of the gap is pynetdicom itself; a fourth
-is the same SCP with medai's event-driven association reactors
-(``medai.pacs._reactor``), i.e. what those alone are worth.
+Two more receivers do only what storescp does (write the file, nothing else):
+a bare pynetdicom SCP (what the protocol costs with pynetdicom, which medai's
+listener used before ``medai.pacs.acceptor``) and medai's acceptor with such a
+write-only handler (what the protocol costs in medai; the rest of the gap to
+``medai pacs listen`` is durability and bookkeeping).
 
 Note the receivers do not promise the same thing: medai fsyncs every file and
 its directory, writes its queue database and audits each study before it
@@ -129,21 +130,44 @@ def store(event):
     (out / (event.request.AffectedSOPInstanceUID + ".dcm")).write_bytes(event.encoded_dataset())
     return 0
 server = ae.start_server(("127.0.0.1", int(sys.argv[1])), block=False, evt_handlers=[(evt.EVT_C_STORE, store)])
-if sys.argv[3] == "event-driven":
-    from medai.pacs._reactor import EventDrivenRequestHandler
-    server.RequestHandlerClass = EventDrivenRequestHandler
 print("ready", flush=True)
 import threading
 threading.Event().wait()
 """
 
+#: The same work with medai's acceptor (medai.pacs.acceptor) and a write-only handler.
+BARE_ACCEPTOR = """
+import sys, threading
+from pathlib import Path
+from medai.pacs.acceptor import AcceptorServer
+from medai.pacs.scp import Listener, ListenerConfig, part10_header
+out = Path(sys.argv[2])
+class WriteOnly:
+    def on_connect(self, address): return True
+    def on_request(self, assoc): return None
+    def on_accepted(self, assoc): pass
+    def on_rejected(self, assoc, rejection): pass
+    def on_closed(self, assoc): pass
+    def on_store(self, r):
+        (out / (r.affected_sop_instance_uid + ".dcm")).write_bytes(
+            part10_header(r.affected_sop_class_uid, r.affected_sop_instance_uid, r.transfer_syntax,
+                          r.association.calling_ae) + r.dataset)
+        return 0, ""
+cfg = Listener.__new__(Listener)
+cfg.cfg = ListenerConfig(ae_title="BARE")
+server = AcceptorServer(("127.0.0.1", int(sys.argv[1])), cfg.acceptor_config(), WriteOnly())
+server.start()
+print("ready", flush=True)
+threading.Event().wait()
+"""
 
-def run_bare(files_groups: list[list[Path]], work: Path, reactor: str = "stock") -> float:
+
+def run_bare(files_groups: list[list[Path]], work: Path, script: str = BARE_PYNETDICOM) -> float:
     out = work / "bare-out"
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir()
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-c", BARE_PYNETDICOM, str(port), str(out), reactor],
+    proc = subprocess.Popen([sys.executable, "-c", script, str(port), str(out)],
                             stdout=subprocess.PIPE,
                             stderr=subprocess.DEVNULL)
     try:
@@ -155,7 +179,7 @@ def run_bare(files_groups: list[list[Path]], work: Path, reactor: str = "stock")
         proc.terminate()
         proc.wait(timeout=10)
     if sum(1 for _ in out.iterdir()) != sum(map(len, files_groups)):
-        raise RuntimeError("bare pynetdicom lost instances")
+        raise RuntimeError("a write-only receiver lost instances")
     return seconds
 
 
@@ -195,9 +219,9 @@ def main() -> int:
         files = make_study(work / "study", args.instances)
         n = args.associations
         groups = [files[i::n] for i in range(n)]
-        times: dict[str, list[float]] = {"storescp": [], "medai": [], "pynetdicom": [], "pynetdicom+reactors": []}
+        times: dict[str, list[float]] = {"storescp": [], "medai": [], "pynetdicom": [], "acceptor": []}
         receivers = (("storescp", run_storescp), ("medai", run_medai), ("pynetdicom", run_bare),
-                     ("pynetdicom+reactors", lambda g, w: run_bare(g, w, "event-driven")))
+                     ("acceptor", lambda g, w: run_bare(g, w, BARE_ACCEPTOR)))
         for r in range(args.rounds):
             for name, fn in receivers:
                 seconds = fn(groups, work)
@@ -208,12 +232,11 @@ def main() -> int:
     print(f"instances: {len(files)} per round, {args.rounds} rounds, {n} association(s)")
     print(f"dcmtk storescp:     {rate['storescp']:8.1f} instances/s (median)")
     print(f"medai pacs listen:  {rate['medai']:8.1f} instances/s (median)")
-    print(f"bare pynetdicom SCP: {rate['pynetdicom']:8.1f} instances/s (median; no fsync/db/audit, reference)")
-    print(f"  same, medai reactors: {rate['pynetdicom+reactors']:8.1f} instances/s (median; event-driven waits, "
-          "see medai/pacs/_reactor.py)")
+    print(f"write-only pynetdicom SCP: {rate['pynetdicom']:8.1f} instances/s (median; no fsync/db/audit)")
+    print(f"write-only medai acceptor: {rate['acceptor']:8.1f} instances/s (median; no fsync/db/audit)")
     print(f"ratio medai/storescp: {rate['medai'] / rate['storescp']:.2f}x (target >= 0.8x); "
-          f"bare pynetdicom/storescp: {rate['pynetdicom'] / rate['storescp']:.2f}x, "
-          f"with medai reactors: {rate['pynetdicom+reactors'] / rate['storescp']:.2f}x")
+          f"write-only pynetdicom/storescp: {rate['pynetdicom'] / rate['storescp']:.2f}x, "
+          f"write-only medai acceptor/storescp: {rate['acceptor'] / rate['storescp']:.2f}x")
     return 0
 
 

@@ -52,11 +52,15 @@ def _setup_logging(log_json: bool, verbose: bool) -> None:
 
 
 def _service(name: str, threads: list[tuple[str, Callable[[], None], Callable[[], None]]],
-             detail: dict[str, Any]) -> None:
-    """Run long-lived loops in threads until SIGTERM/SIGINT, then stop them in order."""
+             detail: dict[str, Any], *, start_recorded: bool = False) -> None:
+    """Run long-lived loops in threads until SIGTERM/SIGINT, then stop them in order.
+
+    ``start_recorded``: the caller wrote the Application Start record itself,
+    before its service began taking requests."""
     from medai.pacs import _audit
 
-    _audit.record("application_start", detail={"service": name, **detail})
+    if not start_recorded:
+        _audit.record("application_start", detail={"service": name, **detail})
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: Any) -> None:
@@ -139,9 +143,18 @@ def register(app: typer.Typer) -> None:
                                          network_timeout=network_timeout)
         cfg.check()
         wcfg = WorkerConfig.from_config(stable_seconds=stable_seconds, destination=destination)
+        from medai.pacs import _audit
+
         listener = Listener(cfg)
         worker = None if no_worker else Worker(wcfg, store=listener.store)
-        listener.start(block=False)
+        # Recorded before the port opens: no import may precede the start in the trail.
+        _audit.record("application_start", detail={"service": "pacs-listen", "ae_title": cfg.ae_title,
+                                                   "port": cfg.port})
+        try:
+            listener.start(block=False)
+        except BaseException:
+            _audit.record("application_stop", detail={"service": "pacs-listen", "reason": "could not start"})
+            raise
         state = {"pid": os.getpid(), "ae_title": cfg.ae_title, "address": cfg.address, "port": listener.port,
                  "started": time.time(), "worker": worker is not None}
         _state_file().parent.mkdir(parents=True, exist_ok=True)
@@ -153,7 +166,7 @@ def register(app: typer.Typer) -> None:
         if worker is not None:
             threads.append(("worker", worker.run, worker.stop))
         try:
-            _service("pacs-listen", threads, {"ae_title": cfg.ae_title, "port": listener.port})
+            _service("pacs-listen", threads, {}, start_recorded=True)
         finally:
             _state_file().unlink(missing_ok=True)
 

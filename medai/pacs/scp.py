@@ -1,4 +1,7 @@
-"""The DICOM C-STORE SCP behind ``medai pacs listen`` (pynetdicom).
+"""The DICOM C-STORE SCP behind ``medai pacs listen``.
+
+The protocol is :mod:`medai.pacs.acceptor`'s; this module decides what is
+accepted and how a received instance is stored.
 
 The store handler is the only place a received instance enters medai. Its
 order of operations is the guarantee the PACS relies on: validate the UIDs,
@@ -17,18 +20,17 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from pydicom.dataset import Dataset
-from pynetdicom import (AE, ALL_TRANSFER_SYNTAXES, PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION,
-                        AllStoragePresentationContexts, evt)
-from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom import ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts
 
 from medai import config
 from medai.errors import AuditWriteError, ConfigError, UnsafeInputError
 from medai.dicom.headerscan import walk
 from medai.pacs import _audit
-from medai.pacs._reactor import ContextList, EventDrivenRequestHandler
+from medai.pacs.acceptor import (IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, VERIFICATION_SOP_CLASS,
+                                 AcceptorConfig, AcceptorServer, Association, Rejection, StoreRequest)
 from medai.pacs.queue import PacsDB, SeriesInfo
 from medai.pacs.store import RESOURCE_ERRNOS, StudyStore, validate_uid
 
@@ -52,7 +54,7 @@ _UNCOMPRESSED = ("1.2.840.10008.1.2.1", "1.2.840.10008.1.2", "1.2.840.10008.1.2.
 def transfer_syntax_preference() -> list[str]:
     """Every transfer syntax pynetdicom knows, in the order we accept them.
 
-    pynetdicom picks, per presentation context, the first of *our* list that
+    The acceptor picks, per presentation context, the first of *our* list that
     the sender proposed. Lossless compressed first (keep what the sender has),
     then uncompressed, and lossy ones last: choosing a lossy syntax while an
     uncompressed one is on offer would make the sender compress with loss."""
@@ -80,19 +82,19 @@ def _meta_element(element: int, vr: bytes, value: bytes) -> bytes:
 def part10_header(sop_class: str, sop_uid: str, transfer_syntax: str, source_ae: str) -> bytes:
     """Preamble, prefix and File Meta Information (PS3.10 7.1), encoded directly.
 
-    The same elements pynetdicom's ``event.file_meta`` holds (plus the sender's
-    AE title), without a pydicom encoding pass per instance: that pass was about
-    a tenth of the time spent per received instance."""
+    The elements PS3.10 requires (plus the sender's AE title), without a pydicom
+    encoding pass per instance: that pass was about a tenth of the time spent
+    per received instance."""
     ae = source_ae.strip().encode("ascii", "replace")[:16]
     ae += b" " * (len(ae) % 2)
-    version = PYNETDICOM_IMPLEMENTATION_VERSION.encode()
+    version = IMPLEMENTATION_VERSION_NAME.encode()
     version += b" " * (len(version) % 2)
     body = b"".join((
         _meta_element(0x0001, b"OB", b"\x00\x01"),
         _meta_element(0x0002, b"UI", sop_class.encode()),
         _meta_element(0x0003, b"UI", sop_uid.encode()),
         _meta_element(0x0010, b"UI", transfer_syntax.encode()),
-        _meta_element(0x0012, b"UI", PYNETDICOM_IMPLEMENTATION_UID.encode()),
+        _meta_element(0x0012, b"UI", IMPLEMENTATION_CLASS_UID.encode()),
         _meta_element(0x0013, b"SH", version),
         *((_meta_element(0x0016, b"AE", ae),) if ae else ()),
     ))
@@ -158,6 +160,16 @@ class _AssocLog:
     patient: dict[str, tuple[str | None, str | None]] = field(default_factory=dict)
 
 
+def decode_dataset(dataset: bytes, transfer_syntax: str) -> Dataset:
+    """pydicom's reading of a received dataset (deflated ones included)."""
+    import io
+
+    import pydicom
+
+    buffer = io.BytesIO(part10_header("1.2", "1.2", transfer_syntax, "") + dataset)
+    return pydicom.dcmread(buffer, force=True)
+
+
 def _text(ds: Dataset, keyword: str) -> str:
     value = ds.get(keyword, "")
     return "" if value is None else str(value).strip()
@@ -202,47 +214,31 @@ def quick_fields(dataset: bytes, transfer_syntax: str) -> dict[str, str] | None:
 
 
 class Listener:
-    """A running (or ready) C-STORE SCP writing into a :class:`StudyStore`."""
+    """A running (or ready) C-STORE SCP writing into a :class:`StudyStore`.
+
+    The network side is :mod:`medai.pacs.acceptor`; this class is its handler:
+    who may connect, what each association delivered (for the audit trail),
+    and the store handler itself."""
 
     def __init__(self, cfg: ListenerConfig, *, store: StudyStore | None = None, db: PacsDB | None = None) -> None:
         cfg.check()
-        _audit.quiet_pynetdicom()
         self.cfg = cfg
         self.store = store or StudyStore()
         self.db = db or PacsDB()
         self._assocs: dict[int, _AssocLog] = {}
         self._lock = threading.Lock()
-        self._server: Any = None
+        self._server: AcceptorServer | None = None
         self._free, self._free_at = 0, -1.0
-        self.ae = self._make_ae()
 
     # -- setup --------------------------------------------------------------
-    def _make_ae(self) -> AE:
-        ae = AE(ae_title=self.cfg.ae_title)
-        ae.acse_timeout = self.cfg.acse_timeout
-        ae.dimse_timeout = self.cfg.dimse_timeout
-        ae.network_timeout = self.cfg.network_timeout
-        ae.maximum_pdu_size = self.cfg.max_pdu
-        ae.maximum_associations = self.cfg.max_associations
-        ae.require_called_aet = False
-        if self.cfg.allowed_callers:
-            ae.require_calling_aet = list(self.cfg.allowed_callers)
+    def acceptor_config(self) -> AcceptorConfig:
         syntaxes = transfer_syntax_preference()
-        for cx in AllStoragePresentationContexts:
-            ae.add_supported_context(cx.abstract_syntax, syntaxes)
-        ae.add_supported_context(Verification, list(_UNCOMPRESSED))
-        return ae
-
-    def _handlers(self) -> list[tuple[Any, Any]]:
-        return [
-            (evt.EVT_C_STORE, self.handle_store),
-            (evt.EVT_C_ECHO, lambda event: SUCCESS),
-            (evt.EVT_ACCEPTED, self._on_accepted),
-            (evt.EVT_REJECTED, self._on_rejected),
-            (evt.EVT_RELEASED, self._on_closed),
-            (evt.EVT_ABORTED, self._on_closed),
-            (evt.EVT_CONN_CLOSE, self._on_closed),
-        ]
+        supported: dict[str, Sequence[str]] = {str(cx.abstract_syntax): syntaxes
+                                               for cx in AllStoragePresentationContexts}
+        supported[VERIFICATION_SOP_CLASS] = _UNCOMPRESSED
+        return AcceptorConfig(ae_title=self.cfg.ae_title, supported=supported, acse_timeout=self.cfg.acse_timeout,
+                              dimse_timeout=self.cfg.dimse_timeout, network_timeout=self.cfg.network_timeout,
+                              max_pdu=self.cfg.max_pdu, max_associations=self.cfg.max_associations)
 
     def start(self, *, block: bool = False) -> None:
         """Bind and serve. With ``block=False`` returns once listening."""
@@ -255,16 +251,8 @@ class Listener:
             from medai.compliance import egress
 
             egress.check_bind((self.cfg.address, self.cfg.port), explicit=self.cfg.allow_remote)
-        self._server = self.ae.start_server((self.cfg.address, self.cfg.port), block=False,
-                                            evt_handlers=self._handlers())
-        # socketserver builds each connection's handler from this class: ours
-        # gives the association event-driven reactors (see medai.pacs._reactor).
-        self._server.RequestHandlerClass = EventDrivenRequestHandler
-        self._server.contexts = ContextList(self._server.contexts)
-        # Host filter: refused before any DICOM byte is read (TCP close).
-        original = self._server.verify_request
-        self._server.verify_request = lambda request, client_address: (
-            self._host_allowed(client_address[0]) and original(request, client_address))
+        self._server = AcceptorServer((self.cfg.address, self.cfg.port), self.acceptor_config(), self)
+        self._server.start()
         log.info("listening ae_title=%s address=%s port=%d", self.cfg.ae_title, self.cfg.address, self.port)
         if block:
             self.wait()
@@ -278,7 +266,7 @@ class Listener:
             time.sleep(0.2)
 
     def stop(self) -> None:
-        """Stop accepting, let pynetdicom close associations, flush their audit records."""
+        """Stop accepting, finish the messages under way, abort the associations, flush their audit records."""
         server, self._server = self._server, None
         if server is not None:
             server.shutdown()
@@ -308,8 +296,9 @@ class Listener:
             log.info("reconciled %d stored instances missing from the queue database", added)
         return added
 
-    # -- association bookkeeping -------------------------------------------
-    def _host_allowed(self, host: str) -> bool:
+    # -- association bookkeeping (the acceptor's handler interface) ---------
+    def on_connect(self, host: str) -> bool:
+        """Host filter: a peer not on the list is refused before any DICOM is read (TCP close)."""
         if not self.cfg.allowed_hosts or host in self.cfg.allowed_hosts:
             return True
         log.warning("connection refused: host not allowed")
@@ -322,26 +311,29 @@ class Listener:
             log.error("could not audit a refused connection: %s", exc)
         return False
 
-    def _on_accepted(self, event: Any) -> None:
-        assoc = event.assoc
-        with self._lock:
-            self._assocs[id(assoc)] = _AssocLog(str(assoc.requestor.ae_title).strip(), str(assoc.requestor.address))
-        log.info("association accepted calling_ae=%s", str(assoc.requestor.ae_title).strip())
+    def on_request(self, assoc: Association) -> Rejection | None:
+        if self.cfg.allowed_callers and assoc.calling_ae not in self.cfg.allowed_callers:
+            return Rejection.calling_ae_not_recognized()
+        return None
 
-    def _on_rejected(self, event: Any) -> None:
-        assoc = event.assoc
-        calling = str(assoc.requestor.ae_title).strip()
-        log.warning("association rejected calling_ae=%s", calling)
+    def on_accepted(self, assoc: Association) -> None:
+        with self._lock:
+            self._assocs[assoc.number] = _AssocLog(assoc.calling_ae, assoc.address)
+        log.info("association accepted calling_ae=%s", assoc.calling_ae)
+
+    def on_rejected(self, assoc: Association, rejection: Rejection) -> None:
+        log.warning("association rejected calling_ae=%s reason=%s", assoc.calling_ae, rejection.why)
         self.db.bump("rejected_associations")
+        reason = ("calling AE title not on pacs.allowed_callers" if rejection == Rejection.calling_ae_not_recognized()
+                  else rejection.why)
         try:
             _audit.record("security_alert", outcome="failure",
-                          detail={"reason": "calling AE title not on pacs.allowed_callers", "calling_ae": calling,
-                                  "peer": str(assoc.requestor.address)})
+                          detail={"reason": reason, "calling_ae": assoc.calling_ae, "peer": assoc.address})
         except AuditWriteError as exc:
             log.error("could not audit a rejected association: %s", exc)
 
-    def _on_closed(self, event: Any) -> None:
-        self._flush(id(event.assoc))
+    def on_closed(self, assoc: Association) -> None:
+        self._flush(assoc.number)
 
     def _flush(self, assoc_id: int) -> None:
         with self._lock:
@@ -369,34 +361,28 @@ class Listener:
         return self._free
 
     # -- the store handler -------------------------------------------------
-    @staticmethod
-    def _status(code: int, comment: str) -> Dataset:
-        status = Dataset()
-        status.Status = code
-        status.ErrorComment = comment[:64]
-        return status
-
-    def handle_store(self, event: Any) -> int | Dataset:
-        """EVT_C_STORE: the instance is on disk, fsynced and registered before
+    def on_store(self, request: StoreRequest) -> tuple[int, str]:
+        """C-STORE: the instance is on disk, fsynced and registered before
         success is returned; every failure becomes a DICOM status."""
         try:
-            return self._store(event)
+            return self._store(request)
         except Exception:  # noqa: BLE001 - the listener must outlive any one dataset
             log.exception("unexpected error storing an instance")
             self.db.bump("failed_stores")
-            return self._status(PROCESSING_FAILURE, "internal error while storing")
+            return PROCESSING_FAILURE, "internal error while storing"
 
-    def _store(self, event: Any) -> int | Dataset:
+    def _store(self, request: StoreRequest) -> tuple[int, str]:
+        dataset, transfer_syntax = request.dataset, request.transfer_syntax
         try:
-            fields = quick_fields(event.request.DataSet.getvalue(), str(event.context.transfer_syntax))
+            fields = quick_fields(dataset, transfer_syntax)
             if fields is None:
-                ds = event.dataset
+                ds = decode_dataset(dataset, transfer_syntax)
                 fields = {keyword: _text(ds, keyword) for keyword in _NEEDED.values()}
             sop_uid = validate_uid(fields["SOPInstanceUID"], "SOP Instance UID")
             study_uid = validate_uid(fields["StudyInstanceUID"], "Study Instance UID")
             series_uid = validate_uid(fields["SeriesInstanceUID"], "Series Instance UID")
             sop_class = validate_uid(fields["SOPClassUID"], "SOP Class UID")
-            command_sop = validate_uid(event.request.AffectedSOPInstanceUID, "Affected SOP Instance UID")
+            command_sop = validate_uid(request.affected_sop_instance_uid, "Affected SOP Instance UID")
             if command_sop != sop_uid:
                 raise UnsafeInputError(None, "SOP Instance UID differs from the C-STORE request's")
             info = SeriesInfo(study_uid, series_uid, fields["Modality"], fields["BodyPartExamined"],
@@ -405,20 +391,20 @@ class Listener:
         except UnsafeInputError as exc:
             self.db.bump("failed_stores")
             log.warning("instance refused: %s", exc.reason)
-            return self._status(CANNOT_UNDERSTAND, exc.reason)
+            return CANNOT_UNDERSTAND, exc.reason
         except Exception as exc:  # noqa: BLE001 - pydicom raises many types on malformed data
             self.db.bump("failed_stores")
             log.warning("instance refused: dataset cannot be decoded (%s)", type(exc).__name__)
-            return self._status(CANNOT_UNDERSTAND, "dataset cannot be decoded")
+            return CANNOT_UNDERSTAND, "dataset cannot be decoded"
 
         if self._free_bytes() < self.cfg.min_free_bytes:
             self.db.bump("failed_stores")
             log.error("instance refused: store disk below pacs.min_free_space")
-            return self._status(OUT_OF_RESOURCES, "storage full")
+            return OUT_OF_RESOURCES, "storage full"
 
-        assoc_id = id(event.assoc)
+        assoc = request.association
         with self._lock:
-            entry = self._assocs.get(assoc_id)
+            entry = self._assocs.get(assoc.number)
             first_of_study = entry is not None and study_uid not in entry.studies
             if entry is not None and first_of_study:
                 entry.studies[study_uid] = []
@@ -427,19 +413,18 @@ class Listener:
             try:
                 _audit.record("import", patient_id=patient[0], patient_name=patient[1], study_uid=study_uid,
                               series_uid=series_uid,
-                              detail={"phase": "begin", "calling_ae": str(event.assoc.requestor.ae_title).strip(),
-                                      "peer": str(event.assoc.requestor.address), "via": "c-store"})
+                              detail={"phase": "begin", "calling_ae": assoc.calling_ae, "peer": assoc.address,
+                                      "via": "c-store"})
             except AuditWriteError as exc:
                 with self._lock:
                     if entry is not None:
                         entry.studies.pop(study_uid, None)
                 self.db.bump("failed_stores")
                 log.error("instance refused: %s", exc)
-                return self._status(OUT_OF_RESOURCES, "audit trail unavailable")
+                return OUT_OF_RESOURCES, "audit trail unavailable"
 
         try:
-            data = part10_header(sop_class, sop_uid, str(event.context.transfer_syntax),
-                                 str(event.assoc.requestor.ae_title)) + event.request.DataSet.getvalue()
+            data = part10_header(sop_class, sop_uid, transfer_syntax, assoc.calling_ae) + dataset
             stored = self.store.put(data, study_uid, series_uid, sop_uid)
             self.db.record_instance(sop_uid=sop_uid, study_uid=study_uid, series_uid=series_uid,
                                     sop_class_uid=sop_class, size=stored.size, sha256=stored.sha256, series=info)
@@ -447,10 +432,10 @@ class Listener:
             self.db.bump("failed_stores")
             code = OUT_OF_RESOURCES if exc.errno in RESOURCE_ERRNOS else PROCESSING_FAILURE
             log.error("instance not stored: %s", exc.strerror or type(exc).__name__)
-            return self._status(code, "could not write the instance")
+            return code, "could not write the instance"
         if entry is not None:
             with self._lock:
                 entry.studies.setdefault(study_uid, []).append(sop_uid)
         if log.isEnabledFor(logging.DEBUG):
             log.debug("stored study=%s outcome=%s bytes=%d", _audit.key(study_uid), stored.outcome, stored.size)
-        return SUCCESS
+        return SUCCESS, ""

