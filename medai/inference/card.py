@@ -28,6 +28,8 @@ listed in ``[files]``. Schema (version 1), with the fields medai reads::
     shape = [1, 1, 256, 256, 256]
     dtype = "float32"
     activation_bytes_per_voxel = 180.0 # measured peak working memory / input voxels (planner)
+    memory_arena = false               # true: keep the session's working memory between runs
+                                       # (fixed-size graphs run many times; see backends.py)
 
     [[preprocessing]]                  # steps as data, applied in order, recorded in result.json
     op = "reorient"
@@ -89,6 +91,7 @@ class GraphSpec:
     shape: tuple[int, ...]
     dtype: str = "float32"
     activation_bytes_per_voxel: float = 64.0
+    memory_arena: bool = False
 
 
 @dataclass(frozen=True)
@@ -173,6 +176,12 @@ def _tuple3(value: Any, where: str) -> tuple[str, str, str]:
     return (value[0], value[1], value[2])
 
 
+def _flag(value: Any, where: str) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{where} must be true or false")
+    return value
+
+
 def parse_card(text: str | bytes, *, source: str | Path = CARD_NAME) -> ModelCard:
     """Parse and validate card text. Raises :class:`ModelIntegrityError` naming ``source``."""
     if isinstance(text, bytes):
@@ -212,7 +221,8 @@ def _build(raw: dict[str, Any]) -> ModelCard:
     for key, g in raw.get("input", {}).get("graphs", {}).items():
         graphs[key] = GraphSpec(key=key, file=g["file"], input=g["input"], output=g["output"],
                                 shape=tuple(int(s) for s in g["shape"]), dtype=g.get("dtype", "float32"),
-                                activation_bytes_per_voxel=float(g.get("activation_bytes_per_voxel", 64.0)))
+                                activation_bytes_per_voxel=float(g.get("activation_bytes_per_voxel", 64.0)),
+                                memory_arena=_flag(g.get("memory_arena", False), f"graph {key!r} memory_arena"))
     steps = []
     for s in raw.get("preprocessing", []):
         params = {k: v for k, v in s.items() if k != "op"}
