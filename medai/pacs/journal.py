@@ -57,6 +57,8 @@ SEGMENT_BYTES = 16 * 1024 * 1024
 #: How long the syncer lets written files wait for their bulk sync (seconds).
 SYNC_INTERVAL = 0.5
 _ZEROS = bytes(1024 * 1024)
+#: Longest a flush waits for appenders already under way to join it (seconds).
+BATCH_WAIT = 0.001
 
 
 class JournalBusy(Exception):
@@ -132,6 +134,7 @@ class IngestJournal:
         self._durable = 0                      # highest sequence known flushed
         self._covering = 0                     # highest sequence a flush under way will cover
         self._flushes = 0                      # flushes under way
+        self._arriving = 0                     # announced appenders yet to write
         self._error: OSError | None = None
         #: sequence -> (segment, end offset) of records not yet behind the checkpoint
         self._ends: dict[int, tuple[int, int]] = {}
@@ -286,14 +289,29 @@ class IngestJournal:
         """Whether an instance this large goes through the journal (else: the direct durable write)."""
         return _HEADER.size + 4096 + len(data) <= self.segment_bytes
 
-    def write(self, meta: dict[str, str], data: bytes, digest: bytes) -> int:
+    def announce(self) -> None:
+        """An appender is on its way (a dataset received, its record not yet
+        written): a flush about to start waits a moment for it to join. Each
+        call is matched by one :meth:`write` or :meth:`withdraw`."""
+        with self._lock:
+            self._arriving += 1
+
+    def withdraw(self) -> None:
+        with self._cond:
+            self._arriving -= 1
+            self._cond.notify_all()
+
+    def write(self, meta: dict[str, str], data: bytes, digest: bytes, *, announced: bool = False) -> int:
         """Append one instance (``digest``: SHA-256 of ``data``), not yet
         flushed; returns its sequence number. Call :meth:`wait` before
         acknowledging it and :meth:`done` once the store holds its file (or
-        gave up on it)."""
+        gave up on it). ``announced``: :meth:`announce` was called for it."""
         meta_raw = json.dumps(meta, separators=(",", ":")).encode()
         total = _HEADER.size + len(meta_raw) + len(data)
         with self._cond:
+            if announced:
+                self._arriving -= 1
+                self._cond.notify_all()
             if self._error is not None or self._fd < 0:
                 raise OSError(errno.EIO, f"ingest journal unusable: {self._error or 'not open'}")
             if self._offset + total > self.segment_bytes:
@@ -316,12 +334,19 @@ class IngestJournal:
         this call flushes, covering every record written so far (group commit:
         concurrent appenders share flushes, and none waits for a flush that
         cannot cover it; a lone appender pays one flush, no thread hand-off)."""
+        batched = False
         with self._cond:
             while self._durable < sequence:
                 if self._error is not None:
                     raise OSError(errno.EIO, f"ingest journal flush failed: {self._error}")
                 if self._covering >= sequence:
                     self._cond.wait()
+                    continue
+                if self._arriving > 0 and not batched:
+                    # Other associations have a dataset in hand: let them write first so
+                    # that one flush covers them too (what ext4's journal does for fsync).
+                    batched = True
+                    self._cond.wait_for(lambda: self._arriving <= 0, BATCH_WAIT)
                     continue
                 fd, target = self._fd, self._written
                 self._covering = max(self._covering, target)

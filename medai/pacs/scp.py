@@ -220,6 +220,26 @@ def quick_fields(dataset: bytes, transfer_syntax: str) -> dict[str, str] | None:
     return fields
 
 
+class _Arrival:
+    """One received dataset announced to the journal (so that a flush about to
+    start waits for it) until its record is written or it is refused."""
+
+    def __init__(self, journal: IngestJournal | None) -> None:
+        self._journal = journal
+        if journal is not None:
+            journal.announce()
+
+    def take(self) -> bool:
+        """Hand the announcement to :meth:`IngestJournal.write`."""
+        announced, self._journal = self._journal is not None, None
+        return announced
+
+    def withdraw(self) -> None:
+        journal, self._journal = self._journal, None
+        if journal is not None:
+            journal.withdraw()
+
+
 def _journal_meta(info: SeriesInfo, sop_uid: str) -> dict[str, str]:
     return {"sop": sop_uid, "study": info.study_uid, "series": info.series_uid, "sop_class": info.sop_class_uid,
             "modality": info.modality, "body_part": info.body_part, "description": info.description}
@@ -334,7 +354,7 @@ class Listener:
             self._flush(assoc_id)
         log.info("listener stopped")
 
-    def _put(self, data: bytes, info: SeriesInfo, sop_uid: str) -> Any:
+    def _put(self, data: bytes, info: SeriesInfo, sop_uid: str, arrival: "_Arrival") -> Any:
         """Durable before it returns: journaled (one data flush shared by the
         associations), then stored and registered; an instance too large for a journal segment is
         written with the store's own fsyncs instead."""
@@ -344,7 +364,7 @@ class Listener:
             self._register(stored, info)
             return stored
         digest = hashlib.sha256(data)
-        sequence = journal.write(_journal_meta(info, sop_uid), data, digest.digest())
+        sequence = journal.write(_journal_meta(info, sop_uid), data, digest.digest(), announced=arrival.take())
         try:
             # The file is written while the journal flushes; it gets its final name
             # (and the instance its registration) only once the record is durable.
@@ -449,14 +469,17 @@ class Listener:
     def on_store(self, request: StoreRequest) -> tuple[int, str]:
         """C-STORE: the instance is on disk, fsynced and registered before
         success is returned; every failure becomes a DICOM status."""
+        arrival = _Arrival(self.journal)
         try:
-            return self._store(request)
+            return self._store(request, arrival)
         except Exception:  # noqa: BLE001 - the listener must outlive any one dataset
             log.exception("unexpected error storing an instance")
             self.db.bump("failed_stores")
             return PROCESSING_FAILURE, "internal error while storing"
+        finally:
+            arrival.withdraw()
 
-    def _store(self, request: StoreRequest) -> tuple[int, str]:
+    def _store(self, request: StoreRequest, arrival: "_Arrival") -> tuple[int, str]:
         dataset, transfer_syntax = request.dataset, request.transfer_syntax
         try:
             fields = quick_fields(dataset, transfer_syntax)
@@ -510,7 +533,7 @@ class Listener:
 
         try:
             data = part10_header(sop_class, sop_uid, transfer_syntax, assoc.calling_ae) + dataset
-            stored = self._put(data, info, sop_uid)
+            stored = self._put(data, info, sop_uid, arrival)
         except OSError as exc:
             self.db.bump("failed_stores")
             code = OUT_OF_RESOURCES if exc.errno in RESOURCE_ERRNOS else PROCESSING_FAILURE
