@@ -12,10 +12,9 @@ listener used before ``medai.pacs.acceptor``) and medai's acceptor with such a
 write-only handler (what the protocol costs in medai; the rest of the gap to
 ``medai pacs listen`` is durability and bookkeeping).
 
-Note the receivers do not promise the same thing: before it answers success
-medai makes the instance durable (flushed in its ingest journal, or with the
-journal off, the file and its directory fsynced), registers it in its queue
-database and audits each study; storescp (default options) just writes the file.
+Note the receivers do not promise the same thing: medai fsyncs every file and
+its directory, writes its queue database and audits each study before it
+answers success; storescp (default options) just writes the file.
 
     .venv/bin/python bench/pacs_ingest.py [--instances 400] [--rounds 3] [--associations 1]
 """
@@ -184,12 +183,12 @@ def run_bare(files_groups: list[list[Path]], work: Path, script: str = BARE_PYNE
     return seconds
 
 
-def run_medai(files_groups: list[list[Path]], work: Path, journal: bool = True) -> float:
+def run_medai(files_groups: list[list[Path]], work: Path) -> float:
     home = work / "medai-home"
     shutil.rmtree(home, ignore_errors=True)
     home.mkdir()
     port = free_port()
-    env = {**os.environ, "MEDAI_HOME": str(home), **({} if journal else {"MEDAI_PACS_JOURNAL_SEGMENT": "0"})}
+    env = {**os.environ, "MEDAI_HOME": str(home)}
     proc = subprocess.Popen([str(REPO / ".venv" / "bin" / "medai"), "-q", "pacs", "listen", "--port", str(port),
                              "--no-worker"], env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     try:
@@ -220,10 +219,8 @@ def main() -> int:
         files = make_study(work / "study", args.instances)
         n = args.associations
         groups = [files[i::n] for i in range(n)]
-        times: dict[str, list[float]] = {"storescp": [], "medai": [], "medai-direct": [], "pynetdicom": [],
-                                         "acceptor": []}
-        receivers = (("storescp", run_storescp), ("medai", run_medai),
-                     ("medai-direct", lambda g, w: run_medai(g, w, journal=False)), ("pynetdicom", run_bare),
+        times: dict[str, list[float]] = {"storescp": [], "medai": [], "pynetdicom": [], "acceptor": []}
+        receivers = (("storescp", run_storescp), ("medai", run_medai), ("pynetdicom", run_bare),
                      ("acceptor", lambda g, w: run_bare(g, w, BARE_ACCEPTOR)))
         for r in range(args.rounds):
             for name, fn in receivers:
@@ -235,11 +232,9 @@ def main() -> int:
     print(f"instances: {len(files)} per round, {args.rounds} rounds, {n} association(s)")
     print(f"dcmtk storescp:     {rate['storescp']:8.1f} instances/s (median)")
     print(f"medai pacs listen:  {rate['medai']:8.1f} instances/s (median)")
-    print(f"  same, journal off: {rate['medai-direct']:8.1f} instances/s (median; fsync per file and directory)")
     print(f"write-only pynetdicom SCP: {rate['pynetdicom']:8.1f} instances/s (median; no fsync/db/audit)")
     print(f"write-only medai acceptor: {rate['acceptor']:8.1f} instances/s (median; no fsync/db/audit)")
     print(f"ratio medai/storescp: {rate['medai'] / rate['storescp']:.2f}x (target >= 0.8x); "
-          f"journal off/storescp: {rate['medai-direct'] / rate['storescp']:.2f}x; "
           f"write-only pynetdicom/storescp: {rate['pynetdicom'] / rate['storescp']:.2f}x, "
           f"write-only medai acceptor/storescp: {rate['acceptor'] / rate['storescp']:.2f}x")
     return 0

@@ -178,15 +178,9 @@ def register(app: typer.Typer) -> None:
         log_json: bool = typer.Option(False, "--log-json", help="Structured JSON log lines on stderr."),
     ) -> None:
         """Run the job/transfer worker alone (beside `medai pacs listen --no-worker`)."""
-        from medai.pacs.queue import PacsDB
-        from medai.pacs.scp import recover_journal
-        from medai.pacs.store import StudyStore
         from medai.pacs.worker import Worker, WorkerConfig, run_pending
 
         _setup_logging(log_json, False)
-        # A listener that died (or a power cut) may have left acknowledged instances
-        # in its journal only; a live listener owns the journal and this does nothing.
-        recover_journal(StudyStore(), PacsDB())
         wcfg = WorkerConfig.from_config(stable_seconds=stable_seconds, destination=destination)
         if once:
             run_pending(wcfg)

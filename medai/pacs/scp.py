@@ -13,7 +13,6 @@ without patient identifiers; the listener itself keeps running.
 
 from __future__ import annotations
 
-import hashlib
 import ipaddress
 import logging
 import struct
@@ -27,12 +26,11 @@ from pydicom.dataset import Dataset
 from pynetdicom import ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts
 
 from medai import config
-from medai.errors import AuditWriteError, ConfigError, PacsError, UnsafeInputError
+from medai.errors import AuditWriteError, ConfigError, UnsafeInputError
 from medai.dicom.headerscan import walk
 from medai.pacs import _audit
 from medai.pacs.acceptor import (IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, VERIFICATION_SOP_CLASS,
                                  AcceptorConfig, AcceptorServer, Association, Rejection, StoreRequest)
-from medai.pacs.journal import IngestJournal, JournalBusy, JournalRecord
 from medai.pacs.queue import PacsDB, SeriesInfo
 from medai.pacs.store import RESOURCE_ERRNOS, StudyStore, validate_uid
 
@@ -122,9 +120,6 @@ class ListenerConfig:
     max_associations: int = 16
     #: Refuse instances (0xA700) when less than this is free on the store's disk.
     min_free_bytes: int = 256 * 1024**2
-    #: Ingest journal (medai.pacs.journal): bulk sync interval and segment size.
-    journal_sync_seconds: float = 0.5
-    journal_segment: int = 16 * 1024**2
 
     @classmethod
     def from_config(cls, **overrides: Any) -> "ListenerConfig":
@@ -141,8 +136,6 @@ class ListenerConfig:
             "max_pdu": config.get("pacs.max_pdu"),
             "max_associations": config.get("pacs.max_associations"),
             "min_free_bytes": config.get("pacs.min_free_space"),
-            "journal_sync_seconds": config.get("pacs.journal_sync_seconds"),
-            "journal_segment": config.get("pacs.journal_segment"),
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
@@ -220,67 +213,6 @@ def quick_fields(dataset: bytes, transfer_syntax: str) -> dict[str, str] | None:
     return fields
 
 
-class _Arrival:
-    """One received dataset announced to the journal (so that a flush about to
-    start waits for it) until its record is written or it is refused."""
-
-    def __init__(self, journal: IngestJournal | None) -> None:
-        self._journal = journal
-        if journal is not None:
-            journal.announce()
-
-    def take(self) -> bool:
-        """Hand the announcement to :meth:`IngestJournal.write`."""
-        announced, self._journal = self._journal is not None, None
-        return announced
-
-    def withdraw(self) -> None:
-        journal, self._journal = self._journal, None
-        if journal is not None:
-            journal.withdraw()
-
-
-def _journal_meta(info: SeriesInfo, sop_uid: str) -> dict[str, str]:
-    return {"sop": sop_uid, "study": info.study_uid, "series": info.series_uid, "sop_class": info.sop_class_uid,
-            "modality": info.modality, "body_part": info.body_part, "description": info.description}
-
-
-def open_journal(journal: IngestJournal, store: StudyStore, db: PacsDB, *, wait: float) -> int:
-    """Own ``journal`` and replay what it holds beyond its checkpoint into
-    ``store`` and ``db``; waits up to ``wait`` seconds for another process
-    (a worker finishing a replay) to let go, then raises :class:`PacsError`."""
-
-    def replay(record: JournalRecord) -> None:
-        m = record.meta
-        info = SeriesInfo(m["study"], m["series"], m["modality"], m["body_part"], m["description"], m["sop_class"])
-        stored = store.put(record.data, info.study_uid, info.series_uid, m["sop"], durable=False)
-        db.record_instance(sop_uid=stored.sop_uid, study_uid=info.study_uid, series_uid=info.series_uid,
-                           sop_class_uid=info.sop_class_uid, size=stored.size, sha256=stored.sha256, series=info)
-
-    deadline = time.monotonic() + wait
-    while True:
-        try:
-            return journal.open(replay, sync_root=store.root)
-        except JournalBusy:
-            if time.monotonic() >= deadline:
-                raise PacsError(f"{journal.directory}: the ingest journal is owned by another process "
-                                "(is a `medai pacs listen` already running on this MEDAI_HOME?)") from None
-            time.sleep(0.2)
-
-
-def recover_journal(store: StudyStore, db: PacsDB) -> int:
-    """For processes that read the store without a listener (``medai pacs
-    worker``): replay what a listener that died left in its journal. Does
-    nothing while a live listener owns the journal."""
-    journal = IngestJournal(store.root / "journal")
-    try:
-        replayed = open_journal(journal, store, db, wait=0.0)
-    except PacsError:
-        return 0
-    journal.close()
-    return replayed
-
-
 class Listener:
     """A running (or ready) C-STORE SCP writing into a :class:`StudyStore`.
 
@@ -297,9 +229,6 @@ class Listener:
         self._lock = threading.Lock()
         self._server: AcceptorServer | None = None
         self._free, self._free_at = 0, -1.0
-        #: None (pacs.journal_segment = 0): every instance is written with its own fsyncs.
-        self.journal = (IngestJournal(self.store.root / "journal", segment_bytes=cfg.journal_segment,
-                                      sync_interval=cfg.journal_sync_seconds) if cfg.journal_segment else None)
 
     # -- setup --------------------------------------------------------------
     def acceptor_config(self) -> AcceptorConfig:
@@ -312,12 +241,7 @@ class Listener:
                               max_pdu=self.cfg.max_pdu, max_associations=self.cfg.max_associations)
 
     def start(self, *, block: bool = False) -> None:
-        """Replay the ingest journal, bind and serve. With ``block=False``
-        returns once listening."""
-        if self.journal is not None:
-            open_journal(self.journal, self.store, self.db, wait=5.0)
-        else:
-            recover_journal(self.store, self.db)  # what an earlier run with the journal on left
+        """Bind and serve. With ``block=False`` returns once listening."""
         self.store.clean_partial()
         self.reconcile()
         self.db.restart_quiet_periods()
@@ -346,40 +270,11 @@ class Listener:
         server, self._server = self._server, None
         if server is not None:
             server.shutdown()
-        if self.journal is not None:
-            self.journal.close()
         with self._lock:
             pending = list(self._assocs)
         for assoc_id in pending:
             self._flush(assoc_id)
         log.info("listener stopped")
-
-    def _put(self, data: bytes, info: SeriesInfo, sop_uid: str, arrival: "_Arrival") -> Any:
-        """Durable before it returns: journaled (one data flush shared by the
-        associations), then stored and registered; an instance too large for a journal segment is
-        written with the store's own fsyncs instead."""
-        journal = self.journal
-        if journal is None or not journal.fits(data):
-            stored = self.store.put(data, info.study_uid, info.series_uid, sop_uid)
-            self._register(stored, info)
-            return stored
-        digest = hashlib.sha256(data)
-        sequence = journal.write(_journal_meta(info, sop_uid), data, digest.digest(), announced=arrival.take())
-        try:
-            # The file is written while the journal flushes; it gets its final name
-            # (and the instance its registration) only once the record is durable.
-            stored = self.store.put(data, info.study_uid, info.series_uid, sop_uid, durable=False,
-                                    sha256=digest.hexdigest(), before_rename=lambda: journal.wait(sequence))
-            journal.wait(sequence)  # a duplicate wrote nothing: still wait for our record
-            self._register(stored, info)
-        finally:
-            journal.done(sequence)
-        return stored
-
-    def _register(self, stored: Any, info: SeriesInfo) -> None:
-        self.db.record_instance(sop_uid=stored.sop_uid, study_uid=info.study_uid, series_uid=info.series_uid,
-                                sop_class_uid=info.sop_class_uid, size=stored.size, sha256=stored.sha256,
-                                series=info)
 
     # -- reconciliation ------------------------------------------------------
     def reconcile(self) -> int:
@@ -469,17 +364,14 @@ class Listener:
     def on_store(self, request: StoreRequest) -> tuple[int, str]:
         """C-STORE: the instance is on disk, fsynced and registered before
         success is returned; every failure becomes a DICOM status."""
-        arrival = _Arrival(self.journal)
         try:
-            return self._store(request, arrival)
+            return self._store(request)
         except Exception:  # noqa: BLE001 - the listener must outlive any one dataset
             log.exception("unexpected error storing an instance")
             self.db.bump("failed_stores")
             return PROCESSING_FAILURE, "internal error while storing"
-        finally:
-            arrival.withdraw()
 
-    def _store(self, request: StoreRequest, arrival: "_Arrival") -> tuple[int, str]:
+    def _store(self, request: StoreRequest) -> tuple[int, str]:
         dataset, transfer_syntax = request.dataset, request.transfer_syntax
         try:
             fields = quick_fields(dataset, transfer_syntax)
@@ -533,7 +425,9 @@ class Listener:
 
         try:
             data = part10_header(sop_class, sop_uid, transfer_syntax, assoc.calling_ae) + dataset
-            stored = self._put(data, info, sop_uid, arrival)
+            stored = self.store.put(data, study_uid, series_uid, sop_uid)
+            self.db.record_instance(sop_uid=sop_uid, study_uid=study_uid, series_uid=series_uid,
+                                    sop_class_uid=sop_class, size=stored.size, sha256=stored.sha256, series=info)
         except OSError as exc:
             self.db.bump("failed_stores")
             code = OUT_OF_RESOURCES if exc.errno in RESOURCE_ERRNOS else PROCESSING_FAILURE

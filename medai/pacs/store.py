@@ -21,7 +21,7 @@ import shutil
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 from medai import config
 from medai.dicom.safety import check_uid
@@ -95,16 +95,11 @@ class DirSync:
                 self._state.pop(directory, None)  # nothing pending: keep the map small
 
 
-def write_atomic(path: Path, data: bytes, *, tmp_dir: Path | None = None, dir_sync: DirSync | None = None,
-                 sync: bool = True, before_rename: Callable[[], None] | None = None) -> None:
+def write_atomic(path: Path, data: bytes, *, tmp_dir: Path | None = None, dir_sync: DirSync | None = None) -> None:
     """Write ``data`` to ``path`` so the final name only ever holds complete
     content: temporary file in ``tmp_dir`` (same filesystem), fsync, rename,
     fsync of the directory (shared with concurrent writers through
-    ``dir_sync``). ``sync=False`` leaves both fsyncs to the caller (the ingest
-    journal holds a durable copy and syncs the filesystem in bulk): other
-    processes still never see a partial file, a power cut may lose it.
-    ``before_rename`` runs once the temporary file is written (the journal's
-    wait for its own flush, overlapped with this write)."""
+    ``dir_sync``)."""
     tmp_dir = tmp_dir or path.parent
     tmp = tmp_dir / f".{secrets.token_hex(8)}.part"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -113,10 +108,7 @@ def write_atomic(path: Path, data: bytes, *, tmp_dir: Path | None = None, dir_sy
         while view:
             written = os.write(fd, view)
             view = view[written:]
-        if sync:
-            os.fsync(fd)
-        if before_rename is not None:
-            before_rename()
+        os.fsync(fd)
     except BaseException:
         os.close(fd)
         tmp.unlink(missing_ok=True)
@@ -127,8 +119,6 @@ def write_atomic(path: Path, data: bytes, *, tmp_dir: Path | None = None, dir_sy
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    if not sync:
-        return
     if dir_sync is not None:
         dir_sync.after_change(path.parent)
     else:
@@ -182,17 +172,13 @@ class StudyStore:
     def free_bytes(self) -> int:
         return shutil.disk_usage(self.root).free
 
-    def put(self, data: bytes, study_uid: str, series_uid: str, sop_uid: str, *, durable: bool = True,
-            sha256: str | None = None, before_rename: Callable[[], None] | None = None) -> StoredInstance:
+    def put(self, data: bytes, study_uid: str, series_uid: str, sop_uid: str) -> StoredInstance:
         """Store one encoded Part 10 instance; idempotent for identical bytes.
 
         A different instance arriving under a SOP Instance UID already stored
-        replaces it atomically (a modality re-sending a corrected image).
-        ``durable=False``: no fsyncs (see :func:`write_atomic`); ``sha256``:
-        the data's digest when the caller has it already; ``before_rename``: see
-        :func:`write_atomic` (not called for a duplicate, which writes nothing)."""
+        replaces it atomically (a modality re-sending a corrected image)."""
         path = self.path_for(study_uid, series_uid, sop_uid)
-        digest = sha256 or hashlib.sha256(data).hexdigest()
+        digest = hashlib.sha256(data).hexdigest()
         outcome = "new"
         try:
             if path.stat().st_size == len(data):
@@ -203,11 +189,9 @@ class StudyStore:
             pass
         if not path.parent.is_dir():
             path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            if durable:
-                fsync_dir(path.parent.parent)
-                fsync_dir(path.parent.parent.parent)
-        write_atomic(path, data, tmp_dir=self.tmp_dir, dir_sync=self._dir_sync, sync=durable,
-                     before_rename=before_rename)
+            fsync_dir(path.parent.parent)
+            fsync_dir(path.parent.parent.parent)
+        write_atomic(path, data, tmp_dir=self.tmp_dir, dir_sync=self._dir_sync)
         return StoredInstance(path, study_uid, series_uid, sop_uid, len(data), digest, outcome)
 
     def iter_study_files(self, study_uid: str) -> Iterator[Path]:
