@@ -187,6 +187,11 @@ class PacsDB:
     def __init__(self, path: Path | None = None) -> None:
         self.path = Path(path) if path is not None else default_path()
         self._local = threading.local()
+        # Writers of this process queue here: SQLite's own busy handler makes a
+        # thread that finds the database locked sleep in steps of milliseconds,
+        # which with several associations cost more than the writes themselves.
+        # Other processes still meet SQLite's lock (busy_timeout).
+        self._write_lock = threading.RLock()
         self._conn().executescript(SCHEMA)
 
     # -- plumbing ---------------------------------------------------------
@@ -205,18 +210,26 @@ class PacsDB:
         return conn
 
     class _Tx:
-        def __init__(self, conn: sqlite3.Connection) -> None:
-            self.conn = conn
+        def __init__(self, conn: sqlite3.Connection, lock: "threading.RLock") -> None:
+            self.conn, self.lock = conn, lock
 
         def __enter__(self) -> sqlite3.Connection:
-            self.conn.execute("BEGIN IMMEDIATE")
+            self.lock.acquire()
+            try:
+                self.conn.execute("BEGIN IMMEDIATE")
+            except BaseException:
+                self.lock.release()
+                raise
             return self.conn
 
         def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-            self.conn.execute("COMMIT" if exc_type is None else "ROLLBACK")
+            try:
+                self.conn.execute("COMMIT" if exc_type is None else "ROLLBACK")
+            finally:
+                self.lock.release()
 
     def _tx(self) -> "PacsDB._Tx":
-        return PacsDB._Tx(self._conn())
+        return PacsDB._Tx(self._conn(), self._write_lock)
 
     def close(self) -> None:
         conn = getattr(self._local, "conn", None)
