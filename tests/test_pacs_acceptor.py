@@ -176,7 +176,8 @@ def _alive(lst: Listener) -> bool:
 
 @pytest.mark.parametrize("payload", [
     b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",                      # not DICOM at all
-    b"\x01\x00\xff\xff\xff\xff" + b"\x00" * 64,               # an RQ claiming 4 GiB, then silence
+    b"\x01\x00\xff\xff\xff\xff" + b"\x00" * 64,               # an RQ claiming 4 GiB
+    b"\x01\x00\x00\x0f\xff\xff" + b"\x00" * 64,               # an RQ claiming 1 MiB, then silence
     acceptor._pdu(acceptor.A_ASSOCIATE_RQ, b"\x00\x01" * 10),  # an RQ shorter than its fixed fields
     acceptor._pdu(acceptor.A_ASSOCIATE_RQ, struct.pack(">HH", 1, 0) + b" " * 64 + b"\x10\x00\xff\xff"),
     acceptor._pdu(acceptor.P_DATA_TF, b"\x00" * 12),          # data before any association

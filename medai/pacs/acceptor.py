@@ -66,6 +66,9 @@ ABORT_UNRECOGNIZED_PDU, ABORT_UNEXPECTED_PDU, ABORT_INVALID_PARAMETER = 1, 2, 6
 
 #: Pieces in which payloads are read: a lying length costs no more memory than was sent.
 _READ_PIECE = 4 * 1024 * 1024
+#: Longest PDU other than P-DATA-TF we read (an A-ASSOCIATE-RQ proposing 128
+#: presentation contexts is about 15 kB).
+MAX_CONTROL_PDU = 1024 * 1024
 _SOCKET_BUFFER = 256 * 1024
 
 
@@ -499,6 +502,8 @@ class _Connection:
                 raise ProtocolError(ABORT_UNRECOGNIZED_PDU, f"unrecognised PDU type 0x{pdu_type:02X}")
             if pdu_type == P_DATA_TF and self.cfg.max_pdu and length > self.cfg.max_pdu:
                 raise ProtocolError(ABORT_INVALID_PARAMETER, "P-DATA-TF longer than our maximum PDU length")
+            if pdu_type != P_DATA_TF and length > MAX_CONTROL_PDU:
+                raise ProtocolError(ABORT_INVALID_PARAMETER, f"PDU type 0x{pdu_type:02X} of {length} bytes")
             return pdu_type, self._read(length)
         except TimeoutError:
             raise
@@ -559,7 +564,11 @@ class _Connection:
         elif request.application_context != APPLICATION_CONTEXT:
             rejection = Rejection(1, 1, 2, "application context name not supported")
         else:
-            rejection = _call("request", self.handler.on_request, assoc)  # type: ignore[assignment]
+            try:
+                rejection = self.handler.on_request(assoc)
+            except Exception:  # noqa: BLE001 - an association the handler could not judge is refused
+                log.exception("request handler failed")
+                rejection = Rejection(2, 1, 1, "internal error while judging the association")
         if rejection is None and not self.server._claim_slot():
             rejection = Rejection.local_limit_exceeded()
         if rejection is not None:
