@@ -52,14 +52,14 @@ def _job_models(home: Path) -> list[str]:
 class Orthanc:
     """A real Orthanc on loopback ports with a temp config and storage."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, **extra: object) -> None:
         self.http, self.dicom = free_port(), free_port()
         storage = root / "storage"
         storage.mkdir(parents=True)
         cfg = {"Name": "medai-test", "StorageDirectory": str(storage), "IndexDirectory": str(storage),
                "HttpPort": self.http, "DicomPort": self.dicom, "DicomAet": "ORTHANC",
                "RemoteAccessAllowed": False, "AuthenticationEnabled": False, "StableAge": 2,
-               "DicomCheckCalledAet": False, "Plugins": [], "HttpServerEnabled": True}
+               "DicomCheckCalledAet": False, "Plugins": [], "HttpServerEnabled": True, **extra}
         (root / "orthanc.json").write_text(json.dumps(cfg))
         self.log = open(root / "orthanc.log", "w")
         self.proc = subprocess.Popen(["Orthanc", str(root / "orthanc.json")], stdout=self.log, stderr=self.log)
@@ -69,6 +69,12 @@ class Orthanc:
     def get(self, path: str):  # type: ignore[no-untyped-def]
         with urllib.request.urlopen(self.url + path, timeout=30) as resp:
             return json.loads(resp.read())
+
+    def post(self, path: str, body: object):  # type: ignore[no-untyped-def]
+        req = urllib.request.Request(self.url + path, data=json.dumps(body).encode(), method="POST",
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=300) as resp:
+            return json.loads(resp.read() or b"null")
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -123,3 +129,34 @@ def test_orthanc_changes_feed_round_trip(t1_study: list[Path], medai_home: Path,
         code = follower.wait(60)
         orthanc.stop()
     assert code == 0, (tmp_path / "follow.log").read_text()[-2000:]
+
+
+@pytest.mark.skipif(shutil.which("Orthanc") is None, reason="Orthanc not installed")
+def test_orthanc_sends_a_study_to_medai_pacs_listen(t1_study: list[Path], medai_home: Path, tmp_path: Path) -> None:
+    """Orthanc as the sending PACS (its own DICOM stack, C-STORE SCU) into medai's
+    acceptor: the JPEG-LS study arrives as sent, every instance byte-identical in
+    its pixel data, and the association is audited."""
+    from pacs_peers import Listener, pixel_sha, stored_files
+
+    lst = Listener(medai_home, "--no-worker", "--stable-seconds", "3600", "--allow-caller", "ORTHANC").start()
+    orthanc = Orthanc(tmp_path / "orthanc", DicomModalities={"medai": ["MEDAI", "127.0.0.1", lst.port]})
+    try:
+        assert storescu(orthanc.dicom, t1_study, aec="ORTHANC", jpeg_ls=True).returncode == 0
+        (study_id,) = orthanc.get("/studies")
+        orthanc.post("/modalities/medai/store", {"Resources": [study_id], "Synchronous": True})
+        stored = stored_files(medai_home)
+        assert len(stored) == len(t1_study)
+        for f in t1_study:
+            ds = pydicom.dcmread(f, stop_before_pixels=True)
+            back = pydicom.dcmread(stored[str(ds.SOPInstanceUID)], stop_before_pixels=True)
+            assert back.file_meta.TransferSyntaxUID == ds.file_meta.TransferSyntaxUID  # kept, not transcoded
+            assert pixel_sha(stored[str(ds.SOPInstanceUID)]) == pixel_sha(f)
+    finally:
+        orthanc.stop()
+        assert lst.terminate() == 0
+    from medai.compliance import audit
+
+    transferred = [r for r in audit.iter_records(medai_home / "audit" / "trail.jsonl")
+                   if r["event"] == "instances_transferred"]
+    assert transferred and transferred[0]["detail"]["calling_ae"] == "ORTHANC"
+    assert sum(r["detail"]["count"] for r in transferred) == len(t1_study)
