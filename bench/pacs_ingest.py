@@ -140,7 +140,7 @@ BARE_ACCEPTOR = """
 import sys, threading
 from pathlib import Path
 from medai.pacs.acceptor import AcceptorServer
-from medai.pacs.scp import Listener, ListenerConfig, part10_header
+from medai.pacs.scp import ListenerConfig, acceptor_config, part10_header
 out = Path(sys.argv[2])
 class WriteOnly:
     def on_connect(self, address): return True
@@ -153,9 +153,7 @@ class WriteOnly:
             part10_header(r.affected_sop_class_uid, r.affected_sop_instance_uid, r.transfer_syntax,
                           r.association.calling_ae) + r.dataset)
         return 0, ""
-cfg = Listener.__new__(Listener)
-cfg.cfg = ListenerConfig(ae_title="BARE")
-server = AcceptorServer(("127.0.0.1", int(sys.argv[1])), cfg.acceptor_config(), WriteOnly())
+server = AcceptorServer(("127.0.0.1", int(sys.argv[1])), acceptor_config(ListenerConfig()), WriteOnly())
 server.start()
 print("ready", flush=True)
 threading.Event().wait()

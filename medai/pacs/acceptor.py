@@ -82,8 +82,8 @@ class Rejection:
     why: str
 
     @classmethod
-    def calling_ae_not_recognized(cls) -> "Rejection":
-        return cls(1, 1, 3, "calling AE title not recognised")
+    def calling_ae_not_recognized(cls, why: str = "calling AE title not recognised") -> "Rejection":
+        return cls(1, 1, 3, why)
 
     @classmethod
     def local_limit_exceeded(cls) -> "Rejection":
@@ -133,7 +133,9 @@ class StoreRequest:
 
 class Handler(Protocol):
     """What the server asks of the application. Every call may raise; the
-    server logs it and carries on (a failing store is answered 0x0110)."""
+    server logs it and carries on, failing closed: a failing ``on_connect``
+    closes the connection, a failing ``on_request`` refuses the association,
+    a failing ``on_store`` is answered 0x0110."""
 
     def on_connect(self, address: str) -> bool:
         """Before any byte is read: False closes the connection."""
@@ -358,7 +360,10 @@ def _simple_response(command_field: int, message_id: int, sop_class: str, status
 
 @dataclass(frozen=True)
 class AcceptorConfig:
-    ae_title: str
+    """What the acceptor negotiates and how long it waits. The called AE
+    title is not checked (peers address medai by host and port; the calling
+    AE title is the handler's to judge)."""
+
     #: abstract syntax -> transfer syntaxes we accept, in our order of preference
     supported: Mapping[str, Sequence[str]]
     acse_timeout: float = 30.0

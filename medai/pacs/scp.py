@@ -213,6 +213,17 @@ def quick_fields(dataset: bytes, transfer_syntax: str) -> dict[str, str] | None:
     return fields
 
 
+def acceptor_config(cfg: ListenerConfig) -> AcceptorConfig:
+    """What the listener negotiates: every storage SOP class in our transfer
+    syntax order, Verification uncompressed; timeouts and limits from ``cfg``."""
+    syntaxes = transfer_syntax_preference()
+    supported: dict[str, Sequence[str]] = {str(cx.abstract_syntax): syntaxes for cx in AllStoragePresentationContexts}
+    supported[VERIFICATION_SOP_CLASS] = _UNCOMPRESSED
+    return AcceptorConfig(supported=supported, acse_timeout=cfg.acse_timeout, dimse_timeout=cfg.dimse_timeout,
+                          network_timeout=cfg.network_timeout, max_pdu=cfg.max_pdu,
+                          max_associations=cfg.max_associations)
+
+
 class Listener:
     """A running (or ready) C-STORE SCP writing into a :class:`StudyStore`.
 
@@ -231,15 +242,6 @@ class Listener:
         self._free, self._free_at = 0, -1.0
 
     # -- setup --------------------------------------------------------------
-    def acceptor_config(self) -> AcceptorConfig:
-        syntaxes = transfer_syntax_preference()
-        supported: dict[str, Sequence[str]] = {str(cx.abstract_syntax): syntaxes
-                                               for cx in AllStoragePresentationContexts}
-        supported[VERIFICATION_SOP_CLASS] = _UNCOMPRESSED
-        return AcceptorConfig(ae_title=self.cfg.ae_title, supported=supported, acse_timeout=self.cfg.acse_timeout,
-                              dimse_timeout=self.cfg.dimse_timeout, network_timeout=self.cfg.network_timeout,
-                              max_pdu=self.cfg.max_pdu, max_associations=self.cfg.max_associations)
-
     def start(self, *, block: bool = False) -> None:
         """Bind and serve. With ``block=False`` returns once listening."""
         self.store.clean_partial()
@@ -251,7 +253,7 @@ class Listener:
             from medai.compliance import egress
 
             egress.check_bind((self.cfg.address, self.cfg.port), explicit=self.cfg.allow_remote)
-        self._server = AcceptorServer((self.cfg.address, self.cfg.port), self.acceptor_config(), self)
+        self._server = AcceptorServer((self.cfg.address, self.cfg.port), acceptor_config(self.cfg), self)
         self._server.start()
         log.info("listening ae_title=%s address=%s port=%d", self.cfg.ae_title, self.cfg.address, self.port)
         if block:
@@ -313,7 +315,7 @@ class Listener:
 
     def on_request(self, assoc: Association) -> Rejection | None:
         if self.cfg.allowed_callers and assoc.calling_ae not in self.cfg.allowed_callers:
-            return Rejection.calling_ae_not_recognized()
+            return Rejection.calling_ae_not_recognized("calling AE title not on pacs.allowed_callers")
         return None
 
     def on_accepted(self, assoc: Association) -> None:
@@ -324,11 +326,9 @@ class Listener:
     def on_rejected(self, assoc: Association, rejection: Rejection) -> None:
         log.warning("association rejected calling_ae=%s reason=%s", assoc.calling_ae, rejection.why)
         self.db.bump("rejected_associations")
-        reason = ("calling AE title not on pacs.allowed_callers" if rejection == Rejection.calling_ae_not_recognized()
-                  else rejection.why)
         try:
             _audit.record("security_alert", outcome="failure",
-                          detail={"reason": reason, "calling_ae": assoc.calling_ae, "peer": assoc.address})
+                          detail={"reason": rejection.why, "calling_ae": assoc.calling_ae, "peer": assoc.address})
         except AuditWriteError as exc:
             log.error("could not audit a rejected association: %s", exc)
 
