@@ -265,3 +265,26 @@ def test_stop_answers_the_store_under_way_then_aborts(medai_home: Path) -> None:
     lst.stop()
     assert _wait(lambda: assoc.is_aborted or not assoc.is_established)
     assert str(d.SOPInstanceUID) in stored(medai_home)
+
+
+def test_a_flood_of_idle_connections_is_bounded(medai_home: Path) -> None:
+    """Connections that never send an A-ASSOCIATE-RQ hold a thread each until the
+    ACSE timeout; past the bound further ones are closed at once, and a real
+    association still gets through once the idle ones are gone."""
+    lst = _listener(max_associations=2, acse_timeout=3.0)
+    idle = []
+    try:
+        for _ in range(70):
+            idle.append(_raw(lst.port))
+        assert _wait(lambda: len(lst._server._threads) == 64)  # type: ignore[union-attr]
+        extra = _raw(lst.port)
+        extra.settimeout(5)
+        assert extra.recv(1) == b""  # closed without a word
+        extra.close()
+        for s in idle:
+            s.close()
+        assert _wait(lambda: _alive(lst))
+    finally:
+        for s in idle:
+            s.close()
+        lst.stop()

@@ -394,6 +394,7 @@ class AcceptorServer:
         self._connections: dict[int, socket.socket] = {}
         self._threads: dict[int, threading.Thread] = {}
         self._accepted = 0
+        self._max_connections = max(64, 4 * cfg.max_associations)
         self._numbers = iter(range(1, 1 << 62))
         self._stopping = threading.Event()
         self._accept_thread = threading.Thread(target=self._accept_loop, name="dicom-acceptor", daemon=True)
@@ -412,6 +413,14 @@ class AcceptorServer:
                 if self._stopping.is_set():
                     break
                 log.exception("accept failed")
+                continue
+            with self._lock:
+                crowded = len(self._threads) >= self._max_connections
+            if crowded:
+                # Connections still negotiating count too: a flood of idle TCP
+                # connections must not become a flood of threads.
+                log.warning("connection refused: %d connections open", self._max_connections)
+                conn.close()
                 continue
             number = next(self._numbers)
             thread = threading.Thread(target=self._serve, args=(number, conn, peer), name=f"dicom-assoc-{number}",
