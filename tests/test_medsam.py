@@ -134,6 +134,25 @@ def test_embedding_cache_is_bounded_lru() -> None:
     assert cache.get(b"\x00") is not None and cache.get(b"\x04") is not None
 
 
+
+def test_continuing_components_keep_a_split_structure_and_drop_other_tissue() -> None:
+    from medai.inference.steps import continuing_components
+
+    image = np.zeros((20, 40), np.float32)
+    mask = np.zeros((20, 40), bool)
+    mask[2:10, 2:12] = True     # largest part: always kept
+    mask[2:10, 15:22] = True    # the other half, touches the previous mask, same look: kept
+    mask[12:18, 15:22] = True   # touches the previous mask, another look: dropped
+    mask[12:18, 30:38] = True   # same look, does not touch the previous mask: dropped
+    image[12:18, 15:22] = 500.0
+    previous = np.zeros_like(mask)
+    previous[3:17, 3:20] = True
+    kept = continuing_components(mask, previous, image, (-1.0, 1.0), 0.7)
+    assert kept[5, 5] and kept[5, 18] and not kept[15, 18] and not kept[15, 34]
+    assert not continuing_components(np.zeros_like(mask), previous, image, (-1.0, 1.0), 0.7).any()
+    assert ml.Settings.from_card([], {"continue_min_in_range": 0.5}).continue_min_in_range == 0.5
+
+
 # --------------------------------------------------------------------------- real model, real data
 
 

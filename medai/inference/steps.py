@@ -117,18 +117,49 @@ def normalize(x: np.ndarray, low: float, high: float, scale: float = 1.0, shift:
     return y
 
 
-def largest_component(mask: np.ndarray, *, fully_connected: bool = True) -> np.ndarray:
-    """Keep the largest connected component (26-connectivity by default); empty stays empty."""
+def _components(mask: np.ndarray, fully_connected: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Connected-component labels of ``mask`` and each label's voxel count (background counts 0)."""
     import SimpleITK as sitk
 
-    if not mask.any():
-        return mask.astype(bool)
-    image = sitk.GetImageFromArray(mask.astype(np.uint8))
-    cc = sitk.ConnectedComponent(image, fully_connected)
-    labels = sitk.GetArrayViewFromImage(cc)
+    cc = sitk.ConnectedComponent(sitk.GetImageFromArray(mask.astype(np.uint8)), fully_connected)
+    labels = sitk.GetArrayFromImage(cc)
     counts = np.bincount(labels.ravel())
     counts[0] = 0
+    return labels, counts
+
+
+def largest_component(mask: np.ndarray, *, fully_connected: bool = True) -> np.ndarray:
+    """Keep the largest connected component (26-connectivity by default); empty stays empty."""
+    if not mask.any():
+        return mask.astype(bool)
+    labels, counts = _components(mask, fully_connected)
     return labels == int(np.argmax(counts))
+
+
+def continuing_components(mask: np.ndarray, previous: np.ndarray, image: np.ndarray,
+                          value_range: tuple[float, float], min_fraction: float, *,
+                          fully_connected: bool = False) -> np.ndarray:
+    """The largest component plus every other one that continues ``previous`` and looks like it.
+
+    For propagation through slices: a structure may split on the next slice (two
+    hemispheres above the corpus callosum), so keeping only the largest part drops
+    the rest; keeping every part that touches the previous mask also keeps the
+    neighbouring tissue the model adds at a structure's edge. A further component
+    is kept when it touches ``previous`` and at least ``min_fraction`` of its pixels
+    in ``image`` lie in ``value_range`` (the seed mask's intensity range).
+    """
+    if not mask.any():
+        return mask.astype(bool)
+    labels, counts = _components(mask, fully_connected)
+    keep = {int(np.argmax(counts))}
+    low, high = value_range
+    inside = (image >= low) & (image <= high)
+    touching = np.unique(labels[np.asarray(previous, dtype=bool) & (labels > 0)])
+    for label in touching:
+        part = labels == label
+        if float(inside[part].mean()) >= min_fraction:
+            keep.add(int(label))
+    return np.isin(labels, sorted(keep))
 
 
 def fill_holes(mask: np.ndarray) -> np.ndarray:

@@ -19,9 +19,11 @@ answers a box prompt on a 2-D slice. This module is its torch-free runtime:
   recipe (longest side to 256, pad bottom/right) is available from the card; it
   scored lower on our data (see the card's metrics);
 * :meth:`MedSamLite.propagate`: the mask of one slice prompts the next slice with
-  its bounding box, with guards against drift (the box must stay near the first
-  box, the predicted IoU must stay high, the area may not jump, consecutive masks
-  must overlap) and a stop when the structure ends.
+  its bounding box (the clean-up keeps the parts that continue the previous mask
+  and look like the seed, so a structure that splits keeps both halves), with
+  guards against drift (the box must stay near the first box, the predicted IoU
+  must stay high, the area may not jump, consecutive masks must overlap) and a
+  stop when the structure ends.
 
 Planes and coordinates: ``plane`` names an anatomical plane; the slice is the
 source array taken along the array axis most aligned with that plane's normal
@@ -64,6 +66,8 @@ _NORMAL_LPS = {"sagittal": 0, "coronal": 1, "axial": 2}
 IMAGE_SIZE = 256
 EMBEDDING_SHAPE = (1, 256, 64, 64)
 EMBEDDING_BYTES = int(np.prod(EMBEDDING_SHAPE)) * 4
+#: Percentiles of the seed mask's intensities that define "the seed's look" in propagation.
+SEED_RANGE_PERCENTILES = (5.0, 95.0)
 #: Default embedding cache: 64 slices (256 MiB).
 DEFAULT_CACHE_BYTES = 64 * EMBEDDING_BYTES
 
@@ -181,6 +185,11 @@ class Settings:
     #: (one box, one structure) and fill enclosed holes (an outline, not its gas or vessels).
     largest_component: bool = True
     fill_holes: bool = True
+    #: During propagation, also keep the other components that touch the previous slice's
+    #: mask when at least this fraction of their pixels lies in the seed mask's 5th-95th
+    #: percentile intensity range (a structure that splits keeps its parts; adjacent tissue
+    #: of another look is dropped). 0 keeps every touching component, above 1 none.
+    continue_min_in_range: float = 0.7
     min_iou: float = 0.6
     min_area_px: int = 10
     box_margin: float = 0.05
@@ -202,7 +211,7 @@ class Settings:
             elif op == "resize":
                 kw["resize"] = step["mode"]
         for name in ("min_iou", "box_margin", "max_area_ratio", "min_overlap", "drift_margin",
-                     "min_inside_first"):
+                     "min_inside_first", "continue_min_in_range"):
             if name in post:
                 kw[name] = float(post[name])
         for name in ("min_area_px", "max_slices"):
@@ -577,8 +586,15 @@ class MedSamLite:
         return item, False
 
     def segment_box(self, volume: "Volume", plane: str, index: int, box: "Box | str | Sequence[float]", *,
-                    window: Any = None, windowing: Windowing | None = None) -> SliceResult:
-        """Segment the structure inside ``box`` on one slice; the mask is on the slice's grid."""
+                    window: Any = None, windowing: Windowing | None = None,
+                    previous: np.ndarray | None = None,
+                    value_range: tuple[float, float] | None = None) -> SliceResult:
+        """Segment the structure inside ``box`` on one slice; the mask is on the slice's grid.
+
+        ``previous`` (the neighbouring slice's mask, same grid) and ``value_range`` (the
+        seed mask's intensity range) are what propagation passes: the clean-up then keeps
+        the parts that continue the previous mask (see :func:`steps.continuing_components`).
+        """
         box = Box.parse(box)
         view = take_slice(volume, plane, index)
         box.check(view.shape, f"{plane} slice {index}")
@@ -586,14 +602,21 @@ class MedSamLite:
         emb, cached = self._embed(view, windowing)
         canon = view.canonical(view.image)
         logits, iou = self._decode(emb.embedding, box_to_model(view.canonical_box(box), canon.shape, emb.size))
-        mask = view.source(self._clean(logits_to_mask(logits, canon.shape, emb.size)))
+        cont = None if previous is None or value_range is None else (view.canonical(previous), canon, value_range)
+        mask = view.source(self._clean(logits_to_mask(logits, canon.shape, emb.size), cont))
         return SliceResult(plane, view.axis, int(index), box, mask, float(np.ravel(iou)[0]), cached)  # type: ignore[arg-type]
 
-    def _clean(self, mask: np.ndarray) -> np.ndarray:
-        from medai.inference.steps import fill_holes, largest_component
+    def _clean(self, mask: np.ndarray,
+               cont: tuple[np.ndarray, np.ndarray, tuple[float, float]] | None = None) -> np.ndarray:
+        from medai.inference.steps import continuing_components, fill_holes, largest_component
 
         if self.settings.largest_component and mask.any():
-            mask = largest_component(mask, fully_connected=False)
+            if cont is not None and self.settings.continue_min_in_range <= 1.0:
+                previous, image, value_range = cont
+                mask = continuing_components(mask, previous, image, value_range,
+                                             self.settings.continue_min_in_range, fully_connected=False)
+            else:
+                mask = largest_component(mask, fully_connected=False)
         if self.settings.fill_holes and mask.any():
             mask = fill_holes(mask)
         return mask
@@ -606,8 +629,11 @@ class MedSamLite:
         """Grow a 3-D mask from the prompted slice through its neighbours, both ways.
 
         Each next slice is prompted with the previous mask's box widened by
-        ``box_margin``. A direction stops when the mask vanishes (the structure
-        ended), the predicted IoU drops below ``min_iou``, the area jumps by more
+        ``box_margin``; its clean-up keeps the largest component and the others that
+        touch the previous mask and have the seed's look (``continue_min_in_range``
+        of their pixels in the seed mask's 5th-95th percentile intensities). A
+        direction stops when the mask vanishes (the structure ended), the
+        predicted IoU drops below ``min_iou``, the area jumps by more
         than ``max_area_ratio``, the mask stops overlapping the previous one, or
         its box leaves the first box (widened by ``drift_margin``) — the drift guard.
         ``slice_range`` (first, last; inclusive) is the user's own limit: where a
@@ -636,6 +662,8 @@ class MedSamLite:
             stopped = {"up": "seed mask empty", "down": "seed mask empty"}
             return PropagationResult(out, seed, tuple(records), stopped, 0.0)
         first = seed.box
+        seed_values = take_slice(volume, plane, index).image[seed.mask]
+        value_range = tuple(float(v) for v in np.percentile(seed_values, SEED_RANGE_PERCENTILES))
         allowed = first.expanded(s.drift_margin * (first.width + 1), s.drift_margin * (first.height + 1),
                                  seed.mask.shape)
         limit = s.max_slices if max_slices is None else max_slices
@@ -655,7 +683,8 @@ class MedSamLite:
                 if next_box.width < 1 or next_box.height < 1:
                     reason = "structure ended (box degenerate)"
                     break
-                r = self.segment_box(volume, plane, k, next_box, windowing=windowing)
+                r = self.segment_box(volume, plane, k, next_box, windowing=windowing, previous=prev,
+                                     value_range=value_range)  # type: ignore[arg-type]
                 area, prev_area = r.area_px, int(prev.sum())
                 mbox = mask_box(r.mask)
                 if area < s.min_area_px or mbox is None:
@@ -854,7 +883,8 @@ class MedSamLitePipeline:
         if prompt.propagate:
             ctx.record("propagate", **{k: getattr(settings, k) for k in (
                 "min_iou", "min_area_px", "box_margin", "max_area_ratio", "min_overlap", "drift_margin",
-                "min_inside_first", "max_slices")})
+                "min_inside_first", "continue_min_in_range", "max_slices")},
+                seed_range_percentiles=list(SEED_RANGE_PERCENTILES))
         segmented = int((labels.sum(axis=tuple(a for a in range(3) if a != seed.axis)) > 0).sum())
         qc.update({"seed_predicted_iou": round(seed.iou, 4), "seed_area_px": seed.area_px,
                    "slices_segmented": segmented, "embedding_cache_hit": seed.cached,
