@@ -167,6 +167,14 @@ def _associate_rq(calling: bytes = b"RAWSCU", contexts: tuple[tuple[int, str], .
     return acceptor._pdu(acceptor.A_ASSOCIATE_RQ, fixed + items)
 
 
+def _raw_association(port: int) -> socket.socket:
+    """A raw socket with an accepted association (Verification on context 1)."""
+    s = _raw(port)
+    s.sendall(_associate_rq())
+    assert _recv_pdu(s)[0] == acceptor.A_ASSOCIATE_AC
+    return s
+
+
 def _alive(lst: Listener) -> bool:
     assoc = _associate(lst.port, (Verification, [ImplicitVRLittleEndian]))
     ok = assoc.is_established and assoc.send_c_echo().Status == 0
@@ -194,10 +202,8 @@ def test_malformed_first_pdu_never_hurts_the_listener(listener: Listener, payloa
 
 
 def test_protocol_errors_inside_an_association_abort_it(listener: Listener) -> None:
-    s = _raw(listener.port)
+    s = _raw_association(listener.port)
     try:
-        s.sendall(_associate_rq())
-        assert _recv_pdu(s)[0] == acceptor.A_ASSOCIATE_AC
         # A PDV on presentation context 7, which was never proposed.
         s.sendall(acceptor.encode_pdata(7, b"\x00" * 16, command=True, peer_max_pdu=0))
         pdu_type, body = _recv_pdu(s)
@@ -209,10 +215,8 @@ def test_protocol_errors_inside_an_association_abort_it(listener: Listener) -> N
 
 def test_unknown_operation_gets_a_status_not_a_crash(listener: Listener) -> None:
     """A C-FIND-RQ sent on the Verification context: answered 0x0211, association goes on."""
-    s = _raw(listener.port)
+    s = _raw_association(listener.port)
     try:
-        s.sendall(_associate_rq())
-        assert _recv_pdu(s)[0] == acceptor.A_ASSOCIATE_AC
         find = acceptor.encode_command([(0x0002, acceptor._uid_value(Verification)),
                                         (0x0100, struct.pack("<H", 0x0020)), (0x0110, struct.pack("<H", 9)),
                                         (0x0800, struct.pack("<H", acceptor.NO_DATASET))])
@@ -232,9 +236,7 @@ def test_unknown_operation_gets_a_status_not_a_crash(listener: Listener) -> None
 def test_idle_association_times_out(medai_home: Path) -> None:
     lst = _listener(network_timeout=0.5)
     try:
-        s = _raw(lst.port)
-        s.sendall(_associate_rq())
-        assert _recv_pdu(s)[0] == acceptor.A_ASSOCIATE_AC
+        s = _raw_association(lst.port)
         started = time.monotonic()
         pdu_type, _ = _recv_pdu(s)  # nothing sent: the listener gives up
         assert pdu_type == acceptor.A_ABORT and time.monotonic() - started < 5
@@ -276,7 +278,7 @@ def test_a_flood_of_idle_connections_is_bounded(medai_home: Path) -> None:
     try:
         for _ in range(70):
             idle.append(_raw(lst.port))
-        assert _wait(lambda: len(lst._server._threads) == 64)  # type: ignore[union-attr]
+        assert _wait(lambda: len(lst._server._open) == 64)  # type: ignore[union-attr]
         extra = _raw(lst.port)
         extra.settimeout(5)
         assert extra.recv(1) == b""  # closed without a word

@@ -340,22 +340,17 @@ def encode_pdata(context_id: int, data: bytes, *, command: bool, peer_max_pdu: i
     return b"".join(out)
 
 
-def store_response(request: StoreRequest, status: int, comment: str) -> bytes:
-    elements = [(0x0002, _uid_value(request.affected_sop_class_uid)),
-                (0x0100, struct.pack("<H", C_STORE_RSP)),
-                (0x0120, struct.pack("<H", request.message_id)),
-                (0x0800, struct.pack("<H", NO_DATASET)),
-                (0x0900, struct.pack("<H", status))]
-    if comment and status != 0:
-        elements.append((0x0902, _text_value(comment[:64])))
-    elements.append((0x1000, _uid_value(request.affected_sop_instance_uid)))
-    return encode_command(elements)
-
-
-def _simple_response(command_field: int, message_id: int, sop_class: str, status: int) -> bytes:
+def response(command_field: int, message_id: int, sop_class: str, status: int, *, comment: str = "",
+             sop_instance: str = "") -> bytes:
+    """A DIMSE response command set (no dataset): the affected SOP class and
+    instance when known, an error comment with a failure status."""
     elements = [(0x0002, _uid_value(sop_class))] if sop_class else []
     elements += [(0x0100, struct.pack("<H", command_field)), (0x0120, struct.pack("<H", message_id)),
                  (0x0800, struct.pack("<H", NO_DATASET)), (0x0900, struct.pack("<H", status))]
+    if comment and status != 0:
+        elements.append((0x0902, _text_value(comment[:64])))
+    if sop_instance:
+        elements.append((0x1000, _uid_value(sop_instance)))
     return encode_command(elements)
 
 
@@ -397,8 +392,8 @@ class AcceptorServer:
             raise
         self.server_address = self._sock.getsockname()
         self._lock = threading.Lock()
-        self._connections: dict[int, socket.socket] = {}
-        self._threads: dict[int, threading.Thread] = {}
+        #: association number -> its socket and thread, while the connection is open
+        self._open: dict[int, tuple[socket.socket, threading.Thread]] = {}
         self._accepted = 0
         self._max_connections = max(64, 4 * cfg.max_associations)
         self._numbers = iter(range(1, 1 << 62))
@@ -421,7 +416,7 @@ class AcceptorServer:
                 log.exception("accept failed")
                 continue
             with self._lock:
-                crowded = len(self._threads) >= self._max_connections
+                crowded = len(self._open) >= self._max_connections
             if crowded:
                 # Connections still negotiating count too: a flood of idle TCP
                 # connections must not become a flood of threads.
@@ -432,8 +427,7 @@ class AcceptorServer:
             thread = threading.Thread(target=self._serve, args=(number, conn, peer), name=f"dicom-assoc-{number}",
                                       daemon=True)
             with self._lock:
-                self._connections[number] = conn
-                self._threads[number] = thread
+                self._open[number] = (conn, thread)
             thread.start()
 
     def shutdown(self, timeout: float = 30.0) -> None:
@@ -444,14 +438,13 @@ class AcceptorServer:
             self._accept_thread.join(timeout)
         self._sock.close()
         with self._lock:
-            connections = list(self._connections.values())
-            threads = list(self._threads.values())
-        for conn in connections:
+            open_now = list(self._open.values())
+        for conn, _thread in open_now:
             try:
                 conn.shutdown(socket.SHUT_RD)  # a blocked read returns; answers can still be sent
             except OSError:
                 pass
-        for thread in threads:
+        for _conn, thread in open_now:
             thread.join(timeout)
 
     # -- one association ------------------------------------------------------------------------
@@ -466,8 +459,7 @@ class AcceptorServer:
             except OSError:
                 pass
             with self._lock:
-                self._connections.pop(number, None)
-                self._threads.pop(number, None)
+                self._open.pop(number, None)
 
     def _claim_slot(self) -> bool:
         with self._lock:
@@ -684,13 +676,13 @@ class _Connection:
                 move_originator_ae=_string(elements.get(0x1030)), dataset=dataset, dropped=dropped)
             result = _call("store", self.handler.on_store, request)
             status, comment = result if isinstance(result, tuple) else (PROCESSING_FAILURE, "internal error")
-            response = store_response(request, status, comment)
+            answer = response(C_STORE_RSP, message_id, request.affected_sop_class_uid, status, comment=comment,
+                              sop_instance=request.affected_sop_instance_uid)
         elif command_field == C_ECHO_RQ:
-            response = _simple_response(C_ECHO_RSP, message_id, _string(elements.get(0x0002))
-                                        or VERIFICATION_SOP_CLASS, 0x0000)
+            answer = response(C_ECHO_RSP, message_id, _string(elements.get(0x0002)) or VERIFICATION_SOP_CLASS, 0)
         elif command_field == C_CANCEL_RQ or command_field & 0x8000:
             return  # nothing of ours to cancel; responses are not ours to receive
         else:
-            response = _simple_response(command_field | 0x8000, message_id, _string(elements.get(0x0002)),
-                                        UNRECOGNIZED_OPERATION)
-        self._send(encode_pdata(context.context_id, response, command=True, peer_max_pdu=self.assoc.peer_max_pdu))
+            answer = response(command_field | 0x8000, message_id, _string(elements.get(0x0002)),
+                              UNRECOGNIZED_OPERATION)
+        self._send(encode_pdata(context.context_id, answer, command=True, peer_max_pdu=self.assoc.peer_max_pdu))

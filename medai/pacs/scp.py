@@ -163,14 +163,18 @@ class _AssocLog:
     patient: dict[str, tuple[str | None, str | None]] = field(default_factory=dict)
 
 
+def _as_file(dataset: bytes, transfer_syntax: str) -> bytes:
+    """A received dataset behind a minimal meta header naming its transfer syntax, for reading."""
+    return part10_header("1.2", "1.2", transfer_syntax, "") + dataset
+
+
 def decode_dataset(dataset: bytes, transfer_syntax: str) -> Dataset:
     """pydicom's reading of a received dataset (deflated ones included)."""
     import io
 
     import pydicom
 
-    buffer = io.BytesIO(part10_header("1.2", "1.2", transfer_syntax, "") + dataset)
-    return pydicom.dcmread(buffer, force=True)
+    return pydicom.dcmread(io.BytesIO(_as_file(dataset, transfer_syntax)), force=True)
 
 
 def _text(ds: Dataset, keyword: str) -> str:
@@ -199,7 +203,7 @@ def quick_fields(dataset: bytes, transfer_syntax: str) -> dict[str, str] | None:
     multi-valued text -- falls back to pydicom, so the values are the ones
     pydicom would give."""
     try:
-        buffer = part10_header("1.2", "1.2", transfer_syntax, "") + dataset
+        buffer = _as_file(dataset, transfer_syntax)
         header = walk(buffer, len(buffer), _NEEDED.keys(), _WIRE)
     except Exception:  # noqa: BLE001 - malformed data is pydicom's to judge and report
         return None
