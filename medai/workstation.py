@@ -235,9 +235,9 @@ def card_summary(card: Any) -> dict[str, Any]:
     limits = use.pop("out_of_scope", None) or use.pop("limitations", None) or card.raw.get("limitations")
     metrics = [{"Metric": str(m.get("name", "")).replace("_", " "),
                 "Value": m.get("value", ""),
-                "Data": m.get("case") or m.get("data", ""),
+                "Data": m.get("case") or m.get("data") or m.get("dataset", ""),
                 "n": m.get("n", ""),
-                "Note": m.get("note", "")} for m in card.metrics]
+                "Note": m.get("note") or m.get("reference", "")} for m in card.metrics]
     return {
         "summary": card.summary,
         "task": card.task,
