@@ -21,7 +21,10 @@ What is measured (the same code paths as the pipeline):
   GMM with its own MRF, default parameters of the ANTs examples), both inside the same
   brain-extraction mask;
 * ICV agreement: the brain-extraction mask volume against independent reference masks
-  (Colin27 ``ch2bet``, a single real subject; ROBEX atlas mask; MNI152 template mask).
+  (Colin27 ``ch2bet``, a single real subject; ROBEX atlas mask; MNI152 template mask);
+* cortical agreement on a real single subject with its own FreeSurfer reconstruction:
+  pycortex ``S1`` (see :func:`surface_reference`), ``medai run`` on its T1 against the
+  cortical ribbon between its pial and smoothwm surfaces.
 """
 
 from __future__ import annotations
@@ -39,6 +42,11 @@ REPO = HERE.parents[1]
 WORK = REPO / ".cache" / "build" / "brain-volumetry"
 TESTDATA = REPO / ".cache" / "testdata"
 MNI = TESTDATA / "mni152-nilearn"
+S1 = TESTDATA / "pycortex-S1"
+#: Our grey matter counts as cortex up to this far outside the pial surface (sulcal partial
+#: volume, a boundary drawn a little further out); the cerebellum begins beyond it (tentorium).
+CORTEX_ZONE_MM = 3.0
+S1_DATASET = "pycortex S1 (single real subject, FreeSurfer T1.mgz; PyPI pycortex 1.4.0 sdist)"
 
 
 def _read(path: Path) -> tuple[np.ndarray, tuple[float, float, float]]:
@@ -81,6 +89,150 @@ def _tissue_params():  # type: ignore[no-untyped-def]
 
 def _pct(ours: float, ref: float) -> float:
     return round(100.0 * (ours - ref) / ref, 2)
+
+
+# --------------------------------------------------------------------------- pycortex S1
+#
+# The reference is the subject's own FreeSurfer reconstruction, voxelized onto its T1 grid.
+# What each region holds decides what can be compared fairly:
+#   * ribbon (between pial and smoothwm): cerebral cortical GM only;
+#   * inside smoothwm: cerebral WM *and* the deep grey nuclei and lateral ventricles that
+#     FreeSurfer fills in, so it is no WM reference;
+#   * nothing for cerebellum, brainstem, CSF or the intracranial volume.
+
+
+def inside_surface(vertices_ras: np.ndarray, faces: np.ndarray, image) -> np.ndarray:  # type: ignore[no-untyped-def]
+    """Voxels of ``image`` (SimpleITK) whose centres lie inside a closed triangle mesh.
+
+    ``vertices_ras`` in scanner RAS mm (FreeSurfer ``--to-scanner``), ``faces`` (T, 3)
+    vertex indices. Ray parity along the image's third axis: every triangle is crossed
+    with the columns (i, j) its projection covers, a crossing below a voxel centre flips
+    it. Returns a [k, j, i] bool array; a column with an odd number of crossings (an open
+    or self-touching mesh there) is left empty rather than filled to the edge.
+    """
+    origin = np.array(image.GetOrigin())
+    to_physical = np.array(image.GetDirection()).reshape(3, 3) * np.array(image.GetSpacing())
+    lps = np.asarray(vertices_ras, dtype=np.float64) * np.array([-1.0, -1.0, 1.0])
+    tri = np.linalg.solve(to_physical, (lps - origin).T).T[np.asarray(faces)]  # (T, 3, ijk)
+    ni, nj, nk = image.GetSize()
+    # Columns are sampled a hair off the voxel centre so that no ray runs exactly through a
+    # vertex or along an edge: each crossing of the surface is counted once.
+    off = np.array([1.3e-6, 2.9e-6])
+    lo = np.ceil(tri[:, :, :2].min(axis=1) - off).astype(np.int64)
+    span = np.maximum(np.floor(tri[:, :, :2].max(axis=1) - off).astype(np.int64) - lo + 1, 0)
+    count = span[:, 0] * span[:, 1]
+    t = np.repeat(np.arange(len(tri)), count)
+    r = np.arange(len(t)) - np.repeat(np.cumsum(count) - count, count)
+    ci, cj = lo[t, 0] + r // span[t, 1], lo[t, 1] + r % span[t, 1]
+    a, b, c = tri[t, 0], tri[t, 1], tri[t, 2]
+    px, py = ci + off[0] - c[:, 0], cj + off[1] - c[:, 1]
+    det = (b[:, 1] - c[:, 1]) * (a[:, 0] - c[:, 0]) + (c[:, 0] - b[:, 0]) * (a[:, 1] - c[:, 1])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        l1 = ((b[:, 1] - c[:, 1]) * px + (c[:, 0] - b[:, 0]) * py) / det
+        l2 = ((c[:, 1] - a[:, 1]) * px + (a[:, 0] - c[:, 0]) * py) / det
+    l3 = 1 - l1 - l2
+    hit = (det != 0) & (l1 >= 0) & (l2 >= 0) & (l3 >= 0) & (ci >= 0) & (ci < ni) & (cj >= 0) & (cj < nj)
+    z = l1[hit] * a[hit, 2] + l2[hit] * b[hit, 2] + l3[hit] * c[hit, 2]
+    crossings = np.zeros((nk + 1, nj, ni), dtype=np.int32)
+    np.add.at(crossings, (np.clip(np.ceil(z), 0, nk).astype(np.int64), cj[hit], ci[hit]), 1)
+    parity = np.cumsum(crossings, axis=0) % 2
+    inside = parity[:-1].astype(bool)
+    inside[:, parity[-1] == 1] = False
+    return inside
+
+
+def surface_reference(folder: Path = S1) -> dict[str, np.ndarray]:
+    """S1's FreeSurfer surfaces on its T1 grid: ``white`` (inside smoothwm), ``pial``
+    (inside pial or smoothwm), ``ribbon`` (pial minus white) and ``outside_mm``, each
+    voxel's distance outside the pial hull (<= 0 inside), all [k, j, i]."""
+    import nibabel as nib
+    import SimpleITK as sitk
+
+    image = sitk.ReadImage(str(folder / "raw.nii.gz"))
+    inside = {}
+    for surface in ("wm", "pia"):
+        hemispheres = []
+        for hemi in ("lh", "rh"):
+            gii = nib.load(str(folder / f"{surface}_{hemi}.gii"))
+            hemispheres.append(inside_surface(gii.darrays[0].data, gii.darrays[1].data.astype(np.int64), image))
+        inside[surface] = hemispheres[0] | hemispheres[1]
+    white, pial = inside["wm"], inside["pia"] | inside["wm"]
+    hull = sitk.GetImageFromArray(pial.astype(np.uint8))
+    hull.CopyInformation(image)
+    outside_mm = sitk.GetArrayFromImage(sitk.SignedMaurerDistanceMap(
+        hull, insideIsPositive=False, squaredDistance=False, useImageSpacing=True))
+    return {"white": white, "pial": pial, "ribbon": pial & ~white, "outside_mm": outside_mm}
+
+
+def surface_agreement(labels: np.ndarray, ref: dict[str, np.ndarray], voxel_ml: float,
+                      zone_mm: float = CORTEX_ZONE_MM) -> dict[str, float]:
+    """Fair comparisons of a volumetry label map (0, CSF, GM, WM) with :func:`surface_reference`.
+
+    * cortical GM: our GM in the cortical zone (pial hull grown by ``zone_mm``, minus the
+      inside of smoothwm, where FreeSurfer's fill holds deep grey nuclei) against the
+      ribbon, volume and Dice;
+    * cerebral parenchyma: our GM + WM in the same grown hull against the whole hull (which
+      includes the lateral ventricles: no reference separates them);
+    * white surface: how much of our WM in the hull lies inside it (its interior is no WM
+      reference, it holds deep GM and ventricles), and what we call its interior;
+    * brain mask: the share of the pial hull it contains (the ICV itself has no reference).
+    """
+    gm, wm, mask = labels == 2, labels == 3, labels > 0
+    white, pial, ribbon = ref["white"], ref["pial"], ref["ribbon"]
+    grown = ref["outside_mm"] <= zone_mm
+    zone = grown & ~white
+    ml = lambda a: float(np.count_nonzero(a)) * voxel_ml  # noqa: E731
+    ours_gm, ref_gm = ml(gm & zone), ml(ribbon)
+    ours_par = ml((gm | wm) & grown)
+    return {
+        "cortical_gm_ml": ours_gm, "ribbon_ml": ref_gm, "cortical_gm_error_percent": _pct(ours_gm, ref_gm),
+        "cortical_gm_dice": round(2 * ml(gm & ribbon) / (ours_gm + ref_gm), 4),
+        "ribbon_called_gm": round(ml(gm & ribbon) / ref_gm, 4),
+        "parenchyma_ml": ours_par, "pial_hull_ml": ml(pial), "parenchyma_error_percent": _pct(ours_par, ml(pial)),
+        "wm_in_hull_inside_white": round(ml(wm & white) / ml(wm & pial), 4),
+        "white_ml": ml(white), "white_called_wm_ml": ml(wm & white), "white_called_gm_ml": ml(gm & white),
+        "white_called_csf_ml": ml((labels == 1) & white),
+        "hull_in_mask": round(ml(mask & pial) / ml(pial), 5), "mask_ml": ml(mask),
+    }
+
+
+def s1_agreement(out_dir: Path):  # type: ignore[no-untyped-def]
+    """``medai run --model brain-volumetry`` on S1's T1 (a NIfTI file, read as the CLI reads
+    it) into ``out_dir``, then :func:`surface_agreement`. Returns (run result, figures)."""
+    from medai.inference.run import run_model
+
+    result = run_model("brain-volumetry", S1 / "raw.nii.gz", out_dir)
+    assert result.labels is not None
+    ref = surface_reference(S1)
+    voxel_ml = float(np.prod(json.loads(result.result_path.read_text())["series"]["spacing_mm"])) / 1000.0
+    return result, surface_agreement(result.labels, ref, voxel_ml)
+
+
+def _s1_metrics(agreement: dict[str, float]) -> list[dict[str, object]]:
+    zone = f"pial hull grown by {CORTEX_ZONE_MM:g} mm, minus the inside of smoothwm"
+    common = {"dataset": S1_DATASET, "kind": "subject", "n": 1, "mask": "brain-extraction mask (medai run)"}
+    ribbon = ("the subject's own FreeSurfer cortical ribbon: voxel centres between its pial and smoothwm "
+              "surfaces (ships with the T1; an independent reconstruction, not manual labels)")
+    a = agreement
+    return [
+        {"name": "cortical_gm_volume_error_percent", **common, "value": a["cortical_gm_error_percent"],
+         "ours_ml": round(a["cortical_gm_ml"], 1), "reference_ml": round(a["ribbon_ml"], 1),
+         "note": f"our GM label map (SEG) in the {zone}", "reference": ribbon},
+        {"name": "cortical_gm_dice", **common, "value": a["cortical_gm_dice"],
+         "note": f"our GM label map (SEG) in the {zone}", "reference": ribbon},
+        {"name": "cerebral_parenchyma_error_percent", **common, "value": a["parenchyma_error_percent"],
+         "ours_ml": round(a["parenchyma_ml"], 1), "reference_ml": round(a["pial_hull_ml"], 1),
+         "note": f"our GM + WM label map in the pial hull grown by {CORTEX_ZONE_MM:g} mm",
+         "reference": "inside the subject's FreeSurfer pial surfaces (includes the lateral ventricles, "
+                      "which no reference here separates; no cerebellum or brainstem)"},
+        {"name": "wm_inside_white_surface_fraction", **common, "value": a["wm_in_hull_inside_white"],
+         "note": "our WM label map inside the pial hull",
+         "reference": "inside the subject's FreeSurfer smoothwm surfaces (WM plus filled deep grey nuclei and "
+                      "lateral ventricles: no WM volume reference)"},
+        {"name": "pial_hull_inside_brain_mask_fraction", **common, "value": a["hull_in_mask"],
+         "ours_ml": round(a["mask_ml"], 1),
+         "reference": "inside the subject's FreeSurfer pial surfaces (ICV itself has no reference here)"},
+    ]
 
 
 def mni_reference() -> dict[str, object]:
@@ -189,6 +341,17 @@ def evaluate() -> None:
                         "ours_ml": round(ours_ml, 1), "reference_ml": round(ref_ml, 1),
                         "reference": f"{ref_mask} > 0.5 (FSL BET for Colin27; ROBEX's own mask for the atlas)"})
         print(f"{name}: ICV {ours_ml:.0f} vs {ref_ml:.0f} mL")
+    if (S1 / "raw.nii.gz").is_file():
+        t0 = time.perf_counter()
+        with tempfile.TemporaryDirectory() as tmp:
+            result, agreement = s1_agreement(Path(tmp))
+        metrics.extend(_s1_metrics(agreement))
+        soft = {m.name: m.value for m in result.measurements}
+        print(f"pycortex S1 [{time.perf_counter() - t0:.1f} s]: cortical GM {agreement['cortical_gm_ml']:.1f} vs "
+              f"ribbon {agreement['ribbon_ml']:.1f} mL ({agreement['cortical_gm_error_percent']:+.1f} %), Dice "
+              f"{agreement['cortical_gm_dice']:.3f}; whole-image GM/WM/CSF {soft['gm_volume_ml']:.0f}/"
+              f"{soft['wm_volume_ml']:.0f}/{soft['csf_volume_ml']:.0f} mL, ICV {soft['intracranial_volume_ml']:.0f} mL")
+        print(json.dumps(agreement, indent=1))
     (WORK / "metrics.json").write_text(json.dumps(metrics, indent=2))
     print(json.dumps(metrics, indent=2))
 
