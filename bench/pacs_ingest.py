@@ -195,7 +195,7 @@ def run_medai(files_groups: list[list[Path]], home: Path) -> float:
     return seconds
 
 
-def settle(work: Path, limit_s: float = 180.0) -> float:
+def settle(work: Path, limit_s: float = 120.0) -> float:
     """Wait until creating a file costs what it costs on a quiet disk; return that cost (microseconds).
 
     On ext4 without a journal (this development machine's disk) the inode
@@ -205,20 +205,39 @@ def settle(work: Path, limit_s: float = 180.0) -> float:
     of kernel time instead of 15-25 us, for a minute or two. Both receivers
     create one file per instance, so whichever round falls in that window is
     billed for it; the rounds start once the disk has settled."""
-    import resource
-
-    probe = work / "settle"
-    probe.mkdir()
+    probe = work
+    probe.mkdir(exist_ok=True)
     deadline, cost, n = time.monotonic() + limit_s, 0.0, 0
     while True:
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_stime
-        for _ in range(50):
+        start = time.perf_counter()
+        for _ in range(200):
             os.close(os.open(probe / f"{n}", os.O_WRONLY | os.O_CREAT, 0o600))
             n += 1
-        cost = (resource.getrusage(resource.RUSAGE_SELF).ru_stime - before) / 50 * 1e6
-        if cost < 60 or time.monotonic() > deadline:
+        cost = (time.perf_counter() - start) / 200 * 1e6
+        if cost < 40 or time.monotonic() > deadline:
             return cost
-        time.sleep(5)
+        time.sleep(3)
+
+
+def durable_write_seconds(files: list[Path], out: Path, count: int = 100) -> float:
+    """Mean seconds to make one received instance durable the way the listener
+    does (``medai.pacs.store.write_atomic``: temporary file, write, fsync,
+    rename, directory fsync), measured on this disk in this run.
+
+    With one association the sender waits for each answer, so no receiver
+    that answers only after its instance is durable can beat
+    ``1 / (1 / storescp_rate + this)``: storescp's own time plus the disk's
+    latency for one durable file (the "fsync ceiling" printed below)."""
+    from medai.pacs.store import write_atomic
+
+    incoming, series = out / ".incoming", out / "series"
+    incoming.mkdir()
+    series.mkdir()
+    blobs = [files[i % len(files)].read_bytes() for i in range(count)]
+    start = time.perf_counter()
+    for i, data in enumerate(blobs):
+        write_atomic(series / f"{i}.dcm", data, tmp_dir=incoming)
+    return (time.perf_counter() - start) / count
 
 
 def main() -> int:
@@ -233,10 +252,11 @@ def main() -> int:
         work = Path(tmp)
         files = make_study(work / "study", args.instances)
         os.sync()
-        print(f"file creation on the quiet disk: {settle(work):.0f} us", file=sys.stderr)
+        print(f"file creation on the quiet disk: {settle(work / 'settle'):.0f} us", file=sys.stderr)
         n = args.associations
         groups = [files[i::n] for i in range(n)]
         times: dict[str, list[float]] = {"storescp": [], "medai": [], "pynetdicom": [], "acceptor": []}
+        durable: list[float] = []
         receivers = (("storescp", run_storescp), ("medai", run_medai), ("pynetdicom", run_bare),
                      ("acceptor", lambda g, o: run_bare(g, o, BARE_ACCEPTOR)))
         for r in range(args.rounds):
@@ -248,10 +268,19 @@ def main() -> int:
                 # receiver writes next to it.
                 out = work / f"{name}-{r}"
                 out.mkdir()
+                os.sync()
+                quiet = settle(work / f"settle-{name}-{r}")
                 seconds = fn(groups, out)
                 times[name].append(seconds)
-                print(f"round {r + 1} {name:19s} {len(files) / seconds:8.1f} instances/s ({seconds:.2f} s)",
+                print(f"round {r + 1} {name:19s} {len(files) / seconds:8.1f} instances/s ({seconds:.2f} s; "
+                      f"file creation before: {quiet:.0f} us)",
                       file=sys.stderr)
+            out = work / f"durable-{r}"
+            out.mkdir()
+            os.sync()
+            settle(work / f"settle-durable-{r}")
+            durable.append(durable_write_seconds(files, out))
+            print(f"round {r + 1} one durable file     {durable[-1] * 1e3:.3f} ms", file=sys.stderr)
     rate = {k: len(files) / statistics.median(v) for k, v in times.items()}
     print(f"instances: {len(files)} per round, {args.rounds} rounds, {n} association(s)")
     print(f"dcmtk storescp:     {rate['storescp']:8.1f} instances/s (median)")
@@ -261,6 +290,12 @@ def main() -> int:
     print(f"ratio medai/storescp: {rate['medai'] / rate['storescp']:.2f}x (target >= 0.8x); "
           f"write-only pynetdicom/storescp: {rate['pynetdicom'] / rate['storescp']:.2f}x, "
           f"write-only medai acceptor/storescp: {rate['acceptor'] / rate['storescp']:.2f}x")
+    t_durable = statistics.median(durable)
+    ceiling = 1 / (1 / rate["storescp"] + t_durable)
+    print(f"one durable file on this disk (write, fsync, rename, directory fsync): {t_durable * 1e3:.3f} ms (median)")
+    if n == 1:
+        print(f"fsync ceiling (storescp's time per instance + one durable file): {ceiling:8.1f} instances/s = "
+              f"{ceiling / rate['storescp']:.2f}x storescp; medai reaches {rate['medai'] / ceiling:.2f} of it")
     return 0
 
 

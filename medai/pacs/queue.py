@@ -20,7 +20,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Sequence
 
 from medai import config
 
@@ -126,6 +126,22 @@ class SeriesInfo:
     body_part: str
     description: str
     sop_class_uid: str
+
+
+@dataclass(frozen=True)
+class InstanceRow:
+    """One stored instance to register (see :meth:`PacsDB.record_instances`)."""
+
+    sop_uid: str
+    study_uid: str
+    series_uid: str
+    sop_class_uid: str
+    size: int
+    sha256: str
+    series: SeriesInfo | None
+    source: str
+    #: When it was received (epoch seconds): the study's quiet period counts from here.
+    received: float
 
 
 @dataclass(frozen=True)
@@ -258,30 +274,44 @@ class PacsDB:
                         now: float | None = None) -> bool:
         """Register a stored instance; returns True when it changed the study
         (new or different bytes), which restarts the study's quiet period."""
-        now = time.time() if now is None else now
+        row = InstanceRow(sop_uid, study_uid, series_uid, sop_class_uid, size, sha256, series, source,
+                          time.time() if now is None else now)
+        return self.record_instances([row])[0]
+
+    def record_instances(self, rows: Sequence["InstanceRow"]) -> list[bool]:
+        """Register several stored instances in one transaction (the listener's
+        batches); one "changed" flag per row, as :meth:`record_instance`."""
+        changed: list[bool] = []
         with self._tx() as db:
-            if db.execute("SELECT 1 FROM outputs WHERE sop_uid=?", (sop_uid,)).fetchone() is not None:
-                # One of our own results coming back (a PACS forwarding it, or
-                # Orthanc listing it): never part of a study's input.
-                return False
-            row = db.execute("SELECT sha256 FROM instances WHERE sop_uid=?", (sop_uid,)).fetchone()
-            changed = row is None or row["sha256"] != sha256
-            if changed:
-                db.execute("INSERT OR REPLACE INTO instances VALUES(?,?,?,?,?,?,?)",
-                           (sop_uid, study_uid, series_uid, sop_class_uid, size, sha256, now))
-            # Any instance, even a duplicate, restarts the quiet period: a sender
-            # re-sending a study after an interruption is still sending it.
-            db.execute(
-                "INSERT INTO studies(study_uid, source, first_received, last_received, state) "
-                "VALUES(?,?,?,?,'receiving') ON CONFLICT(study_uid) DO UPDATE SET "
-                "last_received=excluded.last_received, state='receiving'",
-                (study_uid, source, now, now))
-            if series is not None:
-                db.execute("INSERT OR IGNORE INTO series VALUES(?,?,?,?,?,?)",
-                           (series.series_uid, series.study_uid, series.modality, series.body_part,
-                            series.description, series.sop_class_uid))
-            db.execute("INSERT INTO kv(key, value) VALUES('last_received', ?) ON CONFLICT(key) "
-                       "DO UPDATE SET value=excluded.value", (json.dumps(now),))
+            for row in rows:
+                changed.append(self._record(db, row))
+        return changed
+
+    @staticmethod
+    def _record(db: sqlite3.Connection, r: "InstanceRow") -> bool:
+        if db.execute("SELECT 1 FROM outputs WHERE sop_uid=?", (r.sop_uid,)).fetchone() is not None:
+            # One of our own results coming back (a PACS forwarding it, or
+            # Orthanc listing it): never part of a study's input.
+            return False
+        known = db.execute("SELECT sha256 FROM instances WHERE sop_uid=?", (r.sop_uid,)).fetchone()
+        changed = known is None or known["sha256"] != r.sha256
+        if changed:
+            db.execute("INSERT OR REPLACE INTO instances VALUES(?,?,?,?,?,?,?)",
+                       (r.sop_uid, r.study_uid, r.series_uid, r.sop_class_uid, r.size, r.sha256, r.received))
+        # Any instance, even a duplicate, restarts the quiet period: a sender
+        # re-sending a study after an interruption is still sending it.
+        db.execute(
+            "INSERT INTO studies(study_uid, source, first_received, last_received, state) "
+            "VALUES(?,?,?,?,'receiving') ON CONFLICT(study_uid) DO UPDATE SET "
+            "last_received=excluded.last_received, state='receiving'",
+            (r.study_uid, r.source, r.received, r.received))
+        if r.series is not None:
+            db.execute("INSERT OR IGNORE INTO series VALUES(?,?,?,?,?,?)",
+                       (r.series.series_uid, r.series.study_uid, r.series.modality, r.series.body_part,
+                        r.series.description, r.series.sop_class_uid))
+        db.execute("INSERT INTO kv(key, value) VALUES('last_received', ?) ON CONFLICT(key) "
+                   "DO UPDATE SET value=excluded.value",
+                   (json.dumps(r.received),))
         return changed
 
     def restart_quiet_periods(self, now: float | None = None) -> int:

@@ -31,7 +31,7 @@ from medai.dicom.headerscan import walk
 from medai.pacs import _audit
 from medai.pacs.acceptor import (IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, VERIFICATION_SOP_CLASS,
                                  AcceptorConfig, AcceptorServer, Association, Rejection, StoreRequest)
-from medai.pacs.queue import PacsDB, SeriesInfo
+from medai.pacs.queue import InstanceRow, PacsDB, SeriesInfo
 from medai.pacs.store import RESOURCE_ERRNOS, StudyStore, validate_uid
 
 log = logging.getLogger("medai.pacs")
@@ -287,23 +287,38 @@ class Listener:
 
     # -- reconciliation ------------------------------------------------------
     def reconcile(self) -> int:
-        """Register stored files the database missed (killed between the
-        rename and the commit). Those instances were never acknowledged, but
-        they are intact and belong to their study."""
-        known = self.db.known_sops()
-        added = 0
+        """Register stored files the database does not know: the listener was
+        killed between the rename and the commit (never acknowledged, but
+        intact and part of its study), or a power cut took the last commits
+        (``synchronous=NORMAL``), acknowledged ones included. What routing
+        needs (modality, body part, description, SOP class) is read back from
+        each file's own header, so the study routes as if it had been
+        registered on arrival."""
         import hashlib
 
+        import pydicom
+
+        known = self.db.known_sops()
+        rows = []
         for study, series, sop, path in self.store.iter_all():
             if sop in known:
                 continue
             data = path.read_bytes()
-            self.db.record_instance(sop_uid=sop, study_uid=study, series_uid=series, sop_class_uid="",
-                                    size=len(data), sha256=hashlib.sha256(data).hexdigest(), series=None)
-            added += 1
-        if added:
-            log.info("reconciled %d stored instances missing from the queue database", added)
-        return added
+            info: SeriesInfo | None = None
+            sop_class = ""
+            try:
+                ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+                sop_class = _text(ds, "SOPClassUID")
+                info = SeriesInfo(study, series, _text(ds, "Modality"), _text(ds, "BodyPartExamined"),
+                                  _text(ds, "SeriesDescription"), sop_class)
+            except Exception as exc:  # noqa: BLE001 - a file we wrote; keep it registered even if unreadable
+                log.warning("stored instance header unreadable during reconciliation (%s)", type(exc).__name__)
+            rows.append(InstanceRow(sop, study, series, sop_class, len(data), hashlib.sha256(data).hexdigest(),
+                                    info, "scp", path.stat().st_mtime))
+        if rows:
+            self.db.record_instances(rows)
+            log.info("reconciled %d stored instances missing from the queue database", len(rows))
+        return len(rows)
 
     # -- association bookkeeping (the acceptor's handler interface) ---------
     def on_connect(self, host: str) -> bool:
