@@ -202,16 +202,15 @@ def settle(work: Path, limit_s: float = 120.0) -> float:
     allocator skips, one by one, free inodes whose table block is still dirty
     or that were freed in the last tens of seconds: after a large deletion
     (a previous benchmark, a test run, pip), creating a file costs 140-350 us
-    of kernel time instead of 15-25 us, for a minute or two. Both receivers
+    of kernel time instead of 15-30 us, for a minute or two. Both receivers
     create one file per instance, so whichever round falls in that window is
     billed for it; the rounds start once the disk has settled."""
-    probe = work
-    probe.mkdir(exist_ok=True)
+    work.mkdir()
     deadline, cost, n = time.monotonic() + limit_s, 0.0, 0
     while True:
         start = time.perf_counter()
         for _ in range(200):
-            os.close(os.open(probe / f"{n}", os.O_WRONLY | os.O_CREAT, 0o600))
+            os.close(os.open(work / f"{n}", os.O_WRONLY | os.O_CREAT, 0o600))
             n += 1
         cost = (time.perf_counter() - start) / 200 * 1e6
         if cost < 40 or time.monotonic() > deadline:
@@ -251,34 +250,31 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="pacs-bench-") as tmp:
         work = Path(tmp)
         files = make_study(work / "study", args.instances)
-        os.sync()
-        print(f"file creation on the quiet disk: {settle(work / 'settle'):.0f} us", file=sys.stderr)
         n = args.associations
         groups = [files[i::n] for i in range(n)]
         times: dict[str, list[float]] = {"storescp": [], "medai": [], "pynetdicom": [], "acceptor": []}
         durable: list[float] = []
+
+        def fresh(name: str) -> tuple[Path, float]:
+            # A fresh folder per receiver and round, nothing deleted until the end, and the
+            # round starts on a quiet disk (see settle): deleting one round's output before
+            # the next would bill whichever receiver writes next to it.
+            out = work / name
+            out.mkdir()
+            os.sync()
+            return out, settle(work / f"settle-{name}")
+
         receivers = (("storescp", run_storescp), ("medai", run_medai), ("pynetdicom", run_bare),
                      ("acceptor", lambda g, o: run_bare(g, o, BARE_ACCEPTOR)))
         for r in range(args.rounds):
             for name, fn in receivers:
-                # A fresh folder per receiver and round, nothing deleted until the end: on
-                # ext4 a file created in a block group where many inodes were just freed
-                # costs far more (the allocator skips recently deleted inodes one by one),
-                # so deleting one round's output before the next would bill whichever
-                # receiver writes next to it.
-                out = work / f"{name}-{r}"
-                out.mkdir()
-                os.sync()
-                quiet = settle(work / f"settle-{name}-{r}")
+                out, quiet = fresh(f"{name}-{r}")
                 seconds = fn(groups, out)
                 times[name].append(seconds)
                 print(f"round {r + 1} {name:19s} {len(files) / seconds:8.1f} instances/s ({seconds:.2f} s; "
                       f"file creation before: {quiet:.0f} us)",
                       file=sys.stderr)
-            out = work / f"durable-{r}"
-            out.mkdir()
-            os.sync()
-            settle(work / f"settle-durable-{r}")
+            out, _ = fresh(f"durable-{r}")
             durable.append(durable_write_seconds(files, out))
             print(f"round {r + 1} one durable file     {durable[-1] * 1e3:.3f} ms", file=sys.stderr)
     rate = {k: len(files) / statistics.median(v) for k, v in times.items()}

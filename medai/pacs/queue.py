@@ -278,9 +278,9 @@ class PacsDB:
                           time.time() if now is None else now)
         return self.record_instances([row])[0]
 
-    def record_instances(self, rows: Sequence["InstanceRow"]) -> list[bool]:
+    def record_instances(self, rows: Sequence[InstanceRow]) -> list[bool]:
         """Register several stored instances in one transaction (the listener's
-        batches); one "changed" flag per row, as :meth:`record_instance`."""
+        reconciliation at start); one "changed" flag per row, as :meth:`record_instance`."""
         changed: list[bool] = []
         with self._tx() as db:
             for row in rows:
@@ -288,7 +288,7 @@ class PacsDB:
         return changed
 
     @staticmethod
-    def _record(db: sqlite3.Connection, r: "InstanceRow") -> bool:
+    def _record(db: sqlite3.Connection, r: InstanceRow) -> bool:
         if db.execute("SELECT 1 FROM outputs WHERE sop_uid=?", (r.sop_uid,)).fetchone() is not None:
             # One of our own results coming back (a PACS forwarding it, or
             # Orthanc listing it): never part of a study's input.

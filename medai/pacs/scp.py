@@ -182,6 +182,12 @@ def _text(ds: Dataset, keyword: str) -> str:
     return "" if value is None else str(value).strip()
 
 
+def _series_info(fields: dict[str, str], study_uid: str, series_uid: str, sop_class: str) -> SeriesInfo:
+    """What routing reads, from the handler's fields (:data:`_NEEDED`)."""
+    return SeriesInfo(study_uid, series_uid, fields["Modality"], fields["BodyPartExamined"],
+                      fields["SeriesDescription"], sop_class)
+
+
 #: The elements the store handler needs, by tag.
 _NEEDED = {0x00080018: "SOPInstanceUID", 0x0020000D: "StudyInstanceUID", 0x0020000E: "SeriesInstanceUID",
            0x00080016: "SOPClassUID", 0x00080060: "Modality", 0x00180015: "BodyPartExamined",
@@ -190,6 +196,11 @@ _NEEDED = {0x00080018: "SOPInstanceUID", 0x0020000D: "StudyInstanceUID", 0x00200
 #: Character sets in which an all-ASCII value reads as ASCII (others: pydicom decodes).
 _ASCII_COMPATIBLE = frozenset({"", "ISO_IR 6", "ISO_IR 100", "ISO_IR 192"})
 _WIRE = Path("<c-store dataset>")
+
+
+def _dataset_fields(ds: Dataset) -> dict[str, str]:
+    """The handler's elements as pydicom reads them (where :func:`quick_fields` cannot)."""
+    return {keyword: _text(ds, keyword) for keyword in _NEEDED.values()}
 
 
 def quick_fields(dataset: bytes, transfer_syntax: str) -> dict[str, str] | None:
@@ -295,6 +306,7 @@ class Listener:
         each file's own header, so the study routes as if it had been
         registered on arrival."""
         import hashlib
+        import io
 
         import pydicom
 
@@ -305,16 +317,13 @@ class Listener:
                 continue
             data = path.read_bytes()
             info: SeriesInfo | None = None
-            sop_class = ""
             try:
-                ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
-                sop_class = _text(ds, "SOPClassUID")
-                info = SeriesInfo(study, series, _text(ds, "Modality"), _text(ds, "BodyPartExamined"),
-                                  _text(ds, "SeriesDescription"), sop_class)
+                fields = _dataset_fields(pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=True))
+                info = _series_info(fields, study, series, fields["SOPClassUID"])
             except Exception as exc:  # noqa: BLE001 - a file we wrote; keep it registered even if unreadable
                 log.warning("stored instance header unreadable during reconciliation (%s)", type(exc).__name__)
-            rows.append(InstanceRow(sop, study, series, sop_class, len(data), hashlib.sha256(data).hexdigest(),
-                                    info, "scp", path.stat().st_mtime))
+            rows.append(InstanceRow(sop, study, series, info.sop_class_uid if info else "", len(data),
+                                    hashlib.sha256(data).hexdigest(), info, "scp", path.stat().st_mtime))
         if rows:
             self.db.record_instances(rows)
             log.info("reconciled %d stored instances missing from the queue database", len(rows))
@@ -403,7 +412,7 @@ class Listener:
             fields = quick_fields(dataset, transfer_syntax)
             if fields is None:
                 ds = decode_dataset(dataset, transfer_syntax)
-                fields = {keyword: _text(ds, keyword) for keyword in _NEEDED.values()}
+                fields = _dataset_fields(ds)
             sop_uid = validate_uid(fields["SOPInstanceUID"], "SOP Instance UID")
             study_uid = validate_uid(fields["StudyInstanceUID"], "Study Instance UID")
             series_uid = validate_uid(fields["SeriesInstanceUID"], "Series Instance UID")
@@ -411,8 +420,7 @@ class Listener:
             command_sop = validate_uid(request.affected_sop_instance_uid, "Affected SOP Instance UID")
             if command_sop != sop_uid:
                 raise UnsafeInputError(None, "SOP Instance UID differs from the C-STORE request's")
-            info = SeriesInfo(study_uid, series_uid, fields["Modality"], fields["BodyPartExamined"],
-                              fields["SeriesDescription"], sop_class)
+            info = _series_info(fields, study_uid, series_uid, sop_class)
             patient = (fields["PatientID"] or None, fields["PatientName"] or None)
         except UnsafeInputError as exc:
             self.db.bump("failed_stores")
