@@ -27,6 +27,7 @@ from typing import Any, Literal, Mapping, Sequence
 
 import numpy as np
 
+from medai import imaging
 from medai.dicom.volume import Volume
 
 View = Literal["axial", "coronal", "sagittal"]
@@ -35,88 +36,29 @@ FillMode = Literal["fill", "outline"]
 
 
 # --------------------------------------------------------------------------- windowing
+# Windows, presets, percentile windowing and resizing live in medai.imaging (one
+# toolkit for the viewer, the pipelines and the reports); re-exported here because
+# the pages speak to this module.
+
+WindowLevel = imaging.WindowLevel
+CT_PRESETS = imaging.CT_PRESETS
+apply_window = imaging.apply_window
 
 
-@dataclass(frozen=True)
-class WindowLevel:
-    """A display window: grey values from ``level - width/2`` (black) to
-    ``level + width/2`` (white)."""
-
-    width: float
-    level: float
-    name: str = "manual"
-
-    def __post_init__(self) -> None:
-        if not math.isfinite(self.width) or self.width <= 0:
-            raise ValueError(f"window width must be positive, got {self.width}")
-        if not math.isfinite(self.level):
-            raise ValueError(f"window level must be finite, got {self.level}")
-
-    @property
-    def low(self) -> float:
-        return self.level - self.width / 2.0
-
-    @property
-    def high(self) -> float:
-        return self.level + self.width / 2.0
-
-
-#: CT presets in Hounsfield units (width, level), as used in neuro/body reading.
-CT_PRESETS: dict[str, WindowLevel] = {
-    p.name: p
-    for p in (
-        WindowLevel(80, 40, "brain"),
-        WindowLevel(200, 75, "subdural"),
-        WindowLevel(40, 40, "stroke"),
-        WindowLevel(1500, -600, "lung"),
-        WindowLevel(350, 50, "mediastinum"),
-        WindowLevel(400, 40, "abdomen"),
-        WindowLevel(150, 90, "liver"),
-        WindowLevel(2000, 500, "bone"),
-    )
-}
-
-
-def auto_window(array: np.ndarray, low_percentile: float = 1.0, high_percentile: float = 99.5,
-                *, max_samples: int = 2_000_000) -> WindowLevel:
-    """A window spanning the given percentiles of the voxels above the background.
-
-    MR has no absolute scale, so a percentile window is the sensible default. The
-    background (the lowest value, usually air at 0) is left out so that it does not
-    pull the window down; a large volume is subsampled with a fixed stride so the
-    result is deterministic and fast.
-    """
-    if not 0 <= low_percentile < high_percentile <= 100:
-        raise ValueError(f"need 0 <= low < high <= 100, got {low_percentile}, {high_percentile}")
-    flat = np.asarray(array).reshape(-1)
-    if flat.size > max_samples:
-        flat = flat[:: int(math.ceil(flat.size / max_samples))]
-    flat = flat[np.isfinite(flat)]
-    if flat.size == 0:
-        return WindowLevel(1.0, 0.0, "auto")
-    foreground = flat[flat > flat.min()]
-    values = foreground if foreground.size >= 0.01 * flat.size else flat
-    lo, hi = np.percentile(values, [low_percentile, high_percentile])
-    lo, hi = float(lo), float(hi)
-    if hi - lo < 1e-6:
-        hi = lo + 1.0
-    return WindowLevel(hi - lo, (hi + lo) / 2.0, "auto")
-
-
-def apply_window(image: np.ndarray, window: WindowLevel) -> np.ndarray:
-    """Grey values mapped through the window to 8-bit (linear ramp, clipped)."""
-    scaled = (np.asarray(image, dtype=np.float32) - np.float32(window.low)) * np.float32(255.0 / window.width)
-    return np.clip(scaled, 0, 255).astype(np.uint8)
+def auto_window(array: np.ndarray, low_percentile: float = 1.0, high_percentile: float = 99.5) -> WindowLevel:
+    """A window spanning the given percentiles of the voxels above the background
+    (:func:`medai.imaging.percentile_window`)."""
+    return imaging.percentile_window(array, low_percentile, high_percentile, "auto")
 
 
 def default_window(volume: Volume) -> WindowLevel:
     """What to show first: the brain window for CT of the head, soft tissue
-    (abdomen) for other CT, a percentile window for everything else."""
+    for other CT, a percentile window for everything else."""
     if volume.modality.upper() == "CT":
         body = str(volume.attributes.get("BodyPartExamined", "")).upper()
         if body in {"HEAD", "BRAIN", "SKULL"}:
             return CT_PRESETS["brain"]
-        return CT_PRESETS["abdomen"]
+        return CT_PRESETS["soft_tissue"]
     return auto_window(volume.array)
 
 
@@ -209,14 +151,7 @@ def to_display(volume: Volume) -> DisplayVolume:
     # source array axis for each of i, j, k
     array_axis_of_ijk = (2, 1, 0)
     spacing_ijk = volume.geometry.spacing
-    assigned: dict[int, int] = {}  # LPS axis -> ijk index
-    order = sorted(((abs(d[lps, ijk]), lps, ijk) for lps in range(3) for ijk in range(3)), reverse=True)
-    used_ijk: set[int] = set()
-    for _, lps, ijk in order:
-        if lps in assigned or ijk in used_ijk:
-            continue
-        assigned[lps] = ijk
-        used_ijk.add(ijk)
+    assigned = imaging.nearest_axes(d)  # LPS axis -> ijk index
     axis_of = tuple(array_axis_of_ijk[assigned[lps]] for lps in range(3))
     flipped = tuple(bool(d[lps, assigned[lps]] < 0) for lps in range(3))
     spacing = tuple(float(spacing_ijk[assigned[lps]]) for lps in range(3))
@@ -277,28 +212,6 @@ def display_size(display: DisplayVolume, view: View, target: int = 512) -> tuple
     height_mm, width_mm = rows * rs, cols * cs
     mm_per_pixel = max(height_mm, width_mm) / float(target)
     return max(1, round(height_mm / mm_per_pixel)), max(1, round(width_mm / mm_per_pixel)), mm_per_pixel
-
-
-def _resample_index(n_out: int, n_in: int) -> np.ndarray:
-    """Nearest source index for each output pixel centre."""
-    centres = (np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5
-    return np.clip(np.rint(centres), 0, n_in - 1).astype(np.intp)
-
-
-def _resample_linear(image: np.ndarray, rows: int, cols: int) -> np.ndarray:
-    """Bilinear resampling of a 2-D float image to (rows, cols), pixel-centre aligned."""
-    def coords(n_out: int, n_in: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        c = np.clip((np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5, 0, n_in - 1)
-        lo = np.floor(c).astype(np.intp)
-        hi = np.minimum(lo + 1, n_in - 1)
-        return lo, hi, (c - lo).astype(np.float32)
-
-    r0, r1, fr = coords(rows, image.shape[0])
-    c0, c1, fc = coords(cols, image.shape[1])
-    img = image.astype(np.float32, copy=False)
-    top = img[r0][:, c0] * (1 - fc) + img[r0][:, c1] * fc
-    bottom = img[r1][:, c0] * (1 - fc) + img[r1][:, c1] * fc
-    return top * (1 - fr[:, None]) + bottom * fr[:, None]
 
 
 # --------------------------------------------------------------------------- overlay
@@ -375,14 +288,14 @@ def render(display: DisplayVolume, view: View, index: int, window: WindowLevel, 
     """
     plane = raw_slice(display, view, index)
     rows, cols, mm = display_size(display, view, target)
-    grey = apply_window(_resample_linear(plane, rows, cols), window)
+    grey = apply_window(imaging.resize(plane, rows, cols), window)
     label_plane = None
     if labels is not None:
         if labels.shape != display.shape:
             raise ValueError(f"label map {labels.shape} is not in display layout {display.shape}")
         raw_labels = raw_slice(DisplayVolume(labels, display.spacing, display.axis_of, display.flipped,
                                              display.source_shape, display.volume), view, index)
-        label_plane = raw_labels[_resample_index(rows, plane.shape[0])][:, _resample_index(cols, plane.shape[1])]
+        label_plane = raw_labels[imaging.nearest_index(plane.shape[0], rows)][:, imaging.nearest_index(plane.shape[1], cols)]
     rgb = composite(grey, label_plane, opacity=opacity, mode=mode, visible=visible, colours=colours)
     return SliceImage(rgb, view, index, mm, plane.shape, ORIENTATION_LABELS[view])
 
@@ -508,6 +421,90 @@ def screen_box_to_raw(image: SliceImage, x1: float, y1: float, x2: float, y2: fl
     return c0, r0, c1, r1
 
 
+# --------------------------------------------------------------------------- browser viewport
+
+
+@dataclass(frozen=True)
+class RasGrid:
+    """The display volume as the browser viewport receives it: a voxel grid whose
+    axes run to patient Right (i), Anterior (j) and Superior (k), with a diagonal
+    affine. Why: the viewport (NiiVue) then shows, picks and steps in the very voxel
+    indices sent here, and :func:`display_voxel_from_ras` maps them back exactly.
+
+    ``array`` is ``[k, j, i]``; ``origin_ras`` the RAS millimetres of voxel (0, 0, 0).
+    """
+
+    array: np.ndarray
+    spacing: tuple[float, float, float]  # (i, j, k) mm
+    origin_ras: tuple[float, float, float]
+
+
+def ras_grid(display: DisplayVolume, labels: np.ndarray | None = None) -> RasGrid:
+    """The display volume (or a label map in display layout) on the RAS grid.
+
+    Display x runs to patient Left and y to Posterior, so both are reversed; z
+    (Superior) is kept. The origin is the position of display voxel
+    ``(nx-1, ny-1, 0)``, LPS turned to RAS.
+    """
+    source = display.array if labels is None else labels
+    if source.shape != display.shape:
+        raise ValueError(f"array {source.shape} is not in display layout {display.shape}")
+    nz, ny, nx = display.shape
+    lps = display.lps(nx - 1, ny - 1, 0)
+    return RasGrid(np.ascontiguousarray(source[:, ::-1, ::-1]), display.spacing, (-lps[0], -lps[1], lps[2]))
+
+
+def display_voxel_from_ras(display: DisplayVolume, ras_voxel: Sequence[int]) -> tuple[int, int, int]:
+    """Display voxel (x, y, z) of a voxel index ``(i, j, k)`` on :func:`ras_grid`'s
+    grid, as the viewport reports it; refuses indices outside the volume."""
+    nz, ny, nx = display.shape
+    i, j, k = (int(v) for v in ras_voxel)
+    if not (0 <= i < nx and 0 <= j < ny and 0 <= k < nz):
+        raise ValueError(f"voxel ({i}, {j}, {k}) outside the volume ({nx}, {ny}, {nz})")
+    return nx - 1 - i, ny - 1 - j, k
+
+
+def nifti_gz(grid: RasGrid, *, labels: bool = False, level: int = 1) -> bytes:
+    """``grid`` as a gzipped NIfTI-1 file in memory (nothing touches the disk).
+
+    Grey values are stored as int16 when they are whole numbers within its range
+    (CT in HU), else float32; labels as uint8. The header carries geometry only,
+    never a patient field. Level 1 gzip: the volume is built once per series and
+    the loopback transfer is cheap, so compression speed matters more than size.
+    """
+    import gzip
+    import struct
+
+    data = grid.array
+    if labels:
+        if data.size and (data.min() < 0 or data.max() > 255):
+            raise ValueError("label values must be within 0..255")
+        data, code, bits = data.astype(np.uint8), 2, 8
+    elif data.size and np.all(np.isfinite(data)) and data.min() >= -32768 and data.max() <= 32767 \
+            and np.array_equal(data, np.round(data)):
+        data, code, bits = data.astype("<i2"), 4, 16
+    else:
+        data, code, bits = data.astype("<f4"), 16, 32
+    nz, ny, nx = data.shape
+    si, sj, sk = grid.spacing
+    ox, oy, oz = grid.origin_ras
+    header = bytearray(348)
+    struct.pack_into("<i", header, 0, 348)
+    struct.pack_into("<8h", header, 40, 3, nx, ny, nz, 1, 1, 1, 1)
+    struct.pack_into("<hh", header, 70, code, bits)
+    struct.pack_into("<8f", header, 76, 1.0, si, sj, sk, 1, 1, 1, 1)
+    struct.pack_into("<f", header, 108, 352.0)  # vox_offset
+    struct.pack_into("<ff", header, 112, 1.0, 0.0)  # scl_slope, scl_inter: stored values are the values
+    header[123] = 2  # xyzt_units: millimetres
+    struct.pack_into("<hh", header, 252, 0, 1)  # qform_code 0, sform_code 1 (scanner)
+    struct.pack_into("<4f", header, 280, si, 0.0, 0.0, ox)
+    struct.pack_into("<4f", header, 296, 0.0, sj, 0.0, oy)
+    struct.pack_into("<4f", header, 312, 0.0, 0.0, sk, oz)
+    header[344:348] = b"n+1\0"
+    payload = bytes(header) + b"\0\0\0\0" + np.ascontiguousarray(data).tobytes()
+    return gzip.compress(payload, compresslevel=level, mtime=0)
+
+
 def label_volumes_ml(labels: np.ndarray, volume: Volume) -> dict[int, float]:
     """Volume in mL of each non-zero label of a label map in source layout."""
     if labels.shape != volume.array.shape:
@@ -517,7 +514,7 @@ def label_volumes_ml(labels: np.ndarray, volume: Volume) -> dict[int, float]:
 
 
 __all__ = [
-    "CT_PRESETS", "DisplayVolume", "LABEL_COLOURS", "ORIENTATION_LABELS", "Pick", "SliceImage",
+    "CT_PRESETS", "DisplayVolume", "RasGrid", "display_voxel_from_ras", "nifti_gz", "ras_grid", "LABEL_COLOURS", "ORIENTATION_LABELS", "Pick", "SliceImage",
     "VIEWS", "WindowLevel", "annotate", "apply_window", "auto_window", "composite", "default_window",
     "display_size", "distance_mm", "label_colour", "label_volumes_ml", "named_window", "pick",
     "raw_slice", "render", "screen_box_to_raw", "screen_point", "slice_count", "to_display", "windows_for",

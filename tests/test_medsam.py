@@ -97,16 +97,6 @@ def test_take_slice_refuses_out_of_range_index() -> None:
         ml.take_slice(vol, "axial", 1.5)  # type: ignore[arg-type]
 
 
-def test_resample_matrix_preserves_constants_and_ramps() -> None:
-    for n_in, n_out in ((512, 256), (100, 256), (7, 3)):
-        w = ml.resample_matrix(n_in, n_out)
-        assert w.shape == (n_out, n_in)
-        assert np.allclose(w.sum(axis=1), 1.0, atol=1e-5)
-    ramp = np.arange(512, dtype=np.float32)
-    half = ml.resample_matrix(512, 256) @ ramp
-    assert np.allclose(half[1:-1], 2 * np.arange(1, 255) + 0.5, atol=1e-3)  # pixel-centre convention
-
-
 def test_windowing_by_modality() -> None:
     ct = _volume()
     w = ml.choose_windowing(ct, ml.Settings())

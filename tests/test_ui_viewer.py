@@ -23,8 +23,9 @@ def _volume(shape=(4, 5, 6), spacing=(1.0, 1.0, 1.0), direction=(1, 0, 0, 0, 1, 
 
 
 def test_ct_presets_are_the_clinical_values():
-    expected = {"brain": (80, 40), "subdural": (200, 75), "stroke": (40, 40), "lung": (1500, -600),
-                "mediastinum": (350, 50), "abdomen": (400, 40), "liver": (150, 90), "bone": (2000, 500)}
+    # OHIF's five (soft tissue, lung, liver, bone, brain) then two neuro windows OHIF does not list
+    expected = {"soft_tissue": (400, 40), "lung": (1500, -600), "liver": (150, 90), "bone": (2500, 480),
+                "brain": (80, 40), "subdural": (200, 75), "stroke": (40, 40)}
     assert {k: (w.width, w.level) for k, w in viewer.CT_PRESETS.items()} == expected
 
 
@@ -211,3 +212,53 @@ def test_box_prompt_in_source_terms():
     prompt = workstation.box_prompt(disp, "axial", 2, (5, 10, 15, 20), propagate=True)
     # display column c is source column 49 - c: the box is mirrored, rows unchanged
     assert prompt == {"plane": "axial", "slice_index": 2, "box": (34, 10, 44, 20), "propagate": True}
+
+
+# --------------------------------------------------------------------------- the browser viewport's grid
+
+
+def test_ras_grid_nifti_maps_voxels_back_to_the_series_exactly():
+    """What the browser receives (a gzipped NIfTI on a RAS grid) holds, at every RAS
+    voxel, the source voxel that display_voxel_from_ras names, at the same position."""
+    import gzip
+
+    import nibabel as nib
+
+    # an oblique-free but flipped, permuted acquisition (sagittal, rows running inferior)
+    vol = _volume(shape=(5, 6, 7), spacing=(0.8, 1.1, 2.5), direction=(0, 1, 0, 0, 0, -1, 1, 0, 0),
+                  origin=(10.0, -20.0, 30.0), modality="CT")
+    vol = vol.with_array((vol.array - 100).astype(np.float32))
+    display = viewer.to_display(vol)
+    data = viewer.nifti_gz(viewer.ras_grid(display))
+    img = nib.Nifti1Image.from_bytes(gzip.decompress(data))
+    assert nib.aff2axcodes(img.affine) == ("R", "A", "S")
+    assert img.get_data_dtype() == np.int16  # whole HU values travel as int16
+    arr = np.asarray(img.dataobj)  # [i, j, k]
+    nz, ny, nx = display.shape
+    for ras in [(0, 0, 0), (nx - 1, ny - 1, nz - 1), (1, 2, 3), (nx - 2, 0, nz - 1)]:
+        x, y, z = viewer.display_voxel_from_ras(display, ras)
+        i, j, k = display.source_index(x, y, z)
+        assert arr[ras] == vol.array[k, j, i]
+        lps = np.array(display.lps(x, y, z))
+        position = img.affine @ [*ras, 1]
+        assert np.allclose(position[:3], lps * [-1, -1, 1], atol=1e-4)
+    with pytest.raises(ValueError, match="outside the volume"):
+        viewer.display_voxel_from_ras(display, (nx, 0, 0))
+
+
+def test_nifti_keeps_fractional_values_and_labels():
+    import gzip
+
+    import nibabel as nib
+
+    vol = _volume(modality="MR")
+    vol = vol.with_array(vol.array + 0.25)
+    display = viewer.to_display(vol)
+    img = nib.Nifti1Image.from_bytes(gzip.decompress(viewer.nifti_gz(viewer.ras_grid(display))))
+    assert img.get_data_dtype() == np.float32
+    assert np.asarray(img.dataobj).max() == pytest.approx(float(vol.array.max()))
+    labels = (display.array > 50).astype(np.uint8)
+    lab = nib.Nifti1Image.from_bytes(gzip.decompress(viewer.nifti_gz(viewer.ras_grid(display, labels), labels=True)))
+    assert lab.get_data_dtype() == np.uint8 and int(np.asarray(lab.dataobj).sum()) == int(labels.sum())
+    with pytest.raises(ValueError):
+        viewer.nifti_gz(viewer.ras_grid(display, labels.astype(np.int32) * 300), labels=True)

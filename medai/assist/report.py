@@ -52,7 +52,9 @@ def _slices(volume: "Volume", labels: np.ndarray) -> list[tuple[str, np.ndarray,
 
 
 def _overlay(ax: Any, image: np.ndarray, labels: np.ndarray, aspect: float, title: str) -> None:
-    lo, hi = np.percentile(image, [1, 99.5])
+    from medai.imaging import percentile_range
+
+    lo, hi = percentile_range(image, 1, 99.5)  # the viewer's MR window rule (background left out)
     ax.imshow(image, cmap="gray", vmin=lo, vmax=hi, aspect=aspect, interpolation="nearest")
     rgba = np.zeros(labels.shape + (4,), dtype=np.float32)
     for value, colour in _COLOURS.items():

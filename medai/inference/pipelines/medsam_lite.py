@@ -43,11 +43,11 @@ import logging
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from functools import lru_cache
 from typing import TYPE_CHECKING, Any, Callable, Literal, Mapping, Sequence
 
 import numpy as np
 
+from medai import imaging
 from medai.errors import PromptError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -71,14 +71,9 @@ SEED_RANGE_PERCENTILES = (5.0, 95.0)
 #: Default embedding cache: 64 slices (256 MiB).
 DEFAULT_CACHE_BYTES = 64 * EMBEDDING_BYTES
 
-#: Named CT windows (level, width) in HU for the ``window`` prompt option.
-CT_WINDOWS: dict[str, tuple[float, float]] = {
-    "soft_tissue": (40.0, 400.0),
-    "liver": (60.0, 160.0),
-    "lung": (-600.0, 1500.0),
-    "bone": (400.0, 1800.0),
-    "brain": (40.0, 80.0),
-}
+#: Named CT windows (level, width) in HU for the ``window`` prompt option: the one
+#: preset table of :mod:`medai.imaging` (OHIF's values).
+CT_WINDOWS: dict[str, tuple[float, float]] = {name: (w.level, w.width) for name, w in imaging.CT_PRESETS.items()}
 
 
 # --------------------------------------------------------------------------- values
@@ -273,14 +268,7 @@ def plane_axis(geometry: "Geometry", plane: str) -> int:
     """
     if plane not in _NORMAL_LPS:
         raise PromptError(f"plane {plane!r} is not one of {', '.join(PLANES)}")
-    d = np.abs(geometry.matrix)  # rows LPS, columns i, j, k
-    order = sorted(((d[lps, ijk], lps, ijk) for lps in range(3) for ijk in range(3)), reverse=True)
-    assigned: dict[int, int] = {}
-    used: set[int] = set()
-    for _, lps, ijk in order:
-        if lps not in assigned and ijk not in used:
-            assigned[lps] = ijk
-            used.add(ijk)
+    assigned = imaging.nearest_axes(geometry.matrix)  # LPS axis -> i, j, k
     return 2 - assigned[_NORMAL_LPS[plane]]
 
 
@@ -395,40 +383,12 @@ def choose_windowing(volume: "Volume", settings: Settings, window: Any = None) -
                 raise PromptError(f"window width must be positive, got {width}")
         return Windowing("ct_window", level - width / 2, level + width / 2,
                          {"level": level, "width": width, "name": name})
-    flat = volume.array.reshape(-1)
-    step = max(1, flat.size // 2_000_000)  # a fixed subsample keeps this fast on big volumes
-    sample = flat[::step].astype(np.float32)
-    body = sample[sample > sample.min()]
-    if body.size >= 0.01 * sample.size and body.size > 100:
-        sample = body
     lo_p, hi_p = settings.percentiles
-    low, high = (float(v) for v in np.percentile(sample, [lo_p, hi_p]))
-    if high <= low:
-        high = low + 1.0
+    low, high = imaging.percentile_range(volume.array, lo_p, hi_p)
     return Windowing("percentile_clip", low, high, {"low_percentile": lo_p, "high_percentile": hi_p})
 
 
-@lru_cache(maxsize=64)
-def resample_matrix(n_in: int, n_out: int) -> np.ndarray:
-    """``(n_out, n_in)`` linear-interpolation weights, widened when shrinking (anti-aliased).
-
-    Output pixel centres sit at ``(o + 0.5) * n_in / n_out - 0.5`` in input pixels
-    (the half-pixel convention of OpenCV and PyTorch ``align_corners=False``);
-    weights are a triangle as wide as one output pixel, renormalised at the edges.
-    """
-    scale = n_in / n_out
-    support = max(scale, 1.0)
-    centres = (np.arange(n_out, dtype=np.float64) + 0.5) * scale - 0.5
-    dist = np.abs(np.arange(n_in, dtype=np.float64)[None, :] - centres[:, None]) / support
-    weights = np.maximum(0.0, 1.0 - dist)
-    weights /= weights.sum(axis=1, keepdims=True)
-    out = weights.astype(np.float32)
-    out.flags.writeable = False  # shared by the cache
-    return out
-
-
-def resize(image: np.ndarray, rows: int, cols: int) -> np.ndarray:
-    return resample_matrix(image.shape[0], rows) @ image.astype(np.float32) @ resample_matrix(image.shape[1], cols).T
+resize = imaging.resize
 
 
 def model_size(shape: tuple[int, int], spacing: tuple[float, float], mode: str) -> tuple[int, int]:
