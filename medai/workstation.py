@@ -15,7 +15,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 from medai import config
 
@@ -228,26 +228,296 @@ def models_for(series: SeriesRow) -> list[ModelChoice]:
     return sorted(out, key=lambda m: (not m.accepts, m.model_id))
 
 
+#: Metric names a clinician reads (the card keeps its machine names).
+_METRIC_NAMES = {
+    "dice": "Dice overlap",
+    "dice2d": "Dice overlap per slice",
+    "stage_parity_onnx_vs_torchscript": "Each converted stage vs the original network (Dice)",
+    "parity_onnx_vs_pytorch_dice": "Converted model vs the original PyTorch model (Dice)",
+    "dice_vs_reference_deepbet": "Whole pipeline vs the original deepbet (Dice)",
+    "dice_vs_reference_mask": "Dice overlap with a reference mask",
+}
+
+#: What a Dice value means, said once under each metrics table.
+DICE_NOTE = "Dice: overlap of two masks, from 0 (none) to 1 (identical)."
+
+
+def _is_agreement(metric: Mapping[str, Any]) -> bool:
+    """Whether a card metric compares the shipped model with the original it was
+    converted from (agreement), rather than with reference masks (accuracy)."""
+    name = str(metric.get("name", "")).lower()
+    note = f"{metric.get('note', '')} {metric.get('data', '')}".lower()
+    return any(k in name for k in ("parity", "onnx_vs", "vs_pytorch", "vs_torch", "precision_", "vs_reference_deepbet",
+                                   "vs_original")) or any(k in note for k in ("vs fp32", "vs pytorch", "vs deepbet"))
+
+
+def metric_name(name: str) -> str:
+    """A card metric's name in words (``dice_vs_reference_mask`` -> ``Dice overlap with a reference mask``)."""
+    if name in _METRIC_NAMES:
+        return _METRIC_NAMES[name]
+    if name.startswith("precision_"):
+        _, precision, graph = (name.split("_", 2) + ["", ""])[:3]
+        return f"{precision} precision vs full precision, {graph} network (Dice)".strip()
+    if name.startswith("dice2d_"):
+        return f"Dice overlap per slice ({name[len('dice2d_'):].replace('_', ' ')} resizing)"
+    words = name.replace("_", " ").replace("vs", "versus").strip()
+    return words[:1].upper() + words[1:]
+
+
+def _metric_row(m: Mapping[str, Any]) -> dict[str, Any]:
+    value = m.get("value", "")
+    shown = f"{value:.3f}" if isinstance(value, float) else str(value)
+    data = m.get("case") or m.get("data") or m.get("dataset", "")
+    return {"Measure": metric_name(str(m.get("name", ""))), "Value": shown, "Data": str(data),
+            "N": str(m.get("n", "")), "Note": str(m.get("note") or m.get("reference", ""))}
+
+
+def _sentence(text: Any) -> str:
+    text = str(text).strip()
+    return text if not text or text.endswith(".") else text + "."
+
+
 def card_summary(card: Any) -> dict[str, Any]:
-    """What the clinician reads before running: intended use, limits, measured
-    metrics (as table rows), training data, licence."""
+    """What the clinician reads before running, in words: intended use as text,
+    limits, the card's metrics split into agreement with the original model and
+    accuracy against reference masks, training data, licence.
+
+    No raw field names reach the page: a card without an intended-use ``text``
+    has its other intended-use entries joined as sentences.
+    """
     use = {str(k): v for k, v in dict(card.intended_use).items()}
     limits = use.pop("out_of_scope", None) or use.pop("limitations", None) or card.raw.get("limitations")
-    metrics = [{"Metric": str(m.get("name", "")).replace("_", " "),
-                "Value": m.get("value", ""),
-                "Data": m.get("case") or m.get("data") or m.get("dataset", ""),
-                "n": m.get("n", ""),
-                "Note": m.get("note") or m.get("reference", "")} for m in card.metrics]
+    text = use.pop("text", "") or " ".join(_sentence(v) for v in use.values() if v)
+    metrics = list(card.metrics)
+    training = card.raw.get("training_data", {})
+    licence = dict(card.license)
+    licence_text = " · ".join(str(v) for k, v in licence.items() if k in ("spdx", "attribution") and v)
     return {
         "summary": card.summary,
         "task": card.task,
-        "intended_use": use.pop("text", "") or "; ".join(f"{k}: {v}" for k, v in use.items()),
+        "intended_use": text,
         "limitations": limits if isinstance(limits, list) else ([limits] if limits else []),
-        "metrics": metrics,
-        "training_data": card.raw.get("training_data", {}),
+        "metrics_agreement": [_metric_row(m) for m in metrics if _is_agreement(m)],
+        "metrics_accuracy": [_metric_row(m) for m in metrics if not _is_agreement(m)],
+        "training_data": training.get("text", "") if isinstance(training, Mapping) else str(training),
         "labels": [label.name for label in card.labels],
-        "license": dict(card.license),
+        "license": licence_text,
     }
+
+
+def reference_range_ml(card: Any, segment: str) -> tuple[float, float] | None:
+    """The card's plausible volume range for a segment (mL), when it states one.
+
+    ``postprocessing.plausible_volume_ml`` applies to a one-label model's label;
+    ``postprocessing.reference_ranges_ml`` (``{name: [low, high]}``) names labels.
+    """
+    if card is None:
+        return None
+    post = dict(card.postprocessing or {})
+    named = post.get("reference_ranges_ml") or {}
+    if segment in named:
+        low, high = named[segment]
+        return float(low), float(high)
+    plausible = post.get("plausible_volume_ml")
+    if plausible and len(card.labels) == 1 and card.labels[0].name == segment:
+        return float(plausible[0]), float(plausible[1])
+    return None
+
+
+def volume_text(segment: str, volume_ml: float | None, card: Any) -> str:
+    """A segment's volume with the card's reference range, or saying there is none."""
+    if volume_ml is None:
+        return "volume not measured"
+    span = reference_range_ml(card, segment)
+    if span is None:
+        return f"{volume_ml:.0f} mL (no reference range)"
+    where = "within" if span[0] <= volume_ml <= span[1] else "OUTSIDE"
+    return f"{volume_ml:.0f} mL ({where} the model card's range {span[0]:.0f}–{span[1]:.0f} mL)"
+
+
+def card_for_result(result_dir: Path) -> Any:
+    """The installed card of the model that wrote a result, or ``None``."""
+    from medai.inference import registry
+
+    try:
+        model_id = (read_result(result_dir).get("model") or {}).get("id") or result_dir.name
+        return registry.get_bundle(model_id).card
+    except Exception:  # noqa: BLE001 - an uninstalled model: its numbers are shown without ranges
+        return None
+
+
+def _thickness_mm(volume: Any) -> float:
+    value = volume.attributes.get("SliceThickness")
+    try:
+        return float(value) if value not in (None, "") else float(volume.geometry.spacing[2])
+    except (TypeError, ValueError):
+        return float(volume.geometry.spacing[2])
+
+
+def scope_warnings(card: Any, volume: Any) -> list[str]:
+    """Reasons, in words, why this series is outside what the card says the model is for.
+
+    Today: slice thickness at or over the limit the card's out-of-scope text
+    states (``thick-slice (>3 mm)``); a series exactly at the limit is warned too,
+    since "over 3 mm" read at the 3 mm boundary is where results start to degrade.
+    """
+    import re
+
+    use = dict(card.intended_use)
+    text = " ".join(str(v) for v in (use.get("out_of_scope"), use.get("limitations"), card.raw.get("limitations")) if v)
+    out = []
+    found = re.search(r"(?:thick[- ]slice|slice thickness)[^0-9>]*[>≥]\s*(\d+(?:\.\d+)?)\s*mm", text, re.I) \
+        or re.search(r"[>≥]\s*(\d+(?:\.\d+)?)\s*mm\)?[^.;]*?(?:thick|slice)", text, re.I)
+    if found:
+        limit = float(found.group(1))
+        thickness = _thickness_mm(volume)
+        if thickness >= limit - 1e-6:
+            out.append(f"This series has {thickness:.1f} mm slices: at or over the model card's limit for thick "
+                       f"slices ({limit:g} mm). The result is outside the model's intended use.")
+    return out
+
+
+def refusal_text(choice: "ModelChoice", series: SeriesRow) -> str:
+    """Why a model does not take the open series, in a sentence a clinician reads."""
+    sel = getattr(choice.card, "selection", None)
+    wanted = ", ".join(getattr(sel, "modality", ()) or ())
+    if choice.reason.startswith("modality") and wanted:
+        return (f"{choice.name} is made for {wanted} series; this is a {series.modality or 'unlabelled'} series, "
+                "so it is not offered.")
+    return f"{choice.name} does not take this series: {choice.reason}."
+
+
+def viewer_hint(choices: Sequence["ModelChoice"], modality: str) -> str | None:
+    """What the viewer says when no automatic model takes the series: which prompted
+    model can, and how to prompt it (draw a box in the viewport)."""
+    automatic = [c for c in choices if c.accepts and not c.interactive]
+    prompted = [c for c in choices if c.accepts and c.interactive]
+    if automatic:
+        return None
+    if prompted:
+        return (f"No automatic model for this {modality or ''} series. To segment a structure with "
+                f"{prompted[0].name}: choose 'Box prompt' above the image, drag a box around the structure on the "
+                "axial plane (left), then open Run model.").replace("  ", " ")
+    return f"No installed model takes this {modality or ''} series; the images can still be read here.".replace("  ", " ")
+
+
+def corner_text(study: StudyRow | None, series: SeriesRow, volume: Any) -> dict[str, Any]:
+    """The viewport's four-corner overlay: patient and study (top left), series
+    (top right); the viewport adds W/L (bottom left) and slice position (bottom right)
+    with this series' slice thickness. Shown on this screen only, never logged."""
+    date = study.study_date if study else ""
+    if len(date) == 8 and date.isdigit():
+        date = f"{date[:4]}-{date[4:6]}-{date[6:]}"
+    number = f"Series {series.number}" if series.number is not None else "Series"
+    return {
+        "tl": [x for x in ((study.patient_name.replace("^", " ").strip() if study else ""),
+                           (f"ID {study.patient_id}" if study and study.patient_id else ""), date) if x],
+        "tr": [x for x in (series.description, f"{number} · {series.modality} · {series.n_images} images") if x],
+        "thickness": f"{_thickness_mm(volume):.1f} mm",
+    }
+
+
+def box_extent_text(display: Any, box: tuple[int, int, int, int]) -> str:
+    """A prompt box (axial display pixels) as its size in mm and pixels."""
+    x0, y0, x1, y1 = box
+    sx, sy, _ = display.spacing
+    w, h = x1 - x0 + 1, y1 - y0 + 1
+    return f"{w * sx:.0f} × {h * sy:.0f} mm ({w} × {h} pixels)"
+
+
+def mask_extent_text(labels: Any, volume: Any) -> str:
+    """Where a mask lies, in words: its size in mm along right-left, front-back and
+    head-foot, and the axial slices it spans (numbered as the viewer numbers them)."""
+    import numpy as np
+
+    from medai import viewer
+
+    display = viewer.to_display(volume)
+    lab = display.reorient_labels(np.asarray(labels)) > 0
+    if not lab.any():
+        return "empty mask"
+    z, y, x = (np.flatnonzero(lab.any(axis=tuple(a for a in range(3) if a != axis))) for axis in range(3))
+    sx, sy, sz = display.spacing
+    return (f"{(x[-1] - x[0] + 1) * sx:.0f} mm right-left × {(y[-1] - y[0] + 1) * sy:.0f} mm front-back × "
+            f"{(z[-1] - z[0] + 1) * sz:.0f} mm head-foot; axial slices {z[0] + 1}–{z[-1] + 1} of {display.shape[0]}")
+
+
+def qc_rows(qc: Mapping[str, Any], *, card: Any = None, labels: Any = None, volume: Any = None) -> list[dict[str, str]]:
+    """A run's quality checks as rows a clinician reads (check, result).
+
+    Raw index boxes are replaced by the mask's real extent in mm and slices
+    (computed from the mask when it is given), numbers carry their unit and what
+    they mean, nested check reports become one row per check.
+    """
+    rows: list[dict[str, str]] = []
+    for key, value in qc.items():
+        if key == "box":
+            if labels is not None and volume is not None:
+                rows.append({"Check": "Mask extent", "Result": mask_extent_text(labels, volume)})
+            continue
+        if key == "brain_volume_ml":
+            rows.append({"Check": "Brain volume", "Result": volume_text("Brain", float(value), card)})
+        elif key == "mask_touches_edges":
+            rows.append({"Check": "Mask reaches the image edge",
+                         "Result": ("no (the head is inside the field of view)" if not value else
+                                    f"yes, at the {', '.join(value)} edge: the head may be cut off")})
+        elif key == "intensity_quantiles":
+            lo, hi = (float(v) for v in value)
+            rows.append({"Check": "Image intensity range used by the model",
+                         "Result": f"{lo:.0f} to {hi:.0f} (the 0.5th and 99.5th percentiles of this image; "
+                                   "the model's input is scaled to this range)"})
+        elif key == "propagated":
+            rows.append({"Check": "Carried to neighbouring slices", "Result": "yes" if value else "no, prompted slice only"})
+        elif key == "stopped":
+            for side, why in dict(value).items():
+                rows.append({"Check": f"Propagation stopped ({side})", "Result": str(why)})
+        elif key == "slices":
+            rows.append({"Check": "Slices segmented", "Result": str(len(value))})
+        elif key == "image_quality" and isinstance(value, Mapping):
+            for check in value.get("checks", []):
+                rows.append({"Check": f"Image quality: {str(check.get('name', '')).replace('_', ' ')}",
+                             "Result": f"{check.get('status', '')}: {check.get('message', '')}".strip(": ")})
+        elif value in (None, [], {}):
+            continue
+        elif isinstance(value, (list, dict)):
+            continue  # machine detail stays in result.json, not on the card
+        else:
+            rows.append({"Check": key.replace("_", " ").capitalize(), "Result": str(value)})
+    return rows
+
+
+#: Audit event names as the Audit page shows them.
+EVENT_LABELS = {
+    "application_start": "Workstation started",
+    "application_stop": "Workstation stopped",
+    "audit_log_used": "Audit trail read",
+    "instances_accessed": "Images opened",
+    "instances_transferred": "Images sent or received",
+    "export": "Results exported",
+    "import": "Images imported",
+    "query": "Search of studies",
+    "security_alert": "Security alert",
+    "model_run": "AI model run",
+}
+
+
+def event_label(event: str) -> str:
+    """A readable name for an audit event (the trail keeps the DICOM event code)."""
+    return EVENT_LABELS.get(event, event.replace("_", " ").capitalize())
+
+
+def detail_text(detail: Mapping[str, Any]) -> str:
+    """An audit record's detail as short readable text (no JSON, no internal keys)."""
+    parts = []
+    for key, value in detail.items():
+        if key in ("component",) or value in (None, "", [], {}):
+            continue
+        if isinstance(value, (list, tuple)):
+            value = ", ".join(str(v) for v in value)
+        elif isinstance(value, Mapping):
+            value = ", ".join(f"{k} {v}" for k, v in value.items())
+        parts.append(f"{key.replace('_', ' ')}: {value}")
+    return "; ".join(parts)[:160]
 
 
 @dataclass(frozen=True)
@@ -405,11 +675,11 @@ def session_events(limit: int = 500) -> list[dict[str, Any]]:
         participants = rec.get("participants", ())
         rows.append({
             "Time (UTC)": str(rec.get("time", ""))[:19].replace("T", " "),
-            "Event": rec.get("event", ""),
+            "Event": event_label(str(rec.get("event", ""))),
             "Outcome": rec.get("outcome_text", ""),
             "Patient (pseudonym)": ", ".join(sorted({str(p["pseudonym"]) for p in participants
                                                      if p.get("pseudonym")})),
-            "Detail": json.dumps(rec.get("detail", {}), sort_keys=True, default=str)[:160],
+            "Detail": detail_text(rec.get("detail") or {}),
         })
     return rows
 

@@ -24,9 +24,12 @@ PAGES = ["app_pages/studies.py", "app_pages/viewer.py", "app_pages/run.py", "app
          "app_pages/audit.py"]
 
 
-def _app(*folders: Path) -> AppTest:
+def _app(*folders: Path, viewport: str = "server") -> AppTest:
+    """The app with ``folders`` added; the Viewer in server-rendered mode unless
+    ``viewport="browser"`` (the browser viewport is driven by tests/test_ui_browser.py)."""
     at = AppTest.from_file(APP, default_timeout=90)
     at.session_state["folders"] = [str(f) for f in folders]
+    at.session_state["viewport_mode"] = viewport
     return at
 
 
@@ -116,7 +119,7 @@ def test_slice_stepping_buttons_and_bounds():
     at.slider[0].set_value(1).run()
     at.button(key="prev-slice").click().run()
     assert at.slider[0].value == 1  # clamped at the first slice
-    at.segmented_control[0].set_value("sagittal").run()
+    at.segmented_control(key="view").set_value("sagittal").run()
     _no_exception(at)
     assert at.slider[0].max == 256  # sagittal slices run across the 256 columns
     at.toggle(key="show_planes").set_value(True).run()
@@ -285,7 +288,9 @@ def test_audit_page_verifies_the_chain_and_writes_an_attestation(medai_home):
     _no_exception(at)
     metrics = {m.label: m.value for m in at.metric}
     assert metrics["Audit chain"] == "verified"
-    assert "instances_accessed" in at.dataframe[0].value["Event"].tolist()
+    events = at.dataframe[0].value
+    assert "Images opened" in events["Event"].tolist()  # readable names, not the trail's keys
+    assert not any("_" in e for e in events["Event"]) and not any("{" in d for d in events["Detail"])
     at.button(key="attest-button").click().run()
     _no_exception(at)
     written = list((medai_home / "attestations").glob("attestation-*.json"))

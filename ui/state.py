@@ -32,6 +32,9 @@ DEFAULTS: dict[str, Any] = {
     "result_dir": None,  # str path of the run shown as overlay
     "box": None,  # (col0, row0, col1, row1) prompt, raw-slice pixels
     "box_at": None,  # (view, slice index) the box was drawn on
+    "viewport_mode": "browser",  # the interactive browser viewport, or server-rendered images
+    "viewport_seq": 0,  # last viewport action handled
+    "measures": [],  # distances measured in the viewport: (display voxel a, display voxel b)
 }
 
 
@@ -93,6 +96,19 @@ def overlay(result_dir: str, series_uid: str, files: tuple[str, ...]) -> np.ndar
     return display.reorient_labels(labels)
 
 
+@st.cache_resource(max_entries=3, show_spinner="Preparing the series for the browser…")
+def viewport_volume(series_uid: str, files: tuple[str, ...]) -> bytes:
+    """The series as the browser viewport receives it, once per series (gzipped NIfTI)."""
+    return viewer.nifti_gz(viewer.ras_grid(loaded(series_uid, files)))
+
+
+@st.cache_resource(max_entries=4, show_spinner=False)
+def viewport_labels(result_dir: str, series_uid: str, files: tuple[str, ...]) -> bytes:
+    """A run's label map on the viewport's grid (gzipped NIfTI, uint8)."""
+    display = loaded(series_uid, files)
+    return viewer.nifti_gz(viewer.ras_grid(display, overlay(result_dir, series_uid, files)), labels=True)
+
+
 @st.cache_data(max_entries=600, show_spinner=False)
 def rendered(series_uid: str, files: tuple[str, ...], view: str, index: int, width: float, level: float,
              result_dir: str | None, opacity: float, mode: str, target: int) -> viewer.SliceImage:
@@ -115,6 +131,7 @@ def open_series(study_uid: str, series_uid: str) -> None:
     if st.session_state.series_uid != series_uid:
         st.session_state.slices = {}
         st.session_state.points = []
+        st.session_state.measures = []
         st.session_state.last_pick = None
         st.session_state.result_dir = None
         st.session_state.window = None

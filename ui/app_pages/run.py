@@ -43,30 +43,39 @@ with right:
         st.markdown("**Limits (out of scope)**")
         for item in card["limitations"]:
             st.markdown(f"- {item}")
-    if card["metrics"]:
-        st.markdown("**Measured performance**")
-        st.dataframe(card["metrics"], hide_index=True, width="stretch",
-                     column_config={"Value": st.column_config.NumberColumn(format="%.4g")})
+    for title, rows in (("Agreement with the original model", card["metrics_agreement"]),
+                        ("Accuracy against reference masks", card["metrics_accuracy"])):
+        if rows:
+            st.markdown(f"**{title}**")
+            st.dataframe(rows, hide_index=True, width="stretch")
+    if card["metrics_agreement"] or card["metrics_accuracy"]:
+        st.caption(workstation.DICE_NOTE)
     if card["license"]:
-        st.caption("Licence: " + ", ".join(f"{k} {v}" for k, v in card["license"].items()))
+        st.caption("Licence: " + card["license"])
     st.caption(workstation.NOT_FOR_DIAGNOSTIC_USE)
 
 with left:
     if not choice.accepts:
-        st.warning(f"This model's card does not accept the open series: {choice.reason}.")
+        st.warning(workstation.refusal_text(choice, series))
     try:
         display = state.loaded(series.series_uid, tuple(str(f) for f in series.files))
     except Exception as exc:  # noqa: BLE001
         st.error(f"Cannot load this series: {exc}")
         st.stop()
+    for warning in workstation.scope_warnings(choice.card, display.volume):
+        st.warning(warning, icon=":material/warning:")
     prompt = None
     if choice.interactive:
         view = ss.get("view") or "axial"
         index = int(ss.get(f"slice-{series.series_uid}-{view}", viewer.slice_count(display, view) // 2 + 1)) - 1
         if ss.box is not None and ss.box_at is not None:
             view, index = ss.box_at
-        st.markdown(f"Box prompt on **{view}** slice {index + 1} (drag a box in the Viewer, or type it), "
-                    "in pixels of that slice as shown.")
+        if ss.box is None:
+            st.info(workstation.viewer_hint([choice], series.modality) or "Draw a box in the Viewer first.")
+            st.page_link("app_pages/viewer.py", label="Draw the box in the Viewer", icon=":material/crop_free:")
+        else:
+            st.markdown(f"Box prompt on **{view}** slice {index + 1}: "
+                        f"{workstation.box_extent_text(display, ss.box)} (edit in pixels of that slice below).")
         box = ss.box or (0, 0, 0, 0)
         rows_n, cols_n = viewer.raw_slice(display, view, index).shape
         cols = st.columns(4)
@@ -109,15 +118,22 @@ with left:
                                window.width, window.level, ss.result_dir, float(ss.opacity), ss.overlay_mode, 512)
         img_col.image(viewer.annotate(image), caption=f"{view} slice {index + 1} with segmentation")
         with num_col:
+            result_card = workstation.card_for_result(Path(ss.result_dir))
             for entry in workstation.legend(Path(ss.result_dir)):
                 if entry.volume_ml is not None:
                     st.metric(f"{entry.name} volume", f"{entry.volume_ml:.1f} mL")
+                    st.caption(workstation.volume_text(entry.name, entry.volume_ml, result_card))
             for finding in result.get("findings") or []:
                 st.markdown(f"- {finding.get('text') or finding.get('description') or finding}")
             qc = result.get("qc") or {}
             if qc:
                 st.markdown("**Quality checks**")
-                st.table({str(k).replace("_", " "): str(v) for k, v in qc.items()})
+                try:
+                    mask = workstation.load_label_map(Path(ss.result_dir), display.source_shape)
+                except Exception:  # noqa: BLE001 - the checks are still shown, without the mask's extent
+                    mask = None
+                st.dataframe(workstation.qc_rows(qc, card=result_card, labels=mask, volume=display.volume),
+                             hide_index=True, width="stretch")
             st.caption(workstation.NOT_FOR_DIAGNOSTIC_USE)
             st.caption(f"Model {result['model'].get('id', model_id)} {result['model'].get('version', '')} · "
                        f"{result['backend']['provider']} · {result['timings_s'].get('total', 0)} s")

@@ -51,6 +51,7 @@ const S = {
   steps: [], // in-page timing of slice steps (ms), read by tests and bench
   firstImageMs: null,
   drag: null,
+  timing: {}, // ms since the viewport's page started: first args, NiiVue attached, first image
 };
 window.__medaiViewport = S; // tests and bench read timings and annotations here
 
@@ -394,9 +395,9 @@ function refreshCorners() {
   const v = crosshairVox();
   const mm = nv.frac2mm(nv.scene.crosshairPos);
   const [, , nz] = dims();
-  // LPS superior coordinate equals RAS z; slices are counted from the top of the head
+  // slices numbered from the feet up, as the server-rendered viewer and the Run page number them
   document.getElementById("c-br").textContent =
-    `Axial ${nz - v[2]}/${nz} · z ${fmt(mm[2])} mm\nThickness ${c.thickness || "–"}`;
+    `Axial ${v[2] + 1}/${nz} · z ${fmt(mm[2])} mm\nThickness ${c.thickness || "–"}`;
 }
 
 // ------------------------------------------------------------------ keyboard
@@ -554,6 +555,7 @@ async function load(args) {
   const volumes = [{ url: args.volume_url, name: "volume.nii.gz", colormap: "gray" }];
   if (args.labels_url) volumes.push({ url: args.labels_url, name: "labels.nii.gz", opacity: S.labelOpacity });
   await nv.loadVolumes(volumes);
+  S.timing.loaded = performance.now() - t0;
   S.volumeKey = args.volume_url;
   S.labelKey = args.labels_url || null;
   S.annotations = [];
@@ -564,6 +566,7 @@ async function load(args) {
   resize();
   nv.drawScene();
   S.firstImageMs = performance.now() - t0;
+  S.timing.firstImage = performance.now();
   S.firstImageSinceStart = performance.now();
   performance.mark("medai-first-image");
   refreshCorners();
@@ -571,13 +574,17 @@ async function load(args) {
   document.getElementById("hint").textContent = args.overlay_hint || "";
 }
 
+// NiiVue compiles its shaders when it attaches (seconds under a software GL): start
+// that at once, while the server is still preparing the series.
+const attached = nv.attachToCanvas(glCanvas).then(() => {
+  S.timing.attached = performance.now();
+  nv.onLocationChange = () => { refreshCorners(); drawInk(); };
+});
+
 async function render(args) {
-  const first = S.args === null;
+  if (S.args === null) S.timing.firstArgs = performance.now();
   S.args = args;
-  if (first) {
-    await nv.attachToCanvas(glCanvas);
-    nv.onLocationChange = () => { refreshCorners(); drawInk(); };
-  }
+  await attached;
   if (args.volume_url !== S.volumeKey || (args.labels_url || null) !== S.labelKey) {
     if (args.volume_url !== S.volumeKey) S.hidden = new Set();
     S.loading = load(args);
@@ -587,6 +594,28 @@ async function render(args) {
   applyLabels();
   resize();
 }
+
+// ------------------------------------------------------------------ read-outs for tests and bench
+// A checksum of what one tile shows, read back from the WebGL canvas right after a
+// draw (the drawing buffer is still valid within the same task).
+function tileChecksum(tile) {
+  const gl = nv.gl;
+  const [l, t, w, h] = nv.screenSlices[tile].leftTopWidthHeight.map((x) => Math.round(x));
+  const px = new Uint8Array(w * h * 4);
+  gl.readPixels(l, glCanvas.height - t - h, w, h, gl.RGBA, gl.UNSIGNED_BYTE, px);
+  let a = 1, b = 0;
+  for (let i = 0; i < px.length; i += 4) {
+    a = (a + px[i]) % 65521;
+    b = (b + a) % 65521;
+  }
+  return b * 65536 + a; // Adler-32 of the red channel
+}
+S.api = {
+  crosshair: () => crosshairVox(),
+  checksum: tileChecksum,
+  tiles: () => nv.screenSlices.map((s) => ({ plane: s.axCorSag, ltwh: s.leftTopWidthHeight.map((x) => x / (nv.uiData.dpr || 1)) })),
+  draw: () => nv.drawScene(),
+};
 
 window.addEventListener("message", (event) => {
   const data = event.data;
