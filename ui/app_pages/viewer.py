@@ -97,7 +97,7 @@ with info:
     if ss.measures:
         st.markdown("**Distances**")
         for n, (a, b) in enumerate(ss.measures, 1):
-            st.caption(f"{n}. {viewer.distance_mm(display.lps(*a), display.lps(*b)):.1f} mm")
+            st.caption(f"Distance {n}: {viewer.distance_mm(display.lps(*a), display.lps(*b)):.1f} mm")
     if ss.box is not None and ss.get("box_at") and ss.box_at[0] == "axial":
         st.markdown("**Box prompt**")
         st.caption(f"On axial slice {ss.box_at[1] + 1}: {workstation.box_extent_text(display, ss.box)}")

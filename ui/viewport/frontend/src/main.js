@@ -171,6 +171,8 @@ stage.addEventListener(
 
 // ------------------------------------------------------------------ mouse: zoom, tools, click
 stage.addEventListener("contextmenu", (e) => e.preventDefault(), { capture: true });
+// NiiVue resets the window to its own percentile range on a double click; ours is space
+stage.addEventListener("dblclick", (e) => e.stopPropagation(), { capture: true });
 
 function canvasPoint(e) {
   const r = glCanvas.getBoundingClientRect();
@@ -552,7 +554,9 @@ function resize() {
 async function load(args) {
   const t0 = performance.now();
   readout.textContent = "Loading the series…";
-  const volumes = [{ url: args.volume_url, name: "volume.nii.gz", colormap: "gray" }];
+  const w = args.window;
+  const volumes = [{ url: args.volume_url, name: "volume.nii.gz", colormap: "gray",
+                     cal_min: w.level - w.width / 2, cal_max: w.level + w.width / 2 }];
   if (args.labels_url) volumes.push({ url: args.labels_url, name: "labels.nii.gz", opacity: S.labelOpacity });
   await nv.loadVolumes(volumes);
   S.timing.loaded = performance.now() - t0;
