@@ -1,70 +1,174 @@
-"""Viewer responsiveness: what one slice step costs, against references measured in
-the same run on the same series.
+"""Viewer responsiveness: one slice step in the browser viewport against today's
+server-rendered step, both measured in the same run, in alternating rounds, in
+Debian's Chromium (headless, WebGL2 through SwiftShader) against one `medai ui`.
 
-* render: :func:`medai.viewer.render` of one slice (window, square pixels, overlay)
-  from the display volume the page keeps in memory, per view;
-* annotate + PNG: burning in the labels and encoding the PNG the browser receives;
-* reference: re-reading the series from DICOM (``load_series``), what a page that did
-  not cache the volume would pay on every interaction.
+* viewport step: a wheel event over the axial plane to the finished frame, timed
+  inside the page (``performance.now()`` around NiiVue's draw, which ends with
+  ``gl.finish()``), and to the next animation frame (the frame handed to the
+  compositor);
+* server step (the reference): the "Simple (server images)" viewer in a second tab,
+  the Down arrow key to the rerun that shows the next slice finished (render,
+  annotate, PNG, websocket), timed from Python around Playwright;
+* where the server step's time goes: ``medai.viewer.render`` plus annotate + PNG
+  encode of one slice, in this process;
+* first image: from the click on "Open" to the viewport's first frame, and from the
+  series arriving in the page to that frame.
 
-Run: ``.venv/bin/python bench/ui_render.py [SERIES_DIR] [--repeats 20]`` (default: the
-bundled demo T1, 181 x 217 x 181).
+Run: ``.venv/bin/python bench/ui_render.py [SERIES_DIR] [--rounds 4] [--steps 27]``
+(default series: the head CT atlas of tests/viewer_data.py, 179 slices; needs
+scripts/fetch-test-data, Chromium and the [test] extra for Playwright).
 """
 
 from __future__ import annotations
 
 import argparse
 import io
+import re
 import statistics
+import sys
+import tempfile
 import time
 from pathlib import Path
 
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))
 
-def _median_seconds(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+FLAGS = ["--headless", "--no-sandbox", "--use-angle=swiftshader", "--enable-unsafe-swiftshader", "--disable-quic",
+         "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+def _stats(values: list[float]) -> str:
+    v = sorted(values)
+    return f"median {statistics.median(v):7.1f} ms  p95 {v[int(0.95 * (len(v) - 1))]:7.1f} ms  (n={len(v)})"
+
+
+def _settle(page) -> None:
+    page.wait_for_timeout(150)
+    page.wait_for_selector("[data-testid='stApp'][data-test-script-state]:not([data-test-script-state='running'])",
+                           timeout=300_000)
+
+
+def _open(page, port: int, folder: Path, mode: str) -> float:
+    """Open the series in a fresh tab (its own Streamlit session) in ``mode``;
+    returns the seconds from the Open click to the series shown."""
+    page.goto(f"http://127.0.0.1:{port}/")
+    page.get_by_placeholder("/path/to/DICOM folder").fill(str(folder))
+    page.get_by_role("button", name="Add").click()
+    _settle(page)
+    t0 = time.perf_counter()
+    page.locator("[class*='st-key-open-'] button").first.click()
+    _settle(page)
+    if mode == "server":
+        page.get_by_test_id("stButtonGroup").get_by_text("Simple (server images)").click()
+        _settle(page)
+        page.wait_for_selector("iframe[title*='streamlit_image_coordinates']")
+        return time.perf_counter() - t0
+    page.wait_for_selector("iframe[title*='viewport']", timeout=300_000)
+    frame = next(f for f in page.frames if "/component/medai.ui.viewport" in f.url) if any(
+        "/component/medai.ui.viewport" in f.url for f in page.frames) else None
+    while frame is None:
+        page.wait_for_timeout(50)
+        frame = next((f for f in page.frames if "/component/medai.ui.viewport" in f.url), None)
+    frame.wait_for_function("() => window.__medaiViewport.firstImageMs !== null", timeout=300_000)
+    return time.perf_counter() - t0
+
+
+VIEWPORT_STEPS = """async (n) => {
+    const S = window.__medaiViewport, stage = document.getElementById('stage');
+    const r = document.getElementById('gl').getBoundingClientRect();
+    const t = S.api.tiles()[0].ltwh;
+    const at = {clientX: r.left + t[0] + t[2] / 2, clientY: r.top + t[1] + t[3] / 2, bubbles: true, cancelable: true};
+    const drawn = [], framed = [];
+    for (let i = 0; i < n; i++) {
+        const dy = (Math.floor(i / 40) % 2 === 0) ? -100 : 100;  // back and forth inside the volume
+        const before = S.steps.length, t0 = performance.now();
+        stage.dispatchEvent(new WheelEvent('wheel', {...at, deltaY: dy}));
+        await new Promise((resolve) => requestAnimationFrame(resolve));
+        framed.push(performance.now() - t0);
+        drawn.push(S.steps[before].ms);
+    }
+    return {drawn, framed};
+}"""
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("series", nargs="?", help="DICOM series folder (default: bundled demo T1)")
-    parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--target", type=int, default=640, help="screen size of the longer side, pixels")
+    parser.add_argument("series", nargs="?", help="DICOM series folder (default: the head CT atlas)")
+    parser.add_argument("--rounds", type=int, default=4, help="alternating rounds (viewport, then server)")
+    parser.add_argument("--steps", type=int, default=27, help="viewport steps per round")
+    parser.add_argument("--server-steps", type=int, default=5, help="server-rendered steps per round")
     args = parser.parse_args()
 
-    import numpy as np
     from PIL import Image
+    from playwright.sync_api import sync_playwright
 
-    from medai import viewer, workstation
+    from medai import viewer
     from medai.dicom.volume import load_series
+    from test_ui_server import running_ui
+    from viewer_data import head_ct_series
 
-    folder = Path(args.series) if args.series else workstation.demo_dir()
-    if folder is None:
-        raise SystemExit("no series given and no bundled demo study")
-    reload_s = _median_seconds(lambda: load_series(folder), max(3, args.repeats // 5))
+    folder = Path(args.series) if args.series else head_ct_series(Path(tempfile.mkdtemp(prefix="bench-ct-")))
     volume = load_series(folder)
     display = viewer.to_display(volume)
     window = viewer.default_window(volume)
-    labels = display.reorient_labels((volume.array > np.percentile(volume.array, 60)).astype(np.uint8))
-    print(f"series {folder} shape {volume.shape} (k, j, i); reload from DICOM: {reload_s * 1000:.0f} ms")
-    for view in viewer.VIEWS:
-        n = viewer.slice_count(display, view)
-        i = iter(range(10**9))
-        render_s = _median_seconds(lambda: viewer.render(display, view, next(i) % n, window, labels=labels,
-                                                         target=args.target), args.repeats)
-        image = viewer.render(display, view, n // 2, window, labels=labels, target=args.target)
+    n = viewer.slice_count(display, "axial")
+    render_ms, encode_ms = [], []
+    for i in range(20):
+        t0 = time.perf_counter()
+        image = viewer.render(display, "axial", (n // 2 + i) % n, window, target=640)
+        t1 = time.perf_counter()
+        Image.fromarray(viewer.annotate(image)).save(io.BytesIO(), format="PNG", compress_level=1)
+        t2 = time.perf_counter()
+        render_ms.append((t1 - t0) * 1000)
+        encode_ms.append((t2 - t1) * 1000)
+    print(f"series {folder}: {volume.shape} (k, j, i), modality {volume.modality}")
+    print(f"server work per step in this process: render {statistics.median(render_ms):.1f} ms + "
+          f"annotate/PNG {statistics.median(encode_ms):.1f} ms (median of 20)")
 
-        def encode() -> None:
-            Image.fromarray(viewer.annotate(image)).save(io.BytesIO(), format="PNG", compress_level=0)
-
-        encode_s = _median_seconds(encode, args.repeats)
-        step = render_s + encode_s
-        print(f"{view:9s} render {render_s * 1000:6.1f} ms + annotate/PNG {encode_s * 1000:5.1f} ms "
-              f"= {step * 1000:6.1f} ms per step; reload/step = {reload_s / step:5.1f}x")
+    home = Path(tempfile.mkdtemp(prefix="bench-ui-home-"))
+    drawn: list[float] = []
+    framed: list[float] = []
+    server: list[float] = []
+    with running_ui(home) as (_proc, port), sync_playwright() as p:
+        profile = tempfile.mkdtemp(prefix="bench-chromium-")
+        context = p.chromium.launch_persistent_context(profile, executable_path="/usr/bin/chromium", headless=True,
+                                                       args=FLAGS, viewport={"width": 1600, "height": 1000})
+        fast, slow = context.new_page(), context.new_page()
+        for page in (fast, slow):
+            page.set_default_timeout(300_000)
+        open_s = _open(fast, port, folder, "browser")
+        frame = next(f for f in fast.frames if "/component/medai.ui.viewport" in f.url)
+        first = frame.evaluate("() => window.__medaiViewport.firstImageMs")
+        print(f"first image: {open_s * 1000:.0f} ms from the Open click; {first:.0f} ms from the series arriving "
+              "in the page (includes fetch, decode, texture upload, first draw)")
+        _open(slow, port, folder, "server")
+        for _ in range(args.rounds):
+            fast.bring_to_front()
+            result = frame.evaluate(VIEWPORT_STEPS, args.steps)
+            drawn += result["drawn"]
+            framed += result["framed"]
+            slow.bring_to_front()
+            slow.mouse.click(1500, 960)  # keys go to the page, not a widget
+            for _ in range(args.server_steps):
+                shown = slow.get_by_text(re.compile(r"axial \d+/\d+")).inner_text()
+                index, count = (int(v) for v in re.search(r"axial (\d+)/(\d+)", shown).groups())
+                key, expected = ("ArrowDown", index + 1) if index < count else ("ArrowUp", index - 1)
+                t0 = time.perf_counter()
+                slow.keyboard.press(key)
+                slow.get_by_text(re.compile(rf"axial {expected}/{count}")).wait_for()
+                _settle(slow)
+                server.append((time.perf_counter() - t0) * 1000)
+        context.close()
+    print(f"viewport step, event to drawn frame (in page): {_stats(drawn)}")
+    print(f"viewport step, event to next animation frame:   {_stats(framed)}")
+    print(f"server-rendered step (reference), key to shown:  {_stats(server)}")
+    print(f"ratio (median server step / median viewport drawn step): "
+          f"{statistics.median(server) / statistics.median(drawn):.0f}x; "
+          f"vs the next animation frame: {statistics.median(server) / statistics.median(framed):.0f}x")
+    print(f"alternating rounds: {args.rounds} x ({args.steps} viewport steps, {args.server_steps} server steps); "
+          f"stepping {len(drawn)} slices in the page took {sum(framed) / 1000:.1f} s, "
+          f"the same number at the server's median would take {statistics.median(server) * len(drawn) / 1000:.0f} s")
 
 
 if __name__ == "__main__":

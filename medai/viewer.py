@@ -464,13 +464,15 @@ def display_voxel_from_ras(display: DisplayVolume, ras_voxel: Sequence[int]) -> 
     return nx - 1 - i, ny - 1 - j, k
 
 
-def nifti_gz(grid: RasGrid, *, labels: bool = False, level: int = 1) -> bytes:
+def nifti_gz(grid: RasGrid, *, labels: bool = False, window: WindowLevel | None = None, level: int = 1) -> bytes:
     """``grid`` as a gzipped NIfTI-1 file in memory (nothing touches the disk).
 
     Grey values are stored as int16 when they are whole numbers within its range
     (CT in HU), else float32; labels as uint8. The header carries geometry only,
     never a patient field. Level 1 gzip: the volume is built once per series and
     the loopback transfer is cheap, so compression speed matters more than size.
+    ``window`` goes into the header's display range (``cal_min``/``cal_max``), which
+    the viewport's NiiVue takes as the image's own range whenever it recomputes one.
     """
     import gzip
     import struct
@@ -496,6 +498,8 @@ def nifti_gz(grid: RasGrid, *, labels: bool = False, level: int = 1) -> bytes:
     struct.pack_into("<f", header, 108, 352.0)  # vox_offset
     struct.pack_into("<ff", header, 112, 1.0, 0.0)  # scl_slope, scl_inter: stored values are the values
     header[123] = 2  # xyzt_units: millimetres
+    if window is not None:
+        struct.pack_into("<ff", header, 124, window.high, window.low)  # cal_max, cal_min
     struct.pack_into("<hh", header, 252, 0, 1)  # qform_code 0, sform_code 1 (scanner)
     struct.pack_into("<4f", header, 280, si, 0.0, 0.0, ox)
     struct.pack_into("<4f", header, 296, 0.0, sj, 0.0, oy)

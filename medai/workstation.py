@@ -257,11 +257,17 @@ def metric_name(name: str) -> str:
         return _METRIC_NAMES[name]
     if name.startswith("precision_"):
         _, precision, graph = (name.split("_", 2) + ["", ""])[:3]
-        return f"{precision} precision vs full precision, {graph} network (Dice)".strip()
+        return f"{precision} arithmetic vs fp32, {graph} network (Dice)".strip()
     if name.startswith("dice2d_"):
         return f"Dice overlap per slice ({name[len('dice2d_'):].replace('_', ' ')} resizing)"
-    words = name.replace("_", " ").replace("vs", "versus").strip()
+    words = " ".join(_WORDS.get(w, w) for w in name.split("_")).strip()
     return words[:1].upper() + words[1:]
+
+
+#: Abbreviations in card metric names, spelled out.
+_WORDS = {"gm": "grey matter", "wm": "white matter", "csf": "CSF", "icv": "intracranial volume",
+          "percent": "(%)", "dice3d": "3-D Dice overlap", "dice": "Dice overlap", "vs": "vs", "bpf":
+          "brain parenchymal fraction", "ml": "(mL)"}
 
 
 def _metric_row(m: Mapping[str, Any]) -> dict[str, Any]:

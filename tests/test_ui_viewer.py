@@ -233,6 +233,10 @@ def test_ras_grid_nifti_maps_voxels_back_to_the_series_exactly():
     img = nib.Nifti1Image.from_bytes(gzip.decompress(data))
     assert nib.aff2axcodes(img.affine) == ("R", "A", "S")
     assert img.get_data_dtype() == np.int16  # whole HU values travel as int16
+    assert (img.header["cal_min"], img.header["cal_max"]) == (0, 0)  # no display range unless asked
+    brain = viewer.CT_PRESETS["brain"]
+    windowed = nib.Nifti1Image.from_bytes(gzip.decompress(viewer.nifti_gz(viewer.ras_grid(display), window=brain)))
+    assert (windowed.header["cal_min"], windowed.header["cal_max"]) == (brain.low, brain.high)
     arr = np.asarray(img.dataobj)  # [i, j, k]
     nz, ny, nx = display.shape
     for ras in [(0, 0, 0), (nx - 1, ny - 1, nz - 1), (1, 2, 3), (nx - 2, 0, nz - 1)]:

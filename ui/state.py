@@ -99,7 +99,8 @@ def overlay(result_dir: str, series_uid: str, files: tuple[str, ...]) -> np.ndar
 @st.cache_resource(max_entries=3, show_spinner="Preparing the series for the browser…")
 def viewport_volume(series_uid: str, files: tuple[str, ...]) -> bytes:
     """The series as the browser viewport receives it, once per series (gzipped NIfTI)."""
-    return viewer.nifti_gz(viewer.ras_grid(loaded(series_uid, files)))
+    display = loaded(series_uid, files)
+    return viewer.nifti_gz(viewer.ras_grid(display), window=viewer.default_window(display.volume))
 
 
 @st.cache_resource(max_entries=4, show_spinner=False)

@@ -38,7 +38,7 @@ const S = {
   args: null,
   volumeKey: null,
   labelKey: null,
-  loading: null,
+  rendering: Promise.resolve(),
   tool: "navigate",
   annotations: [],
   activeTile: 0,
@@ -551,27 +551,33 @@ function resize() {
   post("streamlit:setFrameHeight", { height: document.body.scrollHeight });
 }
 
+async function loadLabels(args) {
+  // the label map alone changes (a run finished, the overlay toggled): the series stays
+  while (nv.volumes.length > 1) nv.removeVolume(nv.volumes[nv.volumes.length - 1]);
+  if (args.labels_url) await nv.addVolumeFromUrl({ url: args.labels_url, name: "labels.nii.gz", opacity: S.labelOpacity });
+  S.labelKey = args.labels_url || null;
+  applyLabels();
+  nv.drawScene();
+}
+
 async function load(args) {
   const t0 = performance.now();
   readout.textContent = "Loading the series…";
   const w = args.window;
-  const volumes = [{ url: args.volume_url, name: "volume.nii.gz", colormap: "gray",
-                     cal_min: w.level - w.width / 2, cal_max: w.level + w.width / 2 }];
-  if (args.labels_url) volumes.push({ url: args.labels_url, name: "labels.nii.gz", opacity: S.labelOpacity });
-  await nv.loadVolumes(volumes);
+  await nv.loadVolumes([{ url: args.volume_url, name: "volume.nii.gz", colormap: "gray",
+                          cal_min: w.level - w.width / 2, cal_max: w.level + w.width / 2 }]);
   S.timing.loaded = performance.now() - t0;
   S.volumeKey = args.volume_url;
-  S.labelKey = args.labels_url || null;
+  S.labelKey = null;
+  S.loads = (S.loads || 0) + 1;
   S.annotations = [];
   S.defaultWindow = args.window;
   setWL(args.window.width, args.window.level);
-  applyLabels();
   nv.setSliceType(SLICE_TYPE.MULTIPLANAR);
   resize();
   nv.drawScene();
   S.firstImageMs = performance.now() - t0;
   S.timing.firstImage = performance.now();
-  S.firstImageSinceStart = performance.now();
   performance.mark("medai-first-image");
   refreshCorners();
   readout.textContent = args.hint || "Wheel or arrow keys: slices · left-drag: W/L · right-drag: zoom · middle-drag: pan · 1-9 presets · i invert · space reset";
@@ -589,11 +595,11 @@ async function render(args) {
   if (S.args === null) S.timing.firstArgs = performance.now();
   S.args = args;
   await attached;
-  if (args.volume_url !== S.volumeKey || (args.labels_url || null) !== S.labelKey) {
-    if (args.volume_url !== S.volumeKey) S.hidden = new Set();
-    S.loading = load(args);
-    await S.loading;
+  if (args.volume_url !== S.volumeKey) {
+    S.hidden = new Set();
+    await load(args);
   }
+  if ((args.labels_url || null) !== S.labelKey) await loadLabels(args);
   buildToolbar();
   applyLabels();
   resize();
@@ -624,7 +630,9 @@ S.api = {
 window.addEventListener("message", (event) => {
   const data = event.data;
   if (!data || data.type !== "streamlit:render") return;
-  render(data.args).catch((err) => {
+  // one render at a time, in order: a rerun's message arriving while the series is
+  // still loading must not start a second load of the same series
+  S.rendering = S.rendering.then(() => render(data.args)).catch((err) => {
     readout.textContent = `Cannot show this series in the browser: ${err}`;
   });
 });
