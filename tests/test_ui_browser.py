@@ -81,7 +81,11 @@ def test_clinician_workflow_in_chromium(tmp_path, medai_home):
             page.locator("[class*='st-key-open-'] button").first.click()
             settle(page)
 
-            # Viewer: axial in the middle, step with the keyboard, switch view and window
+            # Viewer (the server-rendered mode; the browser viewport has its own test,
+            # tests/test_ui_viewport_browser.py): axial in the middle, step with the keyboard,
+            # switch view and window
+            page.get_by_test_id("stButtonGroup").get_by_text("Simple (server images)").click()
+            settle(page)
             header = page.get_by_text(re.compile(r"axial \d+/\d+"))
             expect(header).to_be_visible()
             before = header.inner_text()
