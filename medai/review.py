@@ -36,19 +36,11 @@ def _organization() -> str:
 
 
 def identity(run: StoredRun) -> dict[str, Any]:
-    """Study/series UIDs and the clear patient identifiers of a run's source, read from the
-    first source header: for the audit trail (which pseudonymises them) and the page's
-    display only, never for logs or file names."""
-    import pydicom
+    """Study/series UIDs and clear patient identifiers of a run's source (see
+    :func:`medai.results.source_identity`); empty when the run has no source."""
+    from medai.results import source_identity
 
-    if not run.sources:
-        return {}
-    ds = pydicom.dcmread(run.sources[0], stop_before_pixels=True,
-                         specific_tags=["PatientID", "PatientName", "StudyInstanceUID", "SeriesInstanceUID"])
-    return {"patient_id": str(ds.get("PatientID", "") or "") or None,
-            "patient_name": str(ds.get("PatientName", "") or "") or None,
-            "study_uid": str(ds.get("StudyInstanceUID", "") or "") or None,
-            "series_uid": str(ds.get("SeriesInstanceUID", "") or "") or None}
+    return dict(source_identity(run.sources[0])) if run.sources else {}
 
 
 def _audit(run: StoredRun, decision: str, *, comment: bool) -> None:

@@ -93,6 +93,8 @@ class Worker:
             child.terminate()
 
     def run(self) -> None:
+        with ResultsStore() as store:
+            store.clean_partial()  # outputs of a run killed with the last service
         jobs, transfers = self.db.recover()
         if jobs or transfers:
             log.info("recovered after restart jobs=%d transfers=%d", jobs, transfers)
