@@ -72,7 +72,8 @@ CREATE TABLE IF NOT EXISTS runs (
     reviewer TEXT NOT NULL DEFAULT '',
     review_comment TEXT NOT NULL DEFAULT '',
     reviewed_at REAL,
-    send_error TEXT NOT NULL DEFAULT ''
+    send_error TEXT NOT NULL DEFAULT '',
+    destination TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS runs_series ON runs(series_key, model_id, model_version);
 CREATE INDEX IF NOT EXISTS runs_study ON runs(study_key);
@@ -112,6 +113,8 @@ class StoredRun:
     review_comment: str = ""
     reviewed_at: float | None = None
     send_error: str = ""
+    #: Where an accepted result goes when it is not pacs.destination (e.g. the Orthanc it came from).
+    destination: str = ""
 
     @property
     def done(self) -> bool:
@@ -136,7 +139,7 @@ class StoredRun:
                 "outputs": dict(self.outputs), "prompted": self.prompted, "review": self.review,
                 "reviewer": self.reviewer, "review_comment": self.review_comment,
                 "reviewed_at": _iso(self.reviewed_at) if self.reviewed_at else None,
-                "send_error": self.send_error}
+                "send_error": self.send_error, "destination": self.destination}
 
 
 def _iso(t: float) -> str:
@@ -146,7 +149,7 @@ def _iso(t: float) -> str:
 _COLUMNS = ("run_id", "study_key", "series_key", "content_digest", "model_id", "model_version", "card_sha256",
             "surface", "status", "reason", "created", "modality", "study_date", "priority_level", "priority_score",
             "qc", "summary", "folder", "outputs", "sources", "prompted", "review", "reviewer", "review_comment",
-            "reviewed_at", "send_error")
+            "reviewed_at", "send_error", "destination")
 
 
 def _to_row(run: StoredRun) -> tuple[Any, ...]:
@@ -278,6 +281,11 @@ class ResultsStore:
                 self._db.execute("UPDATE runs SET review=?, send_error=? WHERE run_id=?",
                                  (state, send_error, run_id))
         return self.get(run_id)
+
+    def set_destination(self, run_id: str, destination: str) -> None:
+        """Where this run goes once accepted (the PACS hook names the sender it came from)."""
+        with self._lock:
+            self._db.execute("UPDATE runs SET destination=? WHERE run_id=?", (destination, run_id))
 
     def clean_partial(self) -> int:
         """Remove folders of runs whose process died before they were recorded (each

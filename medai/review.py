@@ -70,7 +70,7 @@ def accept(run_id: str, *, comment: str = "", send: bool = True, store: ResultsS
 
             verified_sr(sr, run.folder / VERIFIED_SR, observer=reader_name(), organization=_organization())
         run = store.set_review(run_id, "accepted", reviewer=reader_name(), comment=comment)
-        if send and config.get("pacs.destination"):
+        if send and (run.destination or config.get("pacs.destination")):
             run = send_run(run_id, store=store)
         return run
     finally:
@@ -116,7 +116,7 @@ def send_run(run_id: str, *, destination: str | None = None, store: ResultsStore
             raise MedaiError(f"run {run_id} was rejected; it is never sent")
         if run.review == "new" and config.get("pacs.send_policy") != "immediate":
             raise MedaiError(f"run {run_id} is not reviewed yet; accept it first (pacs.send_policy is after-review)")
-        target = destination or config.get("pacs.destination")
+        target = destination or run.destination or config.get("pacs.destination")
         if not target:
             raise ConfigError("no destination: set pacs.destination (AE@host:port or a folder)")
         files = outgoing(run) if run.review != "new" else [p for p in (run.path("seg"), run.path("sr")) if p]

@@ -188,6 +188,74 @@ def test_ui_result_is_reused_by_triage_and_the_worklist_ranks_like_the_csv(triag
     assert len(_events("model_run", "brain-extraction")) == 2
 
 
+@pytest.fixture()
+def dask_cluster(tmp_path: Path):
+    """A real Dask scheduler and two worker processes (the `dask` command line), loopback only.
+    The workers have a MEDAI_HOME of their own, as on another machine of the cluster."""
+    import os
+    import socket
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "MEDAI_HOME": str(tmp_path / "worker-home")}
+    dask = str(Path(sys.executable).with_name("dask"))
+    procs = [subprocess.Popen([dask, "scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"],
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    address = f"tcp://127.0.0.1:{port}"
+    for i in range(2):
+        procs.append(subprocess.Popen([dask, "worker", address, "--host", "127.0.0.1", "--nthreads", "1",
+                                       "--nworkers", "1", "--no-dashboard", "--name", f"w{i}"],
+                                      env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    try:
+        from dask.distributed import Client
+
+        with Client(address, timeout=60) as client:
+            deadline = time.monotonic() + 120
+            while len(client.scheduler_info()["workers"]) < 2:
+                assert time.monotonic() < deadline, "the two dask workers did not join"
+                time.sleep(0.2)
+        yield address
+    finally:
+        for proc in reversed(procs):
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_cluster_triage_reuses_the_ui_result_and_fills_the_same_worklist(triage_root, medai_home, tmp_path,
+                                                                          dask_cluster):
+    from medai import workstation
+    from medai.dicom.volume import load_series
+
+    studies, _ = workstation.catalog([(triage_root / "t1", "local")])
+    (series,) = studies[0].series
+    workstation.run("brain-extraction", load_series(list(series.files)), series, studies[0])
+    out = tmp_path / "worklist.json"
+    proc = _medai("--json", "triage", str(triage_root), "--models", "brain-extraction", "--cluster",
+                  dask_cluster.replace("tcp://", "dask://"), "--out", str(out), home=medai_home)
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout)
+    assert summary["jobs_already_done"] == 1 and summary["jobs_run"] == 1, summary
+    runs = _events("model_run", "brain-extraction")
+    assert len(runs) == 2 and runs[1]["detail"]["cluster_worker"].startswith("tcp://127.0.0.1:")
+    assert [r["detail"]["surface"] for r in _events("result_reused", "brain-extraction")] == ["triage"]
+    rows = [r for r in json.loads(out.read_text())["studies"] if r["status"] == "done"]
+    keys = []
+    for item in workstation.worklist():
+        if item.run.study_key not in keys:
+            keys.append(item.run.study_key)
+    assert keys == [r["study_key"] for r in rows] and len(keys) == 2
+    # the cluster's run is in this install's store, keyed with this install's keys
+    assert {item.run.surface for item in workstation.worklist()} == {"ui", "triage"}
+
+
 # --------------------------------------------------------------------------- one trust door
 
 def _break_trail(home: Path) -> None:
@@ -272,3 +340,63 @@ def test_the_data_path_reads_one_way():
     imported = {n.module or "" for n in ast.walk(store) if isinstance(n, ast.ImportFrom)}
     assert not any(m.startswith(("medai.pacs", "medai.triage", "medai.workstation", "medai.cli"))
                    for m in imported)
+
+
+# --------------------------------------------------------------------------- review
+
+def test_verified_sr_is_a_new_instance_naming_its_predecessor(tmp_path):
+    """Accepting writes a new SR instance (VERIFIED, one Verifying Observer, COMPLETE) that points
+    at the unverified one; dciodvfy finds nothing new to complain about."""
+    from pydicom.data import get_testdata_file
+
+    from medai.dicom.outputs.verify import verified_sr
+
+    source = Path(get_testdata_file("test-SR.dcm"))
+    target = verified_sr(source, tmp_path / "verified.dcm", observer="Ada Lovelace", organization="Ward 7")
+    before, after = pydicom.dcmread(source), pydicom.dcmread(target)
+    assert after.SOPInstanceUID != before.SOPInstanceUID
+    assert after.file_meta.MediaStorageSOPInstanceUID == after.SOPInstanceUID
+    assert after.VerificationFlag == "VERIFIED" and after.CompletionFlag == "COMPLETE"
+    observer = after.VerifyingObserverSequence[0]
+    assert str(observer.VerifyingObserverName) == "Lovelace^Ada" and observer.VerifyingOrganization == "Ward 7"
+    assert len(observer.VerificationDateTime) >= 14
+    ref = after.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
+    assert ref.ReferencedSOPInstanceUID == before.SOPInstanceUID
+    assert after.ContentSequence == before.ContentSequence
+
+    def errors(path: Path) -> set[str]:
+        out = subprocess.run(["/usr/bin/dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
+        return {line for line in (out.stdout + out.stderr).splitlines() if line.startswith("Error")}
+
+    assert errors(target) <= errors(source), errors(target) - errors(source)
+
+
+@pytest.mark.slow
+def test_results_commands_review_then_send(folders, medai_home, tmp_path):
+    """`medai results`: a new run cannot be sent under after-review; accepted, it goes to the
+    folder destination; a sent run cannot be rejected; every review is audited."""
+    proc = _medai("--json", "run", "--model", "brain-extraction", str(folders["t1"]), "--out", str(tmp_path / "o"),
+                  home=medai_home)
+    assert proc.returncode == 0, proc.stderr
+    run_id = json.loads(proc.stdout)["run_id"]
+    listed = json.loads(_medai("--json", "results", "list", home=medai_home).stdout)
+    assert [r["run_id"] for r in listed] == [run_id] and listed[0]["review"] == "new"
+    assert listed[0]["surface"] == "cli" and "sources" not in listed[0]
+    dest = tmp_path / "dest"
+    refused = _medai("results", "send", run_id, "--to", str(dest), home=medai_home)
+    assert refused.returncode != 0 and "accept it first" in refused.stderr
+    assert not dest.exists()
+    accepted = _medai("--json", "results", "accept", run_id, "--no-send", "--comment", "mask fine",
+                      home=medai_home, env={"MEDAI_REVIEW_READER": "Dr Test"})
+    assert accepted.returncode == 0, accepted.stderr
+    shown = json.loads(accepted.stdout)
+    assert (shown["review"], shown["reviewer"], shown["review_comment"]) == ("accepted", "Dr Test", "mask fine")
+    sent = _medai("--json", "results", "send", run_id, "--to", str(dest), home=medai_home)
+    assert sent.returncode == 0 and json.loads(sent.stdout)["review"] == "sent", sent.stderr
+    assert [pydicom.dcmread(f).Modality for f in dest.iterdir()] == ["SEG"]
+    again = _medai("results", "reject", run_id, home=medai_home)
+    assert again.returncode != 0 and "already sent" in again.stderr
+    reviews = _events("result_review")
+    assert [r["detail"]["decision"] for r in reviews] == ["accepted"]
+    assert reviews[0]["detail"]["reader"] == "Dr Test" and reviews[0]["participants"][0]["type"] == "patient"
+    assert "mask fine" not in json.dumps(reviews)  # the comment stays in the store, not the trail

@@ -118,7 +118,10 @@ class Transfer:
 
 @dataclass(frozen=True)
 class SeriesInfo:
-    """What routing rules look at, recorded from headers at reception."""
+    """A received series' header fields as the queue database records them at reception
+    (``medai pacs status`` and reconciliation read them). Routing does not: it reads the
+    stored study through the index (:class:`medai.dicom.index.SeriesEntry`), like every
+    other surface."""
 
     study_uid: str
     series_uid: str
