@@ -92,7 +92,7 @@ def test_pushed_study_is_worked_listed_reviewed_and_sent(medai_home: Path, tmp_p
                 assert len(_model_runs(first_series)) == 1
 
                 # Accept: SEG and a VERIFIED SR reach the destination.
-                page.get_by_role("link", name="Worklist").click()
+                page.goto(f"http://127.0.0.1:{port}/")  # the Worklist is the first page
                 settle(page)
                 page.get_by_text("Review").first.click()
                 page.get_by_role("button", name="Accept and send").click()

@@ -15,6 +15,7 @@ import numpy as np
 import streamlit as st
 
 from medai import viewer, workstation
+from medai.dicom.index import SeriesEntry
 
 DEFAULTS: dict[str, Any] = {
     "folders": [],  # local folders the clinician added (strings)
@@ -67,7 +68,7 @@ def current_studies() -> tuple[list[workstation.StudyRow], list[tuple[str, str]]
     return studies(tuple((str(p), s) for p, s in sources()))
 
 
-def selected() -> tuple[workstation.StudyRow | None, Any]:
+def selected() -> tuple[workstation.StudyRow | None, SeriesEntry | None]:
     """The open study and series, if any."""
     rows, _ = current_studies()
     study = next((r for r in rows if r.study_uid == st.session_state.study_uid), None)
