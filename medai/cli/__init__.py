@@ -12,7 +12,6 @@ command group lives in its own module of this package and exposes
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import sys
 
 import typer
@@ -22,7 +21,7 @@ from medai.cli._common import EXIT_FAILURE, MedaiGroup, fail
 from medai.errors import MedaiError
 
 #: Command-group modules, in help order. Each defines ``register(app: typer.Typer)``.
-COMMAND_MODULES = ("demo", "dicom", "models", "run", "triage", "pacs", "deid", "audit", "ui", "doctor")
+COMMAND_MODULES = ("demo", "dicom", "models", "run", "results", "triage", "pacs", "deid", "audit", "ui", "doctor")
 
 app = typer.Typer(
     name="medai",
@@ -52,10 +51,7 @@ def _root(
 
 def _register_all() -> None:
     for name in COMMAND_MODULES:
-        module_name = f"{__name__}.{name}"
-        if importlib.util.find_spec(module_name) is None:
-            continue  # command group not built yet
-        importlib.import_module(module_name).register(app)
+        importlib.import_module(f"{__name__}.{name}").register(app)
 
 
 _register_all()
@@ -80,10 +76,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _install_guards() -> None:
     """Telemetry off and egress guard on, before anything else is imported."""
-    if importlib.util.find_spec("medai.compliance.egress") is not None:
-        from medai.compliance import egress
+    from medai.compliance import egress
 
-        egress.install_for_entry_point("cli")
+    egress.install_for_entry_point("cli")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -32,12 +32,9 @@ class _JsonFormatter(logging.Formatter):
 
 def _setup_logging(log_json: bool, verbose: bool) -> None:
     """Service logging, and this process named "pacs" for the egress guard and the audit actor."""
-    try:
-        from medai.compliance import egress
+    from medai.compliance import egress
 
-        egress.install_for_entry_point("pacs")
-    except ModuleNotFoundError:
-        pass
+    egress.install_for_entry_point("pacs")
     root = logging.getLogger("medai")
     if verbose or root.level > logging.INFO:
         root.setLevel(logging.DEBUG if verbose else logging.INFO)

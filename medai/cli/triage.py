@@ -72,8 +72,6 @@ def triage_cmd(
                                           "(capped by the memory budget)."),
     max_memory: Optional[str] = typer.Option(None, "--max-memory", help="Memory budget for all runs at once, "
                                              "e.g. 8G (default: 80% of available memory)."),
-    results: Optional[Path] = typer.Option(None, "--results", help="Where per-study results go "
-                                           "(default: <worklist>.results/)."),
     force: bool = typer.Option(False, "--force", help="Redo studies already done."),
     retry_failed: bool = typer.Option(False, "--retry-failed", help="Retry studies that failed before."),
     cluster: Optional[str] = typer.Option(None, "--cluster", help="Run on Dask: 'local' (a loopback-only "
@@ -95,12 +93,11 @@ def triage_cmd(
         raise typer.BadParameter("--workers must be at least 1")
     budget = config.get("max_memory", max_memory)
     budget = config.parse_size(budget) if budget is not None else None
-    results_dir = results or (out.with_name(out.name + ".results") if out else config.home() / "triage" / "results")
     progress, update = _progress_callback(sys.stderr.isatty())
     try:
         if progress:
             progress.start()
-        report = triage.triage(dirs, models=models.split(",") if models else None, results_dir=results_dir,
+        report = triage.triage(dirs, models=models.split(",") if models else None,
                                workers=int(n), max_memory=budget, force=force, retry_failed=retry_failed,
                                cluster=cluster, progress=update)
     except KeyboardInterrupt:

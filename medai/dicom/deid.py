@@ -612,11 +612,9 @@ def burned_in_risk(ds: Dataset) -> str | None:
 
 
 def _ensure_decoders() -> None:
-    """Register medai's permissive JPEG decoders with pydicom when that module exists."""
-    try:
-        from medai.dicom import codecs
-    except ImportError:
-        return
+    """Register medai's permissive JPEG decoders with pydicom."""
+    from medai.dicom import codecs
+
     codecs.register()
 
 
@@ -793,10 +791,8 @@ def _new_export_id() -> str:
 
 def _audit(records: dict[tuple[str, str], dict[str, Any]], detail: dict[str, Any]) -> None:
     """One Export audit record per (patient, study), before anything is published."""
-    try:
-        from medai.compliance import audit
-    except ImportError as exc:
-        raise AuditWriteError(f"audit trail unavailable ({exc}); nothing was exported") from exc
+    from medai.compliance import audit
+
     for (pid, study), info in records.items():
         full = {**detail, "instances": len(info["instances"])}
         # The trail refuses a detail that contains the patient's identifiers in clear (a

@@ -28,7 +28,8 @@ from pathlib import Path
 
 from medai import config
 from medai.errors import ModelIntegrityError, ModelNotFoundError
-from medai.inference import _audit, trust
+from medai.compliance import audit as _audit
+from medai.inference import trust
 from medai.inference.bundle import Bundle, load_bundle, seal
 from medai.inference.card import CARD_NAME, parse_card
 

@@ -33,7 +33,8 @@ import numpy as np
 from medai import __version__, config
 from medai.dicom.volume import Volume
 from medai.errors import DicomInputError, MedaiError, ModelIntegrityError, PromptError
-from medai.inference import _audit, backends, planner, registry
+from medai.compliance import audit as _audit
+from medai.inference import backends, planner, registry
 from medai.inference.bundle import Bundle
 from medai.inference.pipeline import (Finding, Measurement, Pipeline, PipelineContext, PipelineOutput, Priority,
                                       Prompt)
@@ -117,14 +118,13 @@ def _load_volume(source: Path, series_uid: str | None, bundle: Bundle) -> tuple[
 
     index = scan([source])
     if series_uid is None:
-        from medai.inference.select import matching_series, series_matches
+        from medai.routing import decide
 
-        hits = matching_series(bundle.card, index)
-        if not hits:
-            reasons = "; ".join(f"{getattr(e, 'series_uid', '?')}: {series_matches(bundle.card, e)[1]}"
-                                for e in index.series.values()) or "no DICOM image series found"
-            raise DicomInputError(source, f"no series matches model {bundle.id} ({reasons}); use --series UID")
-        series_uid = getattr(hits[0], "series_uid", None) or getattr(hits[0], "series_instance_uid")
+        chosen, why = decide(list(index.series.values()), bundles=[bundle], automatic_only=False)
+        if not chosen:
+            raise DicomInputError(source, f"no series matches model {bundle.id} "
+                                          f"({why.get(bundle.id) or 'no DICOM image series found'}); use --series UID")
+        series_uid = chosen[0].series.series_instance_uid
     if series_uid not in index.series:
         raise DicomInputError(source, f"series {series_uid} not found")
     entry = index.series[series_uid]
@@ -229,12 +229,9 @@ def run_on_volume(bundle: Bundle, volume: Volume, out_dir: str | Path, *, device
 
         seg_path = write_seg(volume, output.labels, output.segments, bundle, out / "seg.dcm")
         if output.measurements:
-            try:
-                from medai.dicom.outputs import sr  # built by the DICOM outputs owner
-            except ImportError:
-                sr = None
-            if sr is not None:
-                sr_path = sr.write_sr(volume, output, bundle, out / "sr.dcm", seg_path=seg_path)
+            from medai.dicom.outputs import sr
+
+            sr_path = sr.write_sr(volume, output, bundle, out / "sr.dcm", seg_path=seg_path)
     # Pipeline-specific files (e.g. the volumetry one-page summary), named in result.json.
     write_extras = getattr(pipeline, "write_extras", None)
     extras = [Path(p) for p in write_extras(out, volume, output)] if callable(write_extras) else []
@@ -314,13 +311,14 @@ def run_study(model_id: str, source: Path | str, out_dir: str | Path, **kwargs: 
     """Run on every series of ``source`` the card accepts, each into ``out_dir/<series UID>/``."""
     from medai.dicom.index import scan
     from medai.dicom.volume import load_series
-    from medai.inference.select import matching_series
+    from medai.routing import accepts, best_first, site_routes
 
     bundle = registry.get_bundle(model_id, allow_unsigned=kwargs.pop("allow_unsigned", None))
     results = []
     index = scan([Path(source)])
-    for entry in matching_series(bundle.card, index):
-        uid = getattr(entry, "series_uid", None) or getattr(entry, "series_instance_uid")
+    routes = site_routes()
+    for entry in best_first(e for e in index.series.values() if accepts(bundle, e, routes)[0]):
+        uid = entry.series_instance_uid
         volume = load_series(list(entry.files), series_uid=uid)
         results.append(run_on_volume(bundle, volume, Path(out_dir) / uid, patient=_patient_of(index, entry),
                                      **kwargs))
