@@ -30,7 +30,7 @@ def run_demo(study: Path, out: Path) -> dict[str, Any]:
     from medai.dicom.index import scan
     from medai.inference import registry
     from medai.inference.run import run_model
-    from medai.inference.select import matching_series
+    from medai.routing import best_first, card_accepts
 
     index = scan([study])
     summary: dict[str, Any] = {
@@ -43,7 +43,8 @@ def run_demo(study: Path, out: Path) -> dict[str, Any]:
         if bundle.card.accepts_prompt:
             summary["interactive"].append(bundle.id)  # needs a reader's box: `medai ui` or `medai run --box`
             continue
-        for entry in matching_series(bundle.card, index)[:1]:
+        accepted = [s for s in index.series.values() if card_accepts(bundle.card, s)[0]]
+        for entry in best_first(accepted)[:1]:
             try:
                 result = run_model(bundle.id, Path(entry.files[0]).parent, out / bundle.id,
                                    series_uid=entry.series_instance_uid)
