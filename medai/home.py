@@ -29,6 +29,13 @@ from pathlib import Path
 from medai import config
 
 
+#: Folder and file names the trust boundary (medai.compliance) resolves itself, on every
+#: record, against its cached home: named here with the rest of the layout.
+AUDIT = "audit"
+KEYS = "keys"
+AUDIT_ANCHOR = "audit-anchor.json"
+
+
 def root() -> Path:
     """``MEDAI_HOME`` itself (created if missing, mode 0700)."""
     return config.home()
@@ -41,15 +48,15 @@ def _dir(*parts: str) -> Path:
 
 
 def audit_dir() -> Path:
-    return _dir("audit")
+    return _dir(AUDIT)
 
 
 def audit_anchor() -> Path:
-    return root() / "audit-anchor.json"
+    return root() / AUDIT_ANCHOR
 
 
 def keys_dir() -> Path:
-    return _dir("keys")
+    return _dir(KEYS)
 
 
 def store_dir() -> Path:

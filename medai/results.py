@@ -72,7 +72,8 @@ CREATE TABLE IF NOT EXISTS runs (
     reviewer TEXT NOT NULL DEFAULT '',
     review_comment TEXT NOT NULL DEFAULT '',
     reviewed_at REAL,
-    send_error TEXT NOT NULL DEFAULT ''
+    send_error TEXT NOT NULL DEFAULT '',
+    destination TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS runs_series ON runs(series_key, model_id, model_version);
 CREATE INDEX IF NOT EXISTS runs_study ON runs(study_key);
@@ -112,6 +113,8 @@ class StoredRun:
     review_comment: str = ""
     reviewed_at: float | None = None
     send_error: str = ""
+    #: Where an accepted result goes when it is not pacs.destination (e.g. the Orthanc it came from).
+    destination: str = ""
 
     @property
     def done(self) -> bool:
@@ -136,7 +139,7 @@ class StoredRun:
                 "outputs": dict(self.outputs), "prompted": self.prompted, "review": self.review,
                 "reviewer": self.reviewer, "review_comment": self.review_comment,
                 "reviewed_at": _iso(self.reviewed_at) if self.reviewed_at else None,
-                "send_error": self.send_error}
+                "send_error": self.send_error, "destination": self.destination}
 
 
 def _iso(t: float) -> str:
@@ -146,7 +149,7 @@ def _iso(t: float) -> str:
 _COLUMNS = ("run_id", "study_key", "series_key", "content_digest", "model_id", "model_version", "card_sha256",
             "surface", "status", "reason", "created", "modality", "study_date", "priority_level", "priority_score",
             "qc", "summary", "folder", "outputs", "sources", "prompted", "review", "reviewer", "review_comment",
-            "reviewed_at", "send_error")
+            "reviewed_at", "send_error", "destination")
 
 
 def _to_row(run: StoredRun) -> tuple[Any, ...]:
@@ -176,6 +179,7 @@ class ResultsStore:
     def __init__(self, path: Path | None = None) -> None:
         self.path = Path(path) if path is not None else home.results_index()
         self.root = self.path.parent
+        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._lock = threading.Lock()
         self._db = sqlite3.connect(str(self.path), timeout=30, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
@@ -278,13 +282,32 @@ class ResultsStore:
                                  (state, send_error, run_id))
         return self.get(run_id)
 
+    def set_destination(self, run_id: str, destination: str) -> None:
+        """Where this run goes once accepted (the PACS hook names the sender it came from)."""
+        with self._lock:
+            self._db.execute("UPDATE runs SET destination=? WHERE run_id=?", (destination, run_id))
+
     def clean_partial(self) -> int:
-        """Remove folders of runs a crash interrupted before they were recorded."""
+        """Remove folders of runs whose process died before they were recorded (each
+        ``.part`` folder names its writer's process id; a live writer's is left alone)."""
         removed = 0
         for part in self.root.glob(".*.part"):
+            pid = part.name[:-len(".part")].rpartition("-p")[2]
+            if pid.isdigit() and _alive(int(pid)):
+                continue
             shutil.rmtree(part, ignore_errors=True)
             removed += 1
         return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _fsync_dir(path: Path) -> None:
@@ -343,6 +366,10 @@ class Request:
     files: tuple[str, ...]
     content_digest: str
     surface: str
+    #: Pseudonymous keys, made by the requesting process with this install's key (a cluster
+    #: worker may have other keys or none).
+    study_key: str
+    series_key: str
     modality: str = ""
     study_date: str = ""
 
@@ -350,12 +377,12 @@ class Request:
 def request_for(series: Any, model_id: str, model_version: str, surface: str, *, study_date: str = "") -> Request:
     """A :class:`Request` for one :class:`~medai.dicom.index.SeriesEntry`."""
     return Request(model_id, model_version, series.series_instance_uid, series.study_instance_uid,
-                   tuple(str(p) for p in series.files), series.content_digest, surface, series.modality,
-                   study_date)
+                   tuple(str(p) for p in series.files), series.content_digest, surface,
+                   key(series.study_instance_uid), key(series.series_instance_uid), series.modality, study_date)
 
 
-def request_from_source(source: Path, model_id: str, surface: str, *,
-                        series_uid: str | None = None) -> tuple[Request, Patient]:
+def request_from_source(source: Path, model_id: str, surface: str, *, series_uid: str | None = None,
+                        allow_unsigned: bool | None = None) -> tuple[Request, Patient]:
     """Index a DICOM file or folder (headers only) and pick the series ``model_id`` reads:
     ``series_uid`` when given, else the one the routing decision picks. Returns the request and
     the series' clear (PatientID, PatientName), for the audit trail only."""
@@ -364,7 +391,7 @@ def request_from_source(source: Path, model_id: str, surface: str, *,
     from medai.inference import registry
     from medai.routing import decide
 
-    bundle = registry.get_bundle(model_id)
+    bundle = registry.get_bundle(model_id, allow_unsigned=allow_unsigned)
     index = scan([source])
     if series_uid is None:
         chosen, why = decide(list(index.series.values()), bundles=[bundle], automatic_only=False)
@@ -382,14 +409,40 @@ def request_from_source(source: Path, model_id: str, surface: str, *,
     return request_for(entry, bundle.id, str(bundle.version), surface, study_date=study.study_date), patient
 
 
+def source_identity(path: str | Path) -> dict[str, str | None]:
+    """Study/series UIDs and clear patient identifiers from one source header, for the audit
+    trail (which pseudonymises them) and a page's display only; never for logs or file names."""
+    import pydicom
+
+    ds = pydicom.dcmread(path, stop_before_pixels=True,
+                         specific_tags=["PatientID", "PatientName", "StudyInstanceUID", "SeriesInstanceUID"])
+    return {"patient_id": str(ds.get("PatientID", "") or "") or None,
+            "patient_name": str(ds.get("PatientName", "") or "") or None,
+            "study_uid": str(ds.get("StudyInstanceUID", "") or "") or None,
+            "series_uid": str(ds.get("SeriesInstanceUID", "") or "") or None}
+
+
+def _patient(req: Request, patient: Patient) -> Patient:
+    if patient != (None, None) or not req.files:
+        return patient
+    ids = source_identity(req.files[0])
+    return ids["patient_id"], ids["patient_name"]
+
+
+def new_run_id() -> str:
+    """A run id: UTC time (sortable) and 32 random bits; never derived from a UID."""
+    return time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + secrets.token_hex(4)
+
+
 def reuse(store: ResultsStore, req: Request, *, card_sha256: str | None = None, patient: Patient = (None, None)) -> StoredRun | None:
     """A stored run answering ``req`` (same model version and card, same series content, files
     present), recorded in the audit trail as reused; None when there is none."""
-    prior = store.find(key(req.series_uid), req.content_digest, req.model_id, req.model_version, card_sha256)
+    prior = store.find(req.series_key, req.content_digest, req.model_id, req.model_version, card_sha256)
     if prior is None:
         return None
     from medai.compliance import audit
 
+    patient = _patient(req, patient)
     audit.record("result_reused", patient_id=patient[0], patient_name=patient[1], study_uid=req.study_uid,
                  series_uid=req.series_uid,
                  detail={"model": req.model_id, "version": req.model_version, "run": prior.run_id,
@@ -409,12 +462,13 @@ def execute(req: Request, store_root: Path, *, volume: Any = None, patient: Pati
     bundle = registry.get_bundle(req.model_id, allow_unsigned=allow_unsigned)
     if bundle.version != req.model_version:
         raise MedaiError(f"model {req.model_id} is now version {bundle.version}, asked for {req.model_version}")
+    patient = _patient(req, patient)
     if volume is None:
         from medai.dicom.volume import load_series
 
         volume = load_series([Path(p) for p in req.files], series_uid=req.series_uid)
-    run_id = time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + secrets.token_hex(4)
-    tmp = store_root / f".{run_id}.part"
+    run_id = new_run_id()
+    tmp = store_root / f".{run_id}-p{os.getpid()}.part"
     tmp.mkdir(mode=0o700, parents=True)
     try:
         result = run_on_volume(bundle, volume, tmp, device=device, max_memory=max_memory, prompt=prompt,
@@ -432,7 +486,7 @@ def execute(req: Request, store_root: Path, *, volume: Any = None, patient: Pati
                "findings": [f.text for f in result.findings], "qc": data.get("qc") or {},
                "reasons": list(result.priority.reasons), "provider": result.provider,
                "caveats": list(data.get("caveats") or []), "seconds": round(result.timings.get("total", 0.0), 2)}
-    return StoredRun(run_id=run_id, study_key=key(req.study_uid), series_key=key(req.series_uid),
+    return StoredRun(run_id=run_id, study_key=req.study_key, series_key=req.series_key,
                      content_digest=req.content_digest, model_id=bundle.id, model_version=bundle.version,
                      card_sha256=bundle.card_sha256, surface=req.surface, status=STATUS_DONE, created=time.time(),
                      folder=tmp, modality=req.modality or volume.modality, study_date=req.study_date,
@@ -443,8 +497,8 @@ def execute(req: Request, store_root: Path, *, volume: Any = None, patient: Pati
 
 def failed_run(req: Request, reason: str, *, card_sha256: str = "") -> StoredRun:
     """The record of a run that failed (kept so triage does not retry a broken study unasked)."""
-    return StoredRun(run_id=time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + secrets.token_hex(4),
-                     study_key=key(req.study_uid), series_key=key(req.series_uid),
+    return StoredRun(run_id=new_run_id(),
+                     study_key=req.study_key, series_key=req.series_key,
                      content_digest=req.content_digest, model_id=req.model_id, model_version=req.model_version,
                      card_sha256=card_sha256, surface=req.surface, status=STATUS_FAILED, created=time.time(),
                      folder=Path(), reason=reason[:500], modality=req.modality, study_date=req.study_date,

@@ -36,19 +36,11 @@ def _organization() -> str:
 
 
 def identity(run: StoredRun) -> dict[str, Any]:
-    """Study/series UIDs and the clear patient identifiers of a run's source, read from the
-    first source header: for the audit trail (which pseudonymises them) and the page's
-    display only, never for logs or file names."""
-    import pydicom
+    """Study/series UIDs and clear patient identifiers of a run's source (see
+    :func:`medai.results.source_identity`); empty when the run has no source."""
+    from medai.results import source_identity
 
-    if not run.sources:
-        return {}
-    ds = pydicom.dcmread(run.sources[0], stop_before_pixels=True,
-                         specific_tags=["PatientID", "PatientName", "StudyInstanceUID", "SeriesInstanceUID"])
-    return {"patient_id": str(ds.get("PatientID", "") or "") or None,
-            "patient_name": str(ds.get("PatientName", "") or "") or None,
-            "study_uid": str(ds.get("StudyInstanceUID", "") or "") or None,
-            "series_uid": str(ds.get("SeriesInstanceUID", "") or "") or None}
+    return dict(source_identity(run.sources[0])) if run.sources else {}
 
 
 def _audit(run: StoredRun, decision: str, *, comment: bool) -> None:
@@ -78,7 +70,7 @@ def accept(run_id: str, *, comment: str = "", send: bool = True, store: ResultsS
 
             verified_sr(sr, run.folder / VERIFIED_SR, observer=reader_name(), organization=_organization())
         run = store.set_review(run_id, "accepted", reviewer=reader_name(), comment=comment)
-        if send and config.get("pacs.destination"):
+        if send and (run.destination or config.get("pacs.destination")):
             run = send_run(run_id, store=store)
         return run
     finally:
@@ -124,7 +116,7 @@ def send_run(run_id: str, *, destination: str | None = None, store: ResultsStore
             raise MedaiError(f"run {run_id} was rejected; it is never sent")
         if run.review == "new" and config.get("pacs.send_policy") != "immediate":
             raise MedaiError(f"run {run_id} is not reviewed yet; accept it first (pacs.send_policy is after-review)")
-        target = destination or config.get("pacs.destination")
+        target = destination or run.destination or config.get("pacs.destination")
         if not target:
             raise ConfigError("no destination: set pacs.destination (AE@host:port or a folder)")
         files = outgoing(run) if run.review != "new" else [p for p in (run.path("seg"), run.path("sr")) if p]

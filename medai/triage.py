@@ -80,10 +80,13 @@ class Job:
     inputs_digest: str = ""
     modality: str = ""
     study_date: str = ""
+    #: Pseudonymous key of the series, made by the coordinator (see Request).
+    series_key: str = ""
 
     def request(self) -> Request:
         return Request(self.model_id, self.model_version, self.series_uid, self.study_uid, self.files,
-                       self.inputs_digest, "triage", self.modality, self.study_date)
+                       self.inputs_digest, "triage", self.study_key, self.series_key, self.modality,
+                       self.study_date)
 
 
 @dataclass(frozen=True)
@@ -297,7 +300,7 @@ def plan_studies(index: Any, bundles: Sequence[Any], results_dir: Path, *,
             jobs.append(Job(key, study_uid, decision.model_id, decision.model_version, best.series_instance_uid,
                             tuple(str(p) for p in best.files), str(results_dir), shape=_shape(best),
                             inputs_digest=best.content_digest, modality=best.modality,
-                            study_date=study.study_date))
+                            study_date=study.study_date, series_key=_study_key(best.series_instance_uid)))
         image_files = [p for s in series if s.is_image for p in s.files] or [p for s in series for p in s.files]
         patient = index.patients.get(study.patient_key)
         plans.append(StudyPlan(study_uid, key, jobs, skipped, _accession(image_files),
@@ -663,9 +666,9 @@ def triage(paths: Sequence[Path], *, models: Sequence[str] | None = None, worker
 def _answer(store: ResultsStore, job: Job, card_sha256: str, *, retry_failed: bool) -> Outcome | None:
     """The stored outcome that answers ``job`` (any surface's run of the same model version on
     the same series content, files present; a failure unless retrying failures), or None."""
-    from medai.results import key, reuse
+    from medai.results import reuse
 
-    prior = store.find(key(job.series_uid), job.inputs_digest, job.model_id, job.model_version, card_sha256,
+    prior = store.find(job.series_key, job.inputs_digest, job.model_id, job.model_version, card_sha256,
                        include_failed=True)
     if prior is None or (not prior.done and retry_failed):
         return None

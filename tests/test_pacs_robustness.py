@@ -57,7 +57,7 @@ def test_concurrent_senders_sigkill_restart(medai_home: Path, tmp_path: Path) ->
     groups = [everything[i::4] for i in range(4)]
 
     dest = StoreSCP.start(tmp_path / "dest")
-    args = ("--stable-seconds", "8", "--destination", dest.address)
+    args = ("--stable-seconds", "8", "--destination", dest.address, "--send-policy", "immediate")
     lst = Listener(medai_home, *args, env=T1_ROUTE).start()
     port = lst.port
     senders = _send_parallel(port, groups)

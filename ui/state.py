@@ -160,7 +160,7 @@ def review_panel(run: Any, key: str) -> None:
                 + (f" — {run.send_error}" if run.send_error else ""))
     if not run.done:
         return
-    destination = config.get("pacs.destination")
+    destination = run.destination or config.get("pacs.destination")
     if run.review == "new":
         comment = st.text_input("Comment (optional)", key=f"comment-{key}")
         accept_col, reject_col = st.columns(2)

@@ -61,7 +61,7 @@ from pydicom.sequence import Sequence as DicomSequence
 from pydicom.tag import BaseTag, Tag
 from pydicom.uid import ExplicitVRLittleEndian
 
-from medai import __version__, config
+from medai import __version__, home
 from medai.dicom import deid_table
 from medai.errors import AuditWriteError, ConfigError, UnsafeInputError
 
@@ -234,9 +234,7 @@ def load_key(path: str | os.PathLike[str] | None = None) -> bytes:
         if len(key) < 16:
             raise ConfigError(f"{p}: a de-identification key needs at least 16 bytes")
         return key
-    folder = config.home() / "deid"
-    folder.mkdir(mode=0o700, exist_ok=True)
-    kp = folder / "key"
+    kp = home.deid_dir() / "key"
     if not kp.exists():
         fd = os.open(kp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "wb") as fh:
@@ -843,7 +841,7 @@ def deidentify_study(
     inputs = _iter_inputs([Path(p) for p in src_paths], dst)
     export_id = _new_export_id()
     run = _Export(dst=dst, staging=dst / f".medai-staging-{export_id}",
-                  quarantine=config.home() / "quarantine" / export_id,
+                  quarantine=home.quarantine_dir(export_id),
                   mapper=_Mapper(key if key is not None else load_key()), options=opts,
                   pixel_rules=tuple(pixel_rules))
     run.staging.mkdir(parents=True, mode=0o700)

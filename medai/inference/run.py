@@ -10,9 +10,9 @@ Audit: ``instances_accessed`` when a series is loaded for a model, ``model_run``
 when it finished (or failed), both naming the study/series/instances. When the
 trail cannot be written the run does not happen (``AuditWriteError`` propagates).
 
-Output folder layout for :func:`run_model`: files directly in ``out_dir``.
-:func:`run_study` runs every matching series and writes to
-``out_dir/<SeriesInstanceUID>/`` (UIDs are not patient identifiers).
+Output folder layout for :func:`run_model`: files directly in ``out_dir``. The surfaces
+(``medai run``, the UI, the PACS hook, triage) run through :mod:`medai.results`, which
+calls :func:`run_on_volume` into a run folder of the one results store.
 """
 
 from __future__ import annotations
@@ -95,12 +95,8 @@ def load_pipeline(bundle: Bundle) -> Pipeline:
 Patient = tuple[str | None, str | None]  # clear (PatientID, PatientName), only for the audit trail
 
 
-def _patient_of(index: Any, entry: Any) -> Patient:
-    person = getattr(index, "patients", {}).get(getattr(entry, "patient_key", None))
-    return (getattr(person, "patient_id", None) or None, getattr(person, "patient_name", None) or None)
-
-
-def _load_volume(source: Path, series_uid: str | None, bundle: Bundle) -> tuple[Volume, Patient]:
+def _load_volume(source: Path, series_uid: str | None, bundle: Bundle,
+                 allow_unsigned: bool | None = None) -> tuple[Volume, Patient]:
     """A Volume from a NIfTI/NRRD file or a DICOM file/folder (series chosen by the card)."""
     lower = source.name.lower()
     if source.is_file() and lower.endswith((".nii", ".nii.gz", ".nrrd", ".mha", ".mhd")):
@@ -113,22 +109,12 @@ def _load_volume(source: Path, series_uid: str | None, bundle: Bundle) -> tuple[
         if image.GetDimension() == 4:
             image = image[:, :, :, 0]
         return Volume.from_sitk(image, modality=""), (None, None)
-    from medai.dicom.index import scan
     from medai.dicom.volume import load_series
+    from medai.results import request_from_source
 
-    index = scan([source])
-    if series_uid is None:
-        from medai.routing import decide
-
-        chosen, why = decide(list(index.series.values()), bundles=[bundle], automatic_only=False)
-        if not chosen:
-            raise DicomInputError(source, f"no series matches model {bundle.id} "
-                                          f"({why.get(bundle.id) or 'no DICOM image series found'}); use --series UID")
-        series_uid = chosen[0].series.series_instance_uid
-    if series_uid not in index.series:
-        raise DicomInputError(source, f"series {series_uid} not found")
-    entry = index.series[series_uid]
-    return load_series(list(entry.files), series_uid=series_uid), _patient_of(index, entry)
+    req, patient = request_from_source(source, bundle.id, "cli", series_uid=series_uid,
+                                       allow_unsigned=allow_unsigned)
+    return load_series([Path(p) for p in req.files], series_uid=req.series_uid), patient
 
 
 def _apply_rules(bundle: Bundle, measurements: tuple[Measurement, ...], volumes: Mapping[str, float]) -> Priority:
@@ -302,24 +288,6 @@ def run_model(model_id: str, source: Path | str | Volume, out_dir: str | Path, *
     if isinstance(source, Volume):
         volume, patient = source, (None, None)
     else:
-        volume, patient = _load_volume(Path(source), series_uid, bundle)
+        volume, patient = _load_volume(Path(source), series_uid, bundle, allow_unsigned)
     return run_on_volume(bundle, volume, out_dir, device=device, max_memory=max_memory, prompt=prompt,
                          threads=threads, patient=patient)
-
-
-def run_study(model_id: str, source: Path | str, out_dir: str | Path, **kwargs: Any) -> list[RunResult]:
-    """Run on every series of ``source`` the card accepts, each into ``out_dir/<series UID>/``."""
-    from medai.dicom.index import scan
-    from medai.dicom.volume import load_series
-    from medai.routing import accepts, best_first, site_routes
-
-    bundle = registry.get_bundle(model_id, allow_unsigned=kwargs.pop("allow_unsigned", None))
-    results = []
-    index = scan([Path(source)])
-    routes = site_routes()
-    for entry in best_first(e for e in index.series.values() if accepts(bundle, e, routes)[0]):
-        uid = entry.series_instance_uid
-        volume = load_series(list(entry.files), series_uid=uid)
-        results.append(run_on_volume(bundle, volume, Path(out_dir) / uid, patient=_patient_of(index, entry),
-                                     **kwargs))
-    return results

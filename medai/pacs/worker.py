@@ -93,6 +93,8 @@ class Worker:
             child.terminate()
 
     def run(self) -> None:
+        with ResultsStore() as store:
+            store.clean_partial()  # outputs of a run killed with the last service
         jobs, transfers = self.db.recover()
         if jobs or transfers:
             log.info("recovered after restart jobs=%d transfers=%d", jobs, transfers)
@@ -156,6 +158,9 @@ class Worker:
         immediate = self.cfg.send_policy == "immediate"
         destination = job.destination if (job.destination and immediate) else None
         self.db.finish_job(job, out_dir, outputs, destination)
+        if job.destination and not immediate:
+            with ResultsStore() as store:  # sent there once a clinician accepts it
+                store.set_destination(run_id, job.destination)
         log.info("job done study=%s model=%s run=%s outputs=%d sent=%s", _audit.key(job.study_uid), job.model_id,
                  run_id, len(outputs), "now" if destination else "after review")
         return True
