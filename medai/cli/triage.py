@@ -79,7 +79,10 @@ def triage_cmd(
 ) -> None:
     """Run the installed models over every study and write a ranked worklist.
 
+    Results land in the results store every surface shares (`medai results list`, the UI's Worklist); a series another surface already ran the same model on is not run again.
+
     Resumable: rerun the same command after an interruption and only the rest runs.
+
     Exit codes: 0 all studies done, 3 some failed, 1 nothing could run, 2 usage."""
     from medai import triage
 
