@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import re
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from medai import workstation
+from medai.dicom.index import InstanceEntry, SeriesEntry
 from medai.dicom.volume import Geometry, Volume
 from medai.inference import registry
 
@@ -23,8 +25,10 @@ def _card(model_id: str):
     return registry.get_bundle(model_id).card
 
 
-def _series(modality: str = "CT", description: str = "HEAD 3mm", n: int = 40) -> workstation.SeriesRow:
-    return workstation.SeriesRow("1.2.3", "1.2", modality, description, "HEAD", n, ())
+def _series(modality: str = "CT", description: str = "HEAD 3mm", n: int = 40) -> SeriesEntry:
+    sop = "1.2.840.10008.5.1.4.1.1.2" if modality == "CT" else "1.2.840.10008.5.1.4.1.1.4"
+    instances = tuple(InstanceEntry(Path(f"/nonexistent/{i}.dcm"), sop, f"1.2.3.{i}") for i in range(n))
+    return SeriesEntry("1.2.3", "1.2", "p", modality, description, "HEAD", sop, True, instances, series_number=3)
 
 
 def _volume(thickness: float, modality: str = "MR", shape: tuple[int, int, int] = (4, 6, 5)) -> Volume:
