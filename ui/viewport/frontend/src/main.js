@@ -586,10 +586,14 @@ async function load(args) {
 
 // NiiVue compiles its shaders when it attaches (seconds under a software GL): start
 // that at once, while the server is still preparing the series.
-const attached = nv.attachToCanvas(glCanvas).then(() => {
+const attached = (document.createElement("canvas").getContext("webgl2")
+  ? nv.attachToCanvas(glCanvas)
+  : Promise.reject(new Error("this browser offers no WebGL2"))
+).then(() => {
   S.timing.attached = performance.now();
   nv.onLocationChange = () => { refreshCorners(); drawInk(); };
 });
+attached.catch(() => {}); // reported by render(), with what to do instead
 
 async function render(args) {
   if (S.args === null) S.timing.firstArgs = performance.now();
@@ -633,7 +637,8 @@ window.addEventListener("message", (event) => {
   // one render at a time, in order: a rerun's message arriving while the series is
   // still loading must not start a second load of the same series
   S.rendering = S.rendering.then(() => render(data.args)).catch((err) => {
-    readout.textContent = `Cannot show this series in the browser: ${err}`;
+    readout.textContent = `Cannot show this series in the browser (${err.message || err}): choose ` +
+      "'Simple (server images)' above the viewer.";
   });
 });
 window.addEventListener("resize", () => resize());
