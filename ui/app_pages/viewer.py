@@ -55,7 +55,10 @@ with info:
 
 labels = state.viewport_labels(result_dir, series.series_uid, files) if overlay_on else None
 window = viewer.default_window(volume)
-hint = workstation.viewer_hint(workstation.models_for(series), volume.modality)
+hint_key = f"viewer-hint-{workstation.key_for(series.series_uid)}"  # the routing decision, once per series
+if hint_key not in ss:
+    ss[hint_key] = workstation.viewer_hint(workstation.models_for(series), volume.modality)
+hint = ss[hint_key]
 with main:
     action = viewport(
         volume=state.viewport_volume(series.series_uid, files), labels=labels,
