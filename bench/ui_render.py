@@ -53,6 +53,8 @@ def _open(page, port: int, folder: Path, mode: str) -> float:
     """Open the series in a fresh tab (its own Streamlit session) in ``mode``;
     returns the seconds from the Open click to the series shown."""
     page.goto(f"http://127.0.0.1:{port}/")
+    page.get_by_role("link", name="Studies").click()
+    _settle(page)
     page.get_by_placeholder("/path/to/DICOM folder").fill(str(folder))
     page.get_by_role("button", name="Add").click()
     _settle(page)

@@ -130,6 +130,8 @@ def test_viewport_in_chromium(head_ct, medai_home, tmp_path):
             page.on("request", lambda request: seen.append(request.url))
             page.on("websocket", lambda ws: seen.append(ws.url))
             page.goto(f"http://127.0.0.1:{port}/")
+            page.get_by_role("link", name="Studies").click()
+            settle(page)
             page.get_by_placeholder("/path/to/DICOM folder").fill(str(head_ct))
             page.get_by_role("button", name="Add").click()
             settle(page)
