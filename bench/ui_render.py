@@ -52,12 +52,19 @@ def _settle(page) -> None:
 def _open(page, port: int, folder: Path, mode: str) -> float:
     """Open the series in a fresh tab (its own Streamlit session) in ``mode``;
     returns the seconds from the Open click to the series shown."""
+    from viewer_data import DESCRIPTION
+
     page.goto(f"http://127.0.0.1:{port}/")
     page.get_by_role("link", name="Studies").click()
     _settle(page)
     page.get_by_placeholder("/path/to/DICOM folder").fill(str(folder))
     page.get_by_role("button", name="Add").click()
     _settle(page)
+    # pick the CT study (the demo T1 is listed too), then open its one series
+    page.get_by_test_id("stSelectbox").filter(has_text="Study").click()
+    page.get_by_role("option", name=re.compile(r"· CT · local")).click()
+    _settle(page)
+    page.get_by_text(DESCRIPTION).wait_for()
     t0 = time.perf_counter()
     page.locator("[class*='st-key-open-'] button").first.click()
     _settle(page)

@@ -33,7 +33,7 @@ import pydicom
 import pytest
 
 from tests.test_ui_server import running_ui
-from tests.viewer_data import head_ct_series
+from tests.viewer_data import DESCRIPTION, head_ct_series
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -135,6 +135,11 @@ def test_viewport_in_chromium(head_ct, medai_home, tmp_path):
             page.get_by_placeholder("/path/to/DICOM folder").fill(str(head_ct))
             page.get_by_role("button", name="Add").click()
             settle(page)
+            # pick the CT study (the demo T1 is listed too), then open its one series
+            page.get_by_test_id("stSelectbox").filter(has_text="Study").click()
+            page.get_by_role("option", name=re.compile(r"· CT · local")).click()
+            settle(page)
+            page.get_by_text(DESCRIPTION).wait_for()
             page.locator("[class*='st-key-open-'] button").first.click()
             settle(page)
             frame = viewport_frame(page)
