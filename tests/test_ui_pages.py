@@ -363,3 +363,41 @@ def test_interactive_box_prompt_runs_litemedsam_on_the_current_slice(medai_home)
     assert len(slices) == 1  # the prompted slice only
     volume_ml = float(next(m.value for m in at.metric if m.label.endswith("volume")).split()[0])
     assert 0 < volume_ml < 40 * 60 / 1000 + 1e-6  # inside the 41 x 61 px box of 1 mm voxels, one slice
+
+
+def _viewport_args(at: AppTest) -> dict:
+    comps = [c for c in at.get("component_instance") if c.proto.component_name.endswith("viewport.viewport")]
+    assert len(comps) == 1, "no browser viewport on the page"
+    return json.loads(comps[0].proto.json_args)
+
+
+def test_browser_viewport_gets_the_series_once_and_the_overlay_with_its_legend(ct_series, medai_home):
+    """The Interactive viewer hands the browser the series as one media URL (the same
+    URL on every rerun, so it is fetched once), CT presets on number keys, the corner
+    text, and the prompting hint for a CT no automatic model takes; a run's label map
+    and legend follow when the overlay is on, and go when it is off."""
+    from medai.dicom.volume import load_series
+    from medai.inference.run import write_mask
+
+    at = _open_first_series(_app(ct_series, viewport="browser"))
+    args = _viewport_args(at)
+    assert args["volume_url"].startswith("/") and args["volume_url"].endswith(".bin")
+    assert args["labels_url"] is None and args["labels"] == []
+    assert [p["key"] for p in args["presets"]][:5] == ["1", "2", "3", "4", "5"]
+    assert args["unit"] == "HU" and args["corners"]["thickness"].endswith(" mm")
+    assert "No automatic model for this CT series" in args["hint"] and "Box prompt" in args["hint"]
+    volume = load_series(ct_series)
+    out = medai_home / "results" / "manual-viewport"
+    out.mkdir(parents=True)
+    write_mask(volume, (volume.array > 500).astype(np.uint8), out / "mask.nii.gz")
+    (out / "result.json").write_text(json.dumps({"volumes_ml": {"bone": 1.0}}))
+    at.session_state["result_dir"] = str(out)
+    at.session_state["overlay_on"] = True
+    at.run()
+    _no_exception(at)
+    with_overlay = _viewport_args(at)
+    assert with_overlay["volume_url"] == args["volume_url"]  # the series is not sent again
+    assert with_overlay["labels_url"] and with_overlay["labels"][0]["name"] == "bone"
+    assert any("bone" in m.value and "1 mL (no reference range)" in m.value for m in at.markdown)
+    at.toggle(key="overlay_on").set_value(False).run()
+    assert _viewport_args(at)["labels_url"] is None
