@@ -385,7 +385,8 @@ def test_browser_viewport_gets_the_series_once_and_the_overlay_with_its_legend(c
     assert args["labels_url"] is None and args["labels"] == []
     assert [p["key"] for p in args["presets"]][:5] == ["1", "2", "3", "4", "5"]
     assert args["unit"] == "HU" and args["corners"]["thickness"].endswith(" mm")
-    assert "No automatic model for this CT series" in args["hint"] and "Box prompt" in args["hint"]
+    hint = " ".join(i.value for i in at.info)
+    assert "No automatic model for this CT series" in hint and "Box prompt" in hint
     volume = load_series(ct_series)
     out = medai_home / "results" / "manual-viewport"
     out.mkdir(parents=True)

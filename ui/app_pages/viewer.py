@@ -55,10 +55,6 @@ with info:
 
 labels = state.viewport_labels(result_dir, series.series_uid, files) if overlay_on else None
 window = viewer.default_window(volume)
-hint_key = f"viewer-hint-{workstation.key_for(series.series_uid)}"  # the routing decision, once per series
-if hint_key not in ss:
-    ss[hint_key] = workstation.viewer_hint(workstation.models_for(series), volume.modality)
-hint = ss[hint_key]
 with main:
     action = viewport(
         volume=state.viewport_volume(series.series_uid, files), labels=labels,
@@ -66,7 +62,13 @@ with main:
         presets=imaging.preset_keys() if volume.modality.upper() == "CT" else [],
         corners=workstation.corner_text(study, series, volume),
         label_entries=[{"value": e.value, "name": e.name, "colour": list(e.colour)} for e in entries] if overlay_on else [],
-        overlay_hint="", hint=hint or "", height=600, key=f"viewport-{workstation.key_for(series.series_uid)}")
+        height=600, key=f"viewport-{workstation.key_for(series.series_uid)}")
+    # after the viewport, so the images are on their way while the models are matched
+    hint_key = f"viewer-hint-{workstation.key_for(series.series_uid)}"  # once per series
+    if hint_key not in ss:
+        ss[hint_key] = workstation.viewer_hint(workstation.models_for(series), volume.modality)
+    if ss[hint_key]:
+        st.info(ss[hint_key], icon=":material/crop_free:")
     st.caption(workstation.NOT_FOR_DIAGNOSTIC_USE)
 
 if action and action.get("seq") != ss.viewport_seq:

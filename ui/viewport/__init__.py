@@ -37,13 +37,14 @@ def media_url(data: bytes, coordinates: str) -> str:
 
 def viewport(*, volume: bytes, labels: bytes | None, window: tuple[float, float], unit: str,
              presets: Sequence[Mapping[str, Any]], corners: Mapping[str, Any],
-             label_entries: Sequence[Mapping[str, Any]] = (), hint: str = "", overlay_hint: str = "",
-             height: int = 560, key: str = "viewport") -> dict[str, Any] | None:
-    """Draw the viewport; returns the clinician's last explicit action (``pick``,
-    ``distance`` or ``box`` with RAS voxel indices) or ``None``."""
+             label_entries: Sequence[Mapping[str, Any]] = (), hint: str = "", height: int = 560,
+             key: str = "viewport") -> dict[str, Any] | None:
+    """Draw the viewport (``hint`` replaces the usage line under it); returns the
+    clinician's last explicit action (``pick``, ``distance`` or ``box`` with RAS voxel
+    indices) or ``None``."""
     volume_url = media_url(volume, f"{key}.volume")
     labels_url = media_url(labels, f"{key}.labels") if labels is not None else None
     return _component(volume_url=volume_url, labels_url=labels_url,
                       window={"width": float(window[0]), "level": float(window[1])}, unit=unit,
                       presets=list(presets), corners=dict(corners), labels=list(label_entries), hint=hint,
-                      overlay_hint=overlay_hint, height=int(height), key=key, default=None)
+                      height=int(height), key=key, default=None)

@@ -64,7 +64,6 @@ root.innerHTML = `
   <canvas id="ink"></canvas>
   <div class="corner tl" id="c-tl"></div><div class="corner tr" id="c-tr"></div>
   <div class="corner bl" id="c-bl"></div><div class="corner br" id="c-br"></div>
-  <div id="hint"></div>
 </div>
 <div class="bar" id="readout">Loading…</div>`;
 const stage = document.getElementById("stage");
@@ -580,8 +579,7 @@ async function load(args) {
   S.timing.firstImage = performance.now();
   performance.mark("medai-first-image");
   refreshCorners();
-  readout.textContent = args.hint || "Wheel or arrow keys: slices · left-drag: W/L · right-drag: zoom · middle-drag: pan · 1-9 presets · i invert · space reset";
-  document.getElementById("hint").textContent = args.overlay_hint || "";
+  readout.textContent = args.hint || "Wheel or arrow keys: slices · left-drag: W/L · right-drag: zoom · middle-drag: pan · 1-7 CT presets · i invert · space reset";
 }
 
 // NiiVue compiles its shaders when it attaches (seconds under a software GL): start
