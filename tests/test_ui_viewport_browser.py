@@ -209,6 +209,15 @@ def test_viewport_in_chromium(head_ct, medai_home, tmp_path):
             after = checksums(frame)
             assert after[1] != sums_before[1] and after[2] != sums_before[2]
 
+            # number keys are the presets, i inverts, space resets (the canvas has the focus)
+            page.keyboard.press("1")
+            expect(frame.locator("#c-bl")).to_contain_text("W 400 L 40")  # OHIF soft tissue
+            page.keyboard.press("i")
+            expect(frame.locator("#c-bl")).to_contain_text("(inverted)")
+            page.keyboard.press(" ")
+            expect(frame.locator("#c-bl")).to_contain_text("W 80 L 40")
+            expect(frame.locator("#c-bl")).not_to_contain_text("inverted")
+
             # cine plays through the slices
             frame.locator("#cine").click()
             frame.wait_for_function("() => (window.__medaiViewport.cineFrames || 0) >= 10", timeout=120_000)
@@ -265,6 +274,17 @@ def test_viewport_in_chromium(head_ct, medai_home, tmp_path):
             assert (stats["min"], stats["max"]) == (hu.min(), hu.max())
             spacing = [float(v) for v in ds_a.PixelSpacing]
             assert stats["areaMm2"] == pytest.approx(hu.size * spacing[0] * spacing[1])
+
+            # a box drawn on the axial plane is LiteMedSAM's prompt
+            frame.locator("#tool-box").click()
+            a = tile_point(page, frame, 0, 0.35, 0.35)
+            b = tile_point(page, frame, 0, 0.6, 0.55)
+            page.mouse.move(*a)
+            page.mouse.down()
+            page.mouse.move(*b, steps=8)
+            page.mouse.up()
+            expect(page.get_by_text("Box prompt", exact=True)).to_be_visible()
+            expect(page.get_by_text(re.compile(r"On axial slice \d+: \d+ × \d+ mm"))).to_be_visible()
             page.screenshot(path=tmp_path / "viewport.png")
         finally:
             context.close()
