@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from medai import home
+from medai.durable import fsync_dir, pid_alive
 from medai.errors import ConfigError, MedaiError
 
 log = logging.getLogger("medai.results")
@@ -261,7 +262,7 @@ class ResultsStore:
         if written is not None:
             final = self.root / run.run_id
             os.replace(written, final)
-            _fsync_dir(self.root)
+            fsync_dir(self.root)
             run = replace(run, folder=final)
         with self._lock:
             self._db.execute(f"INSERT OR REPLACE INTO runs ({', '.join(_COLUMNS)}) VALUES "
@@ -293,29 +294,13 @@ class ResultsStore:
         removed = 0
         for part in self.root.glob(".*.part"):
             pid = part.name[:-len(".part")].rpartition("-p")[2]
-            if pid.isdigit() and _alive(int(pid)):
+            if pid.isdigit() and pid_alive(int(pid)):
                 continue
             shutil.rmtree(part, ignore_errors=True)
             removed += 1
         return removed
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # --------------------------------------------------------------------------- keys

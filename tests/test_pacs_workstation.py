@@ -94,16 +94,16 @@ def test_pushed_study_is_worked_listed_reviewed_and_sent(medai_home: Path, tmp_p
                 # Accept: SEG and a VERIFIED SR reach the destination.
                 page.goto(f"http://127.0.0.1:{port}/")  # the Worklist is the first page
                 settle(page)
-                page.get_by_text("Review").first.click()
+                page.get_by_test_id("stExpander").first.locator("summary").click()
                 page.get_by_role("button", name="Accept and send").click()
                 wait_until(lambda: len(dest.files()) >= 2, timeout=120, what="SEG and SR at the destination")
                 expect(page.get_by_text("sent").first).to_be_visible()
 
                 # A second study arrives and is rejected: nothing of it is sent.
                 sent_before = {f.name for f in dest.files()}
-                assert storescu(lst.port, second).returncode == 0
+                assert storescu(lst.port, second, jpeg_ls=True).returncode == 0
                 expect(page.get_by_text("to review").first).to_be_visible(timeout=900_000)
-                page.get_by_text("Review").first.click()
+                page.get_by_test_id("stExpander").first.locator("summary").click()
                 page.get_by_role("button", name="Reject").click()
                 expect(page.get_by_text("rejected").first).to_be_visible()
             finally:
