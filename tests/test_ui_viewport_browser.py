@@ -21,6 +21,7 @@ bench/ui_render.py reports it with the time from opening the series.
 from __future__ import annotations
 
 import functools
+import json
 import math
 import re
 import shutil
@@ -209,6 +210,20 @@ def test_viewport_in_chromium(head_ct, medai_home, tmp_path):
             after = checksums(frame)
             assert after[1] != sums_before[1] and after[2] != sums_before[2]
 
+            # right-drag zooms, middle-drag pans
+            x, y = tile_point(page, frame, 0, 0.5, 0.5)
+            page.mouse.move(x, y)
+            page.mouse.down(button="right")
+            page.mouse.move(x, y - 80, steps=6)
+            page.mouse.up(button="right")
+            expect(frame.locator("#c-bl")).not_to_contain_text("Zoom 1.00×")
+            pan_before = frame.evaluate("() => window.__medaiViewport.api.pan()")
+            page.mouse.down(button="middle")
+            page.mouse.move(x + 50, y + 30, steps=6)
+            page.mouse.up(button="middle")
+            frame.wait_for_function(f"() => JSON.stringify(window.__medaiViewport.api.pan().slice(0, 3)) !== "
+                                    f"'{json.dumps(pan_before[:3], separators=(',', ':'))}'")
+
             # number keys are the presets, i inverts, space resets (the canvas has the focus)
             page.keyboard.press("1")
             expect(frame.locator("#c-bl")).to_contain_text("W 400 L 40")  # OHIF soft tissue
@@ -216,6 +231,7 @@ def test_viewport_in_chromium(head_ct, medai_home, tmp_path):
             expect(frame.locator("#c-bl")).to_contain_text("(inverted)")
             page.keyboard.press(" ")
             expect(frame.locator("#c-bl")).to_contain_text("W 80 L 40")
+            expect(frame.locator("#c-bl")).to_contain_text("Zoom 1.00×")
             expect(frame.locator("#c-bl")).not_to_contain_text("inverted")
 
             # cine plays through the slices

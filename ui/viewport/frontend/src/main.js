@@ -627,6 +627,7 @@ S.api = {
   checksum: tileChecksum,
   tiles: () => nv.screenSlices.map((s) => ({ plane: s.axCorSag, ltwh: s.leftTopWidthHeight.map((x) => x / (nv.uiData.dpr || 1)) })),
   draw: () => nv.drawScene(),
+  pan: () => Array.from(nv.scene.pan2Dxyzmm),
 };
 
 window.addEventListener("message", (event) => {
