@@ -60,11 +60,14 @@ def _open(page, port: int, folder: Path, mode: str) -> float:
     page.get_by_placeholder("/path/to/DICOM folder").fill(str(folder))
     page.get_by_role("button", name="Add").click()
     _settle(page)
-    # pick the CT study (the demo T1 is listed too), then open its one series
-    page.get_by_test_id("stSelectbox").filter(has_text="Study").click()
-    page.get_by_role("option", name=re.compile(r"· CT · local")).click()
-    _settle(page)
-    page.get_by_text(DESCRIPTION).wait_for()
+    # the CT study (local folders are listed first; the demo T1 is listed too), its one series
+    try:
+        page.get_by_text(DESCRIPTION).wait_for(timeout=30_000)
+    except Exception:  # noqa: BLE001 - another study is selected: pick the CT by name
+        page.get_by_test_id("stSelectbox").filter(has_text="Study").click()
+        page.get_by_role("option", name=re.compile(r"· CT · local")).click()
+        _settle(page)
+        page.get_by_text(DESCRIPTION).wait_for()
     t0 = time.perf_counter()
     page.locator("[class*='st-key-open-'] button").first.click()
     _settle(page)
