@@ -75,7 +75,8 @@ SETTINGS: dict[str, Setting] = {
     for s in [
         Setting("home", None, str, "Directory holding all medai state (default: platformdirs user data dir)."),
         Setting("log_level", "WARNING", str, "Log level for the CLI/UI/servers."),
-        Setting("device", "auto", str, "Inference device: auto, cpu, cuda, tensorrt, rocm, openvino, coreml, directml, qnn."),
+        Setting("device", "auto", str, "Inference device: auto, cpu, cuda, tensorrt, rocm, openvino (openvino-cpu, -gpu, -npu), coreml, directml, qnn."),
+        Setting("precision", "auto", str, "Inference precision: auto (this machine's tuned choice, see medai doctor --tune), fp32, bf16, fp16, int8."),
         Setting("threads", 0, int, "Intra-op threads for inference (0: number of physical cores)."),
         Setting("max_memory", None, parse_size, "Memory budget for one inference run (e.g. 4G)."),
         Setting("allow_unsigned", False, _parse_bool, "Development only: load unsigned model bundles (audited)."),
