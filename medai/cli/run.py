@@ -34,7 +34,10 @@ def run_command(
     out: Path = typer.Option(..., "--out", "-o", help="Output folder."),
     series: Optional[str] = typer.Option(None, "--series", help="SeriesInstanceUID (default: best match by the card's rules)."),
     all_series: bool = typer.Option(False, "--all-series", help="Run on every matching series (one subfolder each)."),
-    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda, tensorrt, rocm, openvino, coreml, directml, qnn."),
+    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda, tensorrt, rocm, openvino "
+                                         "(openvino-cpu, -gpu, -npu), coreml, directml, qnn."),
+    precision: Optional[str] = typer.Option(None, "--precision", help="auto (this machine's tuned choice, "
+                                            "`medai doctor --tune`), fp32, bf16, fp16, int8."),
     max_memory: Optional[str] = typer.Option(None, "--max-memory", help="Memory budget, e.g. 4G."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="Intra-op threads (default: physical cores)."),
     allow_unsigned: bool = typer.Option(False, "--allow-unsigned", help="Development only: run an unsigned bundle (audited)."),
@@ -52,7 +55,8 @@ def run_command(
     from medai.inference import run as runner
 
     prompt = _prompt(plane, slice_index, box, propagate, window, slice_range)
-    kwargs: dict[str, Any] = {"device": device, "max_memory": max_memory, "prompt": prompt, "threads": threads}
+    kwargs: dict[str, Any] = {"device": device, "max_memory": max_memory, "prompt": prompt, "threads": threads,
+                              "precision": precision}
     if all_series:
         if series:
             raise typer.BadParameter("--series and --all-series exclude each other")
@@ -71,7 +75,7 @@ def run_command(
 def _human_one(s: dict[str, Any]) -> None:
     vols = ", ".join(f"{k} {v:.1f} mL" for k, v in s["volumes_ml"].items())
     sys.stdout.write(f"{s['model']} {s['version']} on series {s['series_uid'] or '(file)'}: {vols}; priority "
-                     f"{s['priority']}; {s['provider']}; {s['seconds']} s\n  -> {s['out_dir']}\n")
+                     f"{s['priority']}; {s['provider']} {s.get('precision', '')}; {s['seconds']} s\n  -> {s['out_dir']}\n")
 
 
 def _human_many(rows: list[dict[str, Any]]) -> None:

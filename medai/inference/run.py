@@ -65,13 +65,15 @@ class RunResult:
     timings: Mapping[str, float]
     memory: Mapping[str, Any] = field(default_factory=dict)
     labels: np.ndarray | None = field(default=None, repr=False, compare=False)
+    #: Precision(s) the provider(s) really computed in (fp32, bf16, fp16, int8).
+    precision: str = "fp32"
 
     def summary(self) -> dict[str, Any]:
         return {"model": self.model_id, "version": self.model_version, "series_uid": self.series_uid,
                 "out_dir": str(self.out_dir), "seg": str(self.seg_path) if self.seg_path else None,
                 "mask": str(self.mask_path), "result": str(self.result_path),
                 "sr": str(self.sr_path) if self.sr_path else None, "volumes_ml": dict(self.volumes_ml),
-                "priority": self.priority.level, "provider": self.provider,
+                "priority": self.priority.level, "provider": self.provider, "precision": self.precision,
                 "seconds": round(self.timings.get("total", 0.0), 2)}
 
 
@@ -162,7 +164,8 @@ def write_mask(volume: Volume, labels: np.ndarray, path: Path) -> None:
 
 def run_on_volume(bundle: Bundle, volume: Volume, out_dir: str | Path, *, device: str | None = None,
                   max_memory: int | str | None = None, prompt: Prompt | Mapping[str, Any] | None = None,
-                  threads: int | None = None, patient: Patient = (None, None)) -> RunResult:
+                  threads: int | None = None, patient: Patient = (None, None),
+                  precision: str | None = None) -> RunResult:
     """Run ``bundle`` on an already loaded ``volume`` and write the outputs to ``out_dir``.
 
     ``patient``: the clear (PatientID, PatientName) of the series when the caller knows
@@ -191,7 +194,8 @@ def run_on_volume(bundle: Bundle, volume: Volume, out_dir: str | Path, *, device
         all with the run's device/threads and all reported in the result's provider list."""
         if (b.id, key) not in sessions:
             t0 = time.perf_counter()
-            sessions[(b.id, key)] = backends.get_session(b, key, device=device, threads=threads)
+            sessions[(b.id, key)] = backends.get_session(b, key, device=device, threads=threads,
+                                                         precision=precision)
             label = key if b.id == bundle.id else f"{b.id}:{key}"
             ctx.timings[f"session_{label}"] = time.perf_counter() - t0
         return sessions[(b.id, key)]
@@ -257,6 +261,9 @@ def run_on_volume(bundle: Bundle, volume: Volume, out_dir: str | Path, *, device
         "prompt": prompt.as_dict() if isinstance(prompt, Prompt) else None,
         "preprocessing": ctx.recorded,
         "backend": {"provider": provider, "fallback": fallbacks,
+                    "precision": ", ".join(sorted({s.precision for s in sessions.values()})) or "none",
+                    "sessions": [{**s.describe(), "graph": f"{b}:{k}" if b != bundle.id else k}
+                                 for (b, k), s in sessions.items()],
                     "threads": sorted({s.threads for s in sessions.values()}),
                     "onnxruntime": backends._ort().__version__, "machine": platform.machine()},
         "timings_s": {k: round(v, 3) for k, v in ctx.timings.items()},
@@ -272,10 +279,12 @@ def run_on_volume(bundle: Bundle, volume: Volume, out_dir: str | Path, *, device
     os.replace(tmp, result_path)
     _audit.record("model_run", **ids, detail={"model": bundle.id, "version": bundle.version,
                                               "card_sha256": bundle.card_sha256, "provider": provider,
+                                              "precision": result["backend"]["precision"],
                                               "seconds": round(ctx.timings["total"], 2)})
     return RunResult(bundle.id, bundle.version, volume.series_instance_uid, volume.study_instance_uid, out,
                      result_path, mask_path, seg_path, sr_path, volumes, output.measurements, output.findings,
-                     dict(output.qc), priority, provider, dict(ctx.timings), memory, output.labels)
+                     dict(output.qc), priority, provider, dict(ctx.timings), memory, output.labels,
+                     precision=result["backend"]["precision"])
 
 
 def _json_default(value: Any) -> Any:
@@ -294,7 +303,7 @@ def _json_default(value: Any) -> Any:
 def run_model(model_id: str, source: Path | str | Volume, out_dir: str | Path, *, series_uid: str | None = None,
               device: str | None = None, max_memory: int | str | None = None,
               prompt: Prompt | Mapping[str, Any] | None = None, allow_unsigned: bool | None = None,
-              threads: int | None = None) -> RunResult:
+              threads: int | None = None, precision: str | None = None) -> RunResult:
     """Run model ``model_id`` on one series of ``source`` and write results to ``out_dir``.
 
     ``source`` is a Volume, a DICOM file/folder (the best series by the card's rules
@@ -307,7 +316,7 @@ def run_model(model_id: str, source: Path | str | Volume, out_dir: str | Path, *
     else:
         volume, patient = _load_volume(Path(source), series_uid, bundle)
     return run_on_volume(bundle, volume, out_dir, device=device, max_memory=max_memory, prompt=prompt,
-                         threads=threads, patient=patient)
+                         threads=threads, patient=patient, precision=precision)
 
 
 def run_study(model_id: str, source: Path | str, out_dir: str | Path, **kwargs: Any) -> list[RunResult]:

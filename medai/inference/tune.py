@@ -93,6 +93,8 @@ class Candidate:
     dice: float | None
     max_abs_diff: float | None
     reason: str = ""
+    #: The graph file measured (a bundle may offer e.g. a quantised file beside the fp32 one).
+    file: str = ""
 
 
 @dataclass(frozen=True)
@@ -239,11 +241,12 @@ def tune_graph(bundle: "Bundle", key: str, inputs: Sequence[Feeds], *, providers
             session.run_feeds(inputs[0], [spec.output])  # warm-up: first-run allocations are not the steady state
             ms, dice, diff = _time_and_compare(session._session, inputs, spec.output, refs, repeats)
         except BackendError as exc:
-            rows.append(Candidate(provider, precision, runtime, False, None, None, None, str(exc)))
+            rows.append(Candidate(provider, precision, runtime, False, None, None, None, str(exc), path.name))
             continue
         passed = dice >= dice_min
         reason = "" if passed else f"Dice {dice:.4f} against fp32 CPU is below {dice_min:g}"
-        rows.append(Candidate(provider, precision, runtime, passed, round(ms, 1), round(dice, 6), diff, reason))
+        rows.append(Candidate(provider, precision, runtime, passed, round(ms, 1), round(dice, 6), diff, reason,
+                              path.name))
         del session
     verdict = Verdict(bundle.id, key, digest, cpu_features(), dice_min, validation, tuple(rows), choose(rows))
     if save:
