@@ -493,8 +493,10 @@ def parity_check(bundle: "Bundle", key: str, provider: str, *, threads: int | No
     substituted = other.provider != provider or other.precision != precision
     if precision != "fp32":
         # Logits in bf16/fp16/int8 legitimately differ by more than an fp32 tolerance; what
-        # must hold is the mask (issue 17: Dice >= 0.995 against fp32).
-        tol, dice_min = float("inf"), max(dice_min, 0.995)
+        # must hold here is the mask. This synthetic input is only a sanity check of an
+        # explicitly requested precision; the precision gate proper (Dice >= 0.995 on real
+        # validation inputs) is the tuning, medai.inference.tune.
+        tol = float("inf")
     passed = diff <= tol and dice >= dice_min and not substituted
     if other.provider != provider:
         reason = f"{provider} is not usable here (onnxruntime ran {other.provider} instead)"
