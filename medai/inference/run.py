@@ -130,7 +130,7 @@ def _load_volume(source: Path, series_uid: str | None, bundle: Bundle) -> tuple[
     if series_uid not in index.series:
         raise DicomInputError(source, f"series {series_uid} not found")
     entry = index.series[series_uid]
-    return load_series(list(entry.files), series_uid=series_uid), _patient_of(index, entry)
+    return load_series(entry, series_uid=series_uid), _patient_of(index, entry)  # the entry: no second scan
 
 
 def _apply_rules(bundle: Bundle, measurements: tuple[Measurement, ...], volumes: Mapping[str, float]) -> Priority:
@@ -330,7 +330,7 @@ def run_study(model_id: str, source: Path | str, out_dir: str | Path, **kwargs: 
     index = scan([Path(source)])
     for entry in matching_series(bundle.card, index):
         uid = getattr(entry, "series_uid", None) or getattr(entry, "series_instance_uid")
-        volume = load_series(list(entry.files), series_uid=uid)
+        volume = load_series(entry, series_uid=uid)
         results.append(run_on_volume(bundle, volume, Path(out_dir) / uid, patient=_patient_of(index, entry),
                                      **kwargs))
     return results
