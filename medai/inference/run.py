@@ -165,17 +165,20 @@ def write_mask(volume: Volume, labels: np.ndarray, path: Path) -> None:
 def run_on_volume(bundle: Bundle, volume: Volume, out_dir: str | Path, *, device: str | None = None,
                   max_memory: int | str | None = None, prompt: Prompt | Mapping[str, Any] | None = None,
                   threads: int | None = None, patient: Patient = (None, None),
-                  precision: str | None = None) -> RunResult:
+                  precision: str | None = None, load_seconds: float | None = None) -> RunResult:
     """Run ``bundle`` on an already loaded ``volume`` and write the outputs to ``out_dir``.
 
     ``patient``: the clear (PatientID, PatientName) of the series when the caller knows
     them (from the DICOM index); they go to the audit trail only, which pseudonymises them.
+    ``load_seconds``: how long the caller took to load ``volume`` (recorded in the timings).
     """
     t_start = time.perf_counter()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     ids = _audit_ids(volume, patient)
+    t0 = time.perf_counter()
     _audit.record("instances_accessed", **ids, detail={"purpose": "model_run", "model": bundle.id})
+    t_audit = time.perf_counter() - t0
     budget = config.get("max_memory", max_memory)
     budget = config.parse_size(budget) if budget is not None else None
     plan = planner.plan(bundle, volume.shape, budget)
@@ -206,6 +209,8 @@ def run_on_volume(bundle: Bundle, volume: Volume, out_dir: str | Path, *, device
     ctx = PipelineContext(bundle=bundle, session=session, plan=plan, steps=StepRunner(bundle.card), prompt=prompt,
                           session_for=session_for)
     ctx.steps.bind(ctx)
+    if load_seconds is not None:
+        ctx.timings["load"] = load_seconds
     planner.reset_peak_rss()
     t0 = time.perf_counter()
     try:
@@ -227,11 +232,15 @@ def run_on_volume(bundle: Bundle, volume: Volume, out_dir: str | Path, *, device
     t0 = time.perf_counter()
     mask_path = out / "mask.nii.gz"
     write_mask(volume, output.labels, mask_path)
+    ctx.timings["write_nifti"] = time.perf_counter() - t0
     seg_path = sr_path = None
     if volume.sources:
         from medai.dicom.outputs.seg import write_seg
 
+        t1 = time.perf_counter()
         seg_path = write_seg(volume, output.labels, output.segments, bundle, out / "seg.dcm")
+        ctx.timings["write_seg"] = time.perf_counter() - t1
+        t1 = time.perf_counter()
         if output.measurements:
             try:
                 from medai.dicom.outputs import sr  # built by the DICOM outputs owner
@@ -239,10 +248,12 @@ def run_on_volume(bundle: Bundle, volume: Volume, out_dir: str | Path, *, device
                 sr = None
             if sr is not None:
                 sr_path = sr.write_sr(volume, output, bundle, out / "sr.dcm", seg_path=seg_path)
+        ctx.timings["write_sr"] = time.perf_counter() - t1
     # Pipeline-specific files (e.g. the volumetry one-page summary), named in result.json.
     write_extras = getattr(pipeline, "write_extras", None)
     extras = [Path(p) for p in write_extras(out, volume, output)] if callable(write_extras) else []
     ctx.timings["write"] = time.perf_counter() - t0
+    ctx.timings["audit"] = t_audit
     ctx.timings["total"] = time.perf_counter() - t_start
     provider = ", ".join(sorted({s.provider for s in sessions.values()})) or "none"
     fallbacks = sorted({s.fallback_reason for s in sessions.values() if s.fallback_reason})
@@ -277,10 +288,13 @@ def run_on_volume(bundle: Bundle, volume: Volume, out_dir: str | Path, *, device
     tmp = result_path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(result, indent=2, default=_json_default))
     os.replace(tmp, result_path)
+    t0 = time.perf_counter()
     _audit.record("model_run", **ids, detail={"model": bundle.id, "version": bundle.version,
                                               "card_sha256": bundle.card_sha256, "provider": provider,
                                               "precision": result["backend"]["precision"],
                                               "seconds": round(ctx.timings["total"], 2)})
+    # result.json is written before this record (as before); its "audit" time is the first record's.
+    ctx.timings["audit"] += time.perf_counter() - t0
     return RunResult(bundle.id, bundle.version, volume.series_instance_uid, volume.study_instance_uid, out,
                      result_path, mask_path, seg_path, sr_path, volumes, output.measurements, output.findings,
                      dict(output.qc), priority, provider, dict(ctx.timings), memory, output.labels,
@@ -311,12 +325,14 @@ def run_model(model_id: str, source: Path | str | Volume, out_dir: str | Path, *
     no SEG: there are no source instances to reference).
     """
     bundle = registry.get_bundle(model_id, allow_unsigned=allow_unsigned)
+    t0 = time.perf_counter()
     if isinstance(source, Volume):
         volume, patient = source, (None, None)
     else:
         volume, patient = _load_volume(Path(source), series_uid, bundle)
     return run_on_volume(bundle, volume, out_dir, device=device, max_memory=max_memory, prompt=prompt,
-                         threads=threads, patient=patient, precision=precision)
+                         threads=threads, patient=patient, precision=precision,
+                         load_seconds=None if isinstance(source, Volume) else time.perf_counter() - t0)
 
 
 def run_study(model_id: str, source: Path | str, out_dir: str | Path, **kwargs: Any) -> list[RunResult]:
