@@ -53,7 +53,7 @@ from medai.errors import PromptError
 if TYPE_CHECKING:  # pragma: no cover
     from medai.dicom.volume import Geometry, Volume
     from medai.inference.bundle import Bundle
-    from medai.inference.pipeline import PipelineContext, PipelineOutput
+    from medai.inference.pipeline import PipelineContext, PipelineOutput, Prompt
     from medai.viewer import DisplayVolume
 
 log = logging.getLogger("medai.inference")
@@ -849,7 +849,7 @@ class MedSamLitePipeline:
         card = self.bundle.card
         settings = Settings.from_card([s.as_dict() for s in card.preprocessing], card.postprocessing)
         enc, dec = ctx.session("encoder"), ctx.session("decoder")
-        key = (self.bundle.card_sha256, enc.provider)
+        key = (self.bundle.card_sha256, f"{enc.provider} {enc.precision} {dec.provider} {dec.precision}")
         with _models_lock:
             model = _models.get(key)
             if model is None:
@@ -901,3 +901,19 @@ class MedSamLitePipeline:
 
 def create(bundle: "Bundle") -> MedSamLitePipeline:
     return MedSamLitePipeline(bundle)
+
+
+def validation_volume(bundle: "Bundle") -> tuple[str, "Volume"]:
+    """A real series for precision tuning (:mod:`medai.inference.tune`): the shipped demo T1
+    (Colin27, real MRI pixels, synthetic headers), prompted by :func:`validation_prompt`."""
+    from medai.data import demo_t1_dir
+    from medai.dicom.volume import load_series
+
+    return "Colin27 T1 (medai demo study), axial slice 100, box around the brain", load_series(demo_t1_dir())
+
+
+def validation_prompt(bundle: "Bundle") -> "Prompt":
+    """The box the tuning draws on the validation series: the brain on a mid-axial slice."""
+    from medai.inference.pipeline import Prompt
+
+    return Prompt(plane="axial", slice_index=100, box=(30, 40, 150, 185))
