@@ -309,10 +309,14 @@ class _OpenVINOGraph:
     """A compiled OpenVINO model behind onnxruntime's ``run(output_names, feeds)`` call,
     so pipelines and parity checks use one interface for both runtimes."""
 
-    def __init__(self, compiled: Any, provider: str) -> None:
+    def __init__(self, compiled: Any, provider: str, *, keep_memory: bool = False) -> None:
         self._compiled = compiled
         self._request = compiled.create_infer_request()
         self._provider = provider
+        # Like onnxruntime's arena setting: a graph run once per volume gives its intermediate
+        # buffers back after each run (OpenVINO keeps them for the request's lifetime otherwise,
+        # e.g. the first stage's while the second runs); per-slice graphs keep them.
+        self._release = not keep_memory and hasattr(compiled, "release_memory")
         self._lock = threading.Lock()  # one infer request: one run at a time
 
     def run(self, output_names: list[str] | None, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
@@ -321,6 +325,8 @@ class _OpenVINOGraph:
             results = self._request.infer(feeds, share_inputs=True, share_outputs=False)
             names = output_names or [o.get_any_name() for o in self._compiled.outputs]
             by_name = {port.get_any_name(): value for port, value in results.items()}
+            if self._release:
+                self._compiled.release_memory()
             return [by_name[n] for n in names]
 
     def get_inputs(self) -> list[_Port]:
@@ -339,6 +345,17 @@ def _ov_precision_name(value: Any) -> str:
     text = str(getattr(value, "get_type_name", lambda: value)()).lower()
     return {"f32": "fp32", "float32": "fp32", "bf16": "bf16", "bfloat16": "bf16", "f16": "fp16",
             "float16": "fp16"}.get(text, text)
+
+
+def _ov_ops_in(compiled: Any, element_type: str) -> int:
+    """How many operations of the compiled graph run in ``element_type`` (``bf16``, ``f16``);
+    -1 when the plugin does not say."""
+    try:
+        ops = compiled.get_runtime_model().get_ordered_ops()
+        return sum(1 for op in ops if "runtimePrecision" in op.get_rt_info()
+                   and op.get_rt_info()["runtimePrecision"].astype(str) == element_type)
+    except Exception:  # not every plugin exposes its runtime graph
+        return -1
 
 
 def _make_openvino(path: Path, spec: "GraphSpec | None", provider: str, threads: int,
@@ -370,9 +387,11 @@ def _make_openvino(path: Path, spec: "GraphSpec | None", provider: str, threads:
         used = _ov_precision_name(compiled.get_property("INFERENCE_PRECISION_HINT"))
     except Exception:  # some plugins do not report it
         used = precision
+    if used in ("bf16", "fp16") and _ov_ops_in(compiled, {"bf16": "bf16", "fp16": "f16"}[used]) == 0:
+        used = "fp32"  # the hint was accepted but no operation runs in it: it is an fp32 run
     if precision == "int8":
         used = "int8"  # int8 comes from the graph's own quantised weights, not from a hint
-    return _OpenVINOGraph(compiled, provider), used
+    return _OpenVINOGraph(compiled, provider, keep_memory=bool(spec is not None and spec.memory_arena)), used
 
 
 def _make(path: Path, digest: str, key: str, spec_input: str, spec_output: str, provider: str,

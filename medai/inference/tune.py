@@ -121,10 +121,24 @@ class Verdict:
         return cls(**{**data, "candidates": cands, "chosen": chosen})
 
 
+#: A reduced precision must be at least this much faster than the best fp32 candidate to be
+#: chosen: within timing noise, the exact answer wins.
+MARGIN = 0.05
+
+
 def choose(candidates: Iterable[Candidate]) -> Candidate | None:
-    """The fastest candidate that passed parity; a failing one is never chosen, however fast."""
+    """The fastest candidate that passed; a failing one is never chosen, however fast. A reduced
+    precision is chosen only when it beats the fastest passing fp32 by :data:`MARGIN`."""
     passing = [c for c in candidates if c.passed and c.ms is not None]
-    return min(passing, key=lambda c: (c.ms, c.precision != "fp32")) if passing else None
+    if not passing:
+        return None
+    best = min(passing, key=lambda c: (c.ms, c.precision != "fp32"))
+    exact = [c for c in passing if c.precision == "fp32"]
+    if best.precision != "fp32" and exact:
+        best_exact = min(exact, key=lambda c: c.ms)  # type: ignore[arg-type, return-value]
+        if best.ms > best_exact.ms * (1.0 - MARGIN):  # type: ignore[operator]
+            return best_exact
+    return best
 
 
 def _dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -142,14 +156,16 @@ def _precisions_for(provider: str) -> tuple[str, ...]:
 
 
 class _Recorder:
-    """Wraps a raw runtime session: records every input it is fed, then runs it."""
+    """Wraps a raw runtime session: records every input it is fed (and what it answered)."""
 
-    def __init__(self, raw: Any, sink: list[Feeds]) -> None:
-        self._raw, self._sink = raw, sink
+    def __init__(self, raw: Any, sink: list[Feeds], answers: list[list[np.ndarray]]) -> None:
+        self._raw, self._sink, self._answers = raw, sink, answers
 
     def run(self, names: Any, feeds: Feeds) -> Any:
         self._sink.append({k: np.array(v, copy=True) for k, v in feeds.items()})
-        return self._raw.run(names, feeds)
+        out = self._raw.run(names, feeds)
+        self._answers.append([np.array(o, copy=True) for o in out])
+        return out
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._raw, name)
@@ -157,22 +173,28 @@ class _Recorder:
 
 def capture_inputs(bundle: "Bundle", volume: "Volume", *, threads: int | None = None,
                    prompt: Any = None) -> dict[str, list[Feeds]]:
-    """Graph inputs the bundle's pipeline feeds each graph when it runs on ``volume`` (CPU fp32)."""
+    """Graph inputs the bundle's pipeline feeds each graph when it runs on ``volume`` (CPU fp32).
+
+    Also finds which graph's output another graph is fed unchanged (LiteMedSAM: the
+    encoder's embedding goes to the decoder); the result's ``"_chains"`` entry maps such a
+    producer to ``[(consumer key, consumer input name, producer run, consumer run), ...]``."""
     from medai.inference import backends, planner
     from medai.inference.pipeline import PipelineContext
     from medai.inference.run import load_pipeline
     from medai.inference.steps import StepRunner
 
     captured: dict[str, list[Feeds]] = {}
+    answers: dict[str, list[list[np.ndarray]]] = {}
     sessions: dict[tuple[str, str], backends.Session] = {}
 
     def session_for(b: "Bundle", key: str) -> backends.Session:
         if (b.id, key) not in sessions:
             real = backends.get_session(b, key, device="cpu", threads=threads, precision="fp32")
-            sink = captured.setdefault(key if b.id == bundle.id else f"{b.id}:{key}", [])
+            label = key if b.id == bundle.id else f"{b.id}:{key}"
+            sink, said = captured.setdefault(label, []), answers.setdefault(label, [])
             sessions[(b.id, key)] = backends.Session(real.key, real.file_sha256, real.provider, real.threads,
                                                      real.input_name, real.output_name,
-                                                     _Recorder(real._session, sink), precision="fp32")
+                                                     _Recorder(real._session, sink, said), precision="fp32")
         return sessions[(b.id, key)]
 
     ctx = PipelineContext(bundle=bundle, session=lambda key: session_for(bundle, key),
@@ -180,7 +202,18 @@ def capture_inputs(bundle: "Bundle", volume: "Volume", *, threads: int | None = 
                           session_for=session_for, prompt=prompt)
     ctx.steps.bind(ctx)
     load_pipeline(bundle).run(volume, ctx)
-    return {k: v for k, v in captured.items() if ":" not in k}
+    own = {k: v for k, v in captured.items() if ":" not in k}
+    chains: dict[str, list[tuple[str, str, int, int]]] = {}
+    for producer in own:
+        for consumer, feeds_list in own.items():
+            if consumer == producer:
+                continue
+            for j, feeds in enumerate(feeds_list):
+                for name, value in feeds.items():
+                    for i, outs in enumerate(answers[producer]):
+                        if any(o.shape == value.shape and np.array_equal(o, value) for o in outs):
+                            chains.setdefault(producer, []).append((consumer, name, i, j))
+    return {**own, "_chains": chains}  # type: ignore[dict-item]
 
 
 def validation_inputs(bundle: "Bundle", *, threads: int | None = None) -> tuple[str, dict[str, list[Feeds]]]:
@@ -219,11 +252,16 @@ def _time_and_compare(session: Any, inputs: Sequence[Feeds], output: str, refs: 
 
 def tune_graph(bundle: "Bundle", key: str, inputs: Sequence[Feeds], *, providers: Sequence[str] | None = None,
                threads: int | None = None, repeats: int = 3, validation: str = "",
-               extra: Sequence[tuple[str, str, Path]] = (), save: bool = True) -> Verdict:
+               extra: Sequence[tuple[str, str, Path]] = (), save: bool = True,
+               downstream: Sequence[tuple[str, str, Feeds, int]] = ()) -> Verdict:
     """Measure every provider x precision for graph ``key`` on ``inputs`` and keep the fastest that passes.
 
     ``extra``: further (provider, precision, graph file) candidates, e.g. a quantised
     graph (never chosen unless it passes like every other candidate).
+    ``downstream``: when this graph's output is not a mask but is fed to another graph
+    (an image embedding), judge it by that graph's mask instead: ``(consumer key, its input
+    name, its captured feeds, index into inputs)``; the consumer runs as fp32 CPU on the
+    candidate's output and its mask is compared with the all-fp32 mask.
     """
     from medai.inference import backends
 
@@ -237,6 +275,7 @@ def tune_graph(bundle: "Bundle", key: str, inputs: Sequence[Feeds], *, providers
     reference = backends._make(bundle.file(spec.file), digest, key, spec.input, spec.output, backends.CPU, n,
                                memory_arena=spec.memory_arena)
     refs = [reference._session.run([spec.output], feeds)[0] for feeds in inputs]
+    judge = _downstream_judge(bundle, downstream, n) if downstream else None
     plan = [(p, prec, bundle.file(spec.file)) for p in providers for prec in _precisions_for(p)] + list(extra)
     rows: list[Candidate] = []
     for provider, precision, path in plan:
@@ -246,6 +285,8 @@ def tune_graph(bundle: "Bundle", key: str, inputs: Sequence[Feeds], *, providers
                                      memory_arena=spec.memory_arena, precision=precision, spec=spec)
             session.run_feeds(inputs[0], [spec.output])  # warm-up: first-run allocations are not the steady state
             ms, dice, diff = _time_and_compare(session._session, inputs, spec.output, refs, repeats)
+            if judge is not None:
+                dice = judge(session._session, inputs, spec.output)
         except BackendError as exc:
             rows.append(Candidate(provider, precision, runtime, False, None, None, None, str(exc), path.name))
             continue
@@ -260,12 +301,39 @@ def tune_graph(bundle: "Bundle", key: str, inputs: Sequence[Feeds], *, providers
     return verdict
 
 
+def _downstream_judge(bundle: "Bundle", downstream: Sequence[tuple[str, str, Feeds, int]],
+                      threads: int) -> Callable[[Any, Sequence[Feeds], str], float]:
+    """Lowest mask Dice of the consumer graph(s) fed a candidate's output, against all-fp32."""
+    from medai.inference import backends
+
+    consumers = {}
+    for key, _, _, _ in downstream:
+        if key not in consumers:
+            spec = bundle.card.graphs[key]
+            consumers[key] = backends._make(bundle.file(spec.file), bundle.card.files[spec.file], key, spec.input,
+                                            spec.output, backends.CPU, threads, memory_arena=spec.memory_arena)
+    expected = [consumers[k]._session.run([bundle.card.graphs[k].output], feeds)[0]
+                for k, _, feeds, _ in downstream]
+
+    def judge(candidate: Any, inputs: Sequence[Feeds], output: str) -> float:
+        worst = 1.0
+        for (key, name, feeds, i), ref in zip(downstream, expected):
+            produced = candidate.run([output], inputs[i])[0]
+            got = consumers[key]._session.run([bundle.card.graphs[key].output], {**feeds, name: produced})[0]
+            worst = min(worst, _dice(ref > 0, got > 0))
+        return worst
+
+    return judge
+
+
 def tune_bundle(bundle: "Bundle", *, threads: int | None = None, repeats: int = 3,
                 providers: Sequence[str] | None = None) -> list[Verdict]:
     """Tune every graph of ``bundle`` on its real validation inputs (none: nothing to tune)."""
     name, inputs = validation_inputs(bundle, threads=threads)
+    chains: dict[str, list[tuple[str, str, int, int]]] = inputs.pop("_chains", {})  # type: ignore[assignment]
     return [tune_graph(bundle, key, inputs[key], providers=providers, threads=threads, repeats=repeats,
-                       validation=name)
+                       validation=name,
+                       downstream=[(c, n, inputs[c][j], i) for c, n, i, j in chains.get(key, [])])
             for key in bundle.card.graphs if inputs.get(key)]
 
 

@@ -542,11 +542,11 @@ class MedSamLite:
 
     @classmethod
     def from_bundle(cls, bundle: "Bundle", *, device: str | None = None, threads: int | None = None,
-                    cache_bytes: int = DEFAULT_CACHE_BYTES) -> "MedSamLite":
+                    cache_bytes: int = DEFAULT_CACHE_BYTES, precision: str | None = None) -> "MedSamLite":
         from medai.inference import backends
 
-        enc = backends.get_session(bundle, "encoder", device=device, threads=threads)
-        dec = backends.get_session(bundle, "decoder", device=device, threads=threads)
+        enc = backends.get_session(bundle, "encoder", device=device, threads=threads, precision=precision)
+        dec = backends.get_session(bundle, "decoder", device=device, threads=threads, precision=precision)
         card = bundle.card
         settings = Settings.from_card([s.as_dict() for s in card.preprocessing], card.postprocessing)
         return cls(enc.run, _decoder_callable(dec), settings=settings, cache_bytes=cache_bytes)
