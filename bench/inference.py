@@ -111,7 +111,8 @@ def _child(argv: list[str], env: dict[str, str], out: Path) -> dict[str, object]
         split = {label: sum(float(t.get(k, 0.0)) for k in keys) for label, keys in SPLIT}
         split["start+imports"] = wall - float(t.get("load", 0.0)) - float(t["total"])
         row.update(split=split, provider=data["backend"]["provider"], precision=data["backend"]["precision"],
-                   brain_ml=data["volumes_ml"]["Brain"])
+                   brain_ml=data["volumes_ml"]["Brain"], predicted_mb=data["memory"]["predicted_peak_mb"],
+                   measured_mb=data["memory"]["measured_peak_rss_mb"])
     else:
         row.update(json.loads(stdout.strip().splitlines()[-1]))
     return row
@@ -186,6 +187,9 @@ def main() -> int:
         split = {label: statistics.median(float(r["split"][label]) for r in runs[k]) for label in runs[k][0]["split"]}
         print(f"  split {k:<15} " + ", ".join(f"{label} {v:.2f}" for label, v in split.items()) + " (s, medians)")
         print(f"  Dice {k} vs reference mask: {dice[k]:.5f}")
+        pred, meas = (statistics.median(float(r[m]) for r in runs[k]) for m in ("predicted_mb", "measured_mb"))
+        print(f"  planner {k}: predicted {pred:.0f} MB, measured {meas:.0f} MB during the run "
+              f"({pred / meas - 1:+.0%}; target within +-25%)")
     ratios = {k: med[k]["seconds"] / ref["seconds"] for k in ("medai tuned", "medai cpu fp32")}
     mem = max(med[k]["peak_rss_mb"] for k in ("medai tuned", "medai cpu fp32")) / ref["peak_rss_mb"]
     print(f"targets: tuned {ratios['medai tuned']:.2f}x (<= 0.4x: {'ok' if ratios['medai tuned'] <= 0.4 else 'NOT MET'}), "

@@ -95,6 +95,9 @@ class Candidate:
     reason: str = ""
     #: The graph file measured (a bundle may offer e.g. a quantised file beside the fp32 one).
     file: str = ""
+    #: Resident memory the session added at its peak (compile + one run), MiB: what the
+    #: planner predicts this graph with on this machine (:mod:`medai.inference.planner`).
+    peak_mb: float | None = None
 
 
 @dataclass(frozen=True)
@@ -263,7 +266,7 @@ def tune_graph(bundle: "Bundle", key: str, inputs: Sequence[Feeds], *, providers
     name, its captured feeds, index into inputs)``; the consumer runs as fp32 CPU on the
     candidate's output and its mask is compared with the all-fp32 mask.
     """
-    from medai.inference import backends
+    from medai.inference import backends, planner
 
     if not inputs:
         raise BackendError(f"model {bundle.id}: no validation inputs for graph {key!r}: cannot tune")
@@ -280,10 +283,13 @@ def tune_graph(bundle: "Bundle", key: str, inputs: Sequence[Feeds], *, providers
     rows: list[Candidate] = []
     for provider, precision, path in plan:
         runtime = backends.runtime_version(provider)
+        base = _rss_bytes()
+        planner.reset_peak_rss()
         try:
             session = backends._make(path, digest, key, spec.input, spec.output, provider, n,
                                      memory_arena=spec.memory_arena, precision=precision, spec=spec)
             session.run_feeds(inputs[0], [spec.output])  # warm-up: first-run allocations are not the steady state
+            peak_mb = round(max(0, planner.peak_rss_bytes() - base) / planner.MB, 1)
             ms, dice, diff = _time_and_compare(session._session, inputs, spec.output, refs, repeats)
             if judge is not None:
                 dice = judge(session._session, inputs, spec.output)
@@ -293,12 +299,22 @@ def tune_graph(bundle: "Bundle", key: str, inputs: Sequence[Feeds], *, providers
         passed = dice >= dice_min
         reason = "" if passed else f"Dice {dice:.4f} against fp32 CPU is below {dice_min:g}"
         rows.append(Candidate(provider, precision, runtime, passed, round(ms, 1), round(dice, 6), diff, reason,
-                              path.name))
+                              path.name, peak_mb))
         del session
     verdict = Verdict(bundle.id, key, digest, cpu_features(), dice_min, validation, tuple(rows), choose(rows))
     if save:
         _store(verdict)
     return verdict
+
+
+def _rss_bytes() -> int:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
 
 
 def _downstream_judge(bundle: "Bundle", downstream: Sequence[tuple[str, str, Feeds, int]],
@@ -365,6 +381,13 @@ def verdicts() -> list[Verdict]:
 def lookup(file_sha256: str) -> Verdict | None:
     data = _load().get(f"{file_sha256}|{_cpu_key()}")
     return Verdict.from_dict(data) if data else None
+
+
+def measured_peak_bytes(file_sha256: str) -> int | None:
+    """Peak memory the tuned (chosen) session of this graph file added on this machine, or None."""
+    verdict = lookup(file_sha256)
+    chosen = verdict.chosen if verdict else None
+    return int(chosen.peak_mb * 1024 * 1024) if chosen is not None and chosen.peak_mb is not None else None
 
 
 def preferred(bundle: "Bundle", key: str, providers: Sequence[str], threads: int) -> tuple[str, str] | None:

@@ -917,3 +917,9 @@ def validation_prompt(bundle: "Bundle") -> "Prompt":
     from medai.inference.pipeline import Prompt
 
     return Prompt(plane="axial", slice_index=100, box=(30, 40, 150, 185))
+
+
+def memory_extras(bundle: "Bundle", volume_shape: tuple[int, int, int]) -> dict[str, int]:
+    """What a run holds beside its two graphs, for the planner: the slice-embedding cache
+    (bounded by :data:`DEFAULT_CACHE_BYTES`, at most one embedding per slice of the longest axis)."""
+    return {"embedding_cache": min(DEFAULT_CACHE_BYTES, max(volume_shape) * EMBEDDING_BYTES)}
