@@ -152,7 +152,9 @@ def _human(r: dict[str, Any]) -> None:
             dice = f"Dice {c['dice']:.5f}" if c["dice"] is not None else "Dice    -   "
             mark = "*" if chosen and (c["provider"], c["precision"]) == (chosen["provider"], chosen["precision"]) else " "
             verdict = "pass" if c["passed"] else f"FAIL {c['reason']}"
-            out.write(f"         {mark} {c['provider']:<22} {c['precision']:<5} {ms}  {dice}  {c['runtime']}: {verdict}\n")
+            peak = f"{c['peak_mb']:6.0f} MB" if c.get("peak_mb") is not None else "    -    "
+            out.write(f"         {mark} {c['provider']:<22} {c['precision']:<5} {ms}  {dice}  {peak}  "
+                      f"{c['runtime']}: {verdict}\n")
 
 def register(app: typer.Typer) -> None:
     app.command("doctor", help="Hardware, providers, threads, memory, model bundles and parity check.")(doctor_command)

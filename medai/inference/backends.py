@@ -510,11 +510,12 @@ def parity_check(bundle: "Bundle", key: str, provider: str, *, threads: int | No
     dice = _dice(ref > 0, out > 0)
     tol, dice_min = bundle.card.parity.get("max_abs_diff", 1e-3), bundle.card.parity.get("dice_min", 0.99)
     substituted = other.provider != provider or other.precision != precision
-    if precision != "fp32":
-        # Logits in bf16/fp16/int8 legitimately differ by more than an fp32 tolerance; what
-        # must hold here is the mask. This synthetic input is only a sanity check of an
-        # explicitly requested precision; the precision gate proper (Dice >= 0.995 on real
-        # validation inputs) is the tuning, medai.inference.tune.
+    if precision != "fp32" or provider in OV_PROVIDERS:
+        # Logits in bf16/fp16/int8 legitimately differ by more than an fp32 tolerance, and so
+        # do another runtime's fp32 kernels (OpenVINO on the main brain graph: up to 1.7 on
+        # large logits of this synthetic input, masks Dice 0.9994); what must hold here is
+        # the mask. This input is only a sanity check; the gate proper (Dice >= 0.995 on
+        # real validation inputs) is the tuning, medai.inference.tune.
         tol = float("inf")
     passed = diff <= tol and dice >= dice_min and not substituted
     if other.provider != provider:
