@@ -18,8 +18,9 @@ child's own (``os.wait4`` rusage).
   on the NIfTI image, and medai's SEG writer, plus a mask file.
 
 For the medai paths the split comes from the run's own ``result.json`` timings (load,
-preprocess, model, postprocess, SEG, SR, NIfTI, audit); "start+imports" is the rest of
-the process's wall time.
+preprocess, model, postprocess, SEG, SR, NIfTI, audit); "start+imports+index" is the rest
+of the process's wall time (interpreter start, imports, the header index that picks the
+series, the results store).
 
 Usage::
 
@@ -109,7 +110,7 @@ def _child(argv: list[str], env: dict[str, str], out: Path) -> dict[str, object]
         data = json.loads(result.read_text())
         t = data["timings_s"]
         split = {label: sum(float(t.get(k, 0.0)) for k in keys) for label, keys in SPLIT}
-        split["start+imports"] = wall - float(t.get("load", 0.0)) - float(t["total"])
+        split["start+imports+index"] = wall - float(t.get("load", 0.0)) - float(t["total"])
         row.update(split=split, provider=data["backend"]["provider"], precision=data["backend"]["precision"],
                    brain_ml=data["volumes_ml"]["Brain"], predicted_mb=data["memory"]["predicted_peak_mb"],
                    measured_mb=data["memory"]["measured_peak_rss_mb"])
@@ -148,8 +149,9 @@ def main() -> int:
                                    capture_output=True, text=True)
             print("\n".join(line for line in tuned.stdout.splitlines()
                             if line.startswith(("Tuning", "   ", "CPU", "Runtime"))))
+        # --force: the results store would otherwise hand back the first run's result.
         medai = [sys.executable, "-c", CLI, "run", "--model", "brain-extraction", str(args.source),
-                 "--threads", str(args.threads), "--out"]
+                 "--threads", str(args.threads), "--force", "--out"]
         paths = {
             "medai tuned": lambda out: medai + [str(out)],
             "medai cpu fp32": lambda out: medai + [str(out), "--device", "cpu", "--precision", "fp32"],
