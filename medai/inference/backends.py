@@ -152,11 +152,7 @@ def _ov_core() -> "Any":
     """One OpenVINO Core per process (it enumerates devices and loads plugins once)."""
     import openvino
 
-    core = openvino.Core()
-    cache = config.home() / "cache" / "openvino"
-    cache.mkdir(parents=True, exist_ok=True, mode=0o700)
-    core.set_property({"CACHE_DIR": str(cache)})
-    return core
+    return openvino.Core()
 
 
 def _ov_version() -> str:
@@ -370,7 +366,12 @@ def _make_openvino(path: Path, spec: "GraphSpec | None", provider: str, threads:
             # graphs a plan may tile keep their dynamic shape.
             if port.get_partial_shape().is_dynamic and len(spec.shape) == len(port.get_partial_shape()):
                 model.reshape({spec.input: list(spec.shape)})
-        props: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY"}
+        # Compiled-graph cache, one folder per device and precision: OpenVINO 2026.4 given one
+        # folder for the same model compiled in two precisions loads the wrong blob for the
+        # second and crashes in its first run (seen with LiteMedSAM's encoder, fp32 then bf16).
+        cache = config.home() / "cache" / "openvino" / f"{device.lower()}-{precision}"
+        cache.mkdir(parents=True, exist_ok=True, mode=0o700)
+        props: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY", "CACHE_DIR": str(cache)}
         if device == "CPU":
             # Threads as for onnxruntime; no pinning: on a shared workstation pinned threads
             # fight the UI and the other processes for the same cores.
