@@ -170,3 +170,20 @@ def test_litemedsam_embedding_is_judged_by_the_decoder_mask() -> None:
                               downstream=chain)
     (row,) = verdict.candidates
     assert row.passed and row.dice == 1.0  # fp32 CPU against itself, through the decoder
+
+
+def test_one_graph_compiled_in_several_precisions_runs_each() -> None:
+    """OpenVINO's compiled-graph cache must not hand one precision's blob to another (it did with
+    one shared folder: fp16 silently ran the fp32 blob, bf16 crashed the process)."""
+    bundle = registry.get_bundle("medsam-lite")
+    spec = bundle.card.graphs["encoder"]
+    x = backends._parity_input(spec)
+    outs = {}
+    for precision in ("fp32", "bf16", "fp16", "fp32"):
+        session = backends._make(bundle.file(spec.file), "x", "encoder", spec.input, spec.output, backends.OV_CPU, 2,
+                                 precision=precision, spec=spec, memory_arena=True)
+        assert session.precision == precision
+        outs.setdefault(precision, []).append(session.run(x))
+    assert np.array_equal(outs["fp32"][0], outs["fp32"][1])
+    assert not np.array_equal(outs["fp16"][0], outs["fp32"][0])  # really computed in fp16
+    assert not np.array_equal(outs["bf16"][0], outs["fp32"][0])
