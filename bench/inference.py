@@ -55,6 +55,8 @@ REFERENCE = r"""
 import json, sys
 from pathlib import Path
 sys.path.insert(0, sys.argv[4])
+import medai
+medai.__path__.append(sys.argv[4])  # medai.compliance lives in compliance/ (mapped by setuptools when installed)
 import numpy as np, SimpleITK as sitk, nibabel as nib, pydicom, torch
 torch.set_num_threads(int(sys.argv[3]))
 from deepbet import BrainExtraction
