@@ -7,7 +7,6 @@ test extra), so these tests run, not skip, on every CI machine with an x86-64 CP
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +14,6 @@ import pytest
 
 from medai.errors import BackendError
 from medai.inference import backends, registry, tune
-from medai.inference.bundle import load_bundle
 
 CPU = backends.CPU
 
