@@ -167,7 +167,7 @@ def run_on_volume(bundle: Bundle, volume: Volume, out_dir: str | Path, *, device
     t_audit = time.perf_counter() - t0
     budget = config.get("max_memory", max_memory)
     budget = config.parse_size(budget) if budget is not None else None
-    plan = planner.plan(bundle, volume.shape, budget)
+    plan = planner.plan(bundle, volume.shape, budget, device=device)
     pipeline = load_pipeline(bundle)
     if prompt is not None and not isinstance(prompt, Prompt):
         try:

@@ -383,11 +383,18 @@ def lookup(file_sha256: str) -> Verdict | None:
     return Verdict.from_dict(data) if data else None
 
 
-def measured_peak_bytes(file_sha256: str) -> int | None:
-    """Peak memory the tuned (chosen) session of this graph file added on this machine, or None."""
+def measured_peak_bytes(file_sha256: str, *, cpu_only: bool = False) -> int | None:
+    """Peak memory the tuned (chosen) session of this graph file added on this machine, or None;
+    ``cpu_only``: the ONNX Runtime CPU fp32 row instead (a run with ``--device cpu``)."""
+    from medai.inference.backends import CPU
+
     verdict = lookup(file_sha256)
-    chosen = verdict.chosen if verdict else None
-    return int(chosen.peak_mb * 1024 * 1024) if chosen is not None and chosen.peak_mb is not None else None
+    if verdict is None:
+        return None
+    row = verdict.chosen
+    if cpu_only:
+        row = next((c for c in verdict.candidates if c.provider == CPU and c.precision == "fp32"), None)
+    return int(row.peak_mb * 1024 * 1024) if row is not None and row.peak_mb is not None else None
 
 
 def preferred(bundle: "Bundle", key: str, providers: Sequence[str], threads: int) -> tuple[str, str] | None:
