@@ -48,6 +48,9 @@ class TissueParams:
     #: Shrink factor for the N4 fit (the field is smooth; fitting it coarse is enough).
     n4_shrink: int = 3
     n4_iterations: tuple[int, ...] = (50, 50, 30)
+    #: MRF neighbour weight = (1 mm / centre distance) ** this power: 1 at 1 mm whatever the
+    #: power, weaker between the centres of coarse voxels (see classify_tissue).
+    neighbour_weight_power: float = 1.0
 
     @classmethod
     def from_mapping(cls, data: dict[str, Any] | None) -> "TissueParams":
@@ -65,7 +68,8 @@ class TissueParams:
     def as_dict(self) -> dict[str, Any]:
         return {"beta": self.beta, "max_iterations": self.max_iterations, "tolerance": self.tolerance,
                 "bias_correction": self.bias_correction, "tied_variance": self.tied_variance, "clip_low_percentile": self.clip_low_percentile, "n4_shrink": self.n4_shrink,
-                "n4_iterations": list(self.n4_iterations)}
+                "n4_iterations": list(self.n4_iterations),
+                "neighbour_weight_power": self.neighbour_weight_power}
 
 
 @dataclass(frozen=True, eq=False)
@@ -209,10 +213,13 @@ def classify_tissue(image: np.ndarray, mask: np.ndarray, spacing: tuple[float, f
     var = np.array([max(y[assign == c].var() if np.any(assign == c) else 0.01, 1e-4) for c in range(3)])
     pi = np.array([max((assign == c).mean(), 1e-3) for c in range(3)])
 
-    # Neighbour weights ~ 1/distance, normalised so the six weights sum to 6 (β comparable
-    # across voxel sizes). Axis order of the box is [k, j, i] -> spacing (sz, sy, sx).
-    inv = np.array([1 / sz, 1 / sy, 1 / sx])
-    w = tuple(float(v) for v in inv * 3 / inv.sum())
+    # Neighbour weights = 1 / centre distance in mm (1 at 1 mm, so β is calibrated on 1 mm
+    # images). Not renormalised: neighbours 3 mm apart say less about each other than
+    # neighbours 1 mm apart, and a prior as strong as at 1 mm over-smooths coarse voxels
+    # (thin sulcal CSF was absorbed into GM at 2x2x3 mm). Axis order of the box is
+    # [k, j, i] -> spacing (sz, sy, sx).
+    q = params.neighbour_weight_power
+    w = (sz ** -q, sy ** -q, sx ** -q)
     yy = y.astype(np.float32)
     member = np.zeros((3,) + m.shape, dtype=np.float32)  # tissue membership for the MRF
     converged = False
