@@ -182,6 +182,11 @@ def test_medai_run_brain_volumetry_writes_seg_sr_and_summary(tmp_path: Path) -> 
         ours, ref = names[f"{cls}_volume_ml"]["value"], refs[f"{cls}_volume_error_percent"]
         assert abs(ours - ref) / ref < 0.15, (cls, ours, ref)
     assert data["qc"]["image_quality"]["status"] == "pass"
+    assert data["qc"]["measurable"] and data["qc"]["plausibility"]["status"] == "pass"
+    # Issue 16: the demo is a template in MNI space; the result says so beside the volumes.
+    caveats = data["qc"]["caveats"]
+    assert len(caveats) == 1 and "MNI space" in caveats[0] and "larger than a typical head" in caveats[0]
+    assert any(f["text"] == f"Caveat: {caveats[0]}" for f in data["findings"])
     assert data["qc"]["normative"][0]["measure"] == "brain_parenchymal_fraction"
     assert "percentile" in data["qc"]["normative"][0]  # demo headers: 34 y, M
     assert data["priority"]["level"] in ("routine", "review")

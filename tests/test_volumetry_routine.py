@@ -114,7 +114,7 @@ def _assert_agrees_or_refused(build: Any, name: str, result: Any, full: Any) -> 
             assert abs(err) <= build.DEGRADED_TOLERANCE_PERCENT, row  # type: ignore[arg-type]
     else:
         # A refusal carries no number at all: no measurements, no volumes, no SR, no tissue map.
-        assert data["measurements"] == [] and result.sr_path is None, row
+        assert data["measurements"] == [] and data["volumes_ml"] == {} and result.sr_path is None, row
         assert not np.any(result.labels), row
         assert data["qc"]["status"] == "fail" and data["priority"]["score"] >= 0.9
         assert data["qc"]["not_measurable_reason"].startswith(plausibility.NOT_MEASURABLE)
@@ -167,7 +167,8 @@ def test_window_saturated_8bit_export_is_not_measurable_and_ranked_first(s1_runs
     data = json.loads(result.result_path.read_text())
     assert data["qc"]["image_quality"]["status"] in ("pass", "warn")  # the input looks fine
     assert data["qc"]["measurable"] is False and data["qc"]["plausibility"]["status"] == "fail"
-    assert data["measurements"] == [] and not np.any(result.labels) and result.sr_path is None
+    assert data["measurements"] == [] and data["volumes_ml"] == {} and result.sr_path is None
+    assert not np.any(result.labels) and result.seg_path is None
     assert all("value" not in c for c in data["qc"]["plausibility"]["checks"])
     assert data["findings"][0]["text"].startswith("Volumetry not measurable on this series: implausible")
     assert (result.priority.level, result.priority.score) == ("review", 0.9)

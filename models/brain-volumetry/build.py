@@ -24,7 +24,10 @@ What is measured (the same code paths as the pipeline):
   (Colin27 ``ch2bet``, a single real subject; ROBEX atlas mask; MNI152 template mask);
 * cortical agreement on a real single subject with its own FreeSurfer reconstruction:
   pycortex ``S1`` (see :func:`surface_reference`), ``medai run`` on its T1 against the
-  cortical ribbon between its pial and smoothwm surfaces.
+  cortical ribbon between its pial and smoothwm surfaces;
+* routine-quality input: every real subject (S1, Colin27) at full resolution and after each
+  of :data:`DEGRADATIONS`, ``medai run`` end to end; each tissue against the same subject's
+  full-resolution result (:func:`degradations`, the card's ``[[degradations]]`` table).
 """
 
 from __future__ import annotations
@@ -496,6 +499,29 @@ def evaluate() -> None:
     print(json.dumps(agreement, indent=1))
     (WORK / "metrics.json").write_text(json.dumps(metrics, indent=2))
     print(json.dumps(metrics, indent=2))
+    t0 = time.perf_counter()
+    table = degradations()
+    (WORK / "degradations.json").write_text(json.dumps(table, indent=2))
+    print(f"degradations [{time.perf_counter() - t0:.0f} s]")
+    print(degradation_markdown(table))
+
+
+def degradation_markdown(rows: list[dict[str, object]]) -> str:
+    """The degradation table as markdown (docs/models.md carries this output verbatim)."""
+    lines = ["| subject | series | image QC | GM mL (diff) | WM mL (diff) | CSF mL (diff) | verdict |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        cells = []
+        for t in TISSUES:
+            if t not in r:
+                cells.append("-")
+            elif r["degradation"] == "none":
+                cells.append(f"{r[t]:.0f}")
+            else:
+                cells.append(f"{r[t]:.0f} ({float(r[t.replace('_ml', '_error_percent')]):+.1f} %)")  # type: ignore[arg-type]
+        verdict = str(r["verdict"]) + (f": {r['reason']}" if r.get("reason") else "")
+        lines.append(f"| {r['subject']} | {r['degradation']} | {r['image_qc']} | {' | '.join(cells)} | {verdict} |")
+    return "\n".join(lines)
 
 
 def _toml_value(v: object) -> str:
@@ -518,6 +544,11 @@ def seal() -> None:
     if path.is_file():
         tables = ["[[metrics]]\n" + "".join(f"{k} = {_toml_value(v)}\n" for k, v in m.items())
                   for m in json.loads(path.read_text())]
+        template = template.rstrip("\n") + "\n\n" + "\n".join(tables)
+    path = WORK / "degradations.json"
+    if path.is_file():
+        tables = ["[[degradations]]\n" + "".join(f"{k} = {_toml_value(v)}\n" for k, v in row.items() if v is not None)
+                  for row in json.loads(path.read_text())]
         template = template.rstrip("\n") + "\n\n" + "\n".join(tables)
     digest = seal_bundle(HERE, template, ["NOTICE.md"], _build_key())
     registry.pin("brain-volumetry", digest)

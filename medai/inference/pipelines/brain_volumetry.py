@@ -136,7 +136,7 @@ class BrainVolumetry:
         ctx.record("tissue_classification", method="3-class Gaussian mixture + partial-volume classes, "
                    "mean-field Potts MRF, EM; N4 bias correction", **seg.params.as_dict(),
                    iterations=seg.iterations, converged=seg.converged,
-                   class_means=[round(m, 3) for m in seg.means])
+                   class_means=[round(m, 3) for m in seg.means], fitted_on_grid_mm=seg.working_grid_mm)
 
         icv = seg.mask_ml
         csf, gm, wm = (seg.volumes_ml[n] for n in tissue.CLASS_NAMES)
@@ -227,7 +227,9 @@ class BrainVolumetry:
         qc_out.update(status="fail", measurable=False, not_measurable_reason=f"{plausibility.NOT_MEASURABLE}: {reason}",
                       normative=[])
         qc_out.setdefault("tissue", None)
-        return PipelineOutput(labels=np.zeros(volume.shape, dtype=np.uint8), segments=segments_from_card(self.bundle.card),
+        # No segments either: the runner's label-map volumes (result.json volumes_ml, the UI's
+        # legend) would otherwise read "0.0 mL" per tissue, a number that was never measured.
+        return PipelineOutput(labels=np.zeros(volume.shape, dtype=np.uint8), segments=(),
                               findings=tuple(findings), qc=qc_out,
                               priority=self._priority(report, [], blocked=True, reason=reason))
 
