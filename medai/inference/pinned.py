@@ -7,6 +7,6 @@ the card in turn pins every file by SHA-256. No private key is needed at run tim
 
 PINNED: dict[str, tuple[str, ...]] = {
     "brain-extraction": ("32a689378e47a87e80a522008968ee89f44370f7e9d5f409f8a5c425a6cfb513",),
-    "brain-volumetry": ("68f5dac1d3aca604d741b6e9a30098b6eb4711f7ac555068a6d8c0b768aaefb5",),
+    "brain-volumetry": ("e55bb1ad5288ff54f6fa4daf8c7394f946ca2138c523ecafaa21181080a82ff0",),
     "medsam-lite": ("ce0a427ce5937465096e908bf8ed68ccd6584fe797a2824bd1a22dffb3b0a096",),
 }

@@ -234,13 +234,13 @@ class BrainVolumetry:
                               priority=self._priority(report, [], blocked=True, reason=reason))
 
     def _caveats(self, volume: Volume) -> list[str]:
-        """Card-defined caveats whose header rule matches this series (e.g. the demo study is
-        a template in MNI space, larger than a typical brain): shown beside the volumes."""
-        out = []
-        for keyword, value, text in self.caveat_rules:
-            if str(volume.attributes.get(keyword, "")).strip().lower() == value.lower():
-                out.append(text)
-        return out
+        """Card-defined caveats whose grid rule matches this series (e.g. the MNI152 1 mm
+        grid: an image registered to template space, like the demo study, is larger than a
+        typical head): shown beside the volumes."""
+        shape = sorted(volume.shape)
+        spacing = np.asarray(volume.geometry.spacing, dtype=float)
+        return [text for grid, spacing_mm, text in self.caveat_rules
+                if shape == grid and np.allclose(spacing, spacing_mm, atol=0.01)]
 
     # ----------------------------------------------------------------- triage
     def _priority(self, report: qcmod.QcReport, out_of_range: list[str], *, blocked: bool,
@@ -289,13 +289,13 @@ def _phase_direction(volume: Volume) -> str | None:
         return None
 
 
-def _caveat_rule(rule: Mapping[str, Any]) -> tuple[str, str, str]:
-    """``{when = {Manufacturer = "medai-synth"}, text = "..."}`` -> (keyword, value, text)."""
-    when = dict(rule["when"])
-    if len(when) != 1:
-        raise ValueError(f"a caveat rule matches exactly one header attribute, got {sorted(when)}")
-    (keyword, value), = when.items()
-    return str(keyword), str(value), str(rule["text"])
+def _caveat_rule(rule: Mapping[str, Any]) -> tuple[list[int], float, str]:
+    """``{grid = [181, 217, 181], spacing_mm = 1.0, text = "..."}``: a series with these
+    dimensions (any order) and this isotropic voxel size gets ``text``."""
+    grid = sorted(int(n) for n in rule["grid"])
+    if len(grid) != 3:
+        raise ValueError(f"a caveat grid has three dimensions, got {rule['grid']}")
+    return grid, float(rule["spacing_mm"]), str(rule["text"])
 
 
 def create(bundle: Bundle) -> BrainVolumetry:
