@@ -157,6 +157,7 @@ def test_window_saturated_8bit_export_is_not_measurable_and_ranked_first(s1_runs
     one value). Image QC alone does not stop it; the tissue result is implausible, so the
     run is a QC failure with no numbers, and triage ranks it before a routine study."""
     from medai import triage
+    from medai.results import qc_state
 
     build = s1_runs["build"]
     coarse = build.degrade(s1_runs["image"], "2x2x3mm")
@@ -172,13 +173,14 @@ def test_window_saturated_8bit_export_is_not_measurable_and_ranked_first(s1_runs
     assert all("value" not in c for c in data["qc"]["plausibility"]["checks"])
     assert data["findings"][0]["text"].startswith("Volumetry not measurable on this series: implausible")
     assert (result.priority.level, result.priority.score) == ("review", 0.9)
-    # Worklist: the QC failure is first, ahead of the measured full-resolution S1.
+    # Worklist: the QC failure is first, ahead of the measured full-resolution S1 (triage and
+    # the UI's Worklist rank with the same medai.results.reader_order).
     routine = s1_runs["runs"]["none"]
     rows = []
     for key, res in (("a-routine", routine), ("b-collapsed", result)):
         rows.append(triage.StudyRow(study_key=key, accession_number="", patient_id="", study_date="",
                                     modalities="MR", status="done", models=["brain-volumetry"],
                                     priority=res.priority.level, score=res.priority.score,
-                                    qc=triage._qc_state(res.qc)))
+                                    qc=qc_state(res.qc)))
     assert [r.study_key for r in triage.rank(rows)] == ["b-collapsed", "a-routine"]
     assert rows[1].qc == "fail" and rows[0].qc == "pass"
