@@ -92,20 +92,29 @@ def test_limits_reject_bad_card_tables() -> None:
 # ----------------------------------------------------------------------------- degraded real subjects
 
 
+def _card_s1_rows() -> list[dict[str, Any]]:
+    import tomllib
+
+    card = tomllib.loads((REPO / "models" / "brain-volumetry" / "card.toml").read_text())
+    return [r for r in card["degradations"] if r["subject"] == "pycortex S1"]
+
+
 @pytest.fixture(scope="module")
 def s1_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """One ``medai run`` of S1 at full resolution and per degradation (shared by the tests)."""
+    """One ``medai run`` of S1 per degradation (shared by the tests). The full-resolution
+    reference is the card's row (``build.py evaluate``); that the code still gives it is
+    checked by test_volumetry's S1 test, which runs S1 at full resolution."""
     build = _build()
     image = sitk.ReadImage(str(fetched("pycortex-S1", "raw.nii.gz")), sitk.sitkFloat32)
-    runs = {"none": build.run_volumetry(image, tmp_path_factory.mktemp("s1-full"))}
-    for name in build.DEGRADATIONS:
-        runs[name] = build.run_volumetry(build.degrade(image, name), tmp_path_factory.mktemp(f"s1-{name}"))
-    return {"build": build, "runs": runs, "image": image}
+    runs = {name: build.run_volumetry(build.degrade(image, name), tmp_path_factory.mktemp(f"s1-{name}"))
+            for name in build.DEGRADATIONS}
+    full = next(r for r in _card_s1_rows() if r["degradation"] == "none")
+    return {"build": build, "runs": runs, "image": image, "full": {t: float(full[t]) for t in build.TISSUES}}
 
 
-def _assert_agrees_or_refused(build: Any, name: str, result: Any, full: Any) -> dict[str, object]:
+def _assert_agrees_or_refused(build: Any, name: str, result: Any, full: dict[str, float]) -> dict[str, object]:
     data = json.loads(result.result_path.read_text())
-    row = build.degradation_row("pycortex S1", name, result, {m.name: m.value for m in full.measurements})
+    row = build.degradation_row("pycortex S1", name, result, full)
     if data["qc"]["measurable"]:
         assert data["qc"]["image_quality"]["status"] in ("pass", "warn")
         assert data["qc"]["plausibility"]["status"] == "pass"
@@ -124,25 +133,19 @@ def _assert_agrees_or_refused(build: Any, name: str, result: Any, full: Any) -> 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["2x2x3mm", "1.5x1.5x5mm", "8bit", "bias_noise", "routine"])
 def test_degraded_s1_agrees_with_full_resolution_or_is_refused(s1_runs: dict[str, Any], name: str) -> None:
-    full = s1_runs["runs"]["none"]
-    assert full.qc["measurable"] and full.qc["image_quality"]["status"] == "pass"
-    _assert_agrees_or_refused(s1_runs["build"], name, s1_runs["runs"][name], full)
+    _assert_agrees_or_refused(s1_runs["build"], name, s1_runs["runs"][name], s1_runs["full"])
 
 
 @pytest.mark.slow
 def test_card_degradation_table_matches_a_rerun(s1_runs: dict[str, Any]) -> None:
     """The card's table (build.py evaluate) is what the code gives today, to 0.5 points."""
-    import tomllib
-
-    card = tomllib.loads((REPO / "models" / "brain-volumetry" / "card.toml").read_text())
-    table = [r for r in card["degradations"] if r["subject"] == "pycortex S1"]
+    table = _card_s1_rows()
     assert {r["degradation"] for r in table} == {"none", *s1_runs["build"].DEGRADATIONS}
-    full = s1_runs["runs"]["none"]
     for row in table:
         if row["degradation"] == "none":
             continue
         now = s1_runs["build"].degradation_row("pycortex S1", row["degradation"], s1_runs["runs"][row["degradation"]],
-                                               {m.name: m.value for m in full.measurements})
+                                               s1_runs["full"])
         assert now["verdict"] == row["verdict"], (now, row)
         for key in ("gm_volume_error_percent", "wm_volume_error_percent", "csf_volume_error_percent"):
             if key in row:
@@ -160,7 +163,7 @@ def test_window_saturated_8bit_export_is_not_measurable_and_ranked_first(s1_runs
     from medai.results import qc_state
 
     build = s1_runs["build"]
-    coarse = build.degrade(s1_runs["image"], "2x2x3mm")
+    coarse = build.degrade(s1_runs["image"], "2x2x3mm")  # the same image the 2x2x3 mm run measured
     a = sitk.GetArrayFromImage(coarse)
     top = float(np.percentile(a[a > 0.1 * a.max()], 60))  # window top inside the brain's range
     saturated = build.quantise_8bit(build._with_array(np.minimum(a, top).astype(np.float32), coarse))
@@ -173,9 +176,9 @@ def test_window_saturated_8bit_export_is_not_measurable_and_ranked_first(s1_runs
     assert all("value" not in c for c in data["qc"]["plausibility"]["checks"])
     assert data["findings"][0]["text"].startswith("Volumetry not measurable on this series: implausible")
     assert (result.priority.level, result.priority.score) == ("review", 0.9)
-    # Worklist: the QC failure is first, ahead of the measured full-resolution S1 (triage and
-    # the UI's Worklist rank with the same medai.results.reader_order).
-    routine = s1_runs["runs"]["none"]
+    # Worklist: the QC failure is first, ahead of the measured S1 at 2x2x3 mm (image QC WARN;
+    # triage and the UI's Worklist rank with the same medai.results.reader_order).
+    routine = s1_runs["runs"]["2x2x3mm"]
     rows = []
     for key, res in (("a-routine", routine), ("b-collapsed", result)):
         rows.append(triage.StudyRow(study_key=key, accession_number="", patient_id="", study_date="",
@@ -183,4 +186,4 @@ def test_window_saturated_8bit_export_is_not_measurable_and_ranked_first(s1_runs
                                     priority=res.priority.level, score=res.priority.score,
                                     qc=qc_state(res.qc)))
     assert [r.study_key for r in triage.rank(rows)] == ["b-collapsed", "a-routine"]
-    assert rows[1].qc == "fail" and rows[0].qc == "pass"
+    assert rows[1].qc == "fail" and rows[0].qc == "warn"
