@@ -106,7 +106,11 @@ def render_summary(volume: "Volume", output: "PipelineOutput", card: "ModelCard"
     fig.text(0.04, 0.952, f"{card.id} {card.version} · NOT FOR DIAGNOSTIC USE · assistive measurements for review",
              fontsize=8, color="#c62828", va="top")
     status = quality.get("status", "?")
-    fig.text(0.96, 0.975, f"Image QC: {status.upper()}", fontsize=11, weight="bold", ha="right", va="top",
+    headline = f"Image QC: {status.upper()}"
+    if qc.get("measurable") is False:  # image QC may pass while the tissue result is refused
+        fig.text(0.96, 0.952, headline, fontsize=8, ha="right", va="top", color=_STATUS_COLOUR.get(status, "black"))
+        status, headline = "fail", "NOT MEASURABLE"
+    fig.text(0.96, 0.975, headline, fontsize=11, weight="bold", ha="right", va="top",
              color=_STATUS_COLOUR.get(status, "black"))
     patient = []
     if qc.get("age_years") is not None:
@@ -146,7 +150,8 @@ def render_summary(volume: "Volume", output: "PipelineOutput", card: "ModelCard"
     # Beside the volumes: why there are none, or what to keep in mind reading them.
     notes = []
     if qc.get("measurable") is False and qc.get("not_measurable_reason"):
-        notes.append(("#c62828", str(qc["not_measurable_reason"]).capitalize()))
+        reason = str(qc["not_measurable_reason"])
+        notes.append(("#c62828", reason[:1].upper() + reason[1:]))
     notes += [("#ef6c00", f"Caveat: {c}") for c in qc.get("caveats", [])]
     fig.canvas.draw()  # the table's height is known only once laid out
     y_note = fig.transFigure.inverted().transform(
