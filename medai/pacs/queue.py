@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
 from medai import home
+from medai.durable import pid_alive
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS instances (
@@ -180,13 +181,7 @@ def _owner_alive(owner: str | None) -> bool:
         return True
     if boot != _boot_id() or pid == os.getpid():
         return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return pid_alive(pid)
 
 
 def default_path() -> Path:
