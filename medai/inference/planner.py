@@ -93,8 +93,9 @@ def plan(bundle: "Bundle", volume_shape: tuple[int, int, int], budget_bytes: int
         for key in files:
             shape = shapes[key] if tile is None else shapes[key][:2] + tile
             measured = _tuned_peak(bundle, files[key], device) if tile is None else None
-            if measured is not None:  # what this graph's tuned session took on this machine
-                graph_peaks[key] = measured
+            if measured is not None:  # what this graph's tuned session took on this machine,
+                # plus its float32 input, which the tuner fed from memory it already held
+                graph_peaks[key] = measured + math.prod(shape) * 4
                 continue
             model_bytes = (bundle.path / files[key]).stat().st_size if (bundle.path / files[key]).exists() else 0
             graph_peaks[key] = _graph_bytes(shape, factors[key]) + model_bytes
