@@ -136,19 +136,21 @@ threading.Event().wait()
 BARE_ACCEPTOR = """
 import sys, threading
 from pathlib import Path
-from medai.pacs.acceptor import AcceptorServer
+from medai.pacs.acceptor import AcceptorServer, BytesDataset
 from medai.pacs.scp import ListenerConfig, acceptor_config, part10_header
 out = Path(sys.argv[2])
 class WriteOnly:
     def on_connect(self, address): return True
+    def on_tls_failure(self, address, why): pass
     def on_request(self, assoc): return None
     def on_accepted(self, assoc): pass
     def on_rejected(self, assoc, rejection): pass
     def on_closed(self, assoc): pass
-    def on_store(self, r):
+    def open_dataset(self, r): return BytesDataset()
+    def on_store(self, r, dataset):
         (out / (r.affected_sop_instance_uid + ".dcm")).write_bytes(
             part10_header(r.affected_sop_class_uid, r.affected_sop_instance_uid, r.transfer_syntax,
-                          r.association.calling_ae) + r.dataset)
+                          r.association.calling_ae) + dataset.getvalue())
         return 0, ""
 server = AcceptorServer(("127.0.0.1", int(sys.argv[1])), acceptor_config(ListenerConfig()), WriteOnly())
 server.start()
