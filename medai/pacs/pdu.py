@@ -261,6 +261,26 @@ def negotiate(request: AssociateRequest,
     return results
 
 
+def encode_associate_rq(calling_ae: str, called_ae: str, contexts: Sequence[tuple[int, str, Sequence[str]]], *,
+                        max_pdu: int = 0, user_identity: UserIdentity | None = None) -> bytes:
+    """An A-ASSOCIATE-RQ (requestor side: benchmarks, tests and fuzz seeds)."""
+    def ae(title: str) -> bytes:
+        return title.encode("ascii")[:16].ljust(16)
+
+    items = [item(0x10, uid_value(APPLICATION_CONTEXT))]
+    for context_id, abstract, syntaxes in contexts:
+        sub = item(0x30, uid_value(abstract)) + b"".join(item(0x40, uid_value(ts)) for ts in syntaxes)
+        items.append(item(0x20, bytes((context_id, 0, 0, 0)) + sub))
+    user = item(0x51, struct.pack(">I", max_pdu)) + item(0x52, uid_value(IMPLEMENTATION_CLASS_UID))
+    if user_identity is not None:
+        user += item(0x58, bytes((user_identity.identity_type, int(user_identity.positive_response_requested)))
+                     + struct.pack(">H", len(user_identity.primary)) + user_identity.primary
+                     + struct.pack(">H", len(user_identity.secondary)) + user_identity.secondary)
+    items.append(item(0x50, user))
+    fixed = struct.pack(">HH", 1, 0) + ae(called_ae) + ae(calling_ae) + b"\x00" * 32
+    return pdu(A_ASSOCIATE_RQ, fixed + b"".join(items))
+
+
 def encode_associate_ac(request: AssociateRequest, contexts: Sequence[PresentationContext], max_pdu: int, *,
                         user_identity_response: bytes | None = None) -> bytes:
     """The A-ASSOCIATE-AC; ``user_identity_response`` adds the User Identity
