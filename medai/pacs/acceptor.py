@@ -336,8 +336,13 @@ def certificate_subject(cert: Mapping[str, object] | None) -> str:
     parts = []
     for rdn in cert.get("subject", ()):  # type: ignore[union-attr]
         for key, value in rdn:
-            parts.append(f"{key}={value}")
+            parts.append(f"{_SHORT_NAMES.get(key, key)}={value}")
     return ",".join(parts)
+
+
+#: RFC 4514 short names of the attribute names :mod:`ssl` spells out.
+_SHORT_NAMES = {"commonName": "CN", "organizationName": "O", "organizationalUnitName": "OU", "countryName": "C",
+                "stateOrProvinceName": "ST", "localityName": "L", "domainComponent": "DC", "userId": "UID"}
 
 
 def _call(what: str, fn: Callable[..., object], *args: object) -> object:
