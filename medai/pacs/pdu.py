@@ -27,6 +27,7 @@ import medai
 
 APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"
 VERIFICATION_SOP_CLASS = "1.2.840.10008.1.1"
+IMPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2"
 #: medai's Implementation Class UID (PS3.7 D.3.3.2): a UUID-derived UID (PS3.5 B.2), fixed for medai.
 IMPLEMENTATION_CLASS_UID = "2.25." + str(uuid.uuid5(uuid.NAMESPACE_URL, "https://medai.invalid/implementation").int)
 IMPLEMENTATION_VERSION_NAME = f"MEDAI_{medai.__version__}"[:16]
@@ -286,12 +287,12 @@ def encode_associate_ac(request: AssociateRequest, contexts: Sequence[Presentati
     """The A-ASSOCIATE-AC; ``user_identity_response`` adds the User Identity
     sub-item of the AC (PS3.7 D.3.3.7.2) when the requestor asked for one and
     the identity was accepted."""
-    proposed = {cid: syntaxes for cid, _, syntaxes in request.contexts}
     items = [item(0x10, uid_value(APPLICATION_CONTEXT))]
     for pc in contexts:
         # A rejected context still carries one transfer syntax sub-item, which is not
-        # significant (PS3.8 9.3.3.2); we echo the first proposed.
-        syntax = pc.transfer_syntax or next(iter(proposed.get(pc.context_id) or ()), "1.2.840.10008.1.2")
+        # significant (PS3.8 9.3.3.2): Implicit VR Little Endian, never an echo of what
+        # the requestor proposed (which may not even be ASCII; found by fuzzing).
+        syntax = pc.transfer_syntax or IMPLICIT_VR_LITTLE_ENDIAN
         items.append(item(0x21, bytes((pc.context_id, 0, pc.result, 0)) + item(0x40, uid_value(syntax))))
     user = (item(0x51, struct.pack(">I", max_pdu)) + item(0x52, uid_value(IMPLEMENTATION_CLASS_UID))
             + item(0x55, IMPLEMENTATION_VERSION_NAME.encode("ascii")))

@@ -20,7 +20,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, BinaryIO, Callable, Sequence
 
 from pydicom.dataset import Dataset
 from pynetdicom import ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts
@@ -271,6 +271,24 @@ class _Refused:
         pass
 
 
+def received_fields(head: bytes, size: int, whole: Callable[[], Path | BinaryIO]) -> dict[str, str]:
+    """The store handler's elements of a received instance (Part 10 file of
+    ``size`` bytes beginning with ``head``), raising what pydicom raises on
+    malformed data.
+
+    The fast read of ``head`` (:func:`head_fields`) first; where it cannot
+    decide (unusual encoding, or a header longer than the bytes kept in
+    memory), pydicom reads the file ``whole()`` returns up to the pixel
+    data, leaving large values where they are. The fuzz harness
+    (``bench/fuzz_pacs.py``) drives this same function."""
+    fields = head_fields(head, size)
+    if fields is None:
+        import pydicom
+
+        fields = _dataset_fields(pydicom.dcmread(whole(), stop_before_pixels=True, force=True, defer_size=4096))
+    return fields
+
+
 def acceptor_config(cfg: ListenerConfig) -> AcceptorConfig:
     """What the listener negotiates: every storage SOP class in our transfer
     syntax order, Verification uncompressed; timeouts and limits from ``cfg``."""
@@ -491,16 +509,7 @@ class Listener:
             return OUT_OF_RESOURCES, "could not write the instance"
         assert isinstance(incoming, IncomingFile)
         try:
-            fields = head_fields(incoming.head, incoming.size)
-            if fields is None:
-                # The fast read could not decide (unusual encoding, or the header is
-                # longer than the bytes kept in memory): pydicom reads the file
-                # up to the pixel data, leaving large values on disk.
-                import pydicom
-
-                incoming.flush()
-                fields = _dataset_fields(pydicom.dcmread(incoming.tmp, stop_before_pixels=True, force=True,
-                                                         defer_size=4096))
+            fields = received_fields(incoming.head, incoming.size, lambda: (incoming.flush(), incoming.tmp)[1])
             sop_uid = validate_uid(fields["SOPInstanceUID"], "SOP Instance UID")
             study_uid = validate_uid(fields["StudyInstanceUID"], "Study Instance UID")
             series_uid = validate_uid(fields["SeriesInstanceUID"], "Series Instance UID")
