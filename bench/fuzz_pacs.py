@@ -300,5 +300,11 @@ def main() -> int:
 
 
 if __name__ == "__main__":
+    import logging
+    import warnings
+
+    # pydicom warns about every malformed value it is fed; the findings are what counts.
+    warnings.simplefilter("ignore")
+    logging.getLogger("pydicom").setLevel(logging.CRITICAL)
     os.environ.setdefault("MEDAI_LOG_LEVEL", "ERROR")
     sys.exit(main())
