@@ -31,11 +31,19 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
-from pacs_peers import (DCMTK_ENV, Listener, fill_chunks, large_instance_header, peak_rss_bytes,  # noqa: E402
-                        stored_files, tail_sha256, write_large_instance)
+from pacs_peers import (
+    DCMTK_ENV,
+    Listener,
+    fill_chunks,
+    large_instance_header,
+    peak_rss_bytes,
+    stored_files,
+    tail_sha256,
+    write_large_instance,
+)
 
-from medai.config import parse_size  # noqa: E402
-from medai.pacs import pdu  # noqa: E402
+from medai.config import parse_size
+from medai.pacs import pdu
 
 MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
 EXPLICIT_LE = "1.2.840.10008.1.2.1"

@@ -25,8 +25,15 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
-from pacs_peers import (DCMTK_ENV, Listener, acknowledged, make_copies, medai_json, stored_files,  # noqa: E402
-                        wait_until)
+from pacs_peers import (
+    DCMTK_ENV,
+    Listener,
+    acknowledged,
+    make_copies,
+    medai_json,
+    stored_files,
+    wait_until,
+)
 
 
 def _send(port: int, folders: list[Path]) -> list[subprocess.Popen[str]]:

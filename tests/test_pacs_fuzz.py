@@ -15,10 +15,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from pacs_peers import free_port, needs_dcmtk
 
 from medai.pacs import pdu
 from medai.pacs.scp import Listener, ListenerConfig
-from pacs_peers import free_port, needs_dcmtk
 
 REPO = Path(__file__).resolve().parents[1]
 REGRESSIONS = REPO / "tests" / "data" / "pacs-fuzz-regressions"

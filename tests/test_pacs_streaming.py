@@ -12,9 +12,15 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
-from pacs_peers import (DCMTK_ENV, Listener, needs_dcmtk, peak_rss_bytes, stored_files, tail_sha256,
-                        write_large_instance)
+from pacs_peers import (
+    DCMTK_ENV,
+    Listener,
+    needs_dcmtk,
+    peak_rss_bytes,
+    stored_files,
+    tail_sha256,
+    write_large_instance,
+)
 
 pytestmark = [pytest.mark.network, pytest.mark.skipif(not needs_dcmtk, reason="dcmtk not installed")]
 

