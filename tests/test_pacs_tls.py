@@ -178,3 +178,16 @@ def test_sender_tls_to_storescp_with_client_certificate(medai_home: Path, pki: P
     assert len([p for p in out.iterdir() if p.is_file()]) == 2
     exports = [e for e in _audit_events(medai_home) if e["event"] == "export"]
     assert any("CN=medai listener" in json.dumps(e) for e in exports)
+
+
+def test_tls_settings_are_checked_before_listening(tmp_path: Path, pki: Pki) -> None:
+    from medai.errors import ConfigError
+    from medai.pacs.scp import ListenerConfig
+
+    with pytest.raises(ConfigError, match="go together"):
+        ListenerConfig(tls=TlsConfig(certificate=str(pki.server_cert))).check()
+    with pytest.raises(ConfigError, match="no such file"):
+        ListenerConfig(tls=TlsConfig(str(tmp_path / "missing.crt"), str(pki.server_key))).check()
+    with pytest.raises(ConfigError, match="needs its own"):
+        ListenerConfig(tls=TlsConfig(ca_certificates=str(pki.ca))).check()
+    ListenerConfig(tls=TlsConfig(str(pki.server_cert), str(pki.server_key), str(pki.ca))).check()
