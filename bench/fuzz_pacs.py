@@ -28,7 +28,7 @@ transfer syntaxes, small PDUs) and ``echoscu`` talking to the real listener
 through a recording proxy (``--make-seeds DIR`` writes it; ``--seeds DIR``
 uses it, made afresh in a temp dir when omitted).
 
-    .venv/bin/python bench/fuzz_pacs.py --runs 1000000 [--seeds DIR] [--jobs N]
+    .venv/bin/python bench/fuzz_pacs.py --runs 1000000 --jobs 2 [--seeds DIR]
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ import argparse
 import io
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -271,6 +272,46 @@ class Harness:
             self.report.write_text(json.dumps(result))
 
 
+def run_jobs(args: argparse.Namespace) -> int:
+    """``--jobs`` processes (libFuzzer seeds 1..N) on one captured corpus; the
+    figures printed are their sums (maxima for the bounds)."""
+    with tempfile.TemporaryDirectory(prefix="fuzz-jobs-") as tmp:
+        seeds = args.seeds
+        if seeds is None:
+            seeds = Path(tmp) / "seeds"
+            print(f"{make_seeds(seeds)} seeds captured from storescu/echoscu traffic", flush=True)
+        share = -(-args.runs // args.jobs)
+        procs = []
+        for job in range(args.jobs):
+            report = Path(tmp) / f"report{job}.json"
+            cmd = [sys.executable, __file__, "--runs", str(share), "--seeds", str(seeds), "--seed", str(job + 1),
+                   "--artifacts", str(args.artifacts), "--hang-ms", str(args.hang_ms), "--report", str(report)]
+            procs.append((subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(Path(tmp) / f"log{job}", "w")),
+                          report))
+        started = time.monotonic()
+        reports = []
+        for job, (proc, report) in enumerate(procs):
+            code = proc.wait()
+            if not report.exists():
+                print(f"a fuzzing process ended with {code} before its report (see {args.artifacts})")
+                return 1
+            reports.append(json.loads(report.read_text()))
+            # libFuzzer's own figure for the whole process (corpus, coverage maps, Python).
+            found = re.search(r"peak_rss_mb:\s+(\d+)", (Path(tmp) / f"log{job}").read_text(errors="replace"))
+            reports[-1]["peak_rss_mb"] = int(found.group(1)) if found else -1
+    total = {key: sum(r[key] for r in reports) for key in ("executions", "crashes", "hangs")}
+    total |= {key: max(r[key] for r in reports) for key in ("max_allocation_bytes", "largest_single_read",
+                                                            "read_bound", "peak_rss_mb")}
+    total["seconds"] = round(time.monotonic() - started, 1)
+    print(f"{args.jobs} processes: executions: {total['executions']}  crashes: {total['crashes']}  "
+          f"hangs: {total['hangs']}  max allocation per input: {total['max_allocation_bytes'] / 1024:.0f} KiB  "
+          f"largest single read: {total['largest_single_read']} B (bound {total['read_bound']} B)  "
+          f"peak RSS per process: {total['peak_rss_mb']} MB  {total['seconds']:.0f} s")
+    if args.report is not None:
+        args.report.write_text(json.dumps(total))
+    return 0 if total["crashes"] == total["hangs"] == 0 else 1
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=1_000_000)
@@ -280,10 +321,13 @@ def main() -> int:
     parser.add_argument("--hang-ms", type=float, default=1000.0)
     parser.add_argument("--report", type=Path, help="write the final figures as JSON here")
     parser.add_argument("--seed", type=int, default=1, help="libFuzzer's random seed")
+    parser.add_argument("--jobs", type=int, default=1, help="independent fuzzing processes sharing --runs")
     args = parser.parse_args()
     if args.make_seeds:
         print(f"{make_seeds(args.make_seeds)} seeds written to {args.make_seeds}")
         return 0
+    if args.jobs > 1:
+        return run_jobs(args)
     import atheris
 
     with tempfile.TemporaryDirectory(prefix="fuzz-corpus-") as tmp:
