@@ -36,10 +36,18 @@ from pacs_peers import (
 )
 
 
-def _send(port: int, folders: list[Path]) -> list[subprocess.Popen[str]]:
-    return [subprocess.Popen(["/usr/bin/storescu", "-v", "+sd", "-aec", "MEDAI", "-aet", f"SOAK{i}", "127.0.0.1",
-                              str(port), str(folder)], env=DCMTK_ENV, stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True) for i, folder in enumerate(folders)]
+def _send(port: int, folders: list[Path], logs: Path) -> list[tuple[subprocess.Popen[str], Path]]:
+    """One storescu per folder; their -v logs go to files (10,000 instances of
+    log would fill a pipe nobody reads until the kill, and stall the senders)."""
+    logs.mkdir(parents=True, exist_ok=True)
+    out = []
+    for i, folder in enumerate(folders):
+        log = logs / f"sender{i}.log"
+        with open(log, "w") as f:
+            out.append((subprocess.Popen(["/usr/bin/storescu", "-v", "+sd", "-aec", "MEDAI", "-aet", f"SOAK{i}",
+                                          "127.0.0.1", str(port), str(folder)], env=DCMTK_ENV, stdout=f,
+                                         stderr=subprocess.STDOUT, text=True), log))
+    return out
 
 
 def main() -> int:
@@ -67,12 +75,14 @@ def main() -> int:
         lst = Listener(home, "--no-worker").start()
         port = lst.port
         started = time.monotonic()
-        senders = _send(port, folders)
+        senders = _send(port, folders, work / "logs-1")
         try:
             wait_until(lambda: len(stored_files(home)) >= args.kill_at * total, timeout=3600, interval=0.1,
                        what="the kill point")
             lst.kill()
-            outputs = [p.communicate(timeout=300)[0] for p in senders]
+            for p, _ in senders:
+                p.wait(timeout=300)
+            outputs = [log.read_text(errors="replace") for _, log in senders]
             acked = [by_path[f] for out in outputs for f in acknowledged(out) if f in by_path]
             stored = stored_files(home)
             lost = [sop for sop in acked if sop not in stored
@@ -80,8 +90,8 @@ def main() -> int:
             print(f"killed with {len(stored)} stored, {len(acked)} acknowledged; acknowledged but lost or "
                   f"damaged: {len(lost)}", file=sys.stderr)
             lst = Listener(home, "--no-worker", port=port).start()
-            senders = _send(port, folders)
-            failed = [p.returncode for p in senders if p.communicate(timeout=7200) and p.returncode != 0]
+            senders = _send(port, folders, work / "logs-2")
+            failed = [code for p, _ in senders if (code := p.wait(timeout=7200)) != 0]
             seconds = time.monotonic() - started
             stored = stored_files(home)
             damaged = [sop for sop, sha in expected.items() if sop not in stored
@@ -90,7 +100,7 @@ def main() -> int:
             status = medai_json(home, "pacs", "status")
             leftovers = list((home / "store" / ".incoming").iterdir())
         finally:
-            for p in senders:
+            for p, _ in senders:
                 if p.poll() is None:
                     p.kill()
             if lst.alive():
