@@ -30,7 +30,7 @@ RSS_BOUND = 300 * 1024**2
 
 @pytest.mark.slow
 def test_parallel_large_instances_stream_to_disk_in_bounded_memory(medai_home: Path, tmp_path: Path) -> None:
-    size = 192 * 1024**2  # two of them held in memory (plus their joined copies) would be ~770 MB
+    size = 128 * 1024**2  # two of them held in memory (plus their joined copies) would be ~600 MB
     sent = [write_large_instance(tmp_path / f"big{i}.dcm", size, seed=i) for i in range(2)]
     lst = Listener(medai_home, "--no-worker").start()
     try:
