@@ -277,6 +277,8 @@ def main() -> int:
     parser.add_argument("--instances", type=int, default=400)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--associations", type=int, default=1, help="parallel storescu senders")
+    parser.add_argument("--settle", type=float, default=120.0,
+                        help="longest wait (s) for a quiet disk before each round (see settle())")
     parser.add_argument("--receivers", default="storescp,orthanc,medai,pynetdicom,acceptor",
                         help="comma-separated subset of storescp,orthanc,medai,pynetdicom,acceptor")
     args = parser.parse_args()
@@ -300,7 +302,7 @@ def main() -> int:
             out = work / name
             out.mkdir()
             os.sync()
-            return out, settle(work / f"settle-{name}")
+            return out, settle(work / f"settle-{name}", args.settle)
 
         receivers = [(name, fn) for name, fn in (
             ("storescp", run_storescp), ("orthanc", run_orthanc), ("medai", run_medai), ("pynetdicom", run_bare),
