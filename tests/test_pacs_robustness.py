@@ -19,8 +19,8 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from pacs_peers import (DCMTK_ENV, Listener, StoreSCP, acknowledged, decompressed, demo_t1, make_copies, medai_json, needs_dcmtk,
-                        stored_files, T1_ROUTE, wait_until)
+from pacs_peers import (DCMTK_ENV, Listener, StoreSCP, acknowledged, dcmtk_required, decompressed, demo_t1, make_copies,
+                        medai_json, needs_dcmtk, stored_files, T1_ROUTE, wait_until)
 
 pytestmark = [pytest.mark.network, pytest.mark.slow,
               pytest.mark.skipif(not needs_dcmtk, reason="dcmtk not installed")]
@@ -31,7 +31,7 @@ def _pixels_sha(path: Path) -> str:
 
 
 def _send_parallel(port: int, groups: list[list[Path]]) -> list[subprocess.Popen[str]]:
-    return [subprocess.Popen(["storescu", "-v", "-aec", "MEDAI", "-aet", f"SENDER{i}", "127.0.0.1", str(port),
+    return [subprocess.Popen([dcmtk_required("storescu"), "-v", "-aec", "MEDAI", "-aet", f"SENDER{i}", "127.0.0.1", str(port),
                               *map(str, g)], env=DCMTK_ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                              text=True) for i, g in enumerate(groups)]
 
@@ -57,7 +57,7 @@ def test_concurrent_senders_sigkill_restart(medai_home: Path, tmp_path: Path) ->
     groups = [everything[i::4] for i in range(4)]
 
     dest = StoreSCP.start(tmp_path / "dest")
-    args = ("--stable-seconds", "8", "--destination", dest.address)
+    args = ("--stable-seconds", "8", "--destination", dest.address, "--send-policy", "immediate")
     lst = Listener(medai_home, *args, env=T1_ROUTE).start()
     port = lst.port
     senders = _send_parallel(port, groups)

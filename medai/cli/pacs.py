@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import typer
 
-from medai import config
+from medai import config, home
 from medai.cli._common import EXIT_FAILURE, emit
 
 log = logging.getLogger("medai.pacs")
@@ -32,12 +32,9 @@ class _JsonFormatter(logging.Formatter):
 
 def _setup_logging(log_json: bool, verbose: bool) -> None:
     """Service logging, and this process named "pacs" for the egress guard and the audit actor."""
-    try:
-        from medai.compliance import egress
+    from medai.compliance import egress
 
-        egress.install_for_entry_point("pacs")
-    except ModuleNotFoundError:
-        pass
+    egress.install_for_entry_point("pacs")
     root = logging.getLogger("medai")
     if verbose or root.level > logging.INFO:
         root.setLevel(logging.DEBUG if verbose else logging.INFO)
@@ -90,7 +87,7 @@ def _service(name: str, threads: list[tuple[str, Callable[[], None], Callable[[]
 
 
 def _state_file() -> Path:
-    return config.home() / "pacs" / "listener.json"
+    return home.pacs_dir() / "listener.json"
 
 
 def _csv(values: list[str] | None) -> tuple[str, ...] | None:
@@ -123,6 +120,8 @@ def register(app: typer.Typer) -> None:
                                              help="Quiet period before a study counts as complete."),
         destination: str = typer.Option(None, "--destination", "-d",
                                         help="Where results go: AE@host:port or a folder (pacs.destination)."),
+        send_policy: str = typer.Option(None, "--send-policy", help="after-review (a clinician accepts each "
+                                        "result in the Worklist first) or immediate (pacs.send_policy)."),
         no_worker: bool = typer.Option(False, "--no-worker",
                                        help="Only receive; run `medai pacs worker` separately."),
         log_json: bool = typer.Option(False, "--log-json", help="Structured JSON log lines on stderr."),
@@ -142,7 +141,8 @@ def register(app: typer.Typer) -> None:
                                          max_pdu=max_pdu, acse_timeout=acse_timeout, dimse_timeout=dimse_timeout,
                                          network_timeout=network_timeout)
         cfg.check()
-        wcfg = WorkerConfig.from_config(stable_seconds=stable_seconds, destination=destination)
+        wcfg = WorkerConfig.from_config(stable_seconds=stable_seconds, destination=destination,
+                                        send_policy=send_policy)
         from medai.pacs import _audit
 
         listener = Listener(cfg)
@@ -172,8 +172,10 @@ def register(app: typer.Typer) -> None:
 
     @pacs.command("worker")
     def worker_cmd(
+        ctx: typer.Context,
         stable_seconds: float = typer.Option(None, "--stable-seconds", help="Quiet period of a complete study."),
         destination: str = typer.Option(None, "--destination", "-d", help="AE@host:port or a folder."),
+        send_policy: str = typer.Option(None, "--send-policy", help="after-review or immediate (pacs.send_policy)."),
         once: bool = typer.Option(False, "--once", help="Process what is due, then exit."),
         log_json: bool = typer.Option(False, "--log-json", help="Structured JSON log lines on stderr."),
     ) -> None:
@@ -181,11 +183,20 @@ def register(app: typer.Typer) -> None:
         from medai.pacs.worker import Worker, WorkerConfig, run_pending
 
         _setup_logging(log_json, False)
-        wcfg = WorkerConfig.from_config(stable_seconds=stable_seconds, destination=destination)
+        wcfg = WorkerConfig.from_config(stable_seconds=stable_seconds, destination=destination,
+                                        send_policy=send_policy)
         if once:
+            from medai.pacs.queue import PacsDB
+
             run_pending(wcfg)
+            left = PacsDB().status()
+            emit(ctx, {"event": "idle", "queue_depth": left["queue_depth"], "jobs": left["jobs"],
+                       "transfers": left["transfers"]},
+                 lambda d: typer.echo(f"nothing left to do: jobs {d['jobs'] or {}}, transfers {d['transfers'] or {}}"))
             return
         worker = Worker(wcfg)
+        sys.stdout.write(json.dumps({"event": "working", "pid": os.getpid()}) + "\n")  # like listen, follow-orthanc
+        sys.stdout.flush()
         _service("pacs-worker", [("worker", worker.run, worker.stop)], {})
 
     @pacs.command("follow-orthanc")
@@ -193,6 +204,7 @@ def register(app: typer.Typer) -> None:
         url: str = typer.Option(None, "--url", help="Orthanc REST base URL (setting pacs.orthanc_url)."),
         from_start: bool = typer.Option(False, "--from-start",
                                         help="Process Orthanc's whole change history, not only new changes."),
+        send_policy: str = typer.Option(None, "--send-policy", help="after-review or immediate (pacs.send_policy)."),
         log_json: bool = typer.Option(False, "--log-json", help="Structured JSON log lines on stderr."),
     ) -> None:
         """Follow an existing Orthanc: StableStudy in, results uploaded back (POST /instances)."""
@@ -207,7 +219,7 @@ def register(app: typer.Typer) -> None:
         client = OrthancClient.from_config(url)
         wait_for(client)
         store, db = StudyStore(), PacsDB()
-        worker = Worker(WorkerConfig.from_config(), store=store, db=db)
+        worker = Worker(WorkerConfig.from_config(send_policy=send_policy), store=store, db=db)
         follower = Follower(client, store=store, db=db, on_stable=worker.stabilise,
                             poll_seconds=float(config.get("pacs.orthanc_poll_seconds")))
         if db.get_value(follower.cursor_key) is None and not from_start:
