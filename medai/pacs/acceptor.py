@@ -43,6 +43,7 @@ from dataclasses import dataclass, field, replace
 from typing import Callable, Mapping, Protocol, Sequence
 
 from medai.pacs import pdu
+from medai.pacs.tls import certificate_subject
 from medai.pacs.pdu import (IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME,  # noqa: F401 - re-exported
                             VERIFICATION_SOP_CLASS, PresentationContext, ProtocolError, UserIdentity)
 
@@ -326,23 +327,6 @@ class AcceptorServer:
     def _release_slot(self) -> None:
         with self._lock:
             self._accepted -= 1
-
-
-def certificate_subject(cert: Mapping[str, object] | None) -> str:
-    """An RFC 4514-like one-line subject (``CN=...,O=...``) of a peer certificate
-    as :meth:`ssl.SSLSocket.getpeercert` returns it ("" when there is none)."""
-    if not cert:
-        return ""
-    parts = []
-    for rdn in cert.get("subject", ()):  # type: ignore[union-attr]
-        for key, value in rdn:
-            parts.append(f"{_SHORT_NAMES.get(key, key)}={value}")
-    return ",".join(parts)
-
-
-#: RFC 4514 short names of the attribute names :mod:`ssl` spells out.
-_SHORT_NAMES = {"commonName": "CN", "organizationName": "O", "organizationalUnitName": "OU", "countryName": "C",
-                "stateOrProvinceName": "ST", "localityName": "L", "domainComponent": "DC", "userId": "UID"}
 
 
 def _call(what: str, fn: Callable[..., object], *args: object) -> object:

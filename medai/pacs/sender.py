@@ -59,8 +59,7 @@ class DicomDestination:
     def send(self, paths: Sequence[Path]) -> Mapping[str, str] | None:
         from pynetdicom import AE
 
-        from medai.pacs.acceptor import certificate_subject
-        from medai.pacs.tls import client_context
+        from medai.pacs.tls import certificate_subject, client_context
 
         _audit.quiet_pynetdicom()
         datasets = [pydicom.dcmread(p) for p in paths]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ssl
 from dataclasses import dataclass
+from collections.abc import Mapping
 from pathlib import Path
 
 from medai.errors import ConfigError
@@ -99,3 +100,20 @@ def client_context(cfg: TlsConfig) -> ssl.SSLContext:
         ctx.load_default_certs(ssl.Purpose.SERVER_AUTH)
     _load_own(ctx, cfg)
     return ctx
+
+
+def certificate_subject(cert: Mapping[str, object] | None) -> str:
+    """An RFC 4514-like one-line subject (``CN=...,O=...``) of a peer certificate
+    as :meth:`ssl.SSLSocket.getpeercert` returns it ("" when there is none)."""
+    if not cert:
+        return ""
+    parts = []
+    for rdn in cert.get("subject", ()):  # type: ignore[union-attr]
+        for key, value in rdn:
+            parts.append(f"{_SHORT_NAMES.get(key, key)}={value}")
+    return ",".join(parts)
+
+
+#: RFC 4514 short names of the attribute names :mod:`ssl` spells out.
+_SHORT_NAMES = {"commonName": "CN", "organizationName": "O", "organizationalUnitName": "OU", "countryName": "C",
+                "stateOrProvinceName": "ST", "localityName": "L", "domainComponent": "DC", "userId": "UID"}
