@@ -79,6 +79,8 @@ CREATE TABLE IF NOT EXISTS runs (
 CREATE INDEX IF NOT EXISTS runs_series ON runs(series_key, model_id, model_version);
 CREATE INDEX IF NOT EXISTS runs_study ON runs(study_key);
 """
+#: Columns added after the first release of the store, added to an older index on open.
+_ADDED_COLUMNS = {"destination": "TEXT NOT NULL DEFAULT ''"}
 
 
 @dataclass(frozen=True)
@@ -180,15 +182,37 @@ class ResultsStore:
     def __init__(self, path: Path | None = None) -> None:
         self.path = Path(path) if path is not None else home.results_index()
         self.root = self.path.parent
-        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(str(self.path), timeout=30, isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(_SCHEMA)
+        self._conn: sqlite3.Connection | None = None
+
+    def _db(self, *, create: bool) -> sqlite3.Connection | None:
+        """The connection; reading a store that does not exist yet creates nothing (an install
+        whose audit trail refuses every operation writes no file at all)."""
+        if self._conn is None:
+            if not create and not self.path.exists():
+                return None
+            self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+            conn = sqlite3.connect(str(self.path), timeout=30, isolation_level=None, check_same_thread=False)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.executescript(_SCHEMA)
+            have = {row[1] for row in conn.execute("PRAGMA table_info(runs)")}
+            for column, decl in _ADDED_COLUMNS.items():
+                if column not in have:
+                    conn.execute(f"ALTER TABLE runs ADD COLUMN {column} {decl}")
+            self._conn = conn
+        return self._conn
+
+    def _write(self, sql: str, args: Sequence[Any]) -> None:
+        with self._lock:
+            db = self._db(create=True)
+            assert db is not None
+            db.execute(sql, tuple(args))
 
     def close(self) -> None:
-        self._db.close()
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
 
     def __enter__(self) -> "ResultsStore":
         return self
@@ -206,7 +230,8 @@ class ResultsStore:
         if limit:
             sql += f" LIMIT {int(limit)}"
         with self._lock:
-            rows = self._db.execute(sql, tuple(args)).fetchall()
+            db = self._db(create=False)
+            rows = db.execute(sql, tuple(args)).fetchall() if db is not None else []
         return [_from_row(r) for r in rows]
 
     def get(self, run_id: str) -> StoredRun:
@@ -264,29 +289,24 @@ class ResultsStore:
             os.replace(written, final)
             fsync_dir(self.root)
             run = replace(run, folder=final)
-        with self._lock:
-            self._db.execute(f"INSERT OR REPLACE INTO runs ({', '.join(_COLUMNS)}) VALUES "
-                             f"({', '.join('?' * len(_COLUMNS))})", _to_row(run))
+        self._write(f"INSERT OR REPLACE INTO runs ({', '.join(_COLUMNS)}) VALUES "
+                    f"({', '.join('?' * len(_COLUMNS))})", _to_row(run))
         return run
 
     def set_review(self, run_id: str, state: str, *, reviewer: str = "", comment: str = "",
                    send_error: str = "") -> StoredRun:
         if state not in REVIEW_STATES:
             raise ConfigError(f"unknown review state {state!r}; one of {', '.join(REVIEW_STATES)}")
-        with self._lock:
-            if reviewer or state in ("accepted", "rejected"):
-                self._db.execute("UPDATE runs SET review=?, reviewer=?, review_comment=?, reviewed_at=?, "
-                                 "send_error=? WHERE run_id=?",
-                                 (state, reviewer, comment, time.time(), send_error, run_id))
-            else:
-                self._db.execute("UPDATE runs SET review=?, send_error=? WHERE run_id=?",
-                                 (state, send_error, run_id))
+        if reviewer or state in ("accepted", "rejected"):
+            self._write("UPDATE runs SET review=?, reviewer=?, review_comment=?, reviewed_at=?, send_error=? "
+                        "WHERE run_id=?", (state, reviewer, comment, time.time(), send_error, run_id))
+        else:
+            self._write("UPDATE runs SET review=?, send_error=? WHERE run_id=?", (state, send_error, run_id))
         return self.get(run_id)
 
     def set_destination(self, run_id: str, destination: str) -> None:
         """Where this run goes once accepted (the PACS hook names the sender it came from)."""
-        with self._lock:
-            self._db.execute("UPDATE runs SET destination=? WHERE run_id=?", (destination, run_id))
+        self._write("UPDATE runs SET destination=? WHERE run_id=?", (destination, run_id))
 
     def clean_partial(self) -> int:
         """Remove folders of runs whose process died before they were recorded (each
@@ -362,7 +382,7 @@ class Request:
 def request_for(series: Any, model_id: str, model_version: str, surface: str, *, study_date: str = "") -> Request:
     """A :class:`Request` for one :class:`~medai.dicom.index.SeriesEntry`."""
     return Request(model_id, model_version, series.series_instance_uid, series.study_instance_uid,
-                   tuple(str(p) for p in series.files), series.content_digest, surface,
+                   tuple(str(Path(p).absolute()) for p in series.files), series.content_digest, surface,
                    key(series.study_instance_uid), key(series.series_instance_uid), series.modality, study_date)
 
 

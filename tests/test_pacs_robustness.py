@@ -101,8 +101,12 @@ def test_concurrent_senders_sigkill_restart(medai_home: Path, tmp_path: Path) ->
         segs = [ds for ds in received if ds.Modality == "SEG"]
         assert len(segs) == 1 and segs[0].StudyInstanceUID == pydicom.dcmread(t1[0]).StudyInstanceUID
         assert len({ds.SOPInstanceUID for ds in received}) == len(received)
-        results = list((medai_home / "pacs" / "results").glob("*/*"))
-        assert len(results) == 1  # one output folder for (study, model, version)
+        from medai.results import ResultsStore
+
+        with ResultsStore(medai_home / "results" / "index.sqlite") as store:
+            runs = store.runs(latest_only=False)
+        assert len(runs) == 1 and runs[0].done  # one run for (series, model, version)
+        assert runs[0].review == "sent"  # immediate policy: out without review
         from medai.compliance import audit
 
         exports = [r for r in audit.iter_records(medai_home / "audit" / "trail.jsonl") if r["event"] == "export"]

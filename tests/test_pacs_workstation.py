@@ -81,7 +81,7 @@ def test_pushed_study_is_worked_listed_reviewed_and_sent(medai_home: Path, tmp_p
                 # The PACS pushes the study; nobody touches the page.
                 assert storescu(lst.port, first, jpeg_ls=True).returncode == 0
                 expect(page.get_by_text(re.compile(r"brain-volumetry"))).to_be_visible(timeout=900_000)
-                expect(page.get_by_text("to review").first).to_be_visible()
+                expect(page.get_by_text("to review", exact=True).first).to_be_visible()
                 assert medai_json(medai_home, "pacs", "status")["transfers"] == {}  # held for review
                 assert dest.files() == []
 
@@ -94,18 +94,20 @@ def test_pushed_study_is_worked_listed_reviewed_and_sent(medai_home: Path, tmp_p
                 # Accept: SEG and a VERIFIED SR reach the destination.
                 page.goto(f"http://127.0.0.1:{port}/")  # the Worklist is the first page
                 settle(page)
-                page.get_by_test_id("stExpander").first.locator("summary").click()
-                page.get_by_role("button", name="Accept and send").click()
-                wait_until(lambda: len(dest.files()) >= 2, timeout=120, what="SEG and SR at the destination")
-                expect(page.get_by_text("sent").first).to_be_visible()
+                waiting = page.locator("[class*='st-key-wl-item-']").filter(has_text="to review")
+                waiting.get_by_test_id("stExpander").locator("summary").click()
+                waiting.get_by_role("button", name="Accept and send").click()
+                expect(page.get_by_text("sent", exact=True).first).to_be_visible(timeout=300_000)
+                wait_until(lambda: len(dest.files()) >= 2, timeout=60, what="SEG and SR at the destination")
 
                 # A second study arrives and is rejected: nothing of it is sent.
                 sent_before = {f.name for f in dest.files()}
                 assert storescu(lst.port, second, jpeg_ls=True).returncode == 0
-                expect(page.get_by_text("to review").first).to_be_visible(timeout=900_000)
-                page.get_by_test_id("stExpander").first.locator("summary").click()
-                page.get_by_role("button", name="Reject").click()
-                expect(page.get_by_text("rejected").first).to_be_visible()
+                expect(page.get_by_text("to review", exact=True).first).to_be_visible(timeout=900_000)
+                waiting = page.locator("[class*='st-key-wl-item-']").filter(has_text="to review")
+                waiting.get_by_test_id("stExpander").locator("summary").click()
+                waiting.get_by_role("button", name="Reject").click()
+                expect(page.get_by_text("rejected", exact=True).first).to_be_visible(timeout=300_000)
             finally:
                 context.close()
                 shutil.rmtree(profile, ignore_errors=True)

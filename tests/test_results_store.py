@@ -393,7 +393,9 @@ def test_results_commands_review_then_send(folders, medai_home, tmp_path):
     assert (shown["review"], shown["reviewer"], shown["review_comment"]) == ("accepted", "Dr Test", "mask fine")
     sent = _medai("--json", "results", "send", run_id, "--to", str(dest), home=medai_home)
     assert sent.returncode == 0 and json.loads(sent.stdout)["review"] == "sent", sent.stderr
-    assert [pydicom.dcmread(f).Modality for f in dest.iterdir()] == ["SEG"]
+    received = {pydicom.dcmread(f).Modality: pydicom.dcmread(f) for f in dest.iterdir()}
+    assert sorted(received) == ["SEG", "SR"] and received["SR"].VerificationFlag == "VERIFIED"
+    assert str(received["SR"].VerifyingObserverSequence[0].VerifyingObserverName) == "Test^Dr"
     again = _medai("results", "reject", run_id, home=medai_home)
     assert again.returncode != 0 and "already sent" in again.stderr
     reviews = _events("result_review")

@@ -48,16 +48,9 @@ def _setup_logging(log_json: bool, verbose: bool) -> None:
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
 
 
-def _service(name: str, threads: list[tuple[str, Callable[[], None], Callable[[], None]]],
-             detail: dict[str, Any], *, start_recorded: bool = False) -> None:
-    """Run long-lived loops in threads until SIGTERM/SIGINT, then stop them in order.
-
-    ``start_recorded``: the caller wrote the Application Start record itself,
-    before its service began taking requests."""
-    from medai.pacs import _audit
-
-    if not start_recorded:
-        _audit.record("application_start", detail={"service": name, **detail})
+def _stop_on_signals() -> threading.Event:
+    """An event that SIGTERM/SIGINT set. Installed before a service says it is ready, so a
+    supervisor that stops it at once gets a clean shutdown, not the default death."""
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: Any) -> None:
@@ -66,6 +59,21 @@ def _service(name: str, threads: list[tuple[str, Callable[[], None], Callable[[]
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    return stop
+
+
+def _service(name: str, threads: list[tuple[str, Callable[[], None], Callable[[], None]]],
+             detail: dict[str, Any], *, start_recorded: bool = False, stop: threading.Event | None = None) -> None:
+    """Run long-lived loops in threads until SIGTERM/SIGINT, then stop them in order.
+
+    ``start_recorded``: the caller wrote the Application Start record itself,
+    before its service began taking requests. ``stop``: the caller's event from
+    :func:`_stop_on_signals`, when it installed the handlers before announcing itself."""
+    from medai.pacs import _audit
+
+    if not start_recorded:
+        _audit.record("application_start", detail={"service": name, **detail})
+    stop = stop or _stop_on_signals()
     running = []
     for label, target, _halt in threads:
         t = threading.Thread(target=target, name=f"medai-{label}", daemon=True)
@@ -159,6 +167,7 @@ def register(app: typer.Typer) -> None:
                  "started": time.time(), "worker": worker is not None}
         _state_file().parent.mkdir(parents=True, exist_ok=True)
         _state_file().write_text(json.dumps(state))
+        stop = _stop_on_signals()
         sys.stdout.write(json.dumps({"event": "listening", **state}) + "\n")
         sys.stdout.flush()
         threads: list[tuple[str, Callable[[], None], Callable[[], None]]] = [
@@ -166,7 +175,7 @@ def register(app: typer.Typer) -> None:
         if worker is not None:
             threads.append(("worker", worker.run, worker.stop))
         try:
-            _service("pacs-listen", threads, {}, start_recorded=True)
+            _service("pacs-listen", threads, {}, start_recorded=True, stop=stop)
         finally:
             _state_file().unlink(missing_ok=True)
 
@@ -195,9 +204,10 @@ def register(app: typer.Typer) -> None:
                  lambda d: typer.echo(f"nothing left to do: jobs {d['jobs'] or {}}, transfers {d['transfers'] or {}}"))
             return
         worker = Worker(wcfg)
+        stop = _stop_on_signals()
         sys.stdout.write(json.dumps({"event": "working", "pid": os.getpid()}) + "\n")  # like listen, follow-orthanc
         sys.stdout.flush()
-        _service("pacs-worker", [("worker", worker.run, worker.stop)], {})
+        _service("pacs-worker", [("worker", worker.run, worker.stop)], {}, stop=stop)
 
     @pacs.command("follow-orthanc")
     def follow_orthanc(
@@ -224,10 +234,12 @@ def register(app: typer.Typer) -> None:
                             poll_seconds=float(config.get("pacs.orthanc_poll_seconds")))
         if db.get_value(follower.cursor_key) is None and not from_start:
             db.set_value(follower.cursor_key, client.last_change())
+        stop = _stop_on_signals()
         sys.stdout.write(json.dumps({"event": "following", "orthanc": client.describe()}) + "\n")
         sys.stdout.flush()
         _service("pacs-follow-orthanc", [("follower", follower.run, follower.stop),
-                                         ("worker", worker.run, worker.stop)], {"orthanc": client.describe()})
+                                         ("worker", worker.run, worker.stop)], {"orthanc": client.describe()},
+                 stop=stop)
 
     @pacs.command("status")
     def status(ctx: typer.Context) -> None:
