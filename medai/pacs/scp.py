@@ -333,7 +333,9 @@ class Listener:
             egress.check_bind((self.cfg.address, self.cfg.port), explicit=self.cfg.allow_remote)
         self._server = AcceptorServer((self.cfg.address, self.cfg.port), acceptor_config(self.cfg), self)
         self._server.start()
-        log.info("listening ae_title=%s address=%s port=%d", self.cfg.ae_title, self.cfg.address, self.port)
+        tls = self.cfg.tls
+        log.info("listening ae_title=%s address=%s port=%d tls=%s", self.cfg.ae_title, self.cfg.address, self.port,
+                 ("on, client certificates required" if tls.ca_certificates else "on") if tls.enabled else "off")
         if block:
             self.wait()
 
