@@ -236,6 +236,8 @@ def run_on_volume(bundle: Bundle, volume: Volume, out_dir: str | Path, *, device
         "measurements": [m.__dict__ for m in output.measurements],
         "findings": [f.__dict__ for f in output.findings],
         "qc": dict(output.qc),
+        # What a reader must know beside the numbers (e.g. a template-space series), for every surface.
+        "caveats": [str(c) for c in output.qc.get("caveats") or []],
         "priority": {"level": priority.level, "score": priority.score, "reasons": list(priority.reasons)},
         "prompt": prompt.as_dict() if isinstance(prompt, Prompt) else None,
         "preprocessing": ctx.recorded,
