@@ -116,7 +116,7 @@ def _load_volume(source: Path, series_uid: str | None, bundle: Bundle,
 
     req, patient = request_from_source(source, bundle.id, "cli", series_uid=series_uid,
                                        allow_unsigned=allow_unsigned)
-    return load_series([Path(p) for p in req.files], series_uid=req.series_uid), patient
+    return load_series(req.entry, series_uid=req.series_uid), patient
 
 
 def _apply_rules(bundle: Bundle, measurements: tuple[Measurement, ...], volumes: Mapping[str, float]) -> Priority:
