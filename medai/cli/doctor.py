@@ -47,10 +47,13 @@ def doctor_command(
     ctx: typer.Context,
     parity: bool = typer.Option(True, "--parity/--no-parity", help="Run the provider parity checks."),
     fresh: bool = typer.Option(False, "--fresh", help="Ignore cached parity results and check again."),
+    tune: bool = typer.Option(False, "--tune", help="Time every provider x precision of every graph on real "
+                              "validation inputs, check each against fp32 CPU, keep the fastest that passes."),
 ) -> None:
     """Report hardware, providers, threads, memory, model bundles and the parity check."""
     from medai import config
     from medai.inference import backends, registry
+    from medai.inference import tune as tuning
 
     report: dict[str, Any] = {
         "platform": {"system": platform.system(), "release": platform.release(), "machine": platform.machine(),
@@ -64,9 +67,9 @@ def doctor_command(
                              "execution_mode": "sequential", "graph_optimization": "all",
                              "cpu_memory_arena": False, "memory_pattern": True,
                              "memory_arena_graphs": []},
-        "settings": {k: config.get(k) for k in ("device", "threads", "max_memory", "allow_unsigned")},
+        "settings": {k: config.get(k) for k in ("device", "precision", "threads", "max_memory", "allow_unsigned")},
         "chosen_providers": backends.choose_providers(),
-        "models": [], "parity": [],
+        "models": [], "parity": [], "tuning": [],
     }
     ok = True
     for entry in registry.scan():
@@ -92,6 +95,15 @@ def doctor_command(
                                              "seconds": round(res.seconds, 2), "cached": res.cached,
                                              "reason": res.reason})
                     ok &= res.passed
+    if tune:
+        for bundle in registry.list_bundles():
+            try:
+                tuning.tune_bundle(bundle)
+            except Exception as exc:  # one model's problem must not hide the others
+                report["tuning"].append({"model": bundle.id, "error": f"tuning could not run: {exc}"})
+                ok = False
+    report["cpu"]["features"] = tuning.cpu_features()
+    report["tuning"] += [v.as_dict() for v in tuning.verdicts()]
     emit(ctx, report, _human)
     if not ok:
         raise typer.Exit(EXIT_FAILURE)
@@ -124,6 +136,25 @@ def _human(r: dict[str, Any]) -> None:
         when = "cached" if p["cached"] else f"{p['seconds']} s"
         out.write(f"Parity     {p['model']}/{p['graph']} on {p['provider']} vs {p['reference']}: {verdict}; "
                   f"max |diff| {p['max_abs_diff']:.2e}, Dice {p['dice']:.5f} ({when})\n")
+    if not r["tuning"]:
+        out.write("Tuning     none on this machine yet: `medai doctor --tune` measures provider x precision "
+                  "(runs use fp32 until then)\n")
+    for v in r["tuning"]:
+        if "error" in v:
+            out.write(f"Tuning     {v['model']}: {v['error']}\n")
+            continue
+        chosen = v["chosen"]
+        pick = f"{chosen['provider']} {chosen['precision']}" if chosen else "nothing passed: fp32 CPU"
+        out.write(f"Tuning     {v['model']}/{v['graph']} on {v['validation']} (Dice >= {v['dice_min']:g} vs "
+                  f"fp32 CPU): chosen {pick}\n")
+        for c in v["candidates"]:
+            ms = f"{c['ms']:8.1f} ms" if c["ms"] is not None else "     -     "
+            dice = f"Dice {c['dice']:.5f}" if c["dice"] is not None else "Dice    -   "
+            mark = "*" if chosen and (c["provider"], c["precision"]) == (chosen["provider"], chosen["precision"]) else " "
+            verdict = "pass" if c["passed"] else f"FAIL {c['reason']}"
+            peak = f"{c['peak_mb']:6.0f} MB" if c.get("peak_mb") is not None else "    -    "
+            out.write(f"         {mark} {c['provider']:<22} {c['precision']:<5} {ms}  {dice}  {peak}  "
+                      f"{c['runtime']}: {verdict}\n")
 
 def register(app: typer.Typer) -> None:
     app.command("doctor", help="Hardware, providers, threads, memory, model bundles and parity check.")(doctor_command)

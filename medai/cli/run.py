@@ -39,7 +39,10 @@ def run_command(
     out: Path = typer.Option(..., "--out", "-o", help="Output folder."),
     series: Optional[str] = typer.Option(None, "--series", help="SeriesInstanceUID (default: best match by the card's rules)."),
     all_series: bool = typer.Option(False, "--all-series", help="Run on every matching series (one subfolder each)."),
-    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda, tensorrt, rocm, openvino, coreml, directml, qnn."),
+    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda, tensorrt, rocm, openvino "
+                                         "(openvino-cpu, -gpu, -npu), coreml, directml, qnn."),
+    precision: Optional[str] = typer.Option(None, "--precision", help="auto (this machine's tuned choice, "
+                                            "`medai doctor --tune`), fp32, bf16, fp16, int8."),
     max_memory: Optional[str] = typer.Option(None, "--max-memory", help="Memory budget, e.g. 4G."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="Intra-op threads (default: physical cores)."),
     allow_unsigned: bool = typer.Option(False, "--allow-unsigned", help="Development only: run an unsigned bundle (audited)."),
@@ -60,7 +63,7 @@ def run_command(
 
     prompt = _prompt(plane, slice_index, box, propagate, window, slice_range)
     kwargs: dict[str, Any] = {"device": device, "max_memory": max_memory, "threads": threads,
-                              "allow_unsigned": allow_unsigned or None}
+                              "allow_unsigned": allow_unsigned or None, "precision": precision}
     if all_series and series:
         raise typer.BadParameter("--series and --all-series exclude each other")
     if source.is_file() and source.name.lower().endswith((".nii", ".nii.gz", ".nrrd", ".mha", ".mhd")):
@@ -112,7 +115,8 @@ def _summary(stored: Any, target: Path, reused: bool) -> dict[str, Any]:
             "result": str(target / stored.outputs["result"]),
             "sr": str(target / stored.outputs["sr"]) if stored.outputs.get("sr") else None,
             "volumes_ml": dict(s.get("volumes_ml") or {}), "priority": stored.priority_level,
-            "qc": stored.qc, "provider": s.get("provider", ""), "seconds": s.get("seconds", 0.0)}
+            "qc": stored.qc, "provider": s.get("provider", ""), "precision": s.get("precision", ""),
+            "seconds": s.get("seconds", 0.0)}
 
 
 def _human_one(s: dict[str, Any]) -> None:
@@ -120,7 +124,7 @@ def _human_one(s: dict[str, Any]) -> None:
     where = f"series {s['series_key']}" if s.get("series_key") else "image file"
     again = " (stored result reused)" if s.get("reused") else ""
     sys.stdout.write(f"{s['model']} {s['version']} on {where}: {vols}; priority {s['priority']}; "
-                     f"{s['provider']}; {s['seconds']} s{again}\n  -> {s['out_dir']}\n")
+                     f"{s['provider']} {s.get('precision', '')}; {s['seconds']} s{again}\n  -> {s['out_dir']}\n")
 
 
 def _human_many(rows: list[dict[str, Any]]) -> None:

@@ -485,6 +485,21 @@ def _unit(v: Any) -> np.ndarray:
     return a / norm
 
 
+#: Headers (pixel data dropped) of the last series :func:`load_series` read, keyed by the
+#: (SOPInstanceUID, path) of its sources in slice order: the SEG/SR writers need exactly
+#: these, and reading 200 files a second time costs as much as the SEG itself. One
+#: entry, in memory only (they hold identifiers: never written anywhere from here).
+_last_headers: tuple[tuple[tuple[str, str], ...], list[Any]] | None = None
+
+
+def source_headers(volume: "Volume") -> list[Any] | None:
+    """The source headers of ``volume`` in slice order, when it is the series last loaded."""
+    key = tuple((s.sop_instance_uid, str(s.path)) for s in volume.sources)
+    if _last_headers is not None and _last_headers[0] == key:
+        return list(_last_headers[1])
+    return None
+
+
 def load_series(files_or_dir: "str | _os.PathLike[str] | _Iterable[str | _os.PathLike[str]] | SeriesEntry", *,
                 series_uid: str | None = None,
                 on_tilt: _Literal["resample", "refuse"] = "resample",
@@ -566,6 +581,10 @@ def load_series(files_or_dir: "str | _os.PathLike[str] | _Iterable[str | _os.Pat
         attributes["resampled"] = "gantry tilt corrected: linear in-plane shift per slice"
     if str(first_ds.get("Modality", "")).upper() == "CT":
         attributes.setdefault("units", "HU")
+    global _last_headers
+    if tilt is None and all(f.frame_index == 0 for f in ordered) and len({f.source for f in ordered}) == len(ordered):
+        _last_headers = (tuple((f.ref.sop_instance_uid, str(f.ref.path)) for f in ordered),
+                         [datasets[f.source] for f in ordered])
     return Volume(
         array=out, geometry=geometry,
         modality=str(first_ds.get("Modality", "")),

@@ -17,6 +17,29 @@ such as ``medai[cuda]`` adds ``onnxruntime-gpu`` and the docs say to
 reports which distributions are installed and warns when two are, so a broken mix
 is visible in ``medai doctor`` rather than as a mysterious import error.
 
+OpenVINO
+--------
+OpenVINO runs through the OpenVINO runtime itself (``pip install 'medai[openvino]'``,
+the ``openvino`` wheel), not through ONNX Runtime's OpenVINO provider: the runtime is a
+separate module that installs beside the CPU ``onnxruntime`` wheel instead of replacing
+it, it reads the same ONNX files, it lets medai set the inference precision (fp32, bf16,
+fp16) and read back the precision the plugin actually compiled, and it reaches the
+Intel GPU and NPU with the same code. Its providers are named ``OpenVINO:CPU``,
+``OpenVINO:GPU`` and ``OpenVINO:NPU`` (devices ``openvino``, ``openvino-cpu``,
+``openvino-gpu``, ``openvino-npu``); see docs/models.md for the measurements behind
+the choice. Compiled graphs are cached in ``$MEDAI_HOME/cache/openvino`` (weights and
+kernels only, never patient data).
+
+What actually ran
+-----------------
+A provider that cannot start is never passed off as itself: onnxruntime, asked for a
+provider whose libraries are missing, quietly creates a CPU session with only a
+warning; OpenVINO, asked for bf16 on a CPU without it, compiles fp32. Both are caught
+here (the session's providers and the compiled precision are read back) and the run
+goes on with what really runs, the reason kept in ``Session.fallback_reason`` and in
+``result.json``. Every session carries the provider *and* the precision that produced
+its outputs.
+
 Small-machine settings
 ----------------------
 intra-op threads = physical cores (or ``MEDAI_THREADS``), inter-op 1 with
@@ -47,7 +70,9 @@ is recorded in the result.
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
+import importlib.util
 import json
 import logging
 import os
@@ -72,11 +97,19 @@ if TYPE_CHECKING:  # pragma: no cover
 log = logging.getLogger("medai.inference")
 
 CPU = "CPUExecutionProvider"
+OV_CPU, OV_GPU, OV_NPU = "OpenVINO:CPU", "OpenVINO:GPU", "OpenVINO:NPU"
+#: OpenVINO runtime devices medai drives, by provider name.
+OV_PROVIDERS = {OV_GPU: "GPU", OV_NPU: "NPU", OV_CPU: "CPU"}
 PREFERENCE = (
     "TensorrtExecutionProvider", "CUDAExecutionProvider", "ROCMExecutionProvider",
-    "MIGraphXExecutionProvider", "OpenVINOExecutionProvider", "CoreMLExecutionProvider",
-    "DmlExecutionProvider", "QNNExecutionProvider", CPU,
+    "MIGraphXExecutionProvider", OV_GPU, OV_NPU, "OpenVINOExecutionProvider", "CoreMLExecutionProvider",
+    "DmlExecutionProvider", "QNNExecutionProvider", OV_CPU, CPU,
 )
+#: Precisions a session can be asked for. fp32 runs everywhere; the others where the
+#: provider compiles them (OpenVINO: bf16/fp16 by inference hint) or where the bundle
+#: ships a graph in that precision (int8).
+PRECISIONS = ("fp32", "bf16", "fp16", "int8")
+_OV_HINT = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}
 #: Providers that send tensors off the machine. Never used.
 REMOTE = frozenset({"AzureExecutionProvider"})
 DEVICES: dict[str, tuple[str, ...]] = {
@@ -84,7 +117,10 @@ DEVICES: dict[str, tuple[str, ...]] = {
     "cuda": ("CUDAExecutionProvider",),
     "tensorrt": ("TensorrtExecutionProvider",),
     "rocm": ("ROCMExecutionProvider", "MIGraphXExecutionProvider"),
-    "openvino": ("OpenVINOExecutionProvider",),
+    "openvino": (OV_GPU, OV_NPU, OV_CPU, "OpenVINOExecutionProvider"),
+    "openvino-cpu": (OV_CPU,),
+    "openvino-gpu": (OV_GPU,),
+    "openvino-npu": (OV_NPU,),
     "coreml": ("CoreMLExecutionProvider",),
     "directml": ("DmlExecutionProvider",),
     "qnn": ("QNNExecutionProvider",),
@@ -107,9 +143,45 @@ def _ort() -> "Any":
     return onnxruntime
 
 
+def openvino_installed() -> bool:
+    return importlib.util.find_spec("openvino") is not None
+
+
+@functools.lru_cache(maxsize=1)
+def _ov_core() -> "Any":
+    """One OpenVINO Core per process (it enumerates devices and loads plugins once)."""
+    import openvino
+
+    return openvino.Core()
+
+
+def _ov_version() -> str:
+    import openvino
+
+    return openvino.__version__.split("-")[0]
+
+
+def openvino_devices() -> list[str]:
+    """OpenVINO providers present on this machine (``OpenVINO:CPU`` etc.); [] without the extra."""
+    if not openvino_installed():
+        return []
+    try:
+        devices = _ov_core().available_devices
+    except Exception as exc:  # a broken plugin must not take the CPU path down with it
+        log.warning("OpenVINO is installed but cannot list its devices (%s)", exc)
+        return []
+    kinds = {d.split(".")[0] for d in devices}
+    return [p for p, dev in OV_PROVIDERS.items() if dev in kinds]
+
+
+def runtime_version(provider: str) -> str:
+    """``openvino 2026.4.1`` or ``onnxruntime 1.32.0``: what a verdict about ``provider`` depends on."""
+    return f"openvino {_ov_version()}" if provider in OV_PROVIDERS else f"onnxruntime {_ort().__version__}"
+
+
 def available_providers() -> list[str]:
-    """Local providers this onnxruntime build offers, in our preference order."""
-    offered = [p for p in _ort().get_available_providers() if p not in REMOTE]
+    """Local providers (onnxruntime's and OpenVINO's devices), in our preference order."""
+    offered = [p for p in _ort().get_available_providers() if p not in REMOTE] + openvino_devices()
     ordered = [p for p in PREFERENCE if p in offered]
     return ordered + [p for p in offered if p not in ordered and p not in REMOTE]
 
@@ -127,8 +199,10 @@ def choose_providers(device: str | None = None) -> list[str]:
             raise ConfigError(f"unknown device {device!r}; use auto or one of {', '.join(DEVICES)}")
         chosen = [p for p in DEVICES[device] if p in available]
         if not chosen and device != "cpu":
-            raise BackendError(f"device {device!r} requested but this onnxruntime build offers only "
-                               f"{', '.join(available)}; install the matching extra (see docs/models.md)")
+            hint = ("install medai[openvino] (scripts/setup --openvino)" if device.startswith("openvino")
+                    else "install the matching extra")
+            raise BackendError(f"device {device!r} requested but this machine offers only "
+                               f"{', '.join(available)}; {hint} (see docs/models.md)")
     return [p for p in chosen if p != CPU] + [CPU]
 
 
@@ -176,7 +250,7 @@ def session_options(threads: int, *, memory_arena: bool = False) -> "ort.Session
 
 @dataclass
 class Session:
-    """One ONNX graph ready to run on one provider."""
+    """One ONNX graph ready to run on one provider, in one precision."""
 
     key: str
     file_sha256: str
@@ -186,6 +260,8 @@ class Session:
     output_name: str
     _session: Any = field(repr=False)
     fallback_reason: str | None = None
+    #: The precision the provider really computes in (read back after compiling).
+    precision: str = "fp32"
 
     def run(self, x: np.ndarray) -> np.ndarray:
         """Run the graph on one input array; returns its one output array."""
@@ -196,13 +272,139 @@ class Session:
         (default: the card's output only)."""
         return list(self._session.run(outputs or [self.output_name], feeds))
 
+    def describe(self) -> dict[str, Any]:
+        """Provider, precision and runtime version: what ``result.json`` records per graph."""
+        return {"graph": self.key, "provider": self.provider, "precision": self.precision,
+                "runtime": runtime_version(self.provider), "threads": self.threads,
+                **({"fallback": self.fallback_reason} if self.fallback_reason else {})}
 
-_cache: dict[tuple[str, str, int], Session] = {}
+
+_cache: dict[tuple[str, str, int, str], Session] = {}
 _lock = threading.Lock()
 
 
+@dataclass(frozen=True)
+class _Port:
+    """The part of onnxruntime's NodeArg that parity feeds need (name, shape, type)."""
+
+    name: str
+    shape: tuple[Any, ...]
+    type: str
+
+
+_ORT_TYPE_NAMES = {np.dtype(np.float32): "tensor(float)", np.dtype(np.float16): "tensor(float16)",
+                   np.dtype(np.float64): "tensor(double)", np.dtype(np.int64): "tensor(int64)",
+                   np.dtype(np.int32): "tensor(int32)", np.dtype(np.uint8): "tensor(uint8)",
+                   np.dtype(np.bool_): "tensor(bool)"}
+
+
+class _OpenVINOGraph:
+    """A compiled OpenVINO model behind onnxruntime's ``run(output_names, feeds)`` call,
+    so pipelines and parity checks use one interface for both runtimes."""
+
+    def __init__(self, compiled: Any, provider: str, *, keep_memory: bool = False) -> None:
+        self._compiled = compiled
+        self._request = compiled.create_infer_request()
+        self._provider = provider
+        # Like onnxruntime's arena setting: a graph run once per volume gives its intermediate
+        # buffers back after each run (OpenVINO keeps them for the request's lifetime otherwise,
+        # e.g. the first stage's while the second runs); per-slice graphs keep them.
+        self._release = not keep_memory and hasattr(compiled, "release_memory")
+        self._lock = threading.Lock()  # one infer request: one run at a time
+
+    def run(self, output_names: list[str] | None, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        with self._lock:
+            # share_outputs=False: the request's buffers are reused by the next run.
+            results = self._request.infer(feeds, share_inputs=True, share_outputs=False)
+            names = output_names or [o.get_any_name() for o in self._compiled.outputs]
+            by_name = {port.get_any_name(): value for port, value in results.items()}
+            if self._release:
+                self._compiled.release_memory()
+            return [by_name[n] for n in names]
+
+    def get_inputs(self) -> list[_Port]:
+        ports = []
+        for port in self._compiled.inputs:
+            shape = tuple(d.get_length() if d.is_static else None for d in port.get_partial_shape())
+            dtype = np.dtype(port.get_element_type().to_dtype())
+            ports.append(_Port(port.get_any_name(), shape, _ORT_TYPE_NAMES.get(dtype, "tensor(float)")))
+        return ports
+
+    def get_providers(self) -> list[str]:
+        return [self._provider]
+
+
+def _ov_precision_name(value: Any) -> str:
+    text = str(getattr(value, "get_type_name", lambda: value)()).lower()
+    return {"f32": "fp32", "float32": "fp32", "bf16": "bf16", "bfloat16": "bf16", "f16": "fp16",
+            "float16": "fp16"}.get(text, text)
+
+
+def _ov_ops_in(compiled: Any, element_type: str) -> int:
+    """How many operations of the compiled graph run in ``element_type`` (``bf16``, ``f16``);
+    -1 when the plugin does not say."""
+    try:
+        ops = compiled.get_runtime_model().get_ordered_ops()
+        return sum(1 for op in ops if "runtimePrecision" in op.get_rt_info()
+                   and op.get_rt_info()["runtimePrecision"].astype(str) == element_type)
+    except Exception:  # not every plugin exposes its runtime graph
+        return -1
+
+
+def _make_openvino(path: Path, spec: "GraphSpec | None", provider: str, threads: int,
+                   precision: str) -> tuple[_OpenVINOGraph, str]:
+    """Compile ``path`` for an OpenVINO device; returns the graph and the precision it really uses."""
+    if precision not in _OV_HINT and precision != "int8":
+        raise BackendError(f"{path.name}: OpenVINO cannot compile precision {precision!r}")
+    core = _ov_core()
+    device = OV_PROVIDERS[provider]
+    try:
+        model = core.read_model(str(path))
+        if spec is not None and spec.input in {p.get_any_name() for p in model.inputs}:
+            port = next(p for p in model.inputs if p.get_any_name() == spec.input)
+            # A static input shape compiles to faster kernels and skips shape inference per run;
+            # graphs a plan may tile keep their dynamic shape.
+            if port.get_partial_shape().is_dynamic and len(spec.shape) == len(port.get_partial_shape()):
+                model.reshape({spec.input: list(spec.shape)})
+        # Compiled-graph cache, one folder per device and precision: OpenVINO 2026.4 given one
+        # folder for the same model compiled in two precisions loads the wrong blob for the
+        # second and crashes in its first run (seen with LiteMedSAM's encoder, fp32 then bf16).
+        cache = config.home() / "cache" / "openvino" / f"{device.lower()}-{precision}"
+        cache.mkdir(parents=True, exist_ok=True, mode=0o700)
+        props: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY", "CACHE_DIR": str(cache)}
+        if device == "CPU":
+            # Threads as for onnxruntime; no pinning: on a shared workstation pinned threads
+            # fight the UI and the other processes for the same cores.
+            props.update({"INFERENCE_NUM_THREADS": threads, "ENABLE_CPU_PINNING": False, "NUM_STREAMS": 1})
+        if precision in _OV_HINT:
+            props["INFERENCE_PRECISION_HINT"] = _OV_HINT[precision]
+        compiled = core.compile_model(model, device, props)
+    except Exception as exc:  # OpenVINO raises RuntimeError with the plugin's text
+        raise BackendError(f"{path.name}: OpenVINO cannot compile it for {device} ({exc})") from exc
+    try:
+        used = _ov_precision_name(compiled.get_property("INFERENCE_PRECISION_HINT"))
+    except Exception:  # some plugins do not report it
+        used = precision
+    if used in ("bf16", "fp16") and _ov_ops_in(compiled, {"bf16": "bf16", "fp16": "f16"}[used]) == 0:
+        used = "fp32"  # the hint was accepted but no operation runs in it: it is an fp32 run
+    if precision == "int8":
+        used = "int8"  # int8 comes from the graph's own quantised weights, not from a hint
+    return _OpenVINOGraph(compiled, provider, keep_memory=bool(spec is not None and spec.memory_arena)), used
+
+
 def _make(path: Path, digest: str, key: str, spec_input: str, spec_output: str, provider: str,
-          threads: int, *, reference: bool = False, memory_arena: bool = False) -> Session:
+          threads: int, *, reference: bool = False, memory_arena: bool = False, precision: str = "fp32",
+          spec: "GraphSpec | None" = None, strict: bool = True) -> Session:
+    """A session of ``path`` on ``provider``. ``strict``: raise when the runtime substituted
+    another provider or precision (onnxruntime falls back to CPU with only a warning);
+    otherwise return the session of what really runs, for the parity check to report."""
+    if provider in OV_PROVIDERS:
+        graph, used_precision = _make_openvino(path, spec, provider, threads, precision)
+        if strict and used_precision != precision:
+            raise BackendError(f"{path.name}: asked {provider} for {precision}, it compiled {used_precision}")
+        return Session(key, digest, provider, threads, spec_input, spec_output, graph, precision=used_precision)
+    if precision not in ("fp32", "int8"):
+        raise BackendError(f"{path.name}: onnxruntime runs this graph in fp32 only on {provider}")
     ort = _ort()
     opts = session_options(threads, memory_arena=memory_arena)
     if reference:  # the plainest execution of the graph: no fusions or layout rewrites
@@ -214,7 +416,9 @@ def _make(path: Path, digest: str, key: str, spec_input: str, spec_output: str, 
     except Exception as exc:  # onnxruntime raises its own untyped errors
         raise BackendError(f"{path.name}: cannot create an ONNX Runtime session on {provider} ({exc})") from exc
     used = raw.get_providers()[0]
-    return Session(key, digest, used, threads, spec_input, spec_output, raw)
+    if strict and used != provider:
+        raise BackendError(f"{path.name}: {provider} could not start here (onnxruntime created {used} instead)")
+    return Session(key, digest, used, threads, spec_input, spec_output, raw, precision=precision)
 
 
 def parity_cache_path() -> Path:
@@ -275,12 +479,12 @@ def _dice(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def parity_check(bundle: "Bundle", key: str, provider: str, *, threads: int | None = None,
-                 use_cache: bool = True) -> ParityResult:
-    """Compare graph ``key`` on ``provider`` with CPU on the fixed input (cached per machine)."""
+                 use_cache: bool = True, precision: str = "fp32") -> ParityResult:
+    """Compare graph ``key`` on ``provider`` in ``precision`` with CPU fp32 on the fixed input
+    (cached per machine)."""
     spec = bundle.card.graphs[key]
     digest = bundle.card.files[spec.file]
-    ort_version = _ort().__version__
-    cache_key = f"{digest}|{provider}|{ort_version}"
+    cache_key = f"{digest}|{provider}|{precision}|{runtime_version(provider)}"
     cache_file = parity_cache_path()
     cache: dict[str, Any] = {}
     if use_cache and cache_file.is_file():
@@ -296,18 +500,28 @@ def parity_check(bundle: "Bundle", key: str, provider: str, *, threads: int | No
     # CPU-only machine) then tests the optimised graph the runs actually use.
     cpu = _make(bundle.file(spec.file), digest, key, spec.input, spec.output, CPU, threads, reference=True)
     other = _make(bundle.file(spec.file), digest, key, spec.input, spec.output, provider, threads,
-                  memory_arena=spec.memory_arena)
+                  memory_arena=spec.memory_arena, precision=precision, spec=spec, strict=False)
     feed = _parity_feed(cpu._session, spec)
     ref = cpu._session.run([spec.output], feed)[0]
     out = other._session.run([spec.output], feed)[0]
     diff = float(np.max(np.abs(ref.astype(np.float64) - out.astype(np.float64))))
     dice = _dice(ref > 0, out > 0)
     tol, dice_min = bundle.card.parity.get("max_abs_diff", 1e-3), bundle.card.parity.get("dice_min", 0.99)
-    passed = diff <= tol and dice >= dice_min and other.provider == provider
+    substituted = other.provider != provider or other.precision != precision
+    if precision != "fp32" or provider in OV_PROVIDERS:
+        # Logits in bf16/fp16/int8 legitimately differ by more than an fp32 tolerance, and so
+        # do another runtime's fp32 kernels (OpenVINO on the main brain graph: up to 1.7 on
+        # large logits of this synthetic input, masks Dice 0.9994); what must hold here is
+        # the mask. This input is only a sanity check; the gate proper (Dice >= 0.995 on
+        # real validation inputs) is the tuning, medai.inference.tune.
+        tol = float("inf")
+    passed = diff <= tol and dice >= dice_min and not substituted
     if other.provider != provider:
         reason = f"{provider} is not usable here (onnxruntime ran {other.provider} instead)"
+    elif other.precision != precision:
+        reason = f"{provider} cannot compute in {precision} here (it compiled {other.precision})"
     elif not passed:
-        reason = (f"{provider} differs from CPU on the parity input: max |diff| {diff:.3g} "
+        reason = (f"{provider} {precision} differs from CPU on the parity input: max |diff| {diff:.3g} "
                   f"(limit {tol:g}), Dice {dice:.4f} (min {dice_min:g})")
     else:
         reason = ""
@@ -320,10 +534,44 @@ def parity_check(bundle: "Bundle", key: str, provider: str, *, threads: int | No
     return result
 
 
-def get_session(bundle: "Bundle", key: str, *, device: str | None = None, threads: int | None = None) -> Session:
+def _candidates(bundle: "Bundle", key: str, providers: list[str], precision: str | None,
+                threads: int, auto: bool = False) -> list[tuple[str, str]]:
+    """(provider, precision) pairs to try in order: the machine's tuned verdict first when no
+    precision was asked for, then each provider in fp32. With ``auto``, OpenVINO on the CPU
+    is used only where tuning measured it faster: both run on the same cores, and an
+    untuned first run would pay OpenVINO's compile and parity check for an unknown gain."""
+    if precision is not None:
+        if precision not in PRECISIONS:
+            raise ConfigError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
+        return [(p, precision) for p in providers if p != CPU] + [(CPU, "fp32")]
+    pairs: list[tuple[str, str]] = []
+    from medai.inference import tune
+
+    best = tune.preferred(bundle, key, providers, threads)
+    if best is not None:
+        pairs.append(best)
+    pairs += [(p, "fp32") for p in providers if (p, "fp32") not in pairs and not (auto and p == OV_CPU)]
+    return pairs
+
+
+def _tuned(bundle: "Bundle", key: str, provider: str, precision: str) -> bool:
+    """True when this machine's tuning measured ``provider``/``precision`` on real inputs and
+    chose it (that check is stricter than the fixed-input parity check, which it replaces)."""
+    from medai.inference import tune
+
+    verdict = tune.lookup(bundle.card.files[bundle.card.graphs[key].file])
+    chosen = verdict.chosen if verdict else None
+    return bool(chosen and chosen.provider == provider and chosen.precision == precision
+                and chosen.runtime == runtime_version(provider))
+
+
+def get_session(bundle: "Bundle", key: str, *, device: str | None = None, threads: int | None = None,
+                precision: str | None = None) -> Session:
     """A cached, parity-checked session for graph ``key`` of ``bundle``.
 
-    Tries the chosen providers in order; a provider that cannot start or fails
+    Tries the chosen providers in order (``precision`` None: this machine's tuned
+    provider and precision first, see :mod:`medai.inference.tune`, then fp32); a
+    provider that cannot start, substitutes another provider or precision, or fails
     its parity check is skipped with the reason kept on the returned session.
     """
     if key not in bundle.card.graphs:
@@ -331,18 +579,21 @@ def get_session(bundle: "Bundle", key: str, *, device: str | None = None, thread
     spec = bundle.card.graphs[key]
     digest = bundle.card.files[spec.file]
     n = thread_count(threads)
+    precision = config.get("precision", precision) if precision is None else precision
+    precision = None if precision in (None, "", "auto") else str(precision).lower()
     reasons: list[str] = []
-    for provider in choose_providers(device):
-        cache_key = (digest, provider, n)
+    auto = (config.get("device", device) or "auto").lower() == "auto"
+    for provider, prec in _candidates(bundle, key, choose_providers(device), precision, n, auto):
+        cache_key = (digest, provider, n, prec)
         with _lock:
             if cache_key in _cache:
                 cached = _cache[cache_key]
                 if reasons and cached.fallback_reason is None:
                     cached.fallback_reason = "; ".join(reasons)
                 return cached
-        if provider != CPU:
+        if provider != CPU and not _tuned(bundle, key, provider, prec):
             try:
-                parity = parity_check(bundle, key, provider, threads=n)
+                parity = parity_check(bundle, key, provider, threads=n, precision=prec)
             except BackendError as exc:
                 reasons.append(str(exc))
                 continue
@@ -352,9 +603,10 @@ def get_session(bundle: "Bundle", key: str, *, device: str | None = None, thread
                 continue
         try:
             session = _make(bundle.file(spec.file), digest, key, spec.input, spec.output, provider, n,
-                            memory_arena=spec.memory_arena)
+                            memory_arena=spec.memory_arena, precision=prec, spec=spec)
         except BackendError as exc:
             reasons.append(str(exc))
+            log.warning("%s: %s; falling back", bundle.id, exc)
             continue
         session.fallback_reason = "; ".join(reasons) or None
         with _lock:
@@ -382,6 +634,8 @@ def runtime_info() -> dict[str, Any]:
         "providers_offered": list(ort.get_available_providers()),
         "providers_usable": available_providers(), "remote_providers_refused": sorted(REMOTE),
         "threads": thread_count(),
+        "openvino": _ov_version() if openvino_installed() else None,
+        "openvino_devices": openvino_devices(),
     }
     if len(dists) > 1:
         info["warning"] = (f"several onnxruntime distributions installed ({', '.join(dists)}); they share one "

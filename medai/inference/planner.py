@@ -9,7 +9,16 @@ The prediction is built from numbers, not guesses at run time:
   measured by the bundle's build script (peak RSS of a session run minus the
   baseline, over input voxels) and written on the card;
 * the model files themselves, and a fixed runtime baseline (interpreter, numpy,
-  SimpleITK, onnxruntime) also measured at build time (card ``[input] baseline_mb``).
+  SimpleITK, onnxruntime) also measured at build time (card ``[input] baseline_mb``);
+* where this machine has been tuned (``medai doctor --tune``), a graph's term is instead
+  the peak its chosen session (provider and precision) measured here: OpenVINO and
+  ONNX Runtime, fp32 and bf16 keep very different buffers, and a card's one factor
+  cannot describe them all;
+* when planning inside the process that will run, the resident memory at that moment (a
+  measurement of interpreter, libraries and the loaded volume) replaces the card's baseline
+  and one working copy;
+* what the pipeline keeps beside its graphs (its module's ``memory_extras``; LiteMedSAM:
+  the slice-embedding cache and the display-sized copies propagation works on).
 
 Graphs run one after another, so the peak is the largest graph, not the sum.
 When ``--max-memory`` is given and the plan does not fit, the planner tries the
@@ -61,8 +70,12 @@ def _graph_bytes(shape: tuple[int, ...], factor: float) -> int:
     return int(math.prod(shape) * factor)
 
 
-def plan(bundle: "Bundle", volume_shape: tuple[int, int, int], budget_bytes: int | None = None) -> Plan:
-    """Predict peak memory for ``volume_shape`` and pick graph files/tiling to fit ``budget_bytes``."""
+def plan(bundle: "Bundle", volume_shape: tuple[int, int, int], budget_bytes: int | None = None, *,
+         device: str | None = None) -> Plan:
+    """Predict peak memory for ``volume_shape`` and pick graph files/tiling to fit ``budget_bytes``.
+
+    ``device``: the run's device (``cpu`` makes a tuned machine's prediction use the ONNX
+    Runtime CPU row of its table instead of the chosen provider's)."""
     card = bundle.card
     spec_in = card.raw.get("input", {})
     baseline = int(float(spec_in.get("baseline_mb", 160)) * MB)
@@ -73,15 +86,30 @@ def plan(bundle: "Bundle", volume_shape: tuple[int, int, int], budget_bytes: int
     factors = {k: g.activation_bytes_per_voxel for k, g in card.graphs.items()}
     shapes = {k: g.shape for k, g in card.graphs.items()}
 
+    extras = _pipeline_extras(bundle, volume_shape)
+
     def build(precision: str, tile: tuple[int, int, int] | None) -> Plan:
         graph_peaks = {}
         for key in files:
             shape = shapes[key] if tile is None else shapes[key][:2] + tile
+            measured = _tuned_peak(bundle, files[key], device) if tile is None else None
+            if measured is not None:  # what this graph's tuned session took on this machine,
+                # plus its float32 input, which the tuner fed from memory it already held
+                graph_peaks[key] = measured + math.prod(shape) * 4
+                continue
             model_bytes = (bundle.path / files[key]).stat().st_size if (bundle.path / files[key]).exists() else 0
             graph_peaks[key] = _graph_bytes(shape, factors[key]) + model_bytes
         peak_graph = max(graph_peaks.values(), default=0)
-        breakdown = {"runtime_baseline": baseline, "volume_working_copies": data, "largest_graph": peak_graph}
-        return Plan(baseline + data + peak_graph, budget_bytes, dict(files), precision, tile, breakdown)
+        base, copies_bytes = baseline, data
+        resident = _resident_bytes()
+        if resident > baseline + voxels * 4:
+            # Planning inside the process that will run: what is resident now (interpreter,
+            # libraries, the loaded volume) is a measurement; the card's baseline is a floor.
+            base, copies_bytes = resident, int(voxels * 4 * max(copies - 1.0, 0.0))
+        breakdown = {"runtime_baseline": base, "volume_working_copies": copies_bytes, "largest_graph": peak_graph,
+                     **extras}
+        return Plan(base + copies_bytes + peak_graph + sum(extras.values()), budget_bytes, dict(files), precision,
+                    tile, breakdown)
 
     first = build("fp32", None)
     if budget_bytes is None or first.predicted_bytes <= budget_bytes:
@@ -102,6 +130,38 @@ def plan(bundle: "Bundle", volume_shape: tuple[int, int, int], budget_bytes: int
     raise ResourceError(f"model {bundle.id} needs about {first.predicted_bytes / MB:.0f} MB for a "
                         f"{'x'.join(map(str, volume_shape))} series; the budget is {budget_bytes / MB:.0f} MB "
                         "and no lighter variant or tiling fits. Raise --max-memory.")
+
+
+def _tuned_peak(bundle: "Bundle", file: str, device: str | None = None) -> int | None:
+    from medai import config
+    from medai.inference import tune
+
+    digest = bundle.card.files.get(file)
+    cpu = str(config.get("device", device) or "auto").lower() == "cpu"
+    return tune.measured_peak_bytes(digest, cpu_only=cpu) if digest else None
+
+
+def _resident_bytes() -> int:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def _pipeline_extras(bundle: "Bundle", volume_shape: tuple[int, int, int]) -> dict[str, int]:
+    """Memory a pipeline holds beside its graphs (e.g. LiteMedSAM's embedding cache): its
+    module's optional ``memory_extras(bundle, volume_shape) -> {name: bytes}``."""
+    import importlib
+
+    try:
+        module = importlib.import_module(f"medai.inference.pipelines.{bundle.card.pipeline}")
+    except ModuleNotFoundError:
+        return {}
+    extras = getattr(module, "memory_extras", None)
+    return {k: int(v) for k, v in extras(bundle, volume_shape).items()} if callable(extras) else {}
 
 
 def reset_peak_rss() -> bool:

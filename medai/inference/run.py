@@ -66,13 +66,15 @@ class RunResult:
     timings: Mapping[str, float]
     memory: Mapping[str, Any] = field(default_factory=dict)
     labels: np.ndarray | None = field(default=None, repr=False, compare=False)
+    #: Precision(s) the provider(s) really computed in (fp32, bf16, fp16, int8).
+    precision: str = "fp32"
 
     def summary(self) -> dict[str, Any]:
         return {"model": self.model_id, "version": self.model_version, "series_uid": self.series_uid,
                 "out_dir": str(self.out_dir), "seg": str(self.seg_path) if self.seg_path else None,
                 "mask": str(self.mask_path), "result": str(self.result_path),
                 "sr": str(self.sr_path) if self.sr_path else None, "volumes_ml": dict(self.volumes_ml),
-                "priority": self.priority.level, "provider": self.provider,
+                "priority": self.priority.level, "provider": self.provider, "precision": self.precision,
                 "seconds": round(self.timings.get("total", 0.0), 2)}
 
 
@@ -114,7 +116,7 @@ def _load_volume(source: Path, series_uid: str | None, bundle: Bundle,
 
     req, patient = request_from_source(source, bundle.id, "cli", series_uid=series_uid,
                                        allow_unsigned=allow_unsigned)
-    return load_series([Path(p) for p in req.files], series_uid=req.series_uid), patient
+    return load_series(req.entry, series_uid=req.series_uid), patient
 
 
 def _apply_rules(bundle: Bundle, measurements: tuple[Measurement, ...], volumes: Mapping[str, float]) -> Priority:
@@ -148,20 +150,24 @@ def write_mask(volume: Volume, labels: np.ndarray, path: Path) -> None:
 
 def run_on_volume(bundle: Bundle, volume: Volume, out_dir: str | Path, *, device: str | None = None,
                   max_memory: int | str | None = None, prompt: Prompt | Mapping[str, Any] | None = None,
-                  threads: int | None = None, patient: Patient = (None, None)) -> RunResult:
+                  threads: int | None = None, patient: Patient = (None, None),
+                  precision: str | None = None, load_seconds: float | None = None) -> RunResult:
     """Run ``bundle`` on an already loaded ``volume`` and write the outputs to ``out_dir``.
 
     ``patient``: the clear (PatientID, PatientName) of the series when the caller knows
     them (from the DICOM index); they go to the audit trail only, which pseudonymises them.
+    ``load_seconds``: how long the caller took to load ``volume`` (recorded in the timings).
     """
     t_start = time.perf_counter()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     ids = _audit_ids(volume, patient)
+    t0 = time.perf_counter()
     _audit.record("instances_accessed", **ids, detail={"purpose": "model_run", "model": bundle.id})
+    t_audit = time.perf_counter() - t0
     budget = config.get("max_memory", max_memory)
     budget = config.parse_size(budget) if budget is not None else None
-    plan = planner.plan(bundle, volume.shape, budget)
+    plan = planner.plan(bundle, volume.shape, budget, device=device)
     pipeline = load_pipeline(bundle)
     if prompt is not None and not isinstance(prompt, Prompt):
         try:
@@ -177,7 +183,8 @@ def run_on_volume(bundle: Bundle, volume: Volume, out_dir: str | Path, *, device
         all with the run's device/threads and all reported in the result's provider list."""
         if (b.id, key) not in sessions:
             t0 = time.perf_counter()
-            sessions[(b.id, key)] = backends.get_session(b, key, device=device, threads=threads)
+            sessions[(b.id, key)] = backends.get_session(b, key, device=device, threads=threads,
+                                                         precision=precision)
             label = key if b.id == bundle.id else f"{b.id}:{key}"
             ctx.timings[f"session_{label}"] = time.perf_counter() - t0
         return sessions[(b.id, key)]
@@ -188,6 +195,8 @@ def run_on_volume(bundle: Bundle, volume: Volume, out_dir: str | Path, *, device
     ctx = PipelineContext(bundle=bundle, session=session, plan=plan, steps=StepRunner(bundle.card), prompt=prompt,
                           session_for=session_for)
     ctx.steps.bind(ctx)
+    if load_seconds is not None:
+        ctx.timings["load"] = load_seconds
     planner.reset_peak_rss()
     t0 = time.perf_counter()
     try:
@@ -209,19 +218,25 @@ def run_on_volume(bundle: Bundle, volume: Volume, out_dir: str | Path, *, device
     t0 = time.perf_counter()
     mask_path = out / "mask.nii.gz"
     write_mask(volume, output.labels, mask_path)
+    ctx.timings["write_nifti"] = time.perf_counter() - t0
     seg_path = sr_path = None
     if volume.sources:
         from medai.dicom.outputs.seg import write_seg
 
+        t1 = time.perf_counter()
         seg_path = write_seg(volume, output.labels, output.segments, bundle, out / "seg.dcm")
+        ctx.timings["write_seg"] = time.perf_counter() - t1
+        t1 = time.perf_counter()
         if output.measurements:
             from medai.dicom.outputs import sr
 
             sr_path = sr.write_sr(volume, output, bundle, out / "sr.dcm", seg_path=seg_path)
+        ctx.timings["write_sr"] = time.perf_counter() - t1
     # Pipeline-specific files (e.g. the volumetry one-page summary), named in result.json.
     write_extras = getattr(pipeline, "write_extras", None)
     extras = [Path(p) for p in write_extras(out, volume, output)] if callable(write_extras) else []
     ctx.timings["write"] = time.perf_counter() - t0
+    ctx.timings["audit"] = t_audit
     ctx.timings["total"] = time.perf_counter() - t_start
     provider = ", ".join(sorted({s.provider for s in sessions.values()})) or "none"
     fallbacks = sorted({s.fallback_reason for s in sessions.values() if s.fallback_reason})
@@ -236,10 +251,15 @@ def run_on_volume(bundle: Bundle, volume: Volume, out_dir: str | Path, *, device
         "measurements": [m.__dict__ for m in output.measurements],
         "findings": [f.__dict__ for f in output.findings],
         "qc": dict(output.qc),
+        # What a reader must know beside the numbers (e.g. a template-space series), for every surface.
+        "caveats": [str(c) for c in output.qc.get("caveats") or []],
         "priority": {"level": priority.level, "score": priority.score, "reasons": list(priority.reasons)},
         "prompt": prompt.as_dict() if isinstance(prompt, Prompt) else None,
         "preprocessing": ctx.recorded,
         "backend": {"provider": provider, "fallback": fallbacks,
+                    "precision": ", ".join(sorted({s.precision for s in sessions.values()})) or "none",
+                    "sessions": [{**s.describe(), "graph": f"{b}:{k}" if b != bundle.id else k}
+                                 for (b, k), s in sessions.items()],
                     "threads": sorted({s.threads for s in sessions.values()}),
                     "onnxruntime": backends._ort().__version__, "machine": platform.machine()},
         "timings_s": {k: round(v, 3) for k, v in ctx.timings.items()},
@@ -253,12 +273,17 @@ def run_on_volume(bundle: Bundle, volume: Volume, out_dir: str | Path, *, device
     tmp = result_path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(result, indent=2, default=_json_default))
     os.replace(tmp, result_path)
+    t0 = time.perf_counter()
     _audit.record("model_run", **ids, detail={"model": bundle.id, "version": bundle.version,
                                               "card_sha256": bundle.card_sha256, "provider": provider,
+                                              "precision": result["backend"]["precision"],
                                               "seconds": round(ctx.timings["total"], 2)})
+    # result.json is written before this record (as before); its "audit" time is the first record's.
+    ctx.timings["audit"] += time.perf_counter() - t0
     return RunResult(bundle.id, bundle.version, volume.series_instance_uid, volume.study_instance_uid, out,
                      result_path, mask_path, seg_path, sr_path, volumes, output.measurements, output.findings,
-                     dict(output.qc), priority, provider, dict(ctx.timings), memory, output.labels)
+                     dict(output.qc), priority, provider, dict(ctx.timings), memory, output.labels,
+                     precision=result["backend"]["precision"])
 
 
 def _json_default(value: Any) -> Any:
@@ -277,7 +302,7 @@ def _json_default(value: Any) -> Any:
 def run_model(model_id: str, source: Path | str | Volume, out_dir: str | Path, *, series_uid: str | None = None,
               device: str | None = None, max_memory: int | str | None = None,
               prompt: Prompt | Mapping[str, Any] | None = None, allow_unsigned: bool | None = None,
-              threads: int | None = None) -> RunResult:
+              threads: int | None = None, precision: str | None = None) -> RunResult:
     """Run model ``model_id`` on one series of ``source`` and write results to ``out_dir``.
 
     ``source`` is a Volume, a DICOM file/folder (the best series by the card's rules
@@ -285,9 +310,11 @@ def run_model(model_id: str, source: Path | str | Volume, out_dir: str | Path, *
     no SEG: there are no source instances to reference).
     """
     bundle = registry.get_bundle(model_id, allow_unsigned=allow_unsigned)
+    t0 = time.perf_counter()
     if isinstance(source, Volume):
         volume, patient = source, (None, None)
     else:
         volume, patient = _load_volume(Path(source), series_uid, bundle, allow_unsigned)
     return run_on_volume(bundle, volume, out_dir, device=device, max_memory=max_memory, prompt=prompt,
-                         threads=threads, patient=patient)
+                         threads=threads, patient=patient, precision=precision,
+                         load_seconds=None if isinstance(source, Volume) else time.perf_counter() - t0)

@@ -20,7 +20,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, BinaryIO, Callable, Sequence
 
 from pydicom.dataset import Dataset
 from pynetdicom import ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts
@@ -29,10 +29,12 @@ from medai import config
 from medai.errors import AuditWriteError, ConfigError, UnsafeInputError
 from medai.dicom.headerscan import walk
 from medai.pacs import _audit
-from medai.pacs.acceptor import (IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, VERIFICATION_SOP_CLASS,
-                                 AcceptorConfig, AcceptorServer, Association, Rejection, StoreRequest)
+from medai.pacs.acceptor import AcceptorConfig, AcceptorServer, Association, DatasetSink, Rejection, StoreRequest
+from medai.pacs.pdu import (IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, USER_IDENTITY_USERNAME,
+                            USER_IDENTITY_USERNAME_PASSCODE, VERIFICATION_SOP_CLASS)
 from medai.pacs.queue import InstanceRow, PacsDB, SeriesInfo
-from medai.pacs.store import RESOURCE_ERRNOS, StudyStore, validate_uid
+from medai.pacs.store import RESOURCE_ERRNOS, IncomingFile, StudyStore, file_sha256, validate_uid
+from medai.pacs.tls import TlsConfig, server_context
 
 log = logging.getLogger("medai.pacs")
 
@@ -40,6 +42,8 @@ log = logging.getLogger("medai.pacs")
 SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700
 CANNOT_UNDERSTAND = 0xC000
+#: "Data Set does not match SOP Class" (PS3.4 B.2.3), as dcmtk's storescp answers a mismatch.
+DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
 PROCESSING_FAILURE = 0x0110
 
 
@@ -120,8 +124,17 @@ class ListenerConfig:
     max_associations: int = 16
     #: Refuse instances (0xA700) when less than this is free on the store's disk.
     min_free_bytes: int = 256 * 1024**2
-    #: Refuse (0xA700) an instance larger than this (0: no limit); it is held in memory until stored.
+    #: Refuse (0xA700) an instance larger than this (0: no limit). Instances
+    #: stream to disk as they arrive: this bounds disk use, not memory.
     max_instance_bytes: int = 2 * 1024**3
+    #: Refuse (A-ASSOCIATE-RJ) a called AE title other than ``ae_title``;
+    #: off by default, like dcmtk storescp (peers address medai by host and port).
+    check_called_ae: bool = False
+    #: Require a User Identity (PS3.7 D.3.3.7, username or username and
+    #: passcode) naming one of these users; empty: identities are ignored.
+    allowed_users: tuple[str, ...] = ()
+    #: DICOM TLS: our certificate and key (PEM); with a CA, client certificates are required and verified.
+    tls: TlsConfig = TlsConfig()
 
     @classmethod
     def from_config(cls, **overrides: Any) -> "ListenerConfig":
@@ -139,6 +152,10 @@ class ListenerConfig:
             "max_associations": config.get("pacs.max_associations"),
             "min_free_bytes": config.get("pacs.min_free_space"),
             "max_instance_bytes": config.get("pacs.max_instance_size"),
+            "check_called_ae": config.get("pacs.check_called_ae"),
+            "allowed_users": tuple(config.get("pacs.allowed_users") or ()),
+            "tls": TlsConfig(config.get("pacs.tls_certificate"), config.get("pacs.tls_private_key"),
+                             config.get("pacs.tls_ca_certificates")),
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
@@ -151,6 +168,7 @@ class ListenerConfig:
         if not is_loopback(self.address) and not self.allow_remote:
             raise ConfigError(f"pacs.address {self.address}: not a loopback address; binding it exposes the "
                               "listener to the network, pass --allow-remote (or set pacs.allow_remote) to do so")
+        self.tls.check(server=True)
 
 
 @dataclass
@@ -159,6 +177,7 @@ class _AssocLog:
 
     calling_ae: str
     peer: str
+    certificate: str = ""
     studies: dict[str, list[str]] = field(default_factory=dict)
     patient: dict[str, tuple[str | None, str | None]] = field(default_factory=dict)
 
@@ -213,9 +232,14 @@ def quick_fields(dataset: bytes, transfer_syntax: str) -> dict[str, str] | None:
     does not know, non-ASCII text, a character set with escape sequences, a
     multi-valued text -- falls back to pydicom, so the values are the ones
     pydicom would give."""
+    buffer = _as_file(dataset, transfer_syntax)
+    return head_fields(buffer, len(buffer))
+
+
+def head_fields(head: bytes, size: int) -> dict[str, str] | None:
+    """:func:`quick_fields` from the first bytes (``head``) of a Part 10 file of ``size`` bytes."""
     try:
-        buffer = _as_file(dataset, transfer_syntax)
-        header = walk(buffer, len(buffer), _NEEDED.keys(), _WIRE)
+        header = walk(bytes(head), size, _NEEDED.keys(), _WIRE)
     except Exception:  # noqa: BLE001 - malformed data is pydicom's to judge and report
         return None
     if header is None:
@@ -231,6 +255,40 @@ def quick_fields(dataset: bytes, transfer_syntax: str) -> dict[str, str] | None:
     return fields
 
 
+@dataclass(frozen=True)
+class _Refused:
+    """The sink of a C-STORE refused before its dataset arrived: the dataset
+    is read and dropped, the request answered with ``status``."""
+
+    status: int
+    comment: str
+    why: str
+
+    def write(self, data: bytes) -> None:
+        pass
+
+    def discard(self) -> None:
+        pass
+
+
+def received_fields(head: bytes, size: int, whole: Callable[[], Path | BinaryIO]) -> dict[str, str]:
+    """The store handler's elements of a received instance (Part 10 file of
+    ``size`` bytes beginning with ``head``), raising what pydicom raises on
+    malformed data.
+
+    The fast read of ``head`` (:func:`head_fields`) first; where it cannot
+    decide (unusual encoding, or a header longer than the bytes kept in
+    memory), pydicom reads the file ``whole()`` returns up to the pixel
+    data, leaving large values where they are. The fuzz harness
+    (``bench/fuzz_pacs.py``) drives this same function."""
+    fields = head_fields(head, size)
+    if fields is None:
+        import pydicom
+
+        fields = _dataset_fields(pydicom.dcmread(whole(), stop_before_pixels=True, force=True, defer_size=4096))
+    return fields
+
+
 def acceptor_config(cfg: ListenerConfig) -> AcceptorConfig:
     """What the listener negotiates: every storage SOP class in our transfer
     syntax order, Verification uncompressed; timeouts and limits from ``cfg``."""
@@ -239,7 +297,9 @@ def acceptor_config(cfg: ListenerConfig) -> AcceptorConfig:
     supported[VERIFICATION_SOP_CLASS] = _UNCOMPRESSED
     return AcceptorConfig(supported=supported, acse_timeout=cfg.acse_timeout, dimse_timeout=cfg.dimse_timeout,
                           network_timeout=cfg.network_timeout, max_pdu=cfg.max_pdu,
-                          max_associations=cfg.max_associations, max_dataset_bytes=cfg.max_instance_bytes)
+                          max_associations=cfg.max_associations, max_dataset_bytes=cfg.max_instance_bytes,
+                          ssl_context=server_context(cfg.tls) if cfg.tls.enabled else None,
+                          answer_user_identity=bool(cfg.allowed_users))
 
 
 class Listener:
@@ -273,7 +333,9 @@ class Listener:
             egress.check_bind((self.cfg.address, self.cfg.port), explicit=self.cfg.allow_remote)
         self._server = AcceptorServer((self.cfg.address, self.cfg.port), acceptor_config(self.cfg), self)
         self._server.start()
-        log.info("listening ae_title=%s address=%s port=%d", self.cfg.ae_title, self.cfg.address, self.port)
+        tls = self.cfg.tls
+        log.info("listening ae_title=%s address=%s port=%d tls=%s", self.cfg.ae_title, self.cfg.address, self.port,
+                 ("on, client certificates required" if tls.ca_certificates else "on") if tls.enabled else "off")
         if block:
             self.wait()
 
@@ -305,9 +367,6 @@ class Listener:
         needs (modality, body part, description, SOP class) is read back from
         each file's own header, so the study routes as if it had been
         registered on arrival."""
-        import hashlib
-        import io
-
         import pydicom
 
         known = self.db.known_sops()
@@ -315,15 +374,16 @@ class Listener:
         for study, series, sop, path in self.store.iter_all():
             if sop in known:
                 continue
-            data = path.read_bytes()
             info: SeriesInfo | None = None
             try:
-                fields = _dataset_fields(pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=True))
+                fields = _dataset_fields(pydicom.dcmread(path, stop_before_pixels=True, force=True,
+                                                         defer_size=4096))
                 info = _series_info(fields, study, series, fields["SOPClassUID"])
             except Exception as exc:  # noqa: BLE001 - a file we wrote; keep it registered even if unreadable
                 log.warning("stored instance header unreadable during reconciliation (%s)", type(exc).__name__)
-            rows.append(InstanceRow(sop, study, series, info.sop_class_uid if info else "", len(data),
-                                    hashlib.sha256(data).hexdigest(), info, "scp", path.stat().st_mtime))
+            stat = path.stat()
+            rows.append(InstanceRow(sop, study, series, info.sop_class_uid if info else "", stat.st_size,
+                                    file_sha256(path), info, "scp", stat.st_mtime))
         if rows:
             self.db.record_instances(rows)
             log.info("reconciled %d stored instances missing from the queue database", len(rows))
@@ -344,22 +404,43 @@ class Listener:
             log.error("could not audit a refused connection: %s", exc)
         return False
 
+    def on_tls_failure(self, host: str, why: str) -> None:
+        self.db.bump("rejected_associations")
+        try:
+            _audit.record("security_alert", outcome="failure",
+                          detail={"reason": f"TLS handshake failed: {why}"[:200], "peer": host,
+                                  "ae_title": self.cfg.ae_title})
+        except AuditWriteError as exc:
+            log.error("could not audit a failed TLS handshake: %s", exc)
+
     def on_request(self, assoc: Association) -> Rejection | None:
+        if self.cfg.check_called_ae and assoc.called_ae != self.cfg.ae_title:
+            return Rejection.called_ae_not_recognized("called AE title is not pacs.ae_title (pacs.check_called_ae)")
         if self.cfg.allowed_callers and assoc.calling_ae not in self.cfg.allowed_callers:
             return Rejection.calling_ae_not_recognized("calling AE title not on pacs.allowed_callers")
+        if self.cfg.allowed_users:
+            identity = assoc.user_identity
+            if identity is None:
+                return Rejection.user_identity_refused("no user identity (pacs.allowed_users requires one)")
+            if (identity.identity_type not in (USER_IDENTITY_USERNAME, USER_IDENTITY_USERNAME_PASSCODE)
+                    or identity.primary.decode("utf-8", "replace") not in self.cfg.allowed_users):
+                return Rejection.user_identity_refused("user identity not on pacs.allowed_users")
         return None
 
     def on_accepted(self, assoc: Association) -> None:
         with self._lock:
-            self._assocs[assoc.number] = _AssocLog(assoc.calling_ae, assoc.address)
-        log.info("association accepted calling_ae=%s", assoc.calling_ae)
+            self._assocs[assoc.number] = _AssocLog(assoc.calling_ae, assoc.address, assoc.peer_certificate)
+        log.info("association accepted calling_ae=%s%s", assoc.calling_ae,
+                 f" certificate={assoc.peer_certificate}" if assoc.peer_certificate else "")
 
     def on_rejected(self, assoc: Association, rejection: Rejection) -> None:
         log.warning("association rejected calling_ae=%s reason=%s", assoc.calling_ae, rejection.why)
         self.db.bump("rejected_associations")
         try:
             _audit.record("security_alert", outcome="failure",
-                          detail={"reason": rejection.why, "calling_ae": assoc.calling_ae, "peer": assoc.address})
+                          detail={"reason": rejection.why, "calling_ae": assoc.calling_ae, "peer": assoc.address,
+                                  **({"peer_certificate": assoc.peer_certificate} if assoc.peer_certificate
+                                     else {})})
         except AuditWriteError as exc:
             log.error("could not audit a rejected association: %s", exc)
 
@@ -377,7 +458,8 @@ class Listener:
                 _audit.record("instances_transferred", patient_id=patient_id, patient_name=patient_name,
                               study_uid=study_uid, instance_uids=tuple(sops),
                               detail={"direction": "received", "calling_ae": entry.calling_ae, "peer": entry.peer,
-                                      "count": len(sops)})
+                                      "count": len(sops),
+                                      **({"peer_certificate": entry.certificate} if entry.certificate else {})})
             except AuditWriteError as exc:
                 log.error("could not audit %d received instances of study %s: %s", len(sops),
                           _audit.key(study_uid), exc)
@@ -392,27 +474,44 @@ class Listener:
         return self._free
 
     # -- the store handler -------------------------------------------------
-    def on_store(self, request: StoreRequest) -> tuple[int, str]:
+    def open_dataset(self, request: StoreRequest) -> DatasetSink:
+        """Where a C-STORE's dataset goes as it arrives: the instance's
+        temporary file in the store, behind the Part 10 header made from the
+        request (checked against the dataset in :meth:`on_store`)."""
+        try:
+            validate_uid(request.affected_sop_class_uid, "Affected SOP Class UID")
+            validate_uid(request.affected_sop_instance_uid, "Affected SOP Instance UID")
+        except UnsafeInputError as exc:
+            return _Refused(CANNOT_UNDERSTAND, exc.reason, exc.reason)
+        if self._free_bytes() < self.cfg.min_free_bytes:
+            return _Refused(OUT_OF_RESOURCES, "storage full", "store disk below pacs.min_free_space")
+        return self.store.incoming(part10_header(request.affected_sop_class_uid, request.affected_sop_instance_uid,
+                                                 request.transfer_syntax, request.association.calling_ae))
+
+    def on_store(self, request: StoreRequest, dataset: DatasetSink) -> tuple[int, str]:
         """C-STORE: the instance is on disk, fsynced and registered before
         success is returned; every failure becomes a DICOM status."""
         try:
-            return self._store(request)
+            return self._store(request, dataset)
         except Exception:  # noqa: BLE001 - the listener must outlive any one dataset
             log.exception("unexpected error storing an instance")
             self.db.bump("failed_stores")
             return PROCESSING_FAILURE, "internal error while storing"
 
-    def _store(self, request: StoreRequest) -> tuple[int, str]:
+    def _store(self, request: StoreRequest, incoming: DatasetSink) -> tuple[int, str]:
+        if isinstance(incoming, _Refused):
+            self.db.bump("failed_stores")
+            log.error("instance refused: %s", incoming.why)
+            return incoming.status, incoming.comment
         if request.dropped:
             self.db.bump("failed_stores")
-            log.error("instance refused: %s (pacs.max_instance_size)", request.dropped)
-            return OUT_OF_RESOURCES, "instance larger than pacs.max_instance_size"
-        dataset, transfer_syntax = request.dataset, request.transfer_syntax
+            log.error("instance refused: %s", request.dropped)
+            if request.dropped.startswith("dataset over"):
+                return OUT_OF_RESOURCES, "instance larger than pacs.max_instance_size"
+            return OUT_OF_RESOURCES, "could not write the instance"
+        assert isinstance(incoming, IncomingFile)
         try:
-            fields = quick_fields(dataset, transfer_syntax)
-            if fields is None:
-                ds = decode_dataset(dataset, transfer_syntax)
-                fields = _dataset_fields(ds)
+            fields = received_fields(incoming.head, incoming.size, lambda: (incoming.flush(), incoming.tmp)[1])
             sop_uid = validate_uid(fields["SOPInstanceUID"], "SOP Instance UID")
             study_uid = validate_uid(fields["StudyInstanceUID"], "Study Instance UID")
             series_uid = validate_uid(fields["SeriesInstanceUID"], "Series Instance UID")
@@ -420,6 +519,10 @@ class Listener:
             command_sop = validate_uid(request.affected_sop_instance_uid, "Affected SOP Instance UID")
             if command_sop != sop_uid:
                 raise UnsafeInputError(None, "SOP Instance UID differs from the C-STORE request's")
+            if sop_class != request.affected_sop_class_uid:
+                self.db.bump("failed_stores")
+                log.warning("instance refused: SOP Class UID differs from the C-STORE request's")
+                return DATASET_DOES_NOT_MATCH_SOP_CLASS, "SOP Class UID differs from the C-STORE request's"
             info = _series_info(fields, study_uid, series_uid, sop_class)
             patient = (fields["PatientID"] or None, fields["PatientName"] or None)
         except UnsafeInputError as exc:
@@ -458,8 +561,7 @@ class Listener:
                 return OUT_OF_RESOURCES, "audit trail unavailable"
 
         try:
-            data = part10_header(sop_class, sop_uid, transfer_syntax, assoc.calling_ae) + dataset
-            stored = self.store.put(data, study_uid, series_uid, sop_uid)
+            stored = incoming.commit(study_uid, series_uid, sop_uid)
             self.db.record_instance(sop_uid=sop_uid, study_uid=study_uid, series_uid=series_uid,
                                     sop_class_uid=sop_class, size=stored.size, sha256=stored.sha256, series=info)
         except OSError as exc:

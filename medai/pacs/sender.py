@@ -14,7 +14,7 @@ import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import Mapping, Protocol, Sequence
 
 import pydicom
 
@@ -22,6 +22,7 @@ from medai import config
 from medai.errors import ConfigError, PacsError
 from medai.pacs import _audit
 from medai.pacs.store import validate_uid, write_atomic
+from medai.pacs.tls import TlsConfig
 
 log = logging.getLogger("medai.pacs")
 
@@ -33,9 +34,10 @@ class Destination(Protocol):
 
     def describe(self) -> str: ...
 
-    def send(self, paths: Sequence[Path]) -> None:
+    def send(self, paths: Sequence[Path]) -> Mapping[str, str] | None:
         """Deliver every file or raise :class:`PacsError` (nothing partial is
-        reported as success)."""
+        reported as success). May return details for the audit record (the
+        peer certificate's subject of a DICOM TLS destination)."""
 
 
 @dataclass(frozen=True)
@@ -45,15 +47,19 @@ class DicomDestination:
     port: int
     calling_ae: str = "MEDAI"
     timeout: float = 30.0
+    #: DICOM TLS (BCP 195): the destination's certificate is verified, ours presented when configured.
+    tls: TlsConfig | None = None
 
     def __post_init__(self) -> None:
         _audit.allow_destination(self.host, self.port)
 
     def describe(self) -> str:
-        return f"{self.ae_title}@{self.host}:{self.port}"
+        return f"{self.ae_title}@{self.host}:{self.port}{' (TLS)' if self.tls is not None else ''}"
 
-    def send(self, paths: Sequence[Path]) -> None:
+    def send(self, paths: Sequence[Path]) -> Mapping[str, str] | None:
         from pynetdicom import AE
+
+        from medai.pacs.tls import certificate_subject, client_context
 
         _audit.quiet_pynetdicom()
         datasets = [pydicom.dcmread(p) for p in paths]
@@ -65,9 +71,15 @@ class DicomDestination:
             if key not in seen:
                 seen.add(key)
                 ae.add_requested_context(key[0], [key[1]])
-        assoc = ae.associate(self.host, self.port, ae_title=self.ae_title)
+        tls_args = (client_context(self.tls), self.host) if self.tls is not None else None
+        assoc = ae.associate(self.host, self.port, ae_title=self.ae_title, tls_args=tls_args)
         if not assoc.is_established:
-            raise PacsError(f"{self.describe()}: association not accepted (rejected, aborted or unreachable)")
+            raise PacsError(f"{self.describe()}: association not accepted (rejected, aborted, unreachable"
+                            f"{', or the TLS handshake failed' if tls_args else ''})")
+        details: dict[str, str] = {}
+        if tls_args is not None:
+            sock = getattr(assoc.dul.socket, "socket", None)
+            details["peer_certificate"] = certificate_subject(sock.getpeercert() if sock is not None else None)
         try:
             for path, ds in zip(paths, datasets):
                 status = assoc.send_c_store(ds)
@@ -78,6 +90,7 @@ class DicomDestination:
         finally:
             if assoc.is_established:
                 assoc.release()
+        return details
 
 
 @dataclass(frozen=True)
@@ -112,8 +125,12 @@ def parse_destination(text: str, *, calling_ae: str | None = None) -> Destinatio
         port = int(match["port"])
         if not 0 < port < 65536:
             raise ConfigError(f"pacs.destination {text!r}: not a TCP port")
+        tls = None
+        if config.get("pacs.destination_tls"):
+            tls = TlsConfig(config.get("pacs.tls_certificate"), config.get("pacs.tls_private_key"),
+                            config.get("pacs.tls_ca_certificates"))
         return DicomDestination(match["ae"].strip(), match["host"].strip("[]"), port,
-                                calling_ae=calling_ae or config.get("pacs.ae_title"))
+                                calling_ae=calling_ae or config.get("pacs.ae_title"), tls=tls)
     if "@" in text:
         raise ConfigError(f"pacs.destination {text!r}: expected AE@host:port, 'orthanc' or a folder path")
     return FolderDestination(Path(text).expanduser())
@@ -130,7 +147,7 @@ def send_audited(dest: Destination, paths: Sequence[Path], *, study_uid: str | N
     _audit.record("export", study_uid=study_uid, instance_uids=tuple(instance_uids),
                   detail={"destination": where, "phase": "begin", "count": len(paths)})
     try:
-        dest.send(paths)
+        details = dest.send(paths) or {}
     except Exception as exc:
         try:
             _audit.record("export", outcome="failure", study_uid=study_uid, instance_uids=tuple(instance_uids),
@@ -139,7 +156,7 @@ def send_audited(dest: Destination, paths: Sequence[Path], *, study_uid: str | N
             log.error("could not audit a failed transfer: %s", audit_exc)
         raise
     _audit.record("export", study_uid=study_uid, instance_uids=tuple(instance_uids),
-                  detail={"destination": where, "phase": "end", "count": len(paths)})
+                  detail={"destination": where, "phase": "end", "count": len(paths), **details})
     log.info("sent files=%d destination=%s", len(paths), where)
 
 

@@ -139,6 +139,91 @@ class StoredInstance:
     outcome: str
 
 
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file, read in bounded pieces (instances can be gigabytes)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while piece := f.read(_WRITE_BUFFER * 4):
+            digest.update(piece)
+    return digest.hexdigest()
+
+
+#: Bytes gathered before a write system call: most instances take one write.
+_WRITE_BUFFER = 256 * 1024
+#: Bytes of each incoming file kept in memory (where the header fields are read from).
+HEAD_BYTES = 64 * 1024
+
+
+class IncomingFile:
+    """One instance being received, written to a temporary file in the store
+    as it arrives; its memory is a write buffer and the file's first
+    :data:`HEAD_BYTES`, whatever the instance size.
+
+    :meth:`commit` makes it durable under its final name (fsync, rename,
+    directory fsync: the guarantees of :func:`write_atomic`); :meth:`discard`
+    removes it, and is harmless after a commit."""
+
+    def __init__(self, store: "StudyStore", prefix: bytes = b"") -> None:
+        self._store = store
+        self.tmp = store.tmp_dir / f".{secrets.token_hex(8)}.part"
+        self._fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        self._hash = hashlib.sha256()
+        self._buffer = bytearray()
+        self._done = False
+        self.size = 0
+        self.head = bytearray()
+        if prefix:
+            self.write(prefix)
+
+    def write(self, data: bytes) -> None:
+        self._hash.update(data)
+        self.size += len(data)
+        if len(self.head) < HEAD_BYTES:
+            self.head += data[:HEAD_BYTES - len(self.head)]
+        if len(self._buffer) + len(data) <= _WRITE_BUFFER:
+            self._buffer += data
+            return
+        self.flush()
+        if len(data) >= _WRITE_BUFFER:
+            self._write_all(data)
+        else:
+            self._buffer += data
+
+    def _write_all(self, data: bytes | bytearray) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self._fd, view):]
+
+    def flush(self) -> None:
+        """Write what is buffered (the file is then complete so far, not yet durable)."""
+        if self._buffer:
+            self._write_all(self._buffer)
+            self._buffer.clear()
+
+    def commit(self, study_uid: str, series_uid: str, sop_uid: str) -> StoredInstance:
+        """Keep the instance under its final name (validated UIDs only)."""
+        if self._done:
+            raise RuntimeError("incoming instance already committed or discarded")
+        self.flush()
+        digest = self._hash.hexdigest()
+        stored = self._store._commit(self.tmp, self._fd, self.size, digest, study_uid, series_uid, sop_uid)
+        if stored is None:
+            self.discard()
+            return StoredInstance(self._store.path_for(study_uid, series_uid, sop_uid), study_uid, series_uid,
+                                  sop_uid, self.size, digest, "duplicate")
+        self._done = True
+        os.close(self._fd)
+        return stored
+
+    def discard(self) -> None:
+        if self._done:
+            return
+        self._done = True
+        self._buffer.clear()
+        os.close(self._fd)
+        self.tmp.unlink(missing_ok=True)
+
+
 class StudyStore:
     """Part 10 files laid out as ``studies/<study>/<series>/<sop>.dcm``."""
 
@@ -173,26 +258,42 @@ class StudyStore:
         return shutil.disk_usage(self.root).free
 
     def put(self, data: bytes, study_uid: str, series_uid: str, sop_uid: str) -> StoredInstance:
-        """Store one encoded Part 10 instance; idempotent for identical bytes.
+        """Store one encoded Part 10 instance held in memory (see :meth:`incoming`)."""
+        incoming = self.incoming()
+        try:
+            incoming.write(data)
+            return incoming.commit(study_uid, series_uid, sop_uid)
+        finally:
+            incoming.discard()
+
+    def incoming(self, prefix: bytes = b"") -> "IncomingFile":
+        """A new instance written as it arrives (after ``prefix``), kept by
+        :meth:`IncomingFile.commit`; idempotent for identical bytes.
 
         A different instance arriving under a SOP Instance UID already stored
         replaces it atomically (a modality re-sending a corrected image)."""
+        return IncomingFile(self, prefix)
+
+    def _commit(self, tmp: Path, fd: int, size: int, digest: str, study_uid: str, series_uid: str,
+                sop_uid: str) -> StoredInstance | None:
+        """Make ``tmp`` the instance's file (None: identical bytes already stored, ``tmp`` untouched)."""
         path = self.path_for(study_uid, series_uid, sop_uid)
-        digest = hashlib.sha256(data).hexdigest()
         outcome = "new"
         try:
-            if path.stat().st_size == len(data):
-                if hashlib.sha256(path.read_bytes()).hexdigest() == digest:
-                    return StoredInstance(path, study_uid, series_uid, sop_uid, len(data), digest, "duplicate")
+            if path.stat().st_size == size:
+                if file_sha256(path) == digest:
+                    return None
             outcome = "replaced"
         except FileNotFoundError:
             pass
+        os.fsync(fd)
         if not path.parent.is_dir():
             path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             fsync_dir(path.parent.parent)
             fsync_dir(path.parent.parent.parent)
-        write_atomic(path, data, tmp_dir=self.tmp_dir, dir_sync=self._dir_sync)
-        return StoredInstance(path, study_uid, series_uid, sop_uid, len(data), digest, outcome)
+        os.replace(tmp, path)
+        self._dir_sync.after_change(path.parent)
+        return StoredInstance(path, study_uid, series_uid, sop_uid, size, digest, outcome)
 
     def iter_study_files(self, study_uid: str) -> Iterator[Path]:
         folder = self.study_dir(study_uid)

@@ -48,9 +48,14 @@ def _source_datasets(volume: "Volume") -> list:  # type: ignore[type-arg]
     global _last_sources
     import pydicom
 
+    from medai.dicom.volume import source_headers
+
     key = tuple((s.sop_instance_uid, str(s.path)) for s in volume.sources)
     if _last_sources is not None and _last_sources[0] == key:
         return list(_last_sources[1])
+    loaded = source_headers(volume)  # the loader's own read: no second pass over the files
+    if loaded is not None:
+        return loaded
     if not volume.sources or any(s.path is None for s in volume.sources):
         raise DicomInputError(None, "a SEG needs the source DICOM instances; this volume has none")
     if any(s.frame is not None for s in volume.sources):

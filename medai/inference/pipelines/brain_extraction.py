@@ -131,5 +131,14 @@ class BrainExtraction:
         )
 
 
+def validation_volume(bundle: Bundle) -> tuple[str, Volume]:
+    """A real T1 series for precision tuning (:mod:`medai.inference.tune`): the shipped demo
+    study, Colin27 (real MRI pixels, synthetic headers), so every install can tune offline."""
+    from medai.data import demo_t1_dir
+    from medai.dicom.volume import load_series
+
+    return "Colin27 T1 (medai demo study, 181 slices)", load_series(demo_t1_dir())
+
+
 def create(bundle: Bundle) -> BrainExtraction:
     return BrainExtraction(bundle)

@@ -53,7 +53,7 @@ from medai.errors import PromptError
 if TYPE_CHECKING:  # pragma: no cover
     from medai.dicom.volume import Geometry, Volume
     from medai.inference.bundle import Bundle
-    from medai.inference.pipeline import PipelineContext, PipelineOutput
+    from medai.inference.pipeline import PipelineContext, PipelineOutput, Prompt
     from medai.viewer import DisplayVolume
 
 log = logging.getLogger("medai.inference")
@@ -502,11 +502,11 @@ class MedSamLite:
 
     @classmethod
     def from_bundle(cls, bundle: "Bundle", *, device: str | None = None, threads: int | None = None,
-                    cache_bytes: int = DEFAULT_CACHE_BYTES) -> "MedSamLite":
+                    cache_bytes: int = DEFAULT_CACHE_BYTES, precision: str | None = None) -> "MedSamLite":
         from medai.inference import backends
 
-        enc = backends.get_session(bundle, "encoder", device=device, threads=threads)
-        dec = backends.get_session(bundle, "decoder", device=device, threads=threads)
+        enc = backends.get_session(bundle, "encoder", device=device, threads=threads, precision=precision)
+        dec = backends.get_session(bundle, "decoder", device=device, threads=threads, precision=precision)
         card = bundle.card
         settings = Settings.from_card([s.as_dict() for s in card.preprocessing], card.postprocessing)
         return cls(enc.run, _decoder_callable(dec), settings=settings, cache_bytes=cache_bytes)
@@ -809,7 +809,7 @@ class MedSamLitePipeline:
         card = self.bundle.card
         settings = Settings.from_card([s.as_dict() for s in card.preprocessing], card.postprocessing)
         enc, dec = ctx.session("encoder"), ctx.session("decoder")
-        key = (self.bundle.card_sha256, enc.provider)
+        key = (self.bundle.card_sha256, f"{enc.provider} {enc.precision} {dec.provider} {dec.precision}")
         with _models_lock:
             model = _models.get(key)
             if model is None:
@@ -861,3 +861,25 @@ class MedSamLitePipeline:
 
 def create(bundle: "Bundle") -> MedSamLitePipeline:
     return MedSamLitePipeline(bundle)
+
+
+def validation_volume(bundle: "Bundle") -> tuple[str, "Volume"]:
+    """A real series for precision tuning (:mod:`medai.inference.tune`): the shipped demo T1
+    (Colin27, real MRI pixels, synthetic headers), prompted by :func:`validation_prompt`."""
+    from medai.data import demo_t1_dir
+    from medai.dicom.volume import load_series
+
+    return "Colin27 T1 (medai demo study), axial slice 100, box around the brain", load_series(demo_t1_dir())
+
+
+def validation_prompt(bundle: "Bundle") -> "Prompt":
+    """The box the tuning draws on the validation series: the brain on a mid-axial slice."""
+    from medai.inference.pipeline import Prompt
+
+    return Prompt(plane="axial", slice_index=100, box=(30, 40, 150, 185))
+
+
+def memory_extras(bundle: "Bundle", volume_shape: tuple[int, int, int]) -> dict[str, int]:
+    """What a run holds beside its two graphs, for the planner: the slice-embedding cache
+    (bounded by :data:`DEFAULT_CACHE_BYTES`, at most one embedding per slice of the longest axis)."""
+    return {"embedding_cache": min(DEFAULT_CACHE_BYTES, max(volume_shape) * EMBEDDING_BYTES)}

@@ -1,0 +1,418 @@
+"""Provider and precision chosen per machine, by measurement (``medai doctor --tune``, and first use).
+
+Why: the fastest way to run a graph depends on the machine (an Intel CPU with AMX runs
+bf16 OpenVINO kernels several times faster than fp32 onnxruntime; a CPU without
+AVX-512 BF16 does not), and a faster precision is only worth having when its answer is
+the same. So each candidate (provider x precision) is
+
+1. compiled for real and asked what it actually computes in (a bf16 request that comes
+   back fp32 is not a bf16 candidate, see :mod:`medai.inference.backends`);
+2. run on **real** validation inputs: the graph inputs the bundle's own pipeline
+   produces from a real series (``validation_volume(bundle)`` of the pipeline module;
+   brain extraction: the shipped Colin27 demo T1), captured while the pipeline runs on
+   the fp32 CPU reference;
+3. compared with that fp32 CPU reference: masks (``output > 0``) must reach Dice
+   >= ``dice_min`` (card ``[tuning] dice_min``, default 0.995) on every input;
+4. timed on the same real-shaped inputs (best of ``repeats`` after a warm-up run).
+
+The fastest candidate that passes wins. The verdict is stored in
+``$MEDAI_HOME/cache/tuning.json`` keyed by the graph file's SHA-256 and this CPU's
+features (model name + the instruction-set flags that change kernels); each row also
+names the runtime and version that produced it, and :func:`preferred` ignores a verdict
+whose runtime version has changed since. A failing candidate is kept in the table with
+its reason and is never chosen.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+
+from medai import config
+from medai.errors import BackendError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from medai.dicom.volume import Volume
+    from medai.inference.bundle import Bundle
+
+log = logging.getLogger("medai.inference")
+
+DICE_MIN = 0.995
+#: CPU flags that change which kernels a runtime picks (and so speed and rounding).
+_FEATURE_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "avx_vnni",
+                  "amx_tile", "amx_bf16", "amx_int8")
+
+Feeds = dict[str, np.ndarray]
+
+
+def cpu_features() -> str:
+    """``<model name> | flag,flag,...``: the part of this CPU a tuning verdict depends on."""
+    model, flags = "unknown", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and model == "unknown":
+                model = line.split(":", 1)[1].strip()
+            elif line.startswith("flags") and not flags:
+                flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        import platform
+
+        model = platform.processor() or platform.machine()
+    return f"{model} | {','.join(f for f in _FEATURE_FLAGS if f in flags)}"
+
+
+def _cpu_key() -> str:
+    return hashlib.sha256(cpu_features().encode()).hexdigest()[:16]
+
+
+def cache_path() -> Path:
+    path = config.home() / "cache"
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return path / "tuning.json"
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One measured way to run a graph."""
+
+    provider: str
+    precision: str
+    runtime: str
+    passed: bool
+    #: Best wall time of one run on the real-shaped input, milliseconds (None: did not run).
+    ms: float | None
+    #: Lowest Dice over the validation inputs of ``output > 0`` against the fp32 CPU reference.
+    dice: float | None
+    max_abs_diff: float | None
+    reason: str = ""
+    #: The graph file measured (a bundle may offer e.g. a quantised file beside the fp32 one).
+    file: str = ""
+    #: Resident memory the session added at its peak (compile + one run), MiB: what the
+    #: planner predicts this graph with on this machine (:mod:`medai.inference.planner`).
+    peak_mb: float | None = None
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The tuning of one graph on this machine."""
+
+    model: str
+    graph: str
+    file_sha256: str
+    cpu: str
+    dice_min: float
+    validation: str
+    candidates: tuple[Candidate, ...]
+    chosen: Candidate | None = None
+    tuned_at: float = field(default_factory=time.time)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "Verdict":
+        cands = tuple(Candidate(**c) for c in data["candidates"])
+        chosen = Candidate(**data["chosen"]) if data.get("chosen") else None
+        return cls(**{**data, "candidates": cands, "chosen": chosen})
+
+
+#: A reduced precision must be at least this much faster than the best fp32 candidate to be
+#: chosen: within timing noise, the exact answer wins.
+MARGIN = 0.05
+
+
+def choose(candidates: Iterable[Candidate]) -> Candidate | None:
+    """The fastest candidate that passed; a failing one is never chosen, however fast. A reduced
+    precision is chosen only when it beats the fastest passing fp32 by :data:`MARGIN`."""
+    passing = [c for c in candidates if c.passed and c.ms is not None]
+    if not passing:
+        return None
+    best = min(passing, key=lambda c: (c.ms, c.precision != "fp32"))
+    exact = [c for c in passing if c.precision == "fp32"]
+    if best.precision != "fp32" and exact:
+        best_exact = min(exact, key=lambda c: c.ms)  # type: ignore[arg-type, return-value]
+        if best.ms > best_exact.ms * (1.0 - MARGIN):  # type: ignore[operator]
+            return best_exact
+    return best
+
+
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    inter = float(np.count_nonzero(a & b))
+    total = float(np.count_nonzero(a) + np.count_nonzero(b))
+    return 1.0 if total == 0 else 2.0 * inter / total
+
+
+def _precisions_for(provider: str) -> tuple[str, ...]:
+    from medai.inference import backends
+
+    if provider in backends.OV_PROVIDERS:
+        return ("fp32", "bf16", "fp16")
+    return ("fp32",)
+
+
+class _Recorder:
+    """Wraps a raw runtime session: records every input it is fed (and what it answered)."""
+
+    def __init__(self, raw: Any, sink: list[Feeds], answers: list[list[np.ndarray]]) -> None:
+        self._raw, self._sink, self._answers = raw, sink, answers
+
+    def run(self, names: Any, feeds: Feeds) -> Any:
+        self._sink.append({k: np.array(v, copy=True) for k, v in feeds.items()})
+        out = self._raw.run(names, feeds)
+        self._answers.append([np.array(o, copy=True) for o in out])
+        return out
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._raw, name)
+
+
+def capture_inputs(bundle: "Bundle", volume: "Volume", *, threads: int | None = None,
+                   prompt: Any = None) -> dict[str, list[Feeds]]:
+    """Graph inputs the bundle's pipeline feeds each graph when it runs on ``volume`` (CPU fp32).
+
+    Also finds which graph's output another graph is fed unchanged (LiteMedSAM: the
+    encoder's embedding goes to the decoder); the result's ``"_chains"`` entry maps such a
+    producer to ``[(consumer key, consumer input name, producer run, consumer run), ...]``."""
+    from medai.inference import backends, planner
+    from medai.inference.pipeline import PipelineContext
+    from medai.inference.run import load_pipeline
+    from medai.inference.steps import StepRunner
+
+    captured: dict[str, list[Feeds]] = {}
+    answers: dict[str, list[list[np.ndarray]]] = {}
+    sessions: dict[tuple[str, str], backends.Session] = {}
+
+    def session_for(b: "Bundle", key: str) -> backends.Session:
+        if (b.id, key) not in sessions:
+            real = backends.get_session(b, key, device="cpu", threads=threads, precision="fp32")
+            label = key if b.id == bundle.id else f"{b.id}:{key}"
+            sink, said = captured.setdefault(label, []), answers.setdefault(label, [])
+            sessions[(b.id, key)] = backends.Session(real.key, real.file_sha256, real.provider, real.threads,
+                                                     real.input_name, real.output_name,
+                                                     _Recorder(real._session, sink, said), precision="fp32")
+        return sessions[(b.id, key)]
+
+    ctx = PipelineContext(bundle=bundle, session=lambda key: session_for(bundle, key),
+                          plan=planner.plan(bundle, volume.shape), steps=StepRunner(bundle.card),
+                          session_for=session_for, prompt=prompt)
+    ctx.steps.bind(ctx)
+    load_pipeline(bundle).run(volume, ctx)
+    own = {k: v for k, v in captured.items() if ":" not in k}
+    chains: dict[str, list[tuple[str, str, int, int]]] = {}
+    for producer in own:
+        for consumer, feeds_list in own.items():
+            if consumer == producer:
+                continue
+            for j, feeds in enumerate(feeds_list):
+                for name, value in feeds.items():
+                    for i, outs in enumerate(answers[producer]):
+                        if any(o.shape == value.shape and np.array_equal(o, value) for o in outs):
+                            chains.setdefault(producer, []).append((consumer, name, i, j))
+    return {**own, "_chains": chains}  # type: ignore[dict-item]
+
+
+def validation_inputs(bundle: "Bundle", *, threads: int | None = None) -> tuple[str, dict[str, list[Feeds]]]:
+    """(what the data is, graph key -> real inputs) for ``bundle``; empty when its pipeline
+    names no validation series (then the graph is not tuned and runs fp32). A promptable
+    pipeline also defines ``validation_prompt(bundle)``."""
+    import importlib
+
+    module = importlib.import_module(f"medai.inference.pipelines.{bundle.card.pipeline}")
+    source: Callable[["Bundle"], tuple[str, "Volume"]] | None = getattr(module, "validation_volume", None)
+    if source is None:
+        return "none", {}
+    name, volume = source(bundle)
+    prompt = getattr(module, "validation_prompt", lambda b: None)(bundle)
+    return name, capture_inputs(bundle, volume, threads=threads, prompt=prompt)
+
+
+def _time_and_compare(session: Any, inputs: Sequence[Feeds], output: str, refs: Sequence[np.ndarray],
+                      repeats: int) -> tuple[float, float, float]:
+    """(best ms on the first input, lowest Dice, largest |diff|) of ``session`` against ``refs``.
+
+    Best of ``repeats``, not the median: on a shared machine other load only ever adds
+    time, so the minimum is the closest to what the candidate itself costs."""
+    dice, diff = 1.0, 0.0
+    for feeds, ref in zip(inputs, refs):
+        out = session.run([output], feeds)[0]
+        dice = min(dice, _dice(ref > 0, out > 0))
+        diff = max(diff, float(np.max(np.abs(ref.astype(np.float32) - out.astype(np.float32)))))
+    times = []
+    for _ in range(max(1, repeats)):
+        t0 = time.perf_counter()
+        session.run([output], inputs[0])
+        times.append(time.perf_counter() - t0)
+    return float(np.min(times)) * 1000.0, dice, diff
+
+
+def tune_graph(bundle: "Bundle", key: str, inputs: Sequence[Feeds], *, providers: Sequence[str] | None = None,
+               threads: int | None = None, repeats: int = 3, validation: str = "",
+               extra: Sequence[tuple[str, str, Path]] = (), save: bool = True,
+               downstream: Sequence[tuple[str, str, Feeds, int]] = ()) -> Verdict:
+    """Measure every provider x precision for graph ``key`` on ``inputs`` and keep the fastest that passes.
+
+    ``extra``: further (provider, precision, graph file) candidates, e.g. a quantised
+    graph (never chosen unless it passes like every other candidate).
+    ``downstream``: when this graph's output is not a mask but is fed to another graph
+    (an image embedding), judge it by that graph's mask instead: ``(consumer key, its input
+    name, its captured feeds, index into inputs)``; the consumer runs as fp32 CPU on the
+    candidate's output and its mask is compared with the all-fp32 mask.
+    """
+    from medai.inference import backends, planner
+
+    if not inputs:
+        raise BackendError(f"model {bundle.id}: no validation inputs for graph {key!r}: cannot tune")
+    spec = bundle.card.graphs[key]
+    digest = bundle.card.files[spec.file]
+    n = backends.thread_count(threads)
+    dice_min = float(bundle.card.raw.get("tuning", {}).get("dice_min", DICE_MIN))
+    providers = list(providers if providers is not None else backends.available_providers())
+    reference = backends._make(bundle.file(spec.file), digest, key, spec.input, spec.output, backends.CPU, n,
+                               memory_arena=spec.memory_arena)
+    refs = [reference._session.run([spec.output], feeds)[0] for feeds in inputs]
+    judge = _downstream_judge(bundle, downstream, n) if downstream else None
+    plan = [(p, prec, bundle.file(spec.file)) for p in providers for prec in _precisions_for(p)] + list(extra)
+    rows: list[Candidate] = []
+    for provider, precision, path in plan:
+        runtime = backends.runtime_version(provider)
+        base = _rss_bytes()
+        planner.reset_peak_rss()
+        try:
+            session = backends._make(path, digest, key, spec.input, spec.output, provider, n,
+                                     memory_arena=spec.memory_arena, precision=precision, spec=spec)
+            session.run_feeds(inputs[0], [spec.output])  # warm-up: first-run allocations are not the steady state
+            peak_mb = round(max(0, planner.peak_rss_bytes() - base) / planner.MB, 1)
+            ms, dice, diff = _time_and_compare(session._session, inputs, spec.output, refs, repeats)
+            if judge is not None:
+                dice = judge(session._session, inputs, spec.output)
+        except BackendError as exc:
+            rows.append(Candidate(provider, precision, runtime, False, None, None, None, str(exc), path.name))
+            continue
+        passed = dice >= dice_min
+        reason = "" if passed else f"Dice {dice:.4f} against fp32 CPU is below {dice_min:g}"
+        rows.append(Candidate(provider, precision, runtime, passed, round(ms, 1), round(dice, 6), diff, reason,
+                              path.name, peak_mb))
+        del session
+    verdict = Verdict(bundle.id, key, digest, cpu_features(), dice_min, validation, tuple(rows), choose(rows))
+    if save:
+        _store(verdict)
+    return verdict
+
+
+def _rss_bytes() -> int:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def _downstream_judge(bundle: "Bundle", downstream: Sequence[tuple[str, str, Feeds, int]],
+                      threads: int) -> Callable[[Any, Sequence[Feeds], str], float]:
+    """Lowest mask Dice of the consumer graph(s) fed a candidate's output, against all-fp32."""
+    from medai.inference import backends
+
+    consumers = {}
+    for key, _, _, _ in downstream:
+        if key not in consumers:
+            spec = bundle.card.graphs[key]
+            consumers[key] = backends._make(bundle.file(spec.file), bundle.card.files[spec.file], key, spec.input,
+                                            spec.output, backends.CPU, threads, memory_arena=spec.memory_arena)
+    expected = [consumers[k]._session.run([bundle.card.graphs[k].output], feeds)[0]
+                for k, _, feeds, _ in downstream]
+
+    def judge(candidate: Any, inputs: Sequence[Feeds], output: str) -> float:
+        worst = 1.0
+        for (key, name, feeds, i), ref in zip(downstream, expected):
+            produced = candidate.run([output], inputs[i])[0]
+            got = consumers[key]._session.run([bundle.card.graphs[key].output], {**feeds, name: produced})[0]
+            worst = min(worst, _dice(ref > 0, got > 0))
+        return worst
+
+    return judge
+
+
+def tune_bundle(bundle: "Bundle", *, threads: int | None = None, repeats: int = 3,
+                providers: Sequence[str] | None = None) -> list[Verdict]:
+    """Tune every graph of ``bundle`` on its real validation inputs (none: nothing to tune)."""
+    name, inputs = validation_inputs(bundle, threads=threads)
+    chains: dict[str, list[tuple[str, str, int, int]]] = inputs.pop("_chains", {})  # type: ignore[assignment]
+    return [tune_graph(bundle, key, inputs[key], providers=providers, threads=threads, repeats=repeats,
+                       validation=name,
+                       downstream=[(c, n, inputs[c][j], i) for c, n, i, j in chains.get(key, [])])
+            for key in bundle.card.graphs if inputs.get(key)]
+
+
+def _load() -> dict[str, Any]:
+    path = cache_path()
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except ValueError:
+        return {}
+
+
+def _store(verdict: Verdict) -> None:
+    data = _load()
+    data[f"{verdict.file_sha256}|{_cpu_key()}"] = verdict.as_dict()
+    path = cache_path()
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
+
+
+def verdicts() -> list[Verdict]:
+    """Every stored verdict for this CPU (for ``medai doctor``)."""
+    key = _cpu_key()
+    return [Verdict.from_dict(v) for k, v in _load().items() if k.endswith(f"|{key}")]
+
+
+def lookup(file_sha256: str) -> Verdict | None:
+    data = _load().get(f"{file_sha256}|{_cpu_key()}")
+    return Verdict.from_dict(data) if data else None
+
+
+def measured_peak_bytes(file_sha256: str, *, cpu_only: bool = False) -> int | None:
+    """Peak memory the tuned (chosen) session of this graph file added on this machine, or None;
+    ``cpu_only``: the ONNX Runtime CPU fp32 row instead (a run with ``--device cpu``)."""
+    from medai.inference.backends import CPU
+
+    verdict = lookup(file_sha256)
+    if verdict is None:
+        return None
+    row = verdict.chosen
+    if cpu_only:
+        row = next((c for c in verdict.candidates if c.provider == CPU and c.precision == "fp32"), None)
+    return int(row.peak_mb * 1024 * 1024) if row is not None and row.peak_mb is not None else None
+
+
+def preferred(bundle: "Bundle", key: str, providers: Sequence[str], threads: int) -> tuple[str, str] | None:
+    """The tuned (provider, precision) for graph ``key`` when it is among ``providers`` and was
+    measured with the runtime version installed now; otherwise None (the run uses fp32)."""
+    from medai.inference import backends
+
+    verdict = lookup(bundle.card.files[bundle.card.graphs[key].file])
+    chosen = verdict.chosen if verdict else None
+    if chosen is None or chosen.provider not in providers:
+        return None
+    try:
+        if backends.runtime_version(chosen.provider) != chosen.runtime:
+            return None
+    except ImportError:
+        return None
+    return chosen.provider, chosen.precision
+
+
+__all__ = ["Candidate", "Verdict", "capture_inputs", "choose", "cpu_features", "preferred", "tune_bundle",
+           "tune_graph", "validation_inputs", "verdicts"]
