@@ -1,0 +1,170 @@
+"""A real nnU-Net v2 model, trained by nnU-Net's own planner, preprocessor and trainer on CPU.
+
+Used by the import tests and ``bench/nnunet_import.py``. The data is the real CT that
+``scripts/fetch-test-data`` extracts from the ``body-organ-analysis`` wheel (Apache-2.0):
+``example_ct_sm.nii.gz`` (30 x 101 x 122 voxels, 3 mm) with its model-made body mask.
+That mask has one label, so the recipe adds two more that exist in the same CT and that a
+network can learn from it: bone (HU >= 200 inside the body) and air inside the body
+(HU <= -400: lungs, bowel gas). The labels are made from the data, not drawn by a person;
+the point of the fixture is parity between two executions of one trained network, not
+clinical accuracy, but the network must predict every label (non-trivial masks).
+
+nnU-Net needs several cases for its folds: the dataset is the CT and three variants
+(left-right mirrored, upper and lower 20 slices). The plans are nnU-Net's own
+(``ExperimentPlanner``) with the network's feature widths divided by 4, a documented
+way to edit plans, so that training takes a minute on two shared cores. Training is
+nnU-Net's ``nnUNetTrainer`` with fewer epochs/iterations set on the instance (its class
+name, and so the results folder name, stay the standard ones).
+
+The results folder is cached under ``.cache/nnunet-fixture/<recipe digest>/`` so later
+runs reuse it; change ``RECIPE`` and the digest changes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CT = ROOT / ".cache" / "testdata" / "boa-ct" / "example_ct_sm.nii.gz"
+BODY = ROOT / ".cache" / "testdata" / "boa-ct" / "example_ct_sm_T300_output.nii.gz"
+DATASET_ID = 901
+DATASET = f"Dataset{DATASET_ID}_MedaiCT"
+LABELS = {"background": 0, "body": 1, "bone": 2, "air_in_body": 3}
+RECIPE = {
+    "version": 3,
+    "nnunetv2": "2.8.1",
+    "labels": LABELS,
+    "cases": ["full", "mirror_lr", "upper20", "lower20"],
+    "feature_divisor": 4,
+    "configs": {"3d_fullres": {"folds": [0, 1], "epochs": 4, "iters": 10},
+                "2d": {"folds": [0], "epochs": 3, "iters": 12}},
+    "seed": 1234,
+}
+PLANS = "nnUNetPlansTiny"
+TRAINER = "nnUNetTrainer"
+
+
+def recipe_digest() -> str:
+    return hashlib.sha256(json.dumps(RECIPE, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def cache_dir() -> Path:
+    return ROOT / ".cache" / "nnunet-fixture" / recipe_digest()
+
+
+def results_folder(config: str) -> Path:
+    return cache_dir() / "nnUNet_results" / DATASET / f"{TRAINER}__{PLANS}__{config}"
+
+
+def ensure_trained(timeout: float = 900.0) -> Path:
+    """Build (once) and return the cache folder holding nnUNet_raw/_preprocessed/_results."""
+    root = cache_dir()
+    if (root / "done").is_file():
+        return root
+    if not CT.is_file():
+        raise FileNotFoundError(f"{CT} missing: run scripts/fetch-test-data")
+    tmp = root.with_name(root.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    env = dict(os.environ, nnUNet_raw=str(tmp / "nnUNet_raw"), nnUNet_preprocessed=str(tmp / "nnUNet_preprocessed"),
+               nnUNet_results=str(tmp / "nnUNet_results"), nnUNet_n_proc_DA="0", nnUNet_compile="false",
+               OMP_NUM_THREADS="2")
+    proc = subprocess.run([sys.executable, __file__, "build", str(tmp)], env=env, timeout=timeout,
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"nnU-Net fixture build failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    (tmp / "build.log").write_text(proc.stdout[-20000:])
+    (tmp / "done").write_text(json.dumps(RECIPE, sort_keys=True))
+    shutil.rmtree(root, ignore_errors=True)
+    os.replace(tmp, root)
+    return root
+
+
+# --------------------------------------------------------------------------- build (subprocess)
+
+def _write_dataset(raw: Path) -> None:
+    import numpy as np
+    import SimpleITK as sitk
+
+    folder = raw / DATASET
+    (folder / "imagesTr").mkdir(parents=True)
+    (folder / "labelsTr").mkdir()
+    ct = sitk.ReadImage(str(CT))
+    hu = sitk.GetArrayFromImage(ct).astype(np.int16)
+    body = sitk.GetArrayFromImage(sitk.ReadImage(str(BODY))) > 0
+    lab = np.zeros(hu.shape, np.uint8)
+    lab[body] = LABELS["body"]
+    lab[body & (hu >= 200)] = LABELS["bone"]
+    lab[body & (hu <= -400)] = LABELS["air_in_body"]
+    variants = {"full": (hu, lab), "mirror_lr": (hu[:, :, ::-1], lab[:, :, ::-1]),
+                "upper20": (hu[-20:], lab[-20:]), "lower20": (hu[:20], lab[:20])}
+    for i, name in enumerate(RECIPE["cases"]):
+        img_a, lab_a = variants[name]
+        for arr, path in ((img_a, folder / "imagesTr" / f"ct_{i:03d}_0000.nii.gz"),
+                          (lab_a, folder / "labelsTr" / f"ct_{i:03d}.nii.gz")):
+            im = sitk.GetImageFromArray(np.ascontiguousarray(arr))
+            im.SetSpacing(ct.GetSpacing())
+            im.SetDirection(ct.GetDirection())
+            im.SetOrigin(ct.GetOrigin())
+            sitk.WriteImage(im, str(path), useCompression=True)
+    (folder / "dataset.json").write_text(json.dumps({
+        "channel_names": {"0": "CT"}, "labels": LABELS, "numTraining": len(RECIPE["cases"]),
+        "file_ending": ".nii.gz", "name": "medai test CT (body-organ-analysis example, Apache-2.0)"}, indent=2))
+
+
+def _build(tmp: Path) -> None:
+    import torch
+
+    torch.manual_seed(RECIPE["seed"])
+    _write_dataset(tmp / "nnUNet_raw")
+    nn = [sys.executable, "-c", "import sys; from nnunetv2.experiment_planning.plan_and_preprocess_entrypoints "
+                                "import {f}; sys.argv[0]='{f}'; {f}()"]
+
+    def call(func: str, *args: str) -> None:
+        cmd = [nn[0], nn[1], nn[2].format(f=func), *args]
+        # nnU-Net's planner sets torch threads from nnUNet_n_proc_DA, which must then be >= 1.
+        subprocess.run(cmd, check=True, env=dict(os.environ, nnUNet_n_proc_DA="1"))
+
+    call("extract_fingerprint_entry", "-d", str(DATASET_ID), "-np", "1")
+    call("plan_experiment_entry", "-d", str(DATASET_ID))
+    pre = tmp / "nnUNet_preprocessed" / DATASET
+    plans = json.loads((pre / "nnUNetPlans.json").read_text())
+    plans["plans_name"] = PLANS
+    for cfg in plans["configurations"].values():
+        arch = cfg.get("architecture", {}).get("arch_kwargs")
+        if arch and "features_per_stage" in arch:
+            arch["features_per_stage"] = [max(4, f // RECIPE["feature_divisor"]) for f in arch["features_per_stage"]]
+        if "batch_size" in cfg:
+            cfg["batch_size"] = 2
+    (pre / f"{PLANS}.json").write_text(json.dumps(plans, indent=2))
+    configs = list(RECIPE["configs"])
+    call("preprocess_entry", "-d", str(DATASET_ID), "-plans_name", PLANS, "-c", *configs,
+         "-np", *["1"] * len(configs))
+    # Two folds over four cases: a fixed split, so every fold validates on held-out cases.
+    (pre / "splits_final.json").write_text(json.dumps([
+        {"train": ["ct_000", "ct_002"], "val": ["ct_001", "ct_003"]},
+        {"train": ["ct_001", "ct_003"], "val": ["ct_000", "ct_002"]}]))
+
+    from nnunetv2.run.run_training import get_trainer_from_args
+
+    for cfg, spec in RECIPE["configs"].items():
+        for fold in spec["folds"]:
+            torch.manual_seed(RECIPE["seed"] + fold)
+            trainer = get_trainer_from_args(str(DATASET_ID), cfg, fold, TRAINER, PLANS, device=torch.device("cpu"))
+            trainer.num_epochs = spec["epochs"]
+            trainer.num_iterations_per_epoch = spec["iters"]
+            trainer.num_val_iterations_per_epoch = 2
+            trainer.run_training()
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "build":
+        _build(Path(sys.argv[2]))
+    else:
+        print(ensure_trained())
