@@ -169,7 +169,7 @@ def import_nnunet_command(
         name: Optional[str] = typer.Option(None, "--name"),
         out: Optional[Path] = typer.Option(None, "--out", help="Write the signed bundle here instead of installing it."),
 ) -> None:
-    """Import a trained nnU-Net v2 model (e.g. a TotalSegmentator task) as a signed ONNX bundle (needs [models])."""
+    """Import a trained nnU-Net v2 model (e.g. a TotalSegmentator task) as a signed ONNX bundle (needs the models extra and nnunetv2)."""
     from medai.inference.importers.nnunet import import_nnunet
 
     bundle, parity = import_nnunet(folder, model_id=model_id, license=license, parity_image=parity_image,
