@@ -181,7 +181,8 @@ def stage_steps(stage: Stage, *, use_mirroring: bool, tile_step_size: float) -> 
     mirror = list(p.allowed_mirroring_axes or []) if use_mirroring else []
     steps += [
         {"op": "sliding_window", "stage": cfg, "patch_size": [int(v) for v in cm.patch_size],
-         "tile_step_size": float(tile_step_size), "gaussian": True, "use_mirroring": bool(mirror),
+         "tile_step_size": float(tile_step_size), "gaussian": True, "accumulate": "float16",
+         "use_mirroring": bool(mirror),
          "mirror_axes": mirror, "outputs": int(lm.num_segmentation_heads),
          "graphs": [graph_key(cfg, f) for f in stage.folds]},
         {"op": "resample_back", "stage": cfg, **resampling(prob_kw)},
@@ -266,6 +267,7 @@ def bundle_predict(folder: Path, steps: Sequence[Mapping[str, Any]], stage_names
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:
+    logits = logits.astype(np.float32)
     e = np.exp(logits - logits.max(axis=0, keepdims=True))
     return e / e.sum(axis=0, keepdims=True)
 
@@ -286,7 +288,7 @@ def measure_parity(stages: Sequence[Stage], folder: Path, steps: Sequence[Mappin
     _, box = nonzero_bbox(image.transpose([0, *[a + 1 for a in fwd]]))
     ref_box = ref_probs.transpose([0, *[a + 1 for a in fwd]])[(slice(None), *box)]
     lm = last.predictor.label_manager
-    ours_p = (1 / (1 + np.exp(-logits[last.config]))) if lm.has_regions else _softmax(logits[last.config])
+    ours_p = (1 / (1 + np.exp(-logits[last.config].astype(np.float32)))) if lm.has_regions else _softmax(logits[last.config])
     diff = float(np.max(np.abs(ref_box.astype(np.float64) - ours_p)))
     return Parity(per_label_dice(ref_seg, ours, values), diff, {int(v): int((ref_seg == v).sum()) for v in values},
                   t1 - t0, t2 - t1)

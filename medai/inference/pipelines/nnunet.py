@@ -21,9 +21,10 @@ differently, so exact parity needs scipy's own routines (scipy is small and has 
 torch). The input array is the volume as SimpleITK reads it (``[k, j, i]``, spacing
 reversed), which is what nnU-Net's ``SimpleITKIO`` hands the predictor.
 
-Deviation, on purpose: nnU-Net accumulates the tiles' logits in float16; here the
-accumulators are float32 (the same weights, fewer rounding steps). The import measures
-the resulting agreement with ``nnUNetPredictor`` and writes it on the card.
+nnU-Net accumulates the tiles' logits in float16 (half the memory of float32); the card's
+``accumulate`` (default ``float16``) reproduces that, rounding included, since near the
+borders, where every tile's Gaussian weight is tiny, float16 rounding moves the logits.
+The import measures the agreement with ``nnUNetPredictor`` and writes it on the card.
 """
 
 from __future__ import annotations
@@ -213,11 +214,16 @@ def tile_starts(size: Sequence[int], patch: Sequence[int], step: float) -> list[
 
 
 def sliding_window(data: np.ndarray, patch: Sequence[int], step: float, n_out: int,
-                   predict: Callable[[np.ndarray], np.ndarray], *, gaussian: bool = True) -> np.ndarray:
+                   predict: Callable[[np.ndarray], np.ndarray], *, gaussian: bool = True,
+                   accumulate: Any = np.float16) -> np.ndarray:
     """Logits ``[n_out, *spatial]`` of ``data`` (``[c, *spatial]``), tiles as nnU-Net places them.
 
     ``predict`` maps a ``[1, c, *patch]`` tile to ``[1, n_out, *patch]``. 2-D patches on
     3-D data run slice by slice along the first axis, as nnU-Net's 2d configuration does.
+    ``accumulate``: the dtype of the two accumulators. nnU-Net's predictor uses float16
+    (half the memory); its rounding is visible near the borders, where every tile's
+    Gaussian weight is tiny, so float16 is what reproduces nnU-Net's logits, float32
+    is slightly more exact.
     """
     patch = tuple(int(p) for p in patch)
     spatial = data.shape[1:]
@@ -227,8 +233,10 @@ def sliding_window(data: np.ndarray, patch: Sequence[int], step: float, n_out: i
     padded = np.pad(data, pad_width, mode="constant") if any(pads) else data
     size = padded.shape[1:]
     weights = gaussian_importance(patch) if gaussian else np.ones(patch, np.float32)
-    logits = np.zeros((n_out, *size), np.float32)
-    norm = np.zeros(size, np.float32)
+    acc = np.dtype(accumulate)
+    weights_acc = weights.astype(acc)  # nnU-Net adds the (float16) map itself to its counter
+    logits = np.zeros((n_out, *size), acc)
+    norm = np.zeros(size, acc)
     starts = tile_starts(size[len(size) - len(patch):], patch, step)
     lead = [range(size[0])] if len(patch) < len(size) else []
     for pos in itertools.product(*lead, *starts):
@@ -239,9 +247,9 @@ def sliding_window(data: np.ndarray, patch: Sequence[int], step: float, n_out: i
         tile = np.ascontiguousarray(padded[(slice(None), *sl)], dtype=np.float32)[None]
         out = predict(tile)[0]
         out *= weights
-        logits[(slice(None), *sl)] += out
-        norm[sl] += weights
-    logits /= norm
+        logits[(slice(None), *sl)] += out  # computed in float32, rounded to the accumulator's dtype
+        norm[sl] += weights_acc
+    np.divide(logits, norm, out=logits)
     crop = tuple(slice(lo, n - hi) for (lo, hi), n in zip(pad_width[1:], size))
     return logits[(slice(None), *crop)]
 
@@ -278,7 +286,8 @@ def to_labels(logits: np.ndarray, regions_class_order: Sequence[int] | None) -> 
         for i, c in enumerate(regions_class_order):
             seg[logits[i] > 0] = c  # sigmoid(x) > 0.5  <=>  x > 0
         return seg
-    return np.argmax(logits, axis=0).astype(np.uint16)
+    # nnU-Net takes the argmax of the float32 softmax of its (float16) logits; equal except in ties.
+    return np.argmax(logits.astype(np.float32, copy=False), axis=0).astype(np.uint16)
 
 
 # --------------------------------------------------------------------------- the pipeline
@@ -364,23 +373,27 @@ def _stage(image: np.ndarray, spacing: Sequence[float], stage: str, params: Para
     sw = params("sliding_window", stage)
     graphs = list(sw["graphs"])
     mirror_axes = list(sw.get("mirror_axes") or []) if sw.get("use_mirroring", True) else []
+    accumulate = np.dtype(sw.get("accumulate", "float16"))
     logits: np.ndarray | None = None
-    for key in graphs:
+    for key in graphs:  # fold ensemble: summed and divided in the accumulator's dtype, as nnU-Net does
         sess = session(key)
-        run = sess.run
-        predict_tile = mirrored(run, mirror_axes, bool(sw.get("batched_mirroring", True)))
+        predict_tile = mirrored(sess.run, mirror_axes, bool(sw.get("batched_mirroring", True)))
         out = sliding_window(data, sw["patch_size"], float(sw["tile_step_size"]), int(sw["outputs"]), predict_tile,
-                             gaussian=bool(sw.get("gaussian", True)))
-        logits = out if logits is None else logits + out
+                             gaussian=bool(sw.get("gaussian", True)), accumulate=accumulate)
+        if logits is None:
+            logits = out
+        else:
+            logits += out
     assert logits is not None
-    logits /= len(graphs)
+    if len(graphs) > 1:
+        logits /= logits.dtype.type(len(graphs))
     record("sliding_window", stage=stage, graphs=graphs, mirror_axes=mirror_axes,
            patch_size=list(sw["patch_size"]), tile_step_size=sw["tile_step_size"])
 
     back = dict(params("resample_back", stage))
     cropped_shape = outside.shape
     current = target
-    logits = resample(logits, cropped_shape, current, sp, **back)
+    logits = resample(logits, cropped_shape, current, sp, out_dtype=logits.dtype, **back)
     if logits_out is not None:
         logits_out[stage] = logits
     record("resample_back", stage=stage, shape=list(cropped_shape))
