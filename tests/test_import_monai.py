@@ -43,7 +43,7 @@ METADATA = {
 }
 
 
-def _train_unet(steps: int = 40):
+def _train_unet(steps: int = 30):
     """MONAI's UNet, a few Adam steps on random crops of the real CT (deterministic seed)."""
     import SimpleITK as sitk
     import torch
