@@ -64,16 +64,19 @@ def results_folder(config: str) -> Path:
     return cache_dir() / "nnUNet_results" / DATASET / f"{TRAINER}__{PLANS}__{config}"
 
 
-def ensure_trained(timeout: float = 900.0) -> Path:
-    """Build (once) and return the cache folder holding nnUNet_raw/_preprocessed/_results."""
+def ensure_trained(timeout: float = 3600.0) -> Path:
+    """Build (once) and return the cache folder holding nnUNet_raw/_preprocessed/_results.
+
+    An interrupted build resumes: each finished step (dataset, plans, preprocessing, each
+    fold's final checkpoint) is kept in ``<digest>.tmp`` and skipped the next time.
+    """
     root = cache_dir()
     if (root / "done").is_file():
         return root
     if not CT.is_file():
         raise FileNotFoundError(f"{CT} missing: run scripts/fetch-test-data")
     tmp = root.with_name(root.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, nnUNet_raw=str(tmp / "nnUNet_raw"), nnUNet_preprocessed=str(tmp / "nnUNet_preprocessed"),
                nnUNet_results=str(tmp / "nnUNet_results"), nnUNet_n_proc_DA="0", nnUNet_compile="false",
                OMP_NUM_THREADS="2")
@@ -124,7 +127,10 @@ def _build(tmp: Path) -> None:
     import torch
 
     torch.manual_seed(RECIPE["seed"])
-    _write_dataset(tmp / "nnUNet_raw")
+    raw = tmp / "nnUNet_raw"
+    if not (raw / DATASET / "dataset.json").is_file():
+        shutil.rmtree(raw, ignore_errors=True)
+        _write_dataset(raw)
     nn = [sys.executable, "-c", "import sys; from nnunetv2.experiment_planning.plan_and_preprocess_entrypoints "
                                 "import {f}; sys.argv[0]='{f}'; {f}()"]
 
@@ -133,9 +139,12 @@ def _build(tmp: Path) -> None:
         # nnU-Net's planner sets torch threads from nnUNet_n_proc_DA, which must then be >= 1.
         subprocess.run(cmd, check=True, env=dict(os.environ, nnUNet_n_proc_DA="1"))
 
+    pre = tmp / "nnUNet_preprocessed" / DATASET
+    if (pre / "splits_final.json").is_file():
+        _train(pre)
+        return
     call("extract_fingerprint_entry", "-d", str(DATASET_ID), "-np", "1")
     call("plan_experiment_entry", "-d", str(DATASET_ID))
-    pre = tmp / "nnUNet_preprocessed" / DATASET
     plans = json.loads((pre / "nnUNetPlans.json").read_text())
     plans["plans_name"] = PLANS
     for cfg in plans["configurations"].values():
@@ -155,10 +164,18 @@ def _build(tmp: Path) -> None:
         {"train": ["ct_000", "ct_002"], "val": ["ct_001", "ct_003"]},
         {"train": ["ct_001", "ct_003"], "val": ["ct_000", "ct_002"]}]))
 
+    _train(pre)
+
+
+def _train(pre: Path) -> None:
+    import torch
     from nnunetv2.run.run_training import get_trainer_from_args
 
     for cfg, spec in RECIPE["configs"].items():
         for fold in spec["folds"]:
+            if (pre.parents[1] / "nnUNet_results" / DATASET / f"{TRAINER}__{PLANS}__{cfg}" / f"fold_{fold}"
+                    / "checkpoint_final.pth").is_file():
+                continue
             torch.manual_seed(RECIPE["seed"] + fold)
             trainer = get_trainer_from_args(str(DATASET_ID), cfg, fold, TRAINER, PLANS, device=torch.device("cpu"))
             trainer.num_epochs = spec["epochs"]

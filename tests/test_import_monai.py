@@ -16,7 +16,7 @@ import pytest
 
 import nnunet_fixture as fx
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 INFERENCE = {
     "image_key": "image",

@@ -20,7 +20,9 @@ import nnunetv2  # noqa: E402,F401  (the [models] extra plus nnunetv2: scripts/s
 
 import nnunet_fixture as fx  # noqa: E402
 
-pytestmark = pytest.mark.slow
+# The fixture is trained once per machine (minutes on a quiet one; its setup counts in the
+# first test's time), then cached.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600)]
 
 
 @pytest.fixture(scope="module")
@@ -75,12 +77,14 @@ def _import_and_run(tmp_path: Path, folder: Path, image: Path, folds: tuple[str,
 
 
 def _check(ref: np.ndarray, ours: np.ndarray) -> dict[int, float]:
+    """Per-label Dice >= 0.999. A label the briefly trained model does not predict would give a
+    meaningless Dice of 1, so the body label must be substantial; the class probabilities of every
+    label (degenerate ones included) are compared at import (``Parity.max_prob_diff``)."""
     from medai.inference.importers._common import per_label_dice
 
     assert ref.shape == ours.shape
     dice = per_label_dice(ref, ours, list(fx.LABELS.values())[1:])
-    for value in dice:
-        assert (ref == value).sum() > 50, f"label {value}: the reference predicts almost nothing (degenerate)"
+    assert (ref == fx.LABELS["body"]).sum() > 10000, "the reference predicts no body: degenerate fixture"
     assert min(dice.values()) >= 0.999, dice
     return dice
 

@@ -123,19 +123,26 @@ def resample(data: np.ndarray, new_shape: Sequence[int], current: Sequence[float
 
 
 def resample_seg(seg: np.ndarray, new_shape: Sequence[int], order: int = 1) -> np.ndarray:
-    """batchgenerators' ``resize_segmentation`` (per-label indicator resize, largest wins) for one map."""
+    """batchgenerators' ``resize_segmentation`` for one label map: each label's indicator is
+    resized, the largest wins; exact ties go to the nearest-neighbour label when it is one of
+    the tied labels, else to the smallest tied label (its ``seg_tiebreak="nearest"``)."""
     if tuple(seg.shape) == tuple(new_shape):
         return seg.copy()
+    nearest = _skimage_resize(seg.astype(np.float64), new_shape, 0).astype(seg.dtype)
     if order == 0:
-        return _skimage_resize(seg.astype(np.float64), new_shape, 0).astype(seg.dtype)
-    labels = np.unique(seg)
-    best = np.full(tuple(new_shape), -np.inf)
+        return nearest
     out = np.zeros(tuple(new_shape), dtype=seg.dtype)
-    for lab in labels:
+    best = np.full(tuple(new_shape), -np.inf)
+    nn_score = np.full(tuple(new_shape), -np.inf)
+    for lab in np.unique(seg):
         score = _skimage_resize((seg == lab).astype(np.float64), new_shape, order)
         better = score > best
         out[better] = lab
         best[better] = score[better]
+        here = nearest == lab
+        nn_score[here] = score[here]
+    tie = nn_score == best
+    out[tie] = nearest[tie]
     return out
 
 
@@ -198,7 +205,7 @@ def gaussian_importance(patch: tuple[int, ...], sigma_scale: float = 1 / 8, valu
     tmp[tuple(p // 2 for p in patch)] = 1
     g = gaussian_filter(tmp, [p * sigma_scale for p in patch], 0, mode="constant", cval=0)
     g /= np.max(g) / value_scale
-    g = g.astype(np.float16)
+    g = g.astype(np.float32).astype(np.float16)  # via float32, as torch converts double to half
     g[g == 0] = np.min(g[g != 0])
     return g.astype(np.float32)
 
