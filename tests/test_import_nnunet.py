@@ -135,7 +135,8 @@ def _medai(*args: str) -> subprocess.CompletedProcess:
 
 def test_imported_model_runs_from_cli_and_triage_and_writes_clean_seg(trained: Path, tmp_path: Path) -> None:
     """`medai models import-nnunet` → `medai run` on a DICOM series → dciodvfy-clean SEG with the
-    dataset's label names; `medai models show` carries the parity; `medai triage` runs it too.
+    dataset's label names; `medai models show` carries the parity; `medai triage` and the UI's
+    workstation functions run it too.
 
     The DICOM headers are synthetic (medai.dicom.synth); the pixels are the real CT."""
     import highdicom as hd
@@ -177,3 +178,17 @@ def test_imported_model_runs_from_cli_and_triage_and_writes_clean_seg(trained: P
     assert tri.returncode == 0, tri.stderr[-3000:]
     worklist = json.loads((tmp_path / "wl.json").read_text())
     assert "ct-test-cli" in json.dumps(worklist)
+
+    # The UI's door (medai.workstation, what the Streamlit pages call): offered for the series,
+    # the card's import parity shown, and the run gives the same labels.
+    from medai import workstation
+    from medai.dicom.volume import load_series
+
+    studies, _ = workstation.catalog([(study, "local")])
+    series = studies[0].series[0]
+    choice = next(m for m in workstation.models_for(series) if m.model_id == "ct-test-cli")
+    assert choice.accepts, choice.reason
+    metrics = workstation.card_summary(choice.card)["metrics"]
+    assert any(m["Metric"] == "import parity min dice" and m["Value"] >= 0.999 for m in metrics), metrics
+    result = workstation.run("ct-test-cli", load_series(list(series.files)), series)
+    assert np.array_equal(result.labels, ours)
