@@ -40,6 +40,16 @@ def test_resample_seg_is_batchgenerators() -> None:
         assert np.array_equal(ops.resample_seg(seg, shape, 1), resize_segmentation(seg, shape, 1))
 
 
+@pytest.mark.parametrize("current,new,shape", [((7.5, 2.0, 2.0), (3.0, 3.0, 3.0), (22, 14, 11)),
+                                               ((3.0, 3.0, 3.0), (6.0, 6.0, 6.0), (5, 10, 9))])
+def test_resample_previous_stage_labels_is_nnunets(current, new, shape) -> None:
+    """The cascade's low-resolution labels (with -1 outside the crop) onto the full-resolution grid."""
+    seg = np.random.default_rng(3).integers(-1, 3, size=(1, 9, 21, 17)).astype(np.int16)
+    ref = resample_data_or_seg_to_shape(seg, shape, current, new, True, 1, 0, None)
+    ours = ops.resample(seg, shape, current, new, order=1, order_z=0, out_dtype=np.int16, is_seg=True)
+    assert np.array_equal(ours, ref)
+
+
 def test_gaussian_steps_and_crop_are_nnunets() -> None:
     for patch in ((16, 64, 64), (28, 112, 128), (64, 64)):
         ref = compute_gaussian(patch, 1 / 8, 10, device=torch.device("cpu")).numpy().astype(np.float32)

@@ -174,7 +174,7 @@ def stage_steps(stage: Stage, *, use_mirroring: bool, tile_step_size: float) -> 
         {"op": "crop_nonzero", "stage": cfg},
         {"op": "normalize", "stage": cfg, "channels": channels},
         {"op": "resample", "stage": cfg, "spacing": [float(s) for s in cm.spacing], **resampling(data_kw),
-         "seg_order": int(seg_kw.get("order", 1))},
+         "seg_order": int(seg_kw.get("order", 1)), "seg_order_z": int(seg_kw.get("order_z", 0))},
     ]
     if cm.previous_stage_name:
         steps.append({"op": "previous_stage", "stage": cfg, "labels": [int(v) for v in lm.foreground_labels]})

@@ -83,8 +83,10 @@ def compute_new_shape(shape: Sequence[int], spacing: Sequence[float], new_spacin
 
 def resample(data: np.ndarray, new_shape: Sequence[int], current: Sequence[float], new: Sequence[float], *,
              order: int = 3, order_z: int = 0, force_separate_z: bool | None = None,
-             anisotropy_threshold: float = ANISO_THRESHOLD, out_dtype: Any = np.float32) -> np.ndarray:
-    """nnU-Net's ``resample_data_or_seg_to_shape`` for images/probabilities (``[c, *spatial]``)."""
+             anisotropy_threshold: float = ANISO_THRESHOLD, out_dtype: Any = np.float32,
+             is_seg: bool = False) -> np.ndarray:
+    """nnU-Net's ``resample_data_or_seg_to_shape`` (``[c, *spatial]``); ``is_seg`` for label maps."""
+    resize = resample_seg if is_seg else _skimage_resize
     shape = np.array(data.shape[1:])
     new_shape_a = np.array(new_shape)
     if np.all(shape == new_shape_a):
@@ -94,7 +96,7 @@ def resample(data: np.ndarray, new_shape: Sequence[int], current: Sequence[float
     for c in range(data.shape[0]):
         channel = data[c].astype(np.float64)
         if axis is None:
-            out[c] = _skimage_resize(channel, new_shape_a, order)
+            out[c] = resize(channel, new_shape_a, order)
             continue
         inplane = np.delete(new_shape_a, axis)
         mid_shape = new_shape_a.copy()
@@ -103,7 +105,7 @@ def resample(data: np.ndarray, new_shape: Sequence[int], current: Sequence[float
         for s in range(shape[axis]):
             index = [slice(None)] * 3
             index[axis] = s
-            mid[tuple(index)] = _skimage_resize(channel[tuple(index)], inplane, order)
+            mid[tuple(index)] = resize(channel[tuple(index)], inplane, order)
         if shape[axis] == new_shape_a[axis]:
             out[c] = mid
         elif order_z == 0:
@@ -117,8 +119,14 @@ def resample(data: np.ndarray, new_shape: Sequence[int], current: Sequence[float
 
             grids = np.mgrid[tuple(slice(0, n) for n in new_shape_a)].astype(np.float64)
             scale = np.array(mid.shape, dtype=np.float64) / new_shape_a
-            coords = [scale[a] * (grids[a] + 0.5) - 0.5 for a in range(3)]
-            out[c] = ndimage.map_coordinates(mid, coords, order=order_z, mode="nearest")
+            coords = np.array([scale[a] * (grids[a] + 0.5) - 0.5 for a in range(3)])
+            if not is_seg:
+                out[c] = ndimage.map_coordinates(mid, coords, order=order_z, mode="nearest")
+            else:
+                for lab in np.unique(mid):
+                    hit = np.round(ndimage.map_coordinates((mid == lab).astype(float), coords, order=order_z,
+                                                           mode="nearest")) > 0.5
+                    out[c][hit] = lab
     return out
 
 
@@ -355,7 +363,7 @@ def _stage(image: np.ndarray, spacing: Sequence[float], stage: str, params: Para
 
     rs = dict(params("resample", stage))
     target = list(rs.pop("spacing"))
-    seg_order = int(rs.pop("seg_order", 1))
+    seg_order, seg_order_z = int(rs.pop("seg_order", 1)), int(rs.pop("seg_order_z", 0))
     if len(target) < data.ndim - 1:
         target = [sp[0], *target]
     new_shape = compute_new_shape(data.shape[1:], sp, target)
@@ -367,9 +375,10 @@ def _stage(image: np.ndarray, spacing: Sequence[float], stage: str, params: Para
 
     if previous is not None:
         prev = params("previous_stage", stage)
-        seg = previous.transpose(forward)[box].astype(np.int16)
-        seg[(seg == 0) & outside] = -1
-        seg = resample_seg(seg, new_shape, seg_order)
+        seg = previous.transpose(forward)[box].astype(np.int16)[None]
+        seg[0][(seg[0] == 0) & outside] = -1
+        seg = resample(seg, new_shape, sp, target, order=seg_order, order_z=seg_order_z,
+                       force_separate_z=rs.get("force_separate_z"), out_dtype=np.int16, is_seg=True)[0]
         onehot = np.stack([seg == lab for lab in prev["labels"]]).astype(np.float32)
         record("previous_stage", stage=stage, labels=list(prev["labels"]))
     data = resample(data, new_shape, sp, target, **rs)
