@@ -91,6 +91,76 @@ def ensure_trained(timeout: float = 3600.0) -> Path:
     return root
 
 
+#: A cascade on the same dataset: nnU-Net's own 3d_lowres (6 mm) -> 3d_cascade_fullres pair,
+#: added to the plans the way nnU-Net's planner writes them ("inherits_from", "next_stage",
+#: "previous_stage"); the low-resolution folds' validation predictions feed the cascade's
+#: training exactly as in nnU-Net.
+CASCADE = {
+    "version": 1,
+    "lowres_spacing": [6.0, 6.0, 6.0],
+    "lowres_patch": [16, 32, 32],
+    "configs": {"3d_lowres": {"folds": [0, 1], "epochs": 3, "iters": 10},
+                "3d_cascade_fullres": {"folds": [0], "epochs": 3, "iters": 10}},
+}
+
+
+def ensure_cascade(timeout: float = 3600.0) -> Path:
+    """The base fixture plus a trained cascade (built once, resumable, cached in the same folder)."""
+    root = ensure_trained()
+    marker = root / "cascade_done"
+    if marker.is_file() and json.loads(marker.read_text()) == CASCADE:
+        return root
+    env = dict(os.environ, nnUNet_raw=str(root / "nnUNet_raw"), nnUNet_preprocessed=str(root / "nnUNet_preprocessed"),
+               nnUNet_results=str(root / "nnUNet_results"), nnUNet_n_proc_DA="0", nnUNet_compile="false",
+               nnUNet_def_n_proc="1", OMP_NUM_THREADS="2")
+    proc = subprocess.run([sys.executable, __file__, "cascade", str(root)], env=env, timeout=timeout,
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"nnU-Net cascade fixture build failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    marker.write_text(json.dumps(CASCADE))
+    return root
+
+
+def _build_cascade(root: Path) -> None:
+    import torch
+
+    pre = root / "nnUNet_preprocessed" / DATASET
+    plans_path = pre / f"{PLANS}.json"
+    plans = json.loads(plans_path.read_text())
+    if "3d_cascade_fullres" not in plans["configurations"]:
+        full = plans["configurations"]["3d_fullres"]
+        scale = [a / b for a, b in zip(full["spacing"], CASCADE["lowres_spacing"])]
+        plans["configurations"]["3d_lowres"] = {
+            "inherits_from": "3d_fullres", "data_identifier": f"{PLANS}_3d_lowres",
+            "spacing": CASCADE["lowres_spacing"], "patch_size": CASCADE["lowres_patch"],
+            "median_image_size_in_voxels": [round(m * f) for m, f in zip(full["median_image_size_in_voxels"], scale)],
+            "next_stage": "3d_cascade_fullres"}
+        plans["configurations"]["3d_cascade_fullres"] = {"inherits_from": "3d_fullres",
+                                                          "previous_stage": "3d_lowres"}
+        plans_path.write_text(json.dumps(plans, indent=2))
+    if not (pre / f"{PLANS}_3d_lowres").is_dir() or not any((pre / f"{PLANS}_3d_lowres").iterdir()):
+        subprocess.run([sys.executable, "-c", "import sys; from nnunetv2.experiment_planning."
+                        "plan_and_preprocess_entrypoints import preprocess_entry as f; sys.argv[0]='f'; f()",
+                        "-d", str(DATASET_ID), "-plans_name", PLANS, "-c", "3d_lowres", "-np", "1"],
+                       check=True, env=dict(os.environ, nnUNet_n_proc_DA="1"))
+    from nnunetv2.run.run_training import get_trainer_from_args
+
+    for cfg, spec in CASCADE["configs"].items():
+        for fold in spec["folds"]:
+            out = root / "nnUNet_results" / DATASET / f"{TRAINER}__{PLANS}__{cfg}" / f"fold_{fold}"
+            trainer = get_trainer_from_args(str(DATASET_ID), cfg, fold, TRAINER, PLANS, device=torch.device("cpu"))
+            if not (out / "checkpoint_final.pth").is_file():
+                torch.manual_seed(RECIPE["seed"] + fold)
+                trainer.num_epochs = spec["epochs"]
+                trainer.num_iterations_per_epoch = spec["iters"]
+                trainer.num_val_iterations_per_epoch = 2
+                trainer.run_training()
+            if cfg == "3d_lowres" and not (out / "validation" / "summary.json").is_file():
+                if not trainer.was_initialized:
+                    trainer.load_checkpoint(str(out / "checkpoint_final.pth"))
+                trainer.perform_actual_validation(False)  # writes predicted_next_stage/ for the cascade
+
+
 # --------------------------------------------------------------------------- build (subprocess)
 
 def _write_dataset(raw: Path) -> None:
@@ -187,5 +257,9 @@ def _train(pre: Path) -> None:
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "build":
         _build(Path(sys.argv[2]))
+    elif len(sys.argv) == 3 and sys.argv[1] == "cascade":
+        _build_cascade(Path(sys.argv[2]))
+    elif len(sys.argv) == 2 and sys.argv[1] == "cascade":
+        print(ensure_cascade())
     else:
         print(ensure_trained())

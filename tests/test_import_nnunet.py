@@ -53,7 +53,7 @@ def _volume(path: Path):
     return Volume.from_sitk(sitk.Cast(sitk.ReadImage(str(path)), sitk.sitkFloat32), modality="CT")
 
 
-def _reference(folder: Path, image: Path, folds: tuple[str, ...], mirroring: bool) -> np.ndarray:
+def _reference(folder: Path, image: Path, folds: tuple[str, ...] | None, mirroring: bool) -> np.ndarray:
     from medai.inference.importers.nnunet import load_stages, read_image, reference_predict
 
     stages = load_stages(folder, folds=folds, use_mirroring=mirroring)
@@ -62,7 +62,7 @@ def _reference(folder: Path, image: Path, folds: tuple[str, ...], mirroring: boo
     return seg
 
 
-def _import_and_run(tmp_path: Path, folder: Path, image: Path, folds: tuple[str, ...], mirroring: bool,
+def _import_and_run(tmp_path: Path, folder: Path, image: Path, folds: tuple[str, ...] | None, mirroring: bool,
                     model_id: str):
     from medai.inference.bundle import load_bundle
     from medai.inference.importers.nnunet import import_nnunet
@@ -192,3 +192,18 @@ def test_imported_model_runs_from_cli_and_triage_and_writes_clean_seg(trained: P
     assert any(m["Metric"] == "import parity min dice" and m["Value"] >= 0.999 for m in metrics), metrics
     result = workstation.run("ct-test-cli", load_series(list(series.files)), series)
     assert np.array_equal(result.labels, ours)
+
+
+def test_cascade_matches_nnunet_predictor(trained: Path, tmp_path: Path) -> None:
+    """3d_lowres (folds 0, 1, ensembled) → 3d_cascade_fullres (fold 0), mirroring on: the low
+    resolution labels go in as one-hot channels, resampled with nnU-Net's label rules."""
+    fx.ensure_cascade()
+    folder = fx.results_folder("3d_cascade_fullres")
+    ref = _reference(folder, fx.CT, None, True)
+    bundle, parity, result = _import_and_run(tmp_path, folder, fx.CT, None, True, "ct-test-cascade")
+    _check(ref, result.labels)
+    assert bundle.card.raw["nnunet"]["stages"] == ["3d_lowres", "3d_cascade_fullres"]
+    assert {s.params.get("stage") for s in bundle.card.preprocessing if s.op == "previous_stage"} == \
+        {"3d_cascade_fullres"}
+    assert len(bundle.card.graphs) == 3  # two low-resolution folds, one full-resolution fold
+    assert parity.max_prob_diff < 0.05
