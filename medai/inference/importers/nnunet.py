@@ -232,7 +232,7 @@ def reference_predict(stages: Sequence[Stage], image: np.ndarray, spacing: Seque
         if last:
             seg, probs = out
         else:
-            previous = out
+            previous = np.asarray(out)[None]  # as nnU-Net's readers give it: [1, *spatial]
     return np.asarray(seg), np.asarray(probs)
 
 
