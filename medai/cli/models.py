@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import sys
 from pathlib import Path
 from typing import Any, Optional
@@ -172,10 +173,11 @@ def import_nnunet_command(
     """Import a trained nnU-Net v2 model (e.g. a TotalSegmentator task) as a signed ONNX bundle (needs the models extra and nnunetv2)."""
     from medai.inference.importers.nnunet import import_nnunet
 
-    bundle, parity = import_nnunet(folder, model_id=model_id, license=license, parity_image=parity_image,
-                                   folds=folds or None, checkpoint=checkpoint, use_mirroring=mirroring,
-                                   tile_step_size=tile_step, version=version, name=name,
-                                   install=out is None, out_dir=out)
+    with contextlib.redirect_stdout(sys.stderr):  # nnU-Net prints progress; stdout stays the result
+        bundle, parity = import_nnunet(folder, model_id=model_id, license=license, parity_image=parity_image,
+                                       folds=folds or None, checkpoint=checkpoint, use_mirroring=mirroring,
+                                       tile_step_size=tile_step, version=version, name=name,
+                                       install=out is None, out_dir=out)
     emit(ctx, _imported_row(bundle, parity), _print_imported)
 
 
@@ -196,8 +198,9 @@ def import_monai_command(
     """Import a MONAI bundle as a signed ONNX bundle; transforms without a medai step are refused by name."""
     from medai.inference.importers.monai_bundle import import_monai_bundle
 
-    bundle, parity = import_monai_bundle(folder, model_id=model_id, license=license, parity_image=parity_image,
-                                         version=version, install=out is None, out_dir=out)
+    with contextlib.redirect_stdout(sys.stderr):  # MONAI/torch may print; stdout stays the result
+        bundle, parity = import_monai_bundle(folder, model_id=model_id, license=license, parity_image=parity_image,
+                                             version=version, install=out is None, out_dir=out)
     emit(ctx, _imported_row(bundle, parity), _print_imported)
 
 
