@@ -232,7 +232,7 @@ def reference_predict(stages: Sequence[Stage], image: np.ndarray, spacing: Seque
         if last:
             seg, probs = out
         else:
-            previous = np.asarray(out)[None]  # as nnU-Net's readers give it: [1, *spatial]
+            previous = np.asarray(out)[None].astype(np.int16)  # as nnU-Net reads a label file: [1, *spatial], signed
     return np.asarray(seg), np.asarray(probs)
 
 
