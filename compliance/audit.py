@@ -66,6 +66,8 @@ EVENTS: dict[str, EventType] = {e.name: e for e in [
     EventType("query", "110112", DCM, "Query", "E"),
     EventType("security_alert", "110113", DCM, "Security Alert", "E"),
     EventType("model_run", "MEDAI-001", MEDAI_SCHEME, "AI Model Run", "E"),
+    EventType("result_review", "MEDAI-002", MEDAI_SCHEME, "AI Result Review", "U"),
+    EventType("result_reused", "MEDAI-003", MEDAI_SCHEME, "AI Result Reused", "R"),
 ]}
 
 #: EventOutcomeIndicator values (PS3.15 A.5.3.1).

@@ -36,7 +36,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from medai import config
+from medai import config, home
 from medai.errors import AuditVerificationError, AuditWriteError
 
 SIGNING_KEY = "audit-signing.key"
@@ -63,11 +63,11 @@ def medai_home() -> Path:
 
 
 def keys_dir() -> Path:
-    return medai_home() / "keys"
+    return medai_home() / home.KEYS
 
 
 def _trail_has_records() -> bool:
-    trail = medai_home() / "audit" / "trail.jsonl"
+    trail = medai_home() / home.AUDIT / "trail.jsonl"
     try:
         return trail.stat().st_size > 0
     except OSError:

@@ -26,12 +26,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
+from medai import home
 from medai.compliance import chain, keys
 from medai.errors import AuditWriteError
 
 TRAIL = "trail.jsonl"
 CHECKPOINTS = "checkpoints.jsonl"
-ANCHOR = "audit-anchor.json"
 #: A signed checkpoint is written at least every this many records...
 CHECKPOINT_EVERY = 1000
 #: ...and with the first record written after the newest checkpoint got this old (seconds),
@@ -42,7 +42,7 @@ TornHandler = Callable[[int, str], Mapping[str, Any]]
 
 
 def audit_dir() -> Path:
-    return keys.medai_home() / "audit"
+    return keys.medai_home() / home.AUDIT
 
 
 def trail_path() -> Path:
@@ -54,7 +54,7 @@ def checkpoints_path() -> Path:
 
 
 def anchor_path() -> Path:
-    return keys.medai_home() / ANCHOR
+    return keys.medai_home() / home.AUDIT_ANCHOR
 
 
 def utc_now() -> str:

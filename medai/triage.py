@@ -3,19 +3,20 @@
 The graph, in order::
 
     folders ──► index (headers only; unreadable files traced back to their series)
-            ──► per study × automatic model: series selection (card rules)
-            ──► jobs not yet done (state database) ──► how many at once (planner × memory budget)
-            ──► executor (in-process, a local process pool, or a Dask cluster) ──► run_on_volume per job
-            ──► state database (one row per finished job, committed at once)
-            ──► worklist rows (one per study) ──► ranking ──► CSV / JSON / table
+            ──► per study: the routing decision every surface uses (medai.routing.decide)
+            ──► jobs the results store cannot answer yet ──► how many at once (planner × memory budget)
+            ──► executor (in-process, a local process pool, or a Dask cluster) ──► one run per job
+            ──► results store (one row per finished job, committed at once, by this process)
+            ──► worklist rows (one per study) ──► ranking (medai.results.reader_order) ──► CSV / JSON / table
 
-Resumable: every finished job is committed to ``MEDAI_HOME/triage/state.sqlite``
-(keyed by pseudonymous study key, model id and model version, and remembering a
-digest of the series' instances) before the next result is looked at, so Ctrl-C
-or SIGKILL loses at most the jobs in flight; a rerun skips what is done unless
-``force`` (or the series changed, or its result files are gone). Failed jobs are
-remembered too and retried only with ``retry_failed`` (a broken study fails the
-same way again).
+Resumable and shared: every finished job is committed to the results store
+(``MEDAI_HOME/results``, :mod:`medai.results`) before the next result is looked at,
+so Ctrl-C or SIGKILL loses at most the jobs in flight. A job is answered from the
+store, whichever surface ran it (the UI, the PACS hook, ``medai run``, an earlier
+triage), when the same model version already ran on the same series content and its
+files are still there; that reuse is an audit event. ``force`` runs again. Failed
+jobs are remembered too and retried only with ``retry_failed`` (a broken study fails
+the same way again).
 
 Robust: a job never raises for a bad study; a worker process that dies (a crash
 in native code, the OOM killer) is replaced and the jobs it held are retried
@@ -30,12 +31,10 @@ person who asked for the worklist needs them to open the studies.
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import json
 import logging
 import os
-import sqlite3
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -43,14 +42,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
-from medai import config
 from medai.errors import ConfigError, MedaiError
+from medai.results import (STATUS_DONE, STATUS_FAILED, Request, ResultsStore, StoredRun, execute, failed_run,
+                           qc_state, reader_order)
 
 log = logging.getLogger("medai.triage")
 
 LEVEL_RANK = {"routine": 0, "review": 1, "urgent": 2}
-STATUS_DONE = "done"
-STATUS_FAILED = "failed"
 STATUS_NO_MATCH = "no matching series"
 STATUS_NOT_RUN = "not run"
 #: Index skip kinds that mean "this was meant to be an instance of some series".
@@ -72,6 +70,7 @@ class Job:
     model_version: str
     series_uid: str
     files: tuple[str, ...]
+    #: The results store's folder: runs are written under it (the coordinator records them).
     out_dir: str
     max_memory: int | None = None
     threads: int | None = None
@@ -79,6 +78,15 @@ class Job:
     shape: tuple[int, int, int] = (0, 0, 0)
     #: SHA-256 over the series' SOP Instance UIDs: a changed series is not "done".
     inputs_digest: str = ""
+    modality: str = ""
+    study_date: str = ""
+    #: Pseudonymous key of the series, made by the coordinator (see Request).
+    series_key: str = ""
+
+    def request(self) -> Request:
+        return Request(self.model_id, self.model_version, self.series_uid, self.study_uid, self.files,
+                       self.inputs_digest, "triage", self.study_key, self.series_key, self.modality,
+                       self.study_date)
 
 
 @dataclass(frozen=True)
@@ -101,22 +109,33 @@ class Outcome:
     inputs_digest: str = ""
     #: Audit records made on a cluster worker, replayed into the coordinator's trail.
     audit: Sequence[Mapping[str, Any]] = ()
+    #: The run as the results store records it (written by the coordinator).
+    run: StoredRun | None = None
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         data.pop("audit")
+        data.pop("run")
         return data
-
-    @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> "Outcome":
-        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__ and k != "audit"}
-        return cls(**known)
 
     @classmethod
     def failed(cls, job: Job, reason: str, seconds: float = 0.0,
                audit: Sequence[Mapping[str, Any]] = ()) -> "Outcome":
         return cls(job.study_key, job.model_id, job.model_version, STATUS_FAILED, reason, job.series_uid,
                    seconds=seconds, inputs_digest=job.inputs_digest, audit=tuple(audit))
+
+    @classmethod
+    def from_run(cls, run: StoredRun, study_key: str, series_uid: str, audit: Sequence[Mapping[str, Any]] = (),
+                 seconds: float = 0.0) -> "Outcome":
+        s = run.summary
+        return cls(study_key, run.model_id, run.model_version, run.status, run.reason, series_uid,
+                   volumes_ml=dict(s.get("volumes_ml") or {}), measurements=list(s.get("measurements") or []),
+                   findings=list(s.get("findings") or []), qc=dict(s.get("qc") or {}),
+                   priority={"level": run.priority_level or "routine", "score": run.priority_score,
+                             "reasons": list(s.get("reasons") or [])},
+                   outputs={k: str(run.folder / n) for k, n in run.outputs.items() if not k.startswith("extra:")},
+                   seconds=seconds or float(s.get("seconds") or 0.0), inputs_digest=run.content_digest,
+                   audit=tuple(audit), run=run)
 
 
 @dataclass
@@ -144,52 +163,6 @@ class StudyRow:
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
-
-
-# --------------------------------------------------------------------------- state
-
-class StateDB:
-    """Finished jobs, one row per (study key, model id, model version)."""
-
-    def __init__(self, path: Path | None = None) -> None:
-        self.path = path or (config.home() / "triage" / "state.sqlite")
-        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self._db = sqlite3.connect(str(self.path), timeout=30, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.execute(
-            "CREATE TABLE IF NOT EXISTS jobs (study_key TEXT NOT NULL, model_id TEXT NOT NULL, "
-            "model_version TEXT NOT NULL, status TEXT NOT NULL, outcome TEXT NOT NULL, finished REAL NOT NULL, "
-            "PRIMARY KEY (study_key, model_id, model_version))")
-
-    def get(self, study_key: str, model_id: str, model_version: str) -> Outcome | None:
-        row = self._db.execute("SELECT outcome FROM jobs WHERE study_key=? AND model_id=? AND model_version=?",
-                               (study_key, model_id, model_version)).fetchone()
-        return Outcome.from_json(json.loads(row[0])) if row else None
-
-    def put(self, outcome: Outcome) -> None:
-        """Commit one outcome (autocommit, synchronous=FULL: durable when this returns)."""
-        self._db.execute("INSERT OR REPLACE INTO jobs VALUES (?, ?, ?, ?, ?, ?)",
-                         (outcome.study_key, outcome.model_id, outcome.model_version, outcome.status,
-                          json.dumps(outcome.to_json(), default=str), time.time()))
-
-    def counts(self) -> dict[str, int]:
-        return dict(self._db.execute("SELECT status, count(*) FROM jobs GROUP BY status").fetchall())
-
-    def close(self) -> None:
-        self._db.close()
-
-
-def reusable(prior: Outcome | None, job: Job, *, retry_failed: bool) -> bool:
-    """Whether a stored outcome still answers ``job``: same series content, result files
-    still there; failures only when not retrying them."""
-    if prior is None:
-        return False
-    if prior.inputs_digest and job.inputs_digest and prior.inputs_digest != job.inputs_digest:
-        return False
-    if prior.status != STATUS_DONE:
-        return not retry_failed
-    return all(Path(p).exists() for p in prior.outputs.values())
 
 
 # --------------------------------------------------------------------------- planning
@@ -297,11 +270,6 @@ def broken_files(index: Any) -> BrokenFiles:
                        {k: tuple(v) for k, v in orphans.items()}, unattributed)
 
 
-def _digest(entry: Any) -> str:
-    uids = sorted(i.sop_instance_uid for i in entry.instances)
-    return hashlib.sha256("\n".join(uids).encode()).hexdigest()
-
-
 def _shape(entry: Any) -> tuple[int, int, int]:
     first = entry.instances[0] if entry.instances else None
     return (max(entry.frame_count, 1), (first.rows or 0) if first else 0, (first.columns or 0) if first else 0)
@@ -310,9 +278,9 @@ def _shape(entry: Any) -> tuple[int, int, int]:
 def plan_studies(index: Any, bundles: Sequence[Any], results_dir: Path, *,
                  broken: BrokenFiles | None = None) -> list[StudyPlan]:
     """One :class:`StudyPlan` per study in ``index`` (plus one per study known only from
-    unreadable files): a job for each model whose card accepts one of the study's series
-    (the best one by the card's ordering). Budgets and threads are set later."""
-    from medai.inference.select import matching_series, series_matches
+    unreadable files): a job for each model the routing decision gives one of the study's
+    series (the same decision as every other surface). Budgets and threads are set later."""
+    from medai.routing import decide
 
     broken = broken or BrokenFiles({}, {}, 0)
     plans = []
@@ -320,23 +288,19 @@ def plan_studies(index: Any, bundles: Sequence[Any], results_dir: Path, *,
         series = index.series_of_study(study_uid)
         key = _study_key(study_uid)
         jobs: list[Job] = []
-        skipped: dict[str, str] = {}
         blocked: dict[str, str] = {}
-        for bundle in bundles:
-            hits = matching_series(bundle.card, series)
-            if not hits:
-                reasons = sorted({series_matches(bundle.card, s)[1] for s in series})
-                skipped[bundle.id] = "; ".join(reasons) or "no image series"
-                continue
-            best = hits[0]
+        chosen, skipped = decide(series, bundles=bundles)
+        for decision in chosen:
+            best = decision.series
             bad = broken.by_series.get(best.series_instance_uid)
             if bad:
-                blocked[bundle.id] = (f"series incomplete: {len(bad)} file(s) unreadable, "
-                                      f"first {bad[0][0]}: {bad[0][1]}")
+                blocked[decision.model_id] = (f"series incomplete: {len(bad)} file(s) unreadable, "
+                                              f"first {bad[0][0]}: {bad[0][1]}")
                 continue
-            jobs.append(Job(key, study_uid, bundle.id, bundle.version, best.series_instance_uid,
-                            tuple(str(p) for p in best.files), str(results_dir / key / bundle.id),
-                            shape=_shape(best), inputs_digest=_digest(best)))
+            jobs.append(Job(key, study_uid, decision.model_id, decision.model_version, best.series_instance_uid,
+                            tuple(str(p) for p in best.files), str(results_dir), shape=_shape(best),
+                            inputs_digest=best.content_digest, modality=best.modality,
+                            study_date=study.study_date, series_key=_study_key(best.series_instance_uid)))
         image_files = [p for s in series if s.is_image for p in s.files] or [p for s in series for p in s.files]
         patient = index.patients.get(study.patient_key)
         plans.append(StudyPlan(study_uid, key, jobs, skipped, _accession(image_files),
@@ -409,16 +373,7 @@ def run_job(job: Job, *, capture_audit: bool = False, allow: tuple[str, int] | N
     captured: list[dict[str, Any]] = []
     with (audit.capture(captured) if capture_audit else nullcontext()):
         try:
-            from medai.dicom.volume import load_series
-            from medai.inference import registry
-            from medai.inference.run import run_on_volume
-
-            bundle = registry.get_bundle(job.model_id)
-            if bundle.version != job.model_version:
-                raise MedaiError(f"model {job.model_id} is now version {bundle.version}, "
-                                 f"planned {job.model_version}; rerun triage")
-            volume = load_series([Path(p) for p in job.files], series_uid=job.series_uid)
-            result = run_on_volume(bundle, volume, job.out_dir, max_memory=job.max_memory, threads=job.threads)
+            run = execute(job.request(), Path(job.out_dir), max_memory=job.max_memory, threads=job.threads)
         except MedaiError as exc:
             if type(exc).__name__ == "AuditWriteError":
                 raise  # fail closed: the whole batch stops, nothing more is processed
@@ -430,18 +385,7 @@ def run_job(job: Job, *, capture_audit: bool = False, allow: tuple[str, int] | N
             return Outcome.failed(job, f"internal error ({type(exc).__name__})", time.perf_counter() - t0,
                                   _tag_worker(captured))
     _tag_worker(captured)
-    outputs = {name: str(p) for name, p in (("result", result.result_path), ("mask", result.mask_path),
-                                            ("seg", result.seg_path), ("sr", result.sr_path)) if p}
-    return Outcome(
-        job.study_key, job.model_id, job.model_version, STATUS_DONE, "", job.series_uid,
-        volumes_ml=dict(result.volumes_ml),
-        measurements=[{"name": m.name, "value": m.value, "unit": m.unit} for m in result.measurements],
-        findings=[f.text for f in result.findings],
-        qc=_plain(result.qc),
-        priority={"level": result.priority.level, "score": result.priority.score,
-                  "reasons": list(result.priority.reasons)},
-        outputs=outputs, seconds=time.perf_counter() - t0, inputs_digest=job.inputs_digest,
-        audit=tuple(captured))
+    return Outcome.from_run(run, job.study_key, job.series_uid, captured, time.perf_counter() - t0)
 
 
 def _tag_worker(captured: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -456,11 +400,6 @@ def _tag_worker(captured: list[dict[str, Any]]) -> list[dict[str, Any]]:
         for call in captured:
             call["detail"] = {**(call.get("detail") or {}), "cluster_worker": where}
     return captured
-
-
-def _plain(value: Any) -> Any:
-    """JSON-safe copy (numpy scalars and tuples become plain values)."""
-    return json.loads(json.dumps(value, default=lambda v: v.item() if hasattr(v, "item") else str(v)))
 
 
 # --------------------------------------------------------------------------- executors
@@ -653,9 +592,9 @@ def _cpus() -> int:
         return os.cpu_count() or 1
 
 
-def triage(paths: Sequence[Path], *, models: Sequence[str] | None = None, results_dir: Path,
-           workers: int = 1, max_memory: int | None = None, force: bool = False, retry_failed: bool = False,
-           cluster: str | None = None, state: StateDB | None = None,
+def triage(paths: Sequence[Path], *, models: Sequence[str] | None = None, workers: int = 1,
+           max_memory: int | None = None, force: bool = False, retry_failed: bool = False,
+           cluster: str | None = None, store: ResultsStore | None = None,
            progress: Callable[[int, int], None] | None = None) -> TriageReport:
     """Run the batch and return the ranked worklist rows (see the module docstring).
 
@@ -672,16 +611,17 @@ def triage(paths: Sequence[Path], *, models: Sequence[str] | None = None, result
     broken = broken_files(index)
     audit.record("query", detail={"purpose": "triage", "studies": len(index.studies),
                                   "series": len(index.series), "skipped_files": len(index.skipped)})
-    plans = plan_studies(index, bundles, results_dir, broken=broken)
-    state = state or StateDB()
+    store = store or ResultsStore()
+    plans = plan_studies(index, bundles, store.root, broken=broken)
+    cards = {b.id: b.card_sha256 for b in bundles}
     outcomes: dict[tuple[str, str], Outcome] = {}
     todo: list[Job] = []
     skipped_done = 0
     for plan in plans:
         for job in plan.jobs:
-            prior = None if force else state.get(job.study_key, job.model_id, job.model_version)
-            if reusable(prior, job, retry_failed=retry_failed):
-                outcomes[(job.study_key, job.model_id)] = prior  # type: ignore[assignment]
+            prior = None if force else _answer(store, job, cards[job.model_id], retry_failed=retry_failed)
+            if prior is not None:
+                outcomes[(job.study_key, job.model_id)] = prior
                 skipped_done += 1
             else:
                 todo.append(job)
@@ -698,6 +638,7 @@ def triage(paths: Sequence[Path], *, models: Sequence[str] | None = None, result
         execute = run_pool(n)
     else:
         execute = run_inline
+    by_key = {(j.study_key, j.model_id): j for j in todo}
     remaining = {p.study_key: sum(1 for j in todo if j.study_key == p.study_key) for p in plans}
     total_studies = sum(1 for v in remaining.values() if v)
     studies_done = ran = failed = 0
@@ -706,7 +647,8 @@ def triage(paths: Sequence[Path], *, models: Sequence[str] | None = None, result
     for outcome in execute(todo):
         for body in outcome.audit:
             audit.record(**body)  # a cluster worker's records, written by the coordinator
-        state.put(outcome)
+        outcome = _record(store, outcome, by_key[(outcome.study_key, outcome.model_id)],
+                          cards.get(outcome.model_id, ""))
         outcomes[(outcome.study_key, outcome.model_id)] = outcome
         ran += 1
         if outcome.status != STATUS_DONE:
@@ -719,6 +661,32 @@ def triage(paths: Sequence[Path], *, models: Sequence[str] | None = None, result
                 progress(studies_done, total_studies)
     rows = rank([_row(plan, outcomes) for plan in plans])
     return TriageReport(rows, ran, skipped_done, failed, time.perf_counter() - t0, n, broken.unattributed)
+
+
+def _answer(store: ResultsStore, job: Job, card_sha256: str, *, retry_failed: bool) -> Outcome | None:
+    """The stored outcome that answers ``job`` (any surface's run of the same model version on
+    the same series content, files present; a failure unless retrying failures), or None."""
+    from medai.results import reuse
+
+    prior = store.find(job.series_key, job.inputs_digest, job.model_id, job.model_version, card_sha256,
+                       include_failed=True)
+    if prior is None or (not prior.done and retry_failed):
+        return None
+    if prior.done:
+        prior = reuse(store, job.request(), card_sha256=card_sha256)
+        if prior is None:
+            return None
+    return Outcome.from_run(prior, job.study_key, job.series_uid)
+
+
+def _record(store: ResultsStore, outcome: Outcome, job: Job, card_sha256: str) -> Outcome:
+    """Commit one finished job to the results store (its folder moved into place first);
+    returns the outcome with the stored file paths."""
+    if outcome.run is not None and outcome.run.done:
+        committed = store.commit(outcome.run, written=outcome.run.folder)
+        return Outcome.from_run(committed, outcome.study_key, outcome.series_uid, seconds=outcome.seconds)
+    store.commit(failed_run(job.request(), outcome.reason, card_sha256=card_sha256))
+    return outcome
 
 
 def _row(plan: StudyPlan, outcomes: Mapping[tuple[str, str], Outcome]) -> StudyRow:
@@ -742,7 +710,7 @@ def _row(plan: StudyPlan, outcomes: Mapping[tuple[str, str], Outcome]) -> StudyR
                                     LEVEL_RANK.get(o.priority.get("level", "routine"), 0)))
     row.priority = best.priority.get("level", "routine")
     row.score = float(best.priority.get("score", 0.0))
-    qc_states = [_qc_state(o.qc) for o in done]
+    qc_states = [qc_state(o.qc) for o in done]
     row.qc = "fail" if "fail" in qc_states else "warn" if "warn" in qc_states else "pass" if "pass" in qc_states else ""
     parts = []
     for o in done:
@@ -753,21 +721,6 @@ def _row(plan: StudyPlan, outcomes: Mapping[tuple[str, str], Outcome]) -> StudyR
     row.reasons = "; ".join(r for o in done for r in o.priority.get("reasons", []))
     row.results = "; ".join(str(Path(o.outputs["result"]).parent) for o in done if "result" in o.outputs)
     return row
-
-
-def _qc_state(qc: Mapping[str, Any]) -> str:
-    """``fail``/``warn``/``pass`` from a pipeline's QC mapping (its own ``status``/``verdict``/
-    ``passed``, or the worst of its sections' verdicts, e.g. ``image_quality.status``),
-    or '' when it has no verdict."""
-    verdict = qc.get("status") or qc.get("verdict")
-    if isinstance(verdict, str) and verdict.lower() in {"fail", "warn", "pass"}:
-        return verdict.lower()
-    if qc.get("passed") is False:
-        return "fail"
-    if qc.get("passed") is True:
-        return "pass"
-    nested = {_qc_state(v) for v in qc.values() if isinstance(v, Mapping)}
-    return next((s for s in ("fail", "warn", "pass") if s in nested), "")
 
 
 def _no_result_order(status: str) -> int:
@@ -782,9 +735,9 @@ def rank(rows: Iterable[StudyRow]) -> list[StudyRow]:
     order is reproducible."""
     def key(row: StudyRow) -> tuple[Any, ...]:
         has_result = bool(row.priority)
-        return (0 if row.qc_failed else 1, 0 if has_result else 1, -row.score,
-                -LEVEL_RANK.get(row.priority, 0), row.status != STATUS_DONE,
-                0 if has_result else _no_result_order(row.status), row.study_key)
+        return reader_order(row.qc, has_result, row.score, row.priority,
+                            (row.status != STATUS_DONE) + (0 if has_result else _no_result_order(row.status)),
+                            row.study_key)
 
     return sorted(rows, key=key)
 

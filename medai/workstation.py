@@ -2,22 +2,26 @@
 
 The UI pages call these functions and only lay out their results. This module
 decides which studies are listed (local folders the clinician added, studies
-the PACS pushed into ``MEDAI_HOME/store``, the bundled demo study), where a
-model run's outputs go, and what the page may say about a run. Patient names
-and IDs read here are returned for display only and never logged: log lines
-and file names use UIDs' pseudonyms.
+the PACS pushed into ``MEDAI_HOME/store``, the bundled demo study), and what the
+page may say about a run. Runs land in the results store shared with every other
+surface (:mod:`medai.results`), so a study the PACS hook or triage processed shows
+its result here without running the model again. Patient names and IDs read here
+are returned for display only and never logged: log lines and file names use
+pseudonyms.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from medai import config
+from medai import home
+from medai.dicom.index import SeriesEntry
+from medai.results import ResultsStore, StoredRun
+from medai.routing import Offer
 
 log = logging.getLogger("medai.ui")
 
@@ -25,27 +29,10 @@ NOT_FOR_DIAGNOSTIC_USE = "Not for diagnostic use: research and decision support 
 
 
 @dataclass(frozen=True)
-class SeriesRow:
-    """One image series as listed to the clinician."""
-
-    series_uid: str
-    study_uid: str
-    modality: str
-    description: str
-    body_part: str
-    n_images: int
-    files: tuple[Path, ...]
-    number: int | None = None
-
-    @property
-    def n_frames(self) -> int:
-        """Image count under the name model selection rules read."""
-        return self.n_images
-
-
-@dataclass(frozen=True)
 class StudyRow:
-    """One study as listed to the clinician (patient fields for display only)."""
+    """One study as listed to the clinician: the index's study with its image series
+    (:class:`~medai.dicom.index.SeriesEntry`, the one series record) and the patient
+    fields for display only."""
 
     study_uid: str
     patient_name: str
@@ -53,7 +40,7 @@ class StudyRow:
     study_date: str
     description: str
     source: str  # "local", "pacs" or "demo"
-    series: tuple[SeriesRow, ...] = field(default_factory=tuple)
+    series: tuple[SeriesEntry, ...] = field(default_factory=tuple)
 
     @property
     def modalities(self) -> str:
@@ -62,11 +49,6 @@ class StudyRow:
     @property
     def n_images(self) -> int:
         return sum(s.n_images for s in self.series)
-
-
-def store_dir() -> Path:
-    """Where studies received from the PACS land."""
-    return config.home() / "store"
 
 
 def demo_dir() -> Path | None:
@@ -80,8 +62,8 @@ def demo_dir() -> Path | None:
 def default_sources() -> list[tuple[Path, str]]:
     """Folders listed without the clinician adding them: PACS store and demo."""
     out: list[tuple[Path, str]] = []
-    store = store_dir()
-    if store.is_dir() and any(store.iterdir()):
+    store = home.store_dir()
+    if any(store.glob("studies/*")):
         out.append((store, "pacs"))
     demo = demo_dir()
     if demo is not None:
@@ -104,10 +86,7 @@ def catalog(sources: Iterable[tuple[Path, str]]) -> tuple[list[StudyRow], list[t
         skipped.extend((str(item.path), item.reason) for item in index.skipped)
         for study_uid, study in index.studies.items():
             patient = index.patients.get(study.patient_key)
-            series = [SeriesRow(series_uid=e.series_instance_uid, study_uid=study_uid, modality=e.modality,
-                                description=e.description, body_part=e.body_part, n_images=e.frame_count,
-                                files=e.files, number=e.series_number)
-                      for e in index.series_of_study(study_uid) if e.is_image]
+            series = [e for e in index.series_of_study(study_uid) if e.is_image]
             if not series:
                 continue
             if study_uid in rows:  # the same study found in two folders: merge its series
@@ -125,41 +104,77 @@ def catalog(sources: Iterable[tuple[Path, str]]) -> tuple[list[StudyRow], list[t
 
 
 def key_for(uid: str) -> str:
-    """A file-name-safe key for a UID: the audit pseudonym when the compliance
-    layer is installed, else a SHA-256 prefix (never the UID in clear)."""
-    try:
-        from medai.compliance import audit
+    """The pseudonymous key of a UID (what the results store and file names use)."""
+    from medai.results import key
 
-        pseudonym = getattr(audit, "pseudonym", None)
-        if pseudonym is not None:
-            return str(pseudonym(uid)).replace("/", "_")[:32]
-    except ImportError:
-        pass
-    return hashlib.sha256(uid.encode()).hexdigest()[:24]
+    return key(uid)
 
 
-def results_dir(series_uid: str, model_id: str) -> Path:
-    """Where the UI keeps one model's outputs for one series."""
-    return config.home() / "results" / key_for(series_uid) / model_id
+def runs_for(series: SeriesEntry) -> list[StoredRun]:
+    """The newest finished run of each model on this series' content, from any surface."""
+    with ResultsStore() as store:
+        found = store.runs(series_key=key_for(series.series_instance_uid), status="done")
+    return [r for r in found if r.content_digest == series.content_digest and r.files_present()]
 
 
-def run_status(series_uids: Sequence[str]) -> dict[str, list[str]]:
+def run_status(series: Sequence[SeriesEntry]) -> dict[str, list[str]]:
     """Model ids with a finished result, per series UID."""
     out: dict[str, list[str]] = {}
-    for uid in series_uids:
-        base = config.home() / "results" / key_for(uid)
-        if base.is_dir():
-            done = sorted(p.name for p in base.iterdir() if (p / "result.json").is_file())
-            if done:
-                out[uid] = done
+    for s in series:
+        done = sorted({r.model_id for r in runs_for(s)})
+        if done:
+            out[s.series_instance_uid] = done
     return out
 
 
 def study_status(study: StudyRow) -> str:
     """One-line status of model runs for a study's series."""
-    done = run_status([s.series_uid for s in study.series])
+    done = run_status(study.series)
     models = sorted({m for ms in done.values() for m in ms})
     return ", ".join(models) if models else "not run"
+
+
+@dataclass(frozen=True)
+class WorkItem:
+    """One worklist line: a stored run with what the clinician needs to recognise the study
+    (patient fields for display only)."""
+
+    run: StoredRun
+    patient_name: str
+    patient_id: str
+    study_uid: str
+    series_uid: str
+
+    @property
+    def findings(self) -> str:
+        s = self.run.summary
+        parts = list(s.get("findings") or [])
+        if not self.run.done:
+            parts.insert(0, f"failed: {self.run.reason}")
+        return "; ".join(parts)
+
+
+def worklist(*, modality: Sequence[str] = (), model: Sequence[str] = (), review: Sequence[str] = (),
+             since: float | None = None, limit: int = 500) -> list[WorkItem]:
+    """Every study with a result from any surface, newest run per series and model, in reader
+    order (QC failures and out-of-range findings first, as triage ranks)."""
+    from medai.results import rank
+    from medai.review import identity
+
+    with ResultsStore() as store:
+        runs = store.runs(limit=5000)
+    picked = [r for r in runs if (not modality or r.modality in modality) and (not model or r.model_id in model)
+              and (not review or r.review in review) and (since is None or r.created >= since)]
+    items = []
+    for run in rank(picked)[:limit]:
+        try:
+            ids = identity(run)
+        except (OSError, ValueError) as exc:  # the source was moved away: still listed, not openable
+            log.info("run %s: source not readable (%s)", run.run_id, type(exc).__name__)
+            ids = {}
+        items.append(WorkItem(run, str(ids.get("patient_name") or ""), str(ids.get("patient_id") or ""),
+                              str(ids.get("study_uid") or ""), str(ids.get("series_uid") or "")))
+    return items
 
 
 def read_result(folder: Path) -> dict[str, Any]:
@@ -184,7 +199,7 @@ def load_label_map(folder: Path, volume_shape: tuple[int, int, int]) -> Any:
     return np.asarray(array)
 
 
-def audit(event: str, *, study: StudyRow | None = None, series: SeriesRow | None = None,
+def audit(event: str, *, study: StudyRow | None = None, series: SeriesEntry | None = None,
           outcome: str = "success", detail: dict[str, Any] | None = None) -> None:
     """Record a workstation action on patient data in the audit trail.
 
@@ -202,30 +217,19 @@ def audit(event: str, *, study: StudyRow | None = None, series: SeriesRow | None
                  detail={"component": "ui", **(detail or {})})
 
 
-@dataclass(frozen=True)
-class ModelChoice:
-    """A model offered for a series, with whether its card accepts the series."""
-
-    model_id: str
-    name: str
-    version: str
-    accepts: bool
-    reason: str
-    interactive: bool
-    card: Any
-
-
-def models_for(series: SeriesRow) -> list[ModelChoice]:
-    """Installed models, those whose card accepts ``series`` first."""
+def installed_models() -> list[Any]:
+    """The installed model bundles (for filters and lists)."""
     from medai.inference import registry
-    from medai.inference.select import series_matches
 
-    out = []
-    for bundle in registry.list_bundles():
-        ok, reason = series_matches(bundle.card, series)
-        out.append(ModelChoice(bundle.id, bundle.card.name, bundle.version, ok, reason,
-                               bool(bundle.card.accepts_prompt), bundle.card))
-    return sorted(out, key=lambda m: (not m.accepts, m.model_id))
+    return list(registry.list_bundles())
+
+
+def models_for(series: SeriesEntry) -> list[Offer]:
+    """Installed models, those the routing decision gives ``series`` first (the same
+    decision as ``medai run``, triage and the PACS hook)."""
+    from medai.routing import offers
+
+    return offers(series)
 
 
 def card_summary(card: Any) -> dict[str, Any]:
@@ -290,14 +294,18 @@ def box_prompt(display: Any, view: str, index: int, box: tuple[int, int, int, in
     return {"plane": plane, "slice_index": source_index, "box": (x0, y0, x1, y1), "propagate": propagate}
 
 
-def run(model_id: str, volume: Any, series: SeriesRow, *, prompt: dict[str, Any] | None = None) -> Any:
-    """Run a model on the open series' volume (already in memory) into this
-    series' results folder; returns the inference ``RunResult``."""
-    from medai.inference.run import run_model
+def run(model_id: str, volume: Any, series: SeriesEntry, study: StudyRow | None = None, *,
+        prompt: dict[str, Any] | None = None, force: bool = False) -> tuple[StoredRun, bool]:
+    """The result of a model on the open series: a stored run of the same model version on
+    the same series content from any surface (reused, audited), else a new run of the
+    volume already in memory, stored. Returns (run, reused)."""
+    from medai.inference import registry
+    from medai.results import obtain, request_for
 
-    out = results_dir(series.series_uid, model_id)
-    out.mkdir(parents=True, exist_ok=True)
-    return run_model(model_id, volume, out, prompt=prompt)
+    bundle = registry.get_bundle(model_id)
+    req = request_for(series, bundle.id, str(bundle.version), "ui", study_date=study.study_date if study else "")
+    patient = ((study.patient_id or None), (study.patient_name or None)) if study else (None, None)
+    return obtain(req, volume=volume, patient=patient, prompt=prompt, force=force)
 
 
 #: Result files a clinician can send or save, by kind.
@@ -310,7 +318,7 @@ def available_outputs(result_dir: Path) -> dict[str, Path]:
 
 
 def save_to_folder(result_dir: Path, kinds: Sequence[str], folder: Path, *, study: StudyRow | None,
-                   series: SeriesRow) -> list[Path]:
+                   series: SeriesEntry) -> list[Path]:
     """Copy chosen result files into ``folder`` (audited as an export first:
     when the trail cannot be written nothing is copied). File names carry the
     model id and a series key, never patient data."""
@@ -332,7 +340,7 @@ def save_to_folder(result_dir: Path, kinds: Sequence[str], folder: Path, *, stud
 
 
 def send_to_destination(result_dir: Path, kinds: Sequence[str], destination: str, *,
-                        study: StudyRow | None, series: SeriesRow) -> str:
+                        study: StudyRow | None, series: SeriesEntry) -> str:
     """Send the chosen DICOM results (SEG/SR) to the configured destination
     (audited by the sender, fail closed). JSON is not DICOM and is not sent."""
     from medai.pacs.sender import parse_destination, send_audited
@@ -346,7 +354,7 @@ def send_to_destination(result_dir: Path, kinds: Sequence[str], destination: str
     return f"{len(chosen)} file(s) to {dest.describe()}"
 
 
-def export_deidentified(result_dir: Path | None, kinds: Sequence[str], series: SeriesRow, folder: Path,
+def export_deidentified(result_dir: Path | None, kinds: Sequence[str], series: SeriesEntry, folder: Path,
                         options: Sequence[str] = ()) -> dict[str, Any]:
     """A de-identified copy (PS3.15 Annex E basic profile, :mod:`medai.dicom.deid`) of the
     open series and the chosen DICOM results, for a second opinion or teaching. UIDs are
@@ -420,7 +428,7 @@ def write_attestation(folder: Path | None = None) -> Path:
     from medai.compliance import audit as trail
 
     doc = attest.attest(trail.Filter(session=trail.session_id()))
-    out = folder or (config.home() / "attestations")
+    out = folder or home.attestations_dir()
     out.mkdir(parents=True, exist_ok=True)
     stamp = doc["statement"]["issued"].replace(":", "").replace("-", "").split(".")[0]
     path = out / f"attestation-{stamp}-{trail.session_id()[:8]}.json"

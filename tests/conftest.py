@@ -30,6 +30,8 @@ def testdata(*parts: str) -> Path:
 
 #: Real peers the suite drives; scripts/setup --test installs them (Debian packages).
 REQUIRED_TOOLS = ("storescu", "storescp", "echoscu", "dciodvfy", "Orthanc", "strace", "chromium", "unshare")
+#: Those that pynetdicom shadows with same-named console scripts in the venv.
+DCMTK_TOOLS = ("storescu", "storescp", "echoscu")
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
@@ -37,7 +39,10 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     import os
     import shutil
 
+    from pacs_peers import dcmtk  # dcmtk's programs, not pynetdicom's same-named scripts
+
     if os.environ.get("CI"):
-        missing = [tool for tool in REQUIRED_TOOLS if shutil.which(tool) is None]
+        missing = [tool for tool in REQUIRED_TOOLS
+                   if (dcmtk(tool) if tool in DCMTK_TOOLS else shutil.which(tool)) is None]
         if missing:
             raise pytest.UsageError(f"CI: missing test peers {', '.join(missing)}; scripts/setup --test installs them")

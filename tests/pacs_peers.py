@@ -25,7 +25,40 @@ MEDAI = [sys.executable, "-m", "medai"]
 #: dcmtk keeps Nagle's algorithm on unless told; every C-STORE would then wait ~40 ms.
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
 
-needs_dcmtk = shutil.which("storescu") is not None and shutil.which("storescp") is not None
+
+def dcmtk(program: str) -> str | None:
+    """Absolute path of dcmtk's ``program`` (storescu, storescp, echoscu, findscu, ...),
+    or None when dcmtk is not installed.
+
+    pynetdicom installs Python console scripts with the same names (storescu,
+    storescp, echoscu, findscu, getscu, movescu) and different options; with the
+    virtual environment first on PATH a bare name runs those. dcmtk's programs are
+    compiled executables, the look-alikes are scripts (``#!``), so the first
+    executable on PATH (then /usr/bin) that is not a script is dcmtk's."""
+    dirs = [d for d in os.environ.get("PATH", "").split(os.pathsep) if d] + ["/usr/bin", "/usr/local/bin"]
+    for folder in dirs:
+        candidate = Path(folder) / program
+        try:
+            if not (candidate.is_file() and os.access(candidate, os.X_OK)):
+                continue
+            with candidate.open("rb") as fh:
+                if fh.read(2) == b"#!":
+                    continue  # a Python console script (pynetdicom's), not dcmtk
+        except OSError:
+            continue
+        return str(candidate.resolve())
+    return None
+
+
+def dcmtk_required(program: str) -> str:
+    """:func:`dcmtk`, failing with what to install when it is missing."""
+    path = dcmtk(program)
+    if path is None:
+        raise FileNotFoundError(f"dcmtk {program} missing: run scripts/setup --test as root (Debian package dcmtk)")
+    return path
+
+
+needs_dcmtk = dcmtk("storescu") is not None and dcmtk("storescp") is not None
 
 
 #: Pin routing to one model (other installed models would add their own jobs).
@@ -86,14 +119,14 @@ def storescu(port: int, files: list[Path], *, aec: str = "MEDAI", aet: str = "ST
              verbose: bool = False, timeout: float = 300, jpeg_ls: bool = False) -> subprocess.CompletedProcess[str]:
     """dcmtk storescu; ``jpeg_ls`` proposes JPEG-LS lossless (the bundled demo
     study is JPEG-LS, which this storescu cannot transcode to uncompressed)."""
-    args = ["storescu", "-aec", aec, "-aet", aet, *(["-xt"] if jpeg_ls else []), *(["-v"] if verbose else []),
+    args = [dcmtk_required("storescu"), "-aec", aec, "-aet", aet, *(["-xt"] if jpeg_ls else []), *(["-v"] if verbose else []),
             "127.0.0.1", str(port),
             *map(str, files)]
     return subprocess.run(args, env=DCMTK_ENV, capture_output=True, text=True, timeout=timeout)
 
 
 def echoscu(port: int, *, aec: str = "MEDAI", aet: str = "ECHOSCU") -> int:
-    return subprocess.run(["echoscu", "-aec", aec, "-aet", aet, "127.0.0.1", str(port)], env=DCMTK_ENV,
+    return subprocess.run([dcmtk_required("echoscu"), "-aec", aec, "-aet", aet, "127.0.0.1", str(port)], env=DCMTK_ENV,
                           capture_output=True, timeout=60).returncode
 
 
@@ -122,7 +155,7 @@ class StoreSCP:
     def start(cls, folder: Path, ae_title: str = "DEST") -> "StoreSCP":
         folder.mkdir(parents=True, exist_ok=True)
         port = free_port()
-        proc = subprocess.Popen(["storescp", "-aet", ae_title, "-od", str(folder), str(port)], env=DCMTK_ENV,
+        proc = subprocess.Popen([dcmtk_required("storescp"), "-aet", ae_title, "-od", str(folder), str(port)], env=DCMTK_ENV,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_port(port)
         return cls(folder, port, proc, ae_title)

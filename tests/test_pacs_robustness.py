@@ -19,8 +19,8 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from pacs_peers import (DCMTK_ENV, Listener, StoreSCP, acknowledged, decompressed, demo_t1, make_copies, medai_json, needs_dcmtk,
-                        stored_files, T1_ROUTE, wait_until)
+from pacs_peers import (DCMTK_ENV, Listener, StoreSCP, acknowledged, dcmtk_required, decompressed, demo_t1, make_copies,
+                        medai_json, needs_dcmtk, stored_files, T1_ROUTE, wait_until)
 
 pytestmark = [pytest.mark.network, pytest.mark.slow,
               pytest.mark.skipif(not needs_dcmtk, reason="dcmtk not installed")]
@@ -31,7 +31,7 @@ def _pixels_sha(path: Path) -> str:
 
 
 def _send_parallel(port: int, groups: list[list[Path]]) -> list[subprocess.Popen[str]]:
-    return [subprocess.Popen(["storescu", "-v", "-aec", "MEDAI", "-aet", f"SENDER{i}", "127.0.0.1", str(port),
+    return [subprocess.Popen([dcmtk_required("storescu"), "-v", "-aec", "MEDAI", "-aet", f"SENDER{i}", "127.0.0.1", str(port),
                               *map(str, g)], env=DCMTK_ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                              text=True) for i, g in enumerate(groups)]
 
@@ -57,7 +57,7 @@ def test_concurrent_senders_sigkill_restart(medai_home: Path, tmp_path: Path) ->
     groups = [everything[i::4] for i in range(4)]
 
     dest = StoreSCP.start(tmp_path / "dest")
-    args = ("--stable-seconds", "8", "--destination", dest.address)
+    args = ("--stable-seconds", "8", "--destination", dest.address, "--send-policy", "immediate")
     lst = Listener(medai_home, *args, env=T1_ROUTE).start()
     port = lst.port
     senders = _send_parallel(port, groups)
@@ -101,8 +101,12 @@ def test_concurrent_senders_sigkill_restart(medai_home: Path, tmp_path: Path) ->
         segs = [ds for ds in received if ds.Modality == "SEG"]
         assert len(segs) == 1 and segs[0].StudyInstanceUID == pydicom.dcmread(t1[0]).StudyInstanceUID
         assert len({ds.SOPInstanceUID for ds in received}) == len(received)
-        results = list((medai_home / "pacs" / "results").glob("*/*"))
-        assert len(results) == 1  # one output folder for (study, model, version)
+        from medai.results import ResultsStore
+
+        with ResultsStore(medai_home / "results" / "index.sqlite") as store:
+            runs = store.runs(latest_only=False)
+        assert len(runs) == 1 and runs[0].done  # one run for (series, model, version)
+        assert runs[0].review == "sent"  # immediate policy: out without review
         from medai.compliance import audit
 
         exports = [r for r in audit.iter_records(medai_home / "audit" / "trail.jsonl") if r["event"] == "export"]

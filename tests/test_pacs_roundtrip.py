@@ -86,7 +86,8 @@ class Orthanc:
 def test_orthanc_changes_feed_round_trip(t1_study: list[Path], medai_home: Path, tmp_path: Path) -> None:
     orthanc = Orthanc(tmp_path / "orthanc")
     env = {**os.environ, "MEDAI_HOME": str(medai_home), **T1_ROUTE}
-    follower = subprocess.Popen([*MEDAI, "-v", "pacs", "follow-orthanc", "--url", orthanc.url],
+    follower = subprocess.Popen([*MEDAI, "-v", "pacs", "follow-orthanc", "--url", orthanc.url,
+                                 "--send-policy", "immediate"],
                                 env=env, stdout=subprocess.PIPE, stderr=open(tmp_path / "follow.log", "w"),
                                 text=True)
     try:

@@ -193,7 +193,7 @@ def test_sigterm_while_a_model_runs_returns_the_job_to_the_queue(medai_home: Pat
     from pacs_peers import T1_ROUTE, demo_t1, wait_until
 
     lst = Listener(medai_home, "--stable-seconds", "1", "--destination", str(tmp_path / "results"),
-                   env=T1_ROUTE).start()
+                   "--send-policy", "immediate", env=T1_ROUTE).start()
     try:
         assert storescu(lst.port, demo_t1(), jpeg_ls=True).returncode == 0
         wait_until(lambda: medai_json(medai_home, "pacs", "status")["jobs"] == {"running": 1}, timeout=60,
@@ -204,7 +204,11 @@ def test_sigterm_while_a_model_runs_returns_the_job_to_the_queue(medai_home: Pat
     status = medai_json(medai_home, "pacs", "status")
     assert status["jobs"] == {"pending": 1} and status["transfers"] == {}
     assert not (tmp_path / "results").exists()
-    assert not list((medai_home / "pacs" / "results").glob("*/brain-extraction*"))  # no half result
+    from medai.results import ResultsStore
+
+    with ResultsStore(medai_home / "results" / "index.sqlite") as store:
+        assert store.runs(latest_only=False) == []  # no half result recorded
+    assert not [p for p in (medai_home / "results").iterdir() if not p.name.startswith(("index.", "."))]
     assert "signal SIGTERM" in lst.log()
 
 

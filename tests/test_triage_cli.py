@@ -2,7 +2,7 @@
 real T1 MR (full resolution and shrunk), a real PD MR series, a real CT volume and a real
 CT slice, and broken studies (truncated, missing slices, an unreadable edge slice, a lone
 broken file). One row per study, correct statuses, QC failures ranked first, exit code 3;
-JSON first, then CSV from the state database without running anything again."""
+JSON first, then CSV from the results store without running anything again."""
 
 from __future__ import annotations
 
@@ -76,7 +76,7 @@ def test_real_folder_worklist(folder, tmp_path):
     assert "studies/s" not in proc.stderr and "Worklist: 9 studies" in proc.stderr
     assert _model_runs("brain-volumetry") == 2
 
-    # the CSV, from the state database: nothing runs again, same rows, same order, same exit code
+    # the CSV, from the results store: nothing runs again, same rows, same order, same exit code
     out_csv = tmp_path / "worklist.csv"
     again = _medai("--json", "triage", str(root), "--models", "brain-volumetry", "--out", str(out_csv))
     assert again.returncode == 3, again.stderr

@@ -1,7 +1,7 @@
 """Interrupt a 50-study triage twice - Ctrl-C (SIGINT), then SIGKILL of the coordinator alone -
 and rerun it while one of its pool workers gets killed: each rerun finishes the rest and
 redoes nothing that was committed; at most the jobs in flight are lost. Model runs are counted in the audit trail (``model_run`` records)
-and in the state database.
+and in the results store.
 
 Cost: the 50 studies share one small real T1 series (ROBEX atlas shrunk to 4.5 mm, restamped
 with new UIDs per study), but each still costs a full brain-extraction run (the model's
@@ -37,7 +37,7 @@ def _committed(db: Path) -> int:
         return 0
     try:
         with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as con:
-            return int(con.execute("SELECT count(*) FROM jobs").fetchone()[0])
+            return int(con.execute("SELECT count(*) FROM runs").fetchone()[0])
     except sqlite3.OperationalError:  # table not created yet
         return 0
 
@@ -73,7 +73,7 @@ def test_interrupt_then_rerun_finishes_the_rest(tmp_path, medai_home):
     out = tmp_path / "worklist.csv"
     cmd = [sys.executable, "-m", "medai", "--json", "triage", str(root), "--models", "brain-extraction",
            "--workers", str(WORKERS), "--out", str(out)]
-    db = medai_home / "triage" / "state.sqlite"
+    db = medai_home / "results" / "index.sqlite"
 
     # Ctrl-C: a clean stop with exit code 130 and a hint; finished jobs are kept
     first = _interrupt(cmd, db, 2, signal.SIGINT)

@@ -1,4 +1,4 @@
-"""Triage ranking, worklist files, state database, concurrency and planning: no model run."""
+"""Triage ranking, worklist files, the results store it shares, concurrency and planning: no model run."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ import json
 
 import pytest
 
-from medai.triage import (STATUS_DONE, STATUS_FAILED, STATUS_NO_MATCH, Job, Outcome, StateDB, StudyRow,
-                          TriageReport, _qc_state, concurrency, rank, reusable, select_bundles, write_worklist)
+from medai.results import ResultsStore, StoredRun, qc_state
+from medai.triage import (STATUS_DONE, STATUS_FAILED, STATUS_NO_MATCH, Job, StudyRow, TriageReport, concurrency,
+                          rank, select_bundles, write_worklist)
 
 
 def _row(key: str, *, priority: str = "", score: float = 0.0, qc: str = "", status: str = STATUS_DONE) -> StudyRow:
@@ -43,15 +44,49 @@ def test_worklist_csv_and_json(tmp_path):
     assert not list(tmp_path.glob("*.tmp"))
 
 
-def test_state_database_survives_reopen(tmp_path):
-    db = StateDB(tmp_path / "s.sqlite")
-    out = Outcome("k1", "brain-extraction", "1.0", STATUS_DONE, volumes_ml={"brain": 1234.5},
-                  priority={"level": "routine", "score": 0.0, "reasons": []}, audit=({"event": "model_run"},))
-    db.put(out)
+def _stored(tmp_path, run_id: str, *, digest: str = "d1", status: str = STATUS_DONE, card: str = "c1",
+            prompted: bool = False) -> StoredRun:
+    folder = tmp_path / run_id
+    folder.mkdir(exist_ok=True)
+    (folder / "result.json").write_text("{}")
+    return StoredRun(run_id=run_id, study_key="st", series_key="se", content_digest=digest,
+                     model_id="brain-extraction", model_version="v", card_sha256=card, surface="ui", status=status,
+                     created=float(len(run_id)), folder=folder, outputs={"result": "result.json"},
+                     summary={"volumes_ml": {"brain": 1234.5}}, prompted=prompted)
+
+
+def test_results_store_survives_reopen_and_answers_only_the_same_series_content(tmp_path):
+    db = ResultsStore(tmp_path / "index.sqlite")
+    db.commit(_stored(tmp_path, "r1"))
     db.close()
-    again = StateDB(tmp_path / "s.sqlite").get("k1", "brain-extraction", "1.0")
-    assert again is not None and again.volumes_ml == {"brain": 1234.5} and again.audit == ()
-    assert StateDB(tmp_path / "s.sqlite").get("k1", "brain-extraction", "2.0") is None
+    store = ResultsStore(tmp_path / "index.sqlite")
+    again = store.find("se", "d1", "brain-extraction", "v", "c1")
+    assert again is not None and again.summary["volumes_ml"] == {"brain": 1234.5} and again.review == "new"
+    assert store.find("se", "d2", "brain-extraction", "v", "c1") is None  # series gained/lost instances
+    assert store.find("se", "d1", "brain-extraction", "v2", "c1") is None  # another model version
+    assert store.find("se", "d1", "brain-extraction", "v", "c2") is None  # another card
+    (again.folder / "result.json").unlink()
+    assert store.find("se", "d1", "brain-extraction", "v", "c1") is None  # results deleted: redo
+    store.commit(_stored(tmp_path, "r22", status=STATUS_FAILED))
+    assert store.find("se", "d1", "brain-extraction", "v", "c1") is None
+    failed = store.find("se", "d1", "brain-extraction", "v", "c1", include_failed=True)
+    assert failed is not None and failed.status == STATUS_FAILED
+    store.commit(_stored(tmp_path, "r333", prompted=True))  # a person's prompt: never reused
+    assert store.find("se", "d1", "brain-extraction", "v", "c1") is None
+    assert [r.run_id for r in store.runs(series_key="se", latest_only=False)] == ["r333", "r22", "r1"]
+
+
+def test_review_states_are_strict(tmp_path):
+    from medai.errors import ConfigError
+
+    store = ResultsStore(tmp_path / "index.sqlite")
+    store.commit(_stored(tmp_path, "r1"))
+    run = store.set_review("r1", "accepted", reviewer="Dr A", comment="ok")
+    assert (run.review, run.reviewer, run.review_comment) == ("accepted", "Dr A", "ok") and run.reviewed_at
+    run = store.set_review("r1", "send_failed", send_error="refused")
+    assert (run.review, run.reviewer, run.send_error) == ("send_failed", "Dr A", "refused")
+    with pytest.raises(ConfigError):
+        store.set_review("r1", "maybe")
 
 
 def test_exit_codes():
@@ -71,20 +106,6 @@ def _job(**kw) -> Job:
                 series_uid="1.2.3.4", files=("a.dcm",), out_dir="out", shape=(181, 217, 181), inputs_digest="d1")
     base.update(kw)
     return Job(**base)
-
-
-def test_stored_outcome_reused_only_for_the_same_series_with_results_present(tmp_path):
-    result = tmp_path / "result.json"
-    result.write_text("{}")
-    done = Outcome("k", "brain-extraction", "v", STATUS_DONE, outputs={"result": str(result)}, inputs_digest="d1")
-    assert reusable(done, _job(), retry_failed=False)
-    assert not reusable(done, _job(inputs_digest="d2"), retry_failed=False)  # series gained/lost instances
-    result.unlink()
-    assert not reusable(done, _job(), retry_failed=False)  # results deleted: redo
-    failed = Outcome("k", "brain-extraction", "v", STATUS_FAILED, "x", inputs_digest="d1")
-    assert reusable(failed, _job(), retry_failed=False)
-    assert not reusable(failed, _job(), retry_failed=True)
-    assert not reusable(None, _job(), retry_failed=False)
 
 
 def test_concurrency_follows_planner_prediction_and_memory_budget():
@@ -120,7 +141,7 @@ def test_prompted_models_are_not_triaged(monkeypatch):
 
 
 def test_qc_verdicts_nested_or_flat():
-    assert _qc_state({"image_quality": {"status": "fail", "checks": []}}) == "fail"
-    assert _qc_state({"a": {"status": "warn"}, "b": {"status": "pass"}}) == "warn"
-    assert _qc_state({"passed": True}) == "pass"
-    assert _qc_state({"dice": 0.9}) == ""
+    assert qc_state({"image_quality": {"status": "fail", "checks": []}}) == "fail"
+    assert qc_state({"a": {"status": "warn"}, "b": {"status": "pass"}}) == "warn"
+    assert qc_state({"passed": True}) == "pass"
+    assert qc_state({"dice": 0.9}) == ""

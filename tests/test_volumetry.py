@@ -182,6 +182,12 @@ def test_medai_run_brain_volumetry_writes_seg_sr_and_summary(tmp_path: Path) -> 
         ours, ref = names[f"{cls}_volume_ml"]["value"], refs[f"{cls}_volume_error_percent"]
         assert abs(ours - ref) / ref < 0.15, (cls, ours, ref)
     assert data["qc"]["image_quality"]["status"] == "pass"
+    assert data["qc"]["measurable"] and data["qc"]["plausibility"]["status"] == "pass"
+    # Issue 16: the demo is a template in MNI space; the result says so beside the volumes.
+    caveats = data["qc"]["caveats"]
+    assert len(caveats) == 1 and "MNI space" in caveats[0] and "larger than a typical head" in caveats[0]
+    assert any(f["text"] == f"Caveat: {caveats[0]}" for f in data["findings"])
+    assert data["caveats"] == caveats  # top level, where medai.results and `medai demo` read it
     assert data["qc"]["normative"][0]["measure"] == "brain_parenchymal_fraction"
     assert "percentile" in data["qc"]["normative"][0]  # demo headers: 34 y, M
     assert data["priority"]["level"] in ("routine", "review")
@@ -302,3 +308,9 @@ def test_cortical_grey_matter_agrees_with_freesurfer_surfaces_on_real_subject(tm
     assert abs(card["cortical_gm_volume_error_percent"] - agree["cortical_gm_error_percent"]) < 0.5
     assert abs(card["cortical_gm_dice"] - agree["cortical_gm_dice"]) < 0.005
     assert abs(card["cerebral_parenchyma_error_percent"] - agree["parenchyma_error_percent"]) < 0.5
+    # Issue 16: this full-resolution run is the reference row of the card's degradation table
+    # (tests/test_volumetry_routine.py measures the degraded versions against it).
+    full = next(r for r in _card()["degradations"] if r["subject"] == "pycortex S1" and r["degradation"] == "none")
+    values = {m.name: m.value for m in result.measurements}
+    for tissue in ("gm_volume_ml", "wm_volume_ml", "csf_volume_ml"):
+        assert abs(values[tissue] - full[tissue]) / full[tissue] < 0.005, (tissue, values[tissue], full[tissue])

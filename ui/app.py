@@ -24,7 +24,8 @@ state.init()
 
 PAGES = _HERE / "app_pages"
 navigation = st.navigation([
-    st.Page(PAGES / "studies.py", title="Studies", icon=":material/folder_open:", default=True),
+    st.Page(PAGES / "worklist.py", title="Worklist", icon=":material/checklist:", default=True),
+    st.Page(PAGES / "studies.py", title="Studies", icon=":material/folder_open:"),
     st.Page(PAGES / "viewer.py", title="Viewer", icon=":material/view_in_ar:"),
     st.Page(PAGES / "run.py", title="Run model", icon=":material/play_circle:"),
     st.Page(PAGES / "send.py", title="Send / save", icon=":material/outbox:"),

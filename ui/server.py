@@ -106,10 +106,8 @@ class LoopbackHostGuard:
 def _note_refusal(kind: str) -> None:
     """Record a refused request in the audit trail as a security alert (best
     effort: a refusal must never depend on the trail being writable)."""
-    try:
-        from medai.compliance import audit
-    except ImportError:  # compliance not installed in this build
-        return
+    from medai.compliance import audit
+
     try:
         audit.record("security_alert", outcome="minor_failure", subtype=audit.ALERT_NETWORK,
                      detail={"component": "ui", "reason": f"{kind} request with foreign Host header refused"})

@@ -15,6 +15,7 @@ import numpy as np
 import streamlit as st
 
 from medai import viewer, workstation
+from medai.dicom.index import SeriesEntry
 
 DEFAULTS: dict[str, Any] = {
     "folders": [],  # local folders the clinician added (strings)
@@ -30,6 +31,7 @@ DEFAULTS: dict[str, Any] = {
     "points": [],  # LPS points picked for measurement
     "last_pick": None,
     "result_dir": None,  # str path of the run shown as overlay
+    "run_id": None,  # results-store id of that run
     "box": None,  # (col0, row0, col1, row1) prompt, raw-slice pixels
     "box_at": None,  # (view, slice index) the box was drawn on
 }
@@ -66,7 +68,7 @@ def current_studies() -> tuple[list[workstation.StudyRow], list[tuple[str, str]]
     return studies(tuple((str(p), s) for p, s in sources()))
 
 
-def selected() -> tuple[workstation.StudyRow | None, workstation.SeriesRow | None]:
+def selected() -> tuple[workstation.StudyRow | None, SeriesEntry | None]:
     """The open study and series, if any."""
     rows, _ = current_studies()
     study = next((r for r in rows if r.study_uid == st.session_state.study_uid), None)
@@ -117,7 +119,73 @@ def open_series(study_uid: str, series_uid: str) -> None:
         st.session_state.points = []
         st.session_state.last_pick = None
         st.session_state.result_dir = None
+        st.session_state.run_id = None
         st.session_state.window = None
         st.session_state.box = None
     st.session_state.study_uid = study_uid
     st.session_state.series_uid = series_uid
+
+
+def show_run(run: Any) -> None:
+    """Make a stored run the overlay of the open series."""
+    st.session_state.result_dir = str(run.folder)
+    st.session_state.run_id = run.run_id
+    st.session_state.overlay_on = True
+
+
+def open_work_item(item: workstation.WorkItem) -> bool:
+    """Open a worklist item's series (its folder joins the listed sources when it is not
+    already one of them) with the stored run as overlay; False when its source is gone."""
+    if not item.series_uid or not item.run.sources:
+        return False
+    folder = str(Path(item.run.sources[0]).parent)
+    known = [str(p) for p, _ in sources()]
+    if not any(folder == k or folder.startswith(k.rstrip("/") + "/") for k in known):
+        st.session_state.folders = [*st.session_state.folders, folder]
+        studies.clear()
+    open_series(item.study_uid, item.series_uid)
+    show_run(item.run)
+    return True
+
+
+REVIEW_LABELS = {"new": "to review", "accepted": "accepted", "rejected": "rejected", "sent": "sent",
+                 "send_failed": "send failed"}
+
+
+def review_panel(run: Any, key: str) -> None:
+    """Accept / reject (with a comment) and send or retry, for one stored run."""
+    from medai import config, review
+
+    st.markdown(f"**Review:** {REVIEW_LABELS.get(run.review, run.review)}"
+                + (f" by {run.reviewer}" if run.reviewer else "")
+                + (f" — {run.send_error}" if run.send_error else ""))
+    if not run.done:
+        return
+    destination = run.destination or config.get("pacs.destination")
+    if run.review == "new":
+        comment = st.text_input("Comment (optional)", key=f"comment-{key}")
+        accept_col, reject_col = st.columns(2)
+        label = "Accept and send" if destination else "Accept"
+        if accept_col.button(label, type="primary", icon=":material/check:", key=f"accept-{key}"):
+            try:
+                review.accept(run.run_id, comment=comment)
+            except Exception as exc:  # noqa: BLE001 - shown, page survives
+                st.error(str(exc))
+            else:
+                st.rerun()
+        if reject_col.button("Reject", icon=":material/close:", key=f"reject-{key}"):
+            try:
+                review.reject(run.run_id, comment=comment)
+            except Exception as exc:  # noqa: BLE001
+                st.error(str(exc))
+            else:
+                st.rerun()
+    elif run.review in ("accepted", "send_failed") and destination:
+        if st.button("Retry sending" if run.review == "send_failed" else "Send", icon=":material/send:",
+                     key=f"send-{key}"):
+            try:
+                review.send_run(run.run_id)
+            except Exception as exc:  # noqa: BLE001
+                st.error(str(exc))
+            else:
+                st.rerun()

@@ -73,7 +73,7 @@ def _normative_plot(ax: Any, qc: Mapping[str, Any], card: "ModelCard") -> None:
     ax.set_title("Brain parenchymal fraction vs. age (reference)", fontsize=9)
     ax.tick_params(labelsize=7)
     if m is None or comp is None or "z" not in comp:
-        note = (comp or {}).get("note") or ("volumes not reported (image QC failed)" if comp is None
+        note = (comp or {}).get("note") or ("not measurable on this series: no volumes" if comp is None
                                             else "no normative comparison")
         ax.text(0.5, 0.5, textwrap.fill(note, 45), ha="center", va="center", fontsize=8, transform=ax.transAxes)
         ax.set_axis_off()
@@ -106,7 +106,11 @@ def render_summary(volume: "Volume", output: "PipelineOutput", card: "ModelCard"
     fig.text(0.04, 0.952, f"{card.id} {card.version} · NOT FOR DIAGNOSTIC USE · assistive measurements for review",
              fontsize=8, color="#c62828", va="top")
     status = quality.get("status", "?")
-    fig.text(0.96, 0.975, f"Image QC: {status.upper()}", fontsize=11, weight="bold", ha="right", va="top",
+    headline = f"Image QC: {status.upper()}"
+    if qc.get("measurable") is False:  # image QC may pass while the tissue result is refused
+        fig.text(0.96, 0.952, headline, fontsize=8, ha="right", va="top", color=_STATUS_COLOUR.get(status, "black"))
+        status, headline = "fail", "NOT MEASURABLE"
+    fig.text(0.96, 0.975, headline, fontsize=11, weight="bold", ha="right", va="top",
              color=_STATUS_COLOUR.get(status, "black"))
     patient = []
     if qc.get("age_years") is not None:
@@ -136,13 +140,26 @@ def render_summary(volume: "Volume", output: "PipelineOutput", card: "ModelCard"
             value = f"{m.value:.0f} {m.unit}"
         rows.append([_NAMES.get(m.name, m.name), value])
     if not rows:
-        rows = [["Volumes not reported", "QC failed"]]
+        rows = [["Not measurable on this series", "no volumes"]]
     table = ax.table(cellText=rows, colLabels=["measure", "value"], loc="upper left", cellLoc="left",
                      colWidths=[0.7, 0.3])
     table.auto_set_font_size(False)
     table.set_fontsize(8)
     table.scale(1, 1.3)
 
+    # Beside the volumes: why there are none, or what to keep in mind reading them.
+    notes = []
+    if qc.get("measurable") is False and qc.get("not_measurable_reason"):
+        reason = str(qc["not_measurable_reason"])
+        notes.append(("#c62828", reason[:1].upper() + reason[1:]))
+    notes += [("#ef6c00", f"Caveat: {c}") for c in qc.get("caveats", [])]
+    fig.canvas.draw()  # the table's height is known only once laid out
+    y_note = fig.transFigure.inverted().transform(
+        table.get_window_extent(fig.canvas.get_renderer()).get_points())[0][1] - 0.008
+    for colour, note in notes:
+        text = textwrap.fill(note, 80)
+        fig.text(0.04, y_note, text, fontsize=7, va="top", color=colour)
+        y_note -= 0.012 * (text.count("\n") + 1) + 0.004
     _normative_plot(fig.add_axes((0.57, 0.44, 0.39, 0.18)), qc, card)
 
     y = 0.38
@@ -161,7 +178,7 @@ def render_summary(volume: "Volume", output: "PipelineOutput", card: "ModelCard"
     y -= 0.03
     fig.text(0.04, y, "Findings (assistive, for review)", fontsize=9, weight="bold", va="top")
     y -= 0.006
-    for f in output.findings or ():
+    for f in [f for f in output.findings or () if not f.text.startswith("Caveat: ")]:
         y -= 0.016
         text = textwrap.fill(f"[{f.severity}] {f.text}", 120)
         fig.text(0.05, y, text, fontsize=7.5, va="top")

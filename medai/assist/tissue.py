@@ -11,6 +11,10 @@ Volumes are the sum of the final posterior probabilities times the voxel volume 
 estimate that spreads boundary voxels between classes, as partial-volume estimates do);
 the label map for display and DICOM SEG is the most probable class per voxel.
 
+Coarse series (thick slices, 2-3 mm voxels) are classified on a 1 mm working grid
+(``TissueParams.working_grid_mm``): the MRF and partial-volume model are calibrated at
+1 mm, and fitted directly on coarse voxels they let GM absorb thin sulcal CSF.
+
 Classes are ordered by mean intensity (darkest first). That is CSF, GM, WM only on a
 T1-weighted image: deciding whether the image is T1-weighted is the job of
 :mod:`medai.assist.qc`, not of this module.
@@ -48,6 +52,13 @@ class TissueParams:
     #: Shrink factor for the N4 fit (the field is smooth; fitting it coarse is enough).
     n4_shrink: int = 3
     n4_iterations: tuple[int, ...] = (50, 50, 30)
+    #: MRF neighbour weight = (1 mm / centre distance) ** this power: 1 at 1 mm whatever the
+    #: power, weaker between the centres of coarse voxels (see classify_tissue).
+    neighbour_weight_power: float = 1.0
+    #: Voxels coarser than this (mm, any axis, 25 % slack) are classified on an isotropic grid
+    #: of this size (B-spline interpolation), where the MRF and the partial-volume model were
+    #: calibrated; 0 classifies on the source grid whatever its voxels.
+    working_grid_mm: float = 0.0
 
     @classmethod
     def from_mapping(cls, data: dict[str, Any] | None) -> "TissueParams":
@@ -65,7 +76,8 @@ class TissueParams:
     def as_dict(self) -> dict[str, Any]:
         return {"beta": self.beta, "max_iterations": self.max_iterations, "tolerance": self.tolerance,
                 "bias_correction": self.bias_correction, "tied_variance": self.tied_variance, "clip_low_percentile": self.clip_low_percentile, "n4_shrink": self.n4_shrink,
-                "n4_iterations": list(self.n4_iterations)}
+                "n4_iterations": list(self.n4_iterations),
+                "neighbour_weight_power": self.neighbour_weight_power, "working_grid_mm": self.working_grid_mm}
 
 
 @dataclass(frozen=True, eq=False)
@@ -89,6 +101,8 @@ class TissueSegmentation:
     #: Bias-corrected intensities inside the mask's bounding box (for QC), and that box.
     corrected: np.ndarray = field(repr=False)
     bbox: tuple[slice, slice, slice] = field(repr=False)
+    #: Voxel size (mm, isotropic) the mixture was fitted on, when not the source grid.
+    working_grid_mm: float | None = None
 
 
 def _bbox(mask: np.ndarray, margin: int = 1) -> tuple[slice, slice, slice]:
@@ -166,6 +180,43 @@ def _tissue_fractions(p5: np.ndarray, y: np.ndarray, mu: np.ndarray) -> np.ndarr
     return frac
 
 
+def _working_grid(img: np.ndarray, m: np.ndarray, spacing: tuple[float, float, float], grid_mm: float
+                  ) -> tuple[np.ndarray, np.ndarray, Any]:
+    """``img``/``m`` ([k, j, i], voxel size ``spacing`` = (i, j, k)) on an isotropic grid of
+    ``grid_mm`` covering the same extent (B-spline for the image, clamped to its range;
+    nearest for the mask), and a function that samples [c, k, j, i] maps on that grid back
+    at the source voxel centres (linear)."""
+    import SimpleITK as sitk
+
+    def on_grid(a: np.ndarray, sp: tuple[float, ...], origin: tuple[float, ...]) -> "sitk.Image":
+        out = sitk.GetImageFromArray(a)
+        out.SetSpacing(tuple(float(v) for v in sp))
+        out.SetOrigin(tuple(float(v) for v in origin))
+        return out
+
+    src = on_grid(img.astype(np.float32), spacing, (0.0, 0.0, 0.0))
+    # Fine voxels tile the source voxels' extent: [-s/2, (n - 1/2) s] on every axis.
+    size = [max(1, int(round(n * s / grid_mm))) for n, s in zip(src.GetSize(), spacing)]
+    origin = [-0.5 * s + 0.5 * grid_mm for s in spacing]
+    fine_spacing = [grid_mm] * 3
+    fine = sitk.Resample(src, size, sitk.Transform(), sitk.sitkBSpline, origin, fine_spacing,
+                         src.GetDirection(), 0.0, sitk.sitkFloat32)
+    fine_img = np.clip(sitk.GetArrayFromImage(fine), float(img.min()), float(img.max()))
+    msk = sitk.Resample(on_grid(m.astype(np.uint8), spacing, (0.0, 0.0, 0.0)), size, sitk.Transform(),
+                        sitk.sitkNearestNeighbor, origin, fine_spacing, src.GetDirection(), 0, sitk.sitkUInt8)
+    fine_mask = sitk.GetArrayFromImage(msk) > 0
+
+    def back(maps: np.ndarray) -> np.ndarray:
+        out = np.empty((maps.shape[0],) + img.shape, dtype=np.float32)
+        for c in range(maps.shape[0]):
+            sampled = sitk.Resample(on_grid(maps[c], fine_spacing, origin), src, sitk.Transform(),
+                                    sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+            out[c] = sitk.GetArrayFromImage(sampled)
+        return out
+
+    return fine_img.astype(np.float32), fine_mask, back
+
+
 def classify_tissue(image: np.ndarray, mask: np.ndarray, spacing: tuple[float, float, float],
                     params: TissueParams | None = None) -> TissueSegmentation:
     """Classify voxels inside ``mask`` into three tissues ordered by mean intensity.
@@ -191,9 +242,20 @@ def classify_tissue(image: np.ndarray, mask: np.ndarray, spacing: tuple[float, f
     if hi <= lo:
         raise ValueError("image is constant inside the brain mask")
     sx, sy, sz = (float(s) for s in spacing)
+    src_mask, src_vox_ml = m, sx * sy * sz / 1000.0
+    grid = float(params.working_grid_mm)
+    back = None
+    if grid > 0 and max(sx, sy, sz) > 1.25 * grid:
+        # Coarse voxels: fit where the model was calibrated. Interpolation adds no detail,
+        # but the MRF then couples voxels at the distance it was tuned for and a thick
+        # slice's blend of tissues is spread over several fine voxels whose mixed classes
+        # can share it out, instead of one coarse voxel going to its majority tissue.
+        img, m, back = _working_grid(img, m, (sx, sy, sz), grid)
+        sx = sy = sz = grid
     if params.bias_correction:
         shifted = np.where(m, img - min(lo, 0.0) + 1e-3 * (hi - lo), 0).astype(np.float32)
         img = n4_correct(shifted, m, (sx, sy, sz), shrink=params.n4_shrink, iterations=params.n4_iterations)
+    corrected = np.where(m, img, 0).astype(np.float32)
     vals = img[m].astype(np.float64)
     # Scale to a robust unit range so tolerances mean the same on every scanner. The darkest
     # voxels are clipped up to a low percentile: inside an intracranial mask they are CSF,
@@ -209,10 +271,13 @@ def classify_tissue(image: np.ndarray, mask: np.ndarray, spacing: tuple[float, f
     var = np.array([max(y[assign == c].var() if np.any(assign == c) else 0.01, 1e-4) for c in range(3)])
     pi = np.array([max((assign == c).mean(), 1e-3) for c in range(3)])
 
-    # Neighbour weights ~ 1/distance, normalised so the six weights sum to 6 (β comparable
-    # across voxel sizes). Axis order of the box is [k, j, i] -> spacing (sz, sy, sx).
-    inv = np.array([1 / sz, 1 / sy, 1 / sx])
-    w = tuple(float(v) for v in inv * 3 / inv.sum())
+    # Neighbour weights = 1 / centre distance in mm (1 at 1 mm, so β is calibrated on 1 mm
+    # images). Not renormalised: neighbours 3 mm apart say less about each other than
+    # neighbours 1 mm apart, and a prior as strong as at 1 mm over-smooths coarse voxels
+    # (thin sulcal CSF was absorbed into GM at 2x2x3 mm). Axis order of the box is
+    # [k, j, i] -> spacing (sz, sy, sx).
+    q = params.neighbour_weight_power
+    w = (sz ** -q, sy ** -q, sx ** -q)
     yy = y.astype(np.float32)
     member = np.zeros((3,) + m.shape, dtype=np.float32)  # tissue membership for the MRF
     converged = False
@@ -260,16 +325,24 @@ def classify_tissue(image: np.ndarray, mask: np.ndarray, spacing: tuple[float, f
         prev_mean = mean_p
     p = frac
 
-    vox_ml = sx * sy * sz / 1000.0
-    volumes = {name: float(p[c].sum() * vox_ml) for c, name in enumerate(CLASS_NAMES)}
+    totals = p.sum(axis=1, dtype=np.float64)
+    # Volumes are shares of the source mask (the ICV): on a working grid the resampled mask
+    # differs from it by a few boundary voxels, which must not move the tissue volumes.
+    icv_ml = n_mask * src_vox_ml
+    volumes = {name: float(totals[c] / totals.sum() * icv_ml) for c, name in enumerate(CLASS_NAMES)}
     labels = np.zeros(mask.shape, dtype=np.uint8)
-    sub = np.zeros(m.shape, dtype=np.uint8)
-    sub[m] = (np.argmax(p, axis=0) + 1).astype(np.uint8)
+    sub = np.zeros(src_mask.shape, dtype=np.uint8)
+    if back is None:
+        sub[m] = (np.argmax(p, axis=0) + 1).astype(np.uint8)
+    else:
+        maps = np.zeros((3,) + m.shape, dtype=np.float32)
+        maps[:, m] = p
+        sub[src_mask] = (np.argmax(back(maps)[:, src_mask], axis=0) + 1).astype(np.uint8)
     labels[box] = sub
     means = tuple(float(v * scale + lo) for v in mu)
     stds = tuple(float(np.sqrt(v) * scale) for v in var)
     log.debug("tissue classification: %d iterations, converged=%s", it, converged)
-    corrected = np.where(m, img, 0).astype(np.float32)
-    return TissueSegmentation(labels=labels, volumes_ml=volumes, mask_ml=n_mask * vox_ml,
+    return TissueSegmentation(labels=labels, volumes_ml=volumes, mask_ml=icv_ml,
                               means=means, stds=stds, mixing=tuple(float(v) for v in pi5), iterations=it, converged=converged,  # type: ignore[arg-type]
-                              params=params, corrected=corrected, bbox=box)
+                              params=params, corrected=corrected, bbox=box,
+                              working_grid_mm=grid if back is not None else None)

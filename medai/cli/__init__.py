@@ -2,30 +2,32 @@
 
 Conventions for every command: ``--help`` everywhere; data (or ``--json``) on
 stdout, logs and progress on stderr; exit codes 0 ok, 1 failure, 2 usage,
-3 partial (some items failed). Each command group lives in its own module of
-this package and exposes ``register(app)``; this module only wires them.
+3 partial (some items failed). ``--json``, ``-v`` and ``-q`` are accepted before
+or after any command (:class:`medai.cli._common.MedaiGroup` gives them to every
+command); under ``--json`` a failure is also a JSON document on stdout. Each
+command group lives in its own module of this package and exposes
+``register(app)``; this module only wires them.
 """
 
 from __future__ import annotations
 
 import importlib
-import importlib.util
-import logging
 import sys
 
 import typer
 
 from medai import __version__
-from medai.cli._common import EXIT_FAILURE, CliState, fail
+from medai.cli._common import EXIT_FAILURE, MedaiGroup, fail
 from medai.errors import MedaiError
 
 #: Command-group modules, in help order. Each defines ``register(app: typer.Typer)``.
-COMMAND_MODULES = ("demo", "dicom", "models", "run", "triage", "pacs", "deid", "audit", "ui", "doctor")
+COMMAND_MODULES = ("demo", "dicom", "models", "run", "results", "triage", "pacs", "deid", "audit", "ui", "doctor")
 
 app = typer.Typer(
     name="medai",
     help="Privacy-first medical imaging AI on this machine: index DICOM, run models, "
     "send DICOM SEG/SR, and prove nothing left the machine.",
+    cls=MedaiGroup,
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -41,28 +43,15 @@ def _version_callback(value: bool) -> None:
 
 @app.callback()
 def _root(
-    ctx: typer.Context,
     version: bool = typer.Option(False, "--version", callback=_version_callback, is_eager=True,
                                  help="Print the version and exit."),
-    verbose: int = typer.Option(0, "--verbose", "-v", count=True, help="More log output on stderr (-vv for debug)."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="Only errors on stderr."),
-    json_out: bool = typer.Option(False, "--json", help="Machine-readable JSON on stdout."),
 ) -> None:
-    level = logging.ERROR if quiet else (logging.INFO if verbose == 1 else logging.DEBUG if verbose > 1 else logging.WARNING)
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger("medai")
-    root.handlers = [h for h in root.handlers if isinstance(h, logging.NullHandler)] + [handler]
-    root.setLevel(level)
-    ctx.obj = CliState(json=json_out, verbosity=-1 if quiet else verbose)
+    """Root options; the shared ones (--json, -v, -q) come from MedaiGroup, as on every command."""
 
 
 def _register_all() -> None:
     for name in COMMAND_MODULES:
-        module_name = f"{__name__}.{name}"
-        if importlib.util.find_spec(module_name) is None:
-            continue  # command group not built yet
-        importlib.import_module(module_name).register(app)
+        importlib.import_module(f"{__name__}.{name}").register(app)
 
 
 _register_all()
@@ -87,10 +76,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _install_guards() -> None:
     """Telemetry off and egress guard on, before anything else is imported."""
-    if importlib.util.find_spec("medai.compliance.egress") is not None:
-        from medai.compliance import egress
+    from medai.compliance import egress
 
-        egress.install_for_entry_point("cli")
+    egress.install_for_entry_point("cli")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -14,7 +14,7 @@ from typing import Any, Optional
 
 import typer
 
-from medai.cli._common import EXIT_FAILURE, emit
+from medai.cli._common import EXIT_FAILURE, emit, state
 from medai.compliance import attest as _attest
 from medai.compliance import audit as _audit
 from medai.compliance import fhir, keys, trail
@@ -150,8 +150,13 @@ def export(
     records = _audit.select(_filter(event, since, until), reveal=reveal, purpose=f"export-{fmt}")
     if fmt == "fhir":
         _write(out, fhir.bundle(records))
+    elif out is None and state(ctx).json:
+        _write(None, records)  # one JSON document instead of JSON lines
     else:
         _write_text(out, "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
+    if out is not None:
+        emit(ctx, {"out": str(out), "format": fmt, "records": len(records)},
+             lambda d: sys.stderr.write(f"{d['records']} records written to {d['out']} ({d['format']})\n"))
 
 
 @audit_app.command("attest")
@@ -203,10 +208,13 @@ def keys_export(
 ) -> None:
     """Export the public signing key(s) (current first, then retired) as PEM."""
     pem = keys.export_public_keys()
-    if out is None:
+    if out is not None:
+        out.write_bytes(pem)
+    if state(ctx).json:
+        emit(ctx, {"out": str(out), "pem": None} if out is not None else {"out": None, "pem": pem.decode("ascii")})
+    elif out is None:
         sys.stdout.write(pem.decode("ascii"))
     else:
-        out.write_bytes(pem)
         sys.stderr.write(f"public keys written to {out}\n")
 
 

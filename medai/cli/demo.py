@@ -28,9 +28,8 @@ def run_demo(study: Path, out: Path) -> dict[str, Any]:
     from medai.compliance import attest, audit
     from medai.compliance.verify import verify
     from medai.dicom.index import scan
-    from medai.inference import registry
-    from medai.inference.run import run_model
-    from medai.inference.select import matching_series
+    from medai.results import copy_outputs, obtain, request_for
+    from medai.routing import decide
 
     index = scan([study])
     summary: dict[str, Any] = {
@@ -39,20 +38,27 @@ def run_demo(study: Path, out: Path) -> dict[str, Any]:
                   "instances": index.instances_indexed, "skipped_files": len(index.skipped)},
         "runs": [], "failures": [], "interactive": [],
     }
-    for bundle in registry.list_bundles():
-        if bundle.card.accepts_prompt:
-            summary["interactive"].append(bundle.id)  # needs a reader's box: `medai ui` or `medai run --box`
-            continue
-        for entry in matching_series(bundle.card, index)[:1]:
+    for study_uid, entry in index.studies.items():
+        chosen, why = decide(index.series_of_study(study_uid))
+        summary["interactive"] += [m for m, reason in why.items() if "prompt" in reason]
+        person = index.patients.get(entry.patient_key)
+        patient = (person.patient_id or None, person.patient_name or None) if person else (None, None)
+        for decision in chosen:
+            req = request_for(decision.series, decision.model_id, decision.model_version, "cli",
+                              study_date=entry.study_date)
             try:
-                result = run_model(bundle.id, Path(entry.files[0]).parent, out / bundle.id,
-                                   series_uid=entry.series_instance_uid)
+                stored, reused = obtain(req, patient=patient)
+                target = copy_outputs(stored, out / decision.model_id)
             except Exception as exc:  # noqa: BLE001 - the demo reports every model's outcome
-                summary["failures"].append({"model": bundle.id, "error": f"{type(exc).__name__}: {exc}"})
+                summary["failures"].append({"model": decision.model_id, "error": f"{type(exc).__name__}: {exc}"})
                 continue
-            summary["runs"].append({**result.summary(),
-                                    "findings": [f.text for f in result.findings],
-                                    "qc": result.qc if isinstance(result.qc, dict) else dict(result.qc)})
+            s = stored.summary
+            summary["runs"].append({"model": stored.model_id, "version": stored.model_version,
+                                    "run_id": stored.run_id, "reused": reused, "out_dir": str(target),
+                                    "provider": s.get("provider", ""), "seconds": s.get("seconds", 0.0),
+                                    "volumes_ml": dict(s.get("volumes_ml") or {}),
+                                    "findings": list(s.get("findings") or []), "qc": dict(s.get("qc") or {}),
+                                    "caveats": list(s.get("caveats") or []), "priority": stored.priority_level})
     report = verify()
     summary["audit"] = {"ok": report.ok, "records": report.records, "problems": list(report.problems)}
     doc = attest.attest(audit.Filter(session=audit.session_id()))
@@ -73,8 +79,9 @@ def _human(d: dict[str, Any]) -> None:
               f"({idx['skipped_files']} files skipped)")
     for run in d["runs"]:
         vols = ", ".join(f"{k} {v:.1f} mL" for k, v in run["volumes_ml"].items())
+        again = " (stored result of an earlier run reused)" if run.get("reused") else ""
         con.print(f"  [green]{run['model']}[/green] {run['version']} on {run['provider']} in "
-                  f"{run['seconds']} s: {vols}")
+                  f"{run['seconds']} s: {vols}{again}")
         for text in run["findings"]:
             con.print(f"    finding: {text}")
         con.print(f"    outputs: {run['out_dir']}")

@@ -14,7 +14,7 @@ from typing import Any, Optional
 
 import typer
 
-from medai.cli._common import EXIT_OK, EXIT_PARTIAL, emit, state
+from medai.cli._common import EXIT_OK, EXIT_PARTIAL, emit
 
 #: Skip kinds that mean "a DICOM file we could not use" (exit code 3), as opposed
 #: to files that simply are not DICOM instances.
@@ -51,7 +51,6 @@ def _print_index(data: dict[str, Any]) -> None:
 def index_command(
     ctx: typer.Context,
     paths: list[Path] = typer.Argument(..., help="Folders and/or files to scan recursively."),
-    json_out: bool = typer.Option(False, "--json", help="JSON on stdout."),
     workers: Optional[int] = typer.Option(None, "--workers", min=1,
                                           help="Header-parsing processes (default: usable CPUs)."),
 ) -> None:
@@ -66,8 +65,6 @@ def index_command(
                patient_name=patient.patient_name or None, study_uid=study_uid,
                detail={"action": "index headers", "series": len(study.series_uids)})
     data = index.to_json()
-    if json_out:
-        state(ctx).json = True
     emit(ctx, data, _print_index)
     problems = [s for s in index.skipped if s.kind in _PROBLEM_KINDS]
     raise typer.Exit(EXIT_PARTIAL if problems else EXIT_OK)

@@ -214,7 +214,8 @@ def trust_command(ctx: typer.Context,
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
     from medai.errors import ModelIntegrityError
-    from medai.inference import _audit, trust
+    from medai.compliance import audit as _audit
+    from medai.inference import trust
 
     data = key_file.read_bytes()
     try:

@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import typer
 
-from medai import config
+from medai import config, home
 from medai.cli._common import EXIT_FAILURE, emit
 
 log = logging.getLogger("medai.pacs")
@@ -32,12 +32,9 @@ class _JsonFormatter(logging.Formatter):
 
 def _setup_logging(log_json: bool, verbose: bool) -> None:
     """Service logging, and this process named "pacs" for the egress guard and the audit actor."""
-    try:
-        from medai.compliance import egress
+    from medai.compliance import egress
 
-        egress.install_for_entry_point("pacs")
-    except ModuleNotFoundError:
-        pass
+    egress.install_for_entry_point("pacs")
     root = logging.getLogger("medai")
     if verbose or root.level > logging.INFO:
         root.setLevel(logging.DEBUG if verbose else logging.INFO)
@@ -51,16 +48,9 @@ def _setup_logging(log_json: bool, verbose: bool) -> None:
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
 
 
-def _service(name: str, threads: list[tuple[str, Callable[[], None], Callable[[], None]]],
-             detail: dict[str, Any], *, start_recorded: bool = False) -> None:
-    """Run long-lived loops in threads until SIGTERM/SIGINT, then stop them in order.
-
-    ``start_recorded``: the caller wrote the Application Start record itself,
-    before its service began taking requests."""
-    from medai.pacs import _audit
-
-    if not start_recorded:
-        _audit.record("application_start", detail={"service": name, **detail})
+def _stop_on_signals() -> threading.Event:
+    """An event that SIGTERM/SIGINT set. Installed before a service says it is ready, so a
+    supervisor that stops it at once gets a clean shutdown, not the default death."""
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: Any) -> None:
@@ -69,6 +59,21 @@ def _service(name: str, threads: list[tuple[str, Callable[[], None], Callable[[]
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    return stop
+
+
+def _service(name: str, threads: list[tuple[str, Callable[[], None], Callable[[], None]]],
+             detail: dict[str, Any], *, start_recorded: bool = False, stop: threading.Event | None = None) -> None:
+    """Run long-lived loops in threads until SIGTERM/SIGINT, then stop them in order.
+
+    ``start_recorded``: the caller wrote the Application Start record itself,
+    before its service began taking requests. ``stop``: the caller's event from
+    :func:`_stop_on_signals`, when it installed the handlers before announcing itself."""
+    from medai.pacs import _audit
+
+    if not start_recorded:
+        _audit.record("application_start", detail={"service": name, **detail})
+    stop = stop or _stop_on_signals()
     running = []
     for label, target, _halt in threads:
         t = threading.Thread(target=target, name=f"medai-{label}", daemon=True)
@@ -90,7 +95,7 @@ def _service(name: str, threads: list[tuple[str, Callable[[], None], Callable[[]
 
 
 def _state_file() -> Path:
-    return config.home() / "pacs" / "listener.json"
+    return home.pacs_dir() / "listener.json"
 
 
 def _csv(values: list[str] | None) -> tuple[str, ...] | None:
@@ -123,6 +128,8 @@ def register(app: typer.Typer) -> None:
                                              help="Quiet period before a study counts as complete."),
         destination: str = typer.Option(None, "--destination", "-d",
                                         help="Where results go: AE@host:port or a folder (pacs.destination)."),
+        send_policy: str = typer.Option(None, "--send-policy", help="after-review (a clinician accepts each "
+                                        "result in the Worklist first) or immediate (pacs.send_policy)."),
         no_worker: bool = typer.Option(False, "--no-worker",
                                        help="Only receive; run `medai pacs worker` separately."),
         log_json: bool = typer.Option(False, "--log-json", help="Structured JSON log lines on stderr."),
@@ -142,7 +149,8 @@ def register(app: typer.Typer) -> None:
                                          max_pdu=max_pdu, acse_timeout=acse_timeout, dimse_timeout=dimse_timeout,
                                          network_timeout=network_timeout)
         cfg.check()
-        wcfg = WorkerConfig.from_config(stable_seconds=stable_seconds, destination=destination)
+        wcfg = WorkerConfig.from_config(stable_seconds=stable_seconds, destination=destination,
+                                        send_policy=send_policy)
         from medai.pacs import _audit
 
         listener = Listener(cfg)
@@ -159,6 +167,7 @@ def register(app: typer.Typer) -> None:
                  "started": time.time(), "worker": worker is not None}
         _state_file().parent.mkdir(parents=True, exist_ok=True)
         _state_file().write_text(json.dumps(state))
+        stop = _stop_on_signals()
         sys.stdout.write(json.dumps({"event": "listening", **state}) + "\n")
         sys.stdout.flush()
         threads: list[tuple[str, Callable[[], None], Callable[[], None]]] = [
@@ -166,14 +175,16 @@ def register(app: typer.Typer) -> None:
         if worker is not None:
             threads.append(("worker", worker.run, worker.stop))
         try:
-            _service("pacs-listen", threads, {}, start_recorded=True)
+            _service("pacs-listen", threads, {}, start_recorded=True, stop=stop)
         finally:
             _state_file().unlink(missing_ok=True)
 
     @pacs.command("worker")
     def worker_cmd(
+        ctx: typer.Context,
         stable_seconds: float = typer.Option(None, "--stable-seconds", help="Quiet period of a complete study."),
         destination: str = typer.Option(None, "--destination", "-d", help="AE@host:port or a folder."),
+        send_policy: str = typer.Option(None, "--send-policy", help="after-review or immediate (pacs.send_policy)."),
         once: bool = typer.Option(False, "--once", help="Process what is due, then exit."),
         log_json: bool = typer.Option(False, "--log-json", help="Structured JSON log lines on stderr."),
     ) -> None:
@@ -181,18 +192,29 @@ def register(app: typer.Typer) -> None:
         from medai.pacs.worker import Worker, WorkerConfig, run_pending
 
         _setup_logging(log_json, False)
-        wcfg = WorkerConfig.from_config(stable_seconds=stable_seconds, destination=destination)
+        wcfg = WorkerConfig.from_config(stable_seconds=stable_seconds, destination=destination,
+                                        send_policy=send_policy)
         if once:
+            from medai.pacs.queue import PacsDB
+
             run_pending(wcfg)
+            left = PacsDB().status()
+            emit(ctx, {"event": "idle", "queue_depth": left["queue_depth"], "jobs": left["jobs"],
+                       "transfers": left["transfers"]},
+                 lambda d: typer.echo(f"nothing left to do: jobs {d['jobs'] or {}}, transfers {d['transfers'] or {}}"))
             return
         worker = Worker(wcfg)
-        _service("pacs-worker", [("worker", worker.run, worker.stop)], {})
+        stop = _stop_on_signals()
+        sys.stdout.write(json.dumps({"event": "working", "pid": os.getpid()}) + "\n")  # like listen, follow-orthanc
+        sys.stdout.flush()
+        _service("pacs-worker", [("worker", worker.run, worker.stop)], {}, stop=stop)
 
     @pacs.command("follow-orthanc")
     def follow_orthanc(
         url: str = typer.Option(None, "--url", help="Orthanc REST base URL (setting pacs.orthanc_url)."),
         from_start: bool = typer.Option(False, "--from-start",
                                         help="Process Orthanc's whole change history, not only new changes."),
+        send_policy: str = typer.Option(None, "--send-policy", help="after-review or immediate (pacs.send_policy)."),
         log_json: bool = typer.Option(False, "--log-json", help="Structured JSON log lines on stderr."),
     ) -> None:
         """Follow an existing Orthanc: StableStudy in, results uploaded back (POST /instances)."""
@@ -207,15 +229,17 @@ def register(app: typer.Typer) -> None:
         client = OrthancClient.from_config(url)
         wait_for(client)
         store, db = StudyStore(), PacsDB()
-        worker = Worker(WorkerConfig.from_config(), store=store, db=db)
+        worker = Worker(WorkerConfig.from_config(send_policy=send_policy), store=store, db=db)
         follower = Follower(client, store=store, db=db, on_stable=worker.stabilise,
                             poll_seconds=float(config.get("pacs.orthanc_poll_seconds")))
         if db.get_value(follower.cursor_key) is None and not from_start:
             db.set_value(follower.cursor_key, client.last_change())
+        stop = _stop_on_signals()
         sys.stdout.write(json.dumps({"event": "following", "orthanc": client.describe()}) + "\n")
         sys.stdout.flush()
         _service("pacs-follow-orthanc", [("follower", follower.run, follower.stop),
-                                         ("worker", worker.run, worker.stop)], {"orthanc": client.describe()})
+                                         ("worker", worker.run, worker.stop)], {"orthanc": client.describe()},
+                 stop=stop)
 
     @pacs.command("status")
     def status(ctx: typer.Context) -> None:

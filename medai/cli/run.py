@@ -1,4 +1,9 @@
-"""``medai run``: run one model on a study/series folder and write SEG, mask and result.json."""
+"""``medai run``: run one model on a study/series folder and write SEG, mask and result.json.
+
+A DICOM run lands in the results store like every surface's (``medai results``), and
+its files are copied into ``--out``; when the same model version already ran on the
+same series content (from the UI, the PACS hook or triage), that result is reused.
+An image file (NIfTI, NRRD, MHA) has no DICOM identity: it runs straight into --out."""
 
 from __future__ import annotations
 
@@ -46,32 +51,76 @@ def run_command(
                                          "bone, brain, or LEVEL,WIDTH in HU (MR uses percentiles)."),
     slice_range: Optional[str] = typer.Option(None, "--slice-range", help="FIRST,LAST: slices propagation may "
                                               "reach (inclusive), the structure's extent as the reader sees it."),
+    force: bool = typer.Option(False, "--force", help="Run again even when this model version already ran on "
+                               "the same series content (see `medai results`)."),
 ) -> None:
     """Run MODEL on SOURCE: writes seg.dcm, mask.nii.gz and result.json into --out."""
     from medai.errors import MedaiError
     from medai.inference import run as runner
 
     prompt = _prompt(plane, slice_index, box, propagate, window, slice_range)
-    kwargs: dict[str, Any] = {"device": device, "max_memory": max_memory, "prompt": prompt, "threads": threads}
-    if all_series:
-        if series:
-            raise typer.BadParameter("--series and --all-series exclude each other")
-        results = runner.run_study(model, source, out, allow_unsigned=allow_unsigned or None, **kwargs)
-        if not results:
-            raise MedaiError(f"{source}: no series matches model {model}")
-        emit(ctx, [r.summary() for r in results], _human_many)
+    kwargs: dict[str, Any] = {"device": device, "max_memory": max_memory, "threads": threads,
+                              "allow_unsigned": allow_unsigned or None}
+    if all_series and series:
+        raise typer.BadParameter("--series and --all-series exclude each other")
+    if source.is_file() and source.name.lower().endswith((".nii", ".nii.gz", ".nrrd", ".mha", ".mhd")):
+        result = runner.run_model(model, source, out, prompt=prompt, **kwargs)
+        emit(ctx, result.summary(), _human_one)
         return
-    result = runner.run_model(model, source, out, series_uid=series, allow_unsigned=allow_unsigned or None, **kwargs)
-    emit(ctx, result.summary(), _human_one)
-    if any(f.severity != "info" for f in result.findings):
-        for f in result.findings:
-            sys.stderr.write(f"{f.severity}: {f.text}\n")
+    from medai.results import copy_outputs, obtain, request_from_source
+
+    if all_series:
+        reqs = _every_series(source, model)
+        if not reqs:
+            raise MedaiError(f"{source}: no series matches model {model}")
+    else:
+        reqs = [request_from_source(source, model, "cli", series_uid=series)]
+    rows = []
+    for req, patient in reqs:
+        stored, reused = obtain(req, patient=patient, prompt=prompt, force=force, **kwargs)
+        target = copy_outputs(stored, out / stored.series_key if all_series else out)
+        rows.append(_summary(stored, target, reused))
+        for text in stored.summary.get("findings") or []:
+            sys.stderr.write(f"finding: {text}\n")
+    emit(ctx, rows if all_series else rows[0], _human_many if all_series else _human_one)
+
+
+def _every_series(source: Path, model: str) -> list[Any]:
+    from medai.dicom.index import scan
+    from medai.inference import registry
+    from medai.results import request_for
+    from medai.routing import accepts, best_first, site_routes
+
+    bundle = registry.get_bundle(model)
+    index = scan([source])
+    routes = site_routes()
+    out = []
+    for entry in best_first(e for e in index.series.values() if accepts(bundle, e, routes)[0]):
+        person = index.patients.get(entry.patient_key)
+        patient = (person.patient_id or None, person.patient_name or None) if person else (None, None)
+        out.append((request_for(entry, bundle.id, str(bundle.version), "cli",
+                                study_date=index.studies[entry.study_instance_uid].study_date), patient))
+    return out
+
+
+def _summary(stored: Any, target: Path, reused: bool) -> dict[str, Any]:
+    s = stored.summary
+    return {"model": stored.model_id, "version": stored.model_version, "run_id": stored.run_id,
+            "reused": reused, "series_key": stored.series_key, "out_dir": str(target),
+            "seg": str(target / stored.outputs["seg"]) if stored.outputs.get("seg") else None,
+            "mask": str(target / stored.outputs["mask"]) if stored.outputs.get("mask") else None,
+            "result": str(target / stored.outputs["result"]),
+            "sr": str(target / stored.outputs["sr"]) if stored.outputs.get("sr") else None,
+            "volumes_ml": dict(s.get("volumes_ml") or {}), "priority": stored.priority_level,
+            "qc": stored.qc, "provider": s.get("provider", ""), "seconds": s.get("seconds", 0.0)}
 
 
 def _human_one(s: dict[str, Any]) -> None:
     vols = ", ".join(f"{k} {v:.1f} mL" for k, v in s["volumes_ml"].items())
-    sys.stdout.write(f"{s['model']} {s['version']} on series {s['series_uid'] or '(file)'}: {vols}; priority "
-                     f"{s['priority']}; {s['provider']}; {s['seconds']} s\n  -> {s['out_dir']}\n")
+    where = f"series {s['series_key']}" if s.get("series_key") else "image file"
+    again = " (stored result reused)" if s.get("reused") else ""
+    sys.stdout.write(f"{s['model']} {s['version']} on {where}: {vols}; priority {s['priority']}; "
+                     f"{s['provider']}; {s['seconds']} s{again}\n  -> {s['out_dir']}\n")
 
 
 def _human_many(rows: list[dict[str, Any]]) -> None:

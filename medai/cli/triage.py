@@ -72,8 +72,6 @@ def triage_cmd(
                                           "(capped by the memory budget)."),
     max_memory: Optional[str] = typer.Option(None, "--max-memory", help="Memory budget for all runs at once, "
                                              "e.g. 8G (default: 80% of available memory)."),
-    results: Optional[Path] = typer.Option(None, "--results", help="Where per-study results go "
-                                           "(default: <worklist>.results/)."),
     force: bool = typer.Option(False, "--force", help="Redo studies already done."),
     retry_failed: bool = typer.Option(False, "--retry-failed", help="Retry studies that failed before."),
     cluster: Optional[str] = typer.Option(None, "--cluster", help="Run on Dask: 'local' (a loopback-only "
@@ -81,7 +79,10 @@ def triage_cmd(
 ) -> None:
     """Run the installed models over every study and write a ranked worklist.
 
+    Results land in the results store every surface shares (`medai results list`, the UI's Worklist); a series another surface already ran the same model on is not run again.
+
     Resumable: rerun the same command after an interruption and only the rest runs.
+
     Exit codes: 0 all studies done, 3 some failed, 1 nothing could run, 2 usage."""
     from medai import triage
 
@@ -95,12 +96,11 @@ def triage_cmd(
         raise typer.BadParameter("--workers must be at least 1")
     budget = config.get("max_memory", max_memory)
     budget = config.parse_size(budget) if budget is not None else None
-    results_dir = results or (out.with_name(out.name + ".results") if out else config.home() / "triage" / "results")
     progress, update = _progress_callback(sys.stderr.isatty())
     try:
         if progress:
             progress.start()
-        report = triage.triage(dirs, models=models.split(",") if models else None, results_dir=results_dir,
+        report = triage.triage(dirs, models=models.split(",") if models else None,
                                workers=int(n), max_memory=budget, force=force, retry_failed=retry_failed,
                                cluster=cluster, progress=update)
     except KeyboardInterrupt:
@@ -117,7 +117,7 @@ def triage_cmd(
                "studies": len(report.rows), "by_status": report.status_counts(), "jobs_run": report.ran,
                "jobs_already_done": report.skipped_done, "jobs_failed": report.failed,
                "workers": report.workers, "seconds": round(report.seconds, 1), "exit_code": report.exit_code}
-    if fmt_l == "table":
+    if fmt_l == "table" and not state(ctx).json:  # under --json stdout holds only the JSON summary
         _table(report, limit=None, stderr=False)
     _table(report, limit=20, stderr=True)
     if fmt_l != "table" or state(ctx).json:

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import json
 import sys
 
 import typer
 
 from medai import config
+from medai.cli._common import state
 from medai.errors import ConfigError
 
 
 def register(app: typer.Typer) -> None:
     @app.command("ui")
     def ui_command(
+        ctx: typer.Context,
         port: int = typer.Option(None, "--port", "-p", help="Port to serve on (default: setting ui.port, 8501)."),
         address: str = typer.Option(None, "--address",
                                     help="Address to bind (default: setting ui.address, 127.0.0.1). "
@@ -33,8 +36,10 @@ def register(app: typer.Typer) -> None:
         if not server.is_loopback(bind):
             sys.stderr.write(f"warning: binding {bind}: the page is reachable from other machines.\n")
 
+        as_json = state(ctx).json
+
         def announce(url: str) -> None:
-            sys.stdout.write(url + "\n")
+            sys.stdout.write((json.dumps({"event": "serving", "url": url}) if as_json else url) + "\n")
             sys.stdout.flush()
             sys.stderr.write("medai ui: serving on this machine only; press Ctrl-C to stop.\n")
 

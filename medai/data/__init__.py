@@ -1,5 +1,6 @@
 """Data shipped with medai: the demo study (``demo-t1/``), a real T1-weighted brain MRI
-wrapped as a DICOM series with synthetic headers (see ``demo-t1/LICENSE``)."""
+wrapped as a DICOM series with synthetic headers (licence and attribution in ``demo-t1.LICENSE`` beside the
+folder, so the series folder holds only DICOM files)."""
 
 from __future__ import annotations
 

@@ -61,7 +61,7 @@ from pydicom.sequence import Sequence as DicomSequence
 from pydicom.tag import BaseTag, Tag
 from pydicom.uid import ExplicitVRLittleEndian
 
-from medai import __version__, config
+from medai import __version__, home
 from medai.dicom import deid_table
 from medai.errors import AuditWriteError, ConfigError, UnsafeInputError
 
@@ -234,9 +234,7 @@ def load_key(path: str | os.PathLike[str] | None = None) -> bytes:
         if len(key) < 16:
             raise ConfigError(f"{p}: a de-identification key needs at least 16 bytes")
         return key
-    folder = config.home() / "deid"
-    folder.mkdir(mode=0o700, exist_ok=True)
-    kp = folder / "key"
+    kp = home.deid_dir() / "key"
     if not kp.exists():
         fd = os.open(kp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "wb") as fh:
@@ -612,11 +610,9 @@ def burned_in_risk(ds: Dataset) -> str | None:
 
 
 def _ensure_decoders() -> None:
-    """Register medai's permissive JPEG decoders with pydicom when that module exists."""
-    try:
-        from medai.dicom import codecs
-    except ImportError:
-        return
+    """Register medai's permissive JPEG decoders with pydicom."""
+    from medai.dicom import codecs
+
     codecs.register()
 
 
@@ -793,10 +789,8 @@ def _new_export_id() -> str:
 
 def _audit(records: dict[tuple[str, str], dict[str, Any]], detail: dict[str, Any]) -> None:
     """One Export audit record per (patient, study), before anything is published."""
-    try:
-        from medai.compliance import audit
-    except ImportError as exc:
-        raise AuditWriteError(f"audit trail unavailable ({exc}); nothing was exported") from exc
+    from medai.compliance import audit
+
     for (pid, study), info in records.items():
         full = {**detail, "instances": len(info["instances"])}
         # The trail refuses a detail that contains the patient's identifiers in clear (a
@@ -847,7 +841,7 @@ def deidentify_study(
     inputs = _iter_inputs([Path(p) for p in src_paths], dst)
     export_id = _new_export_id()
     run = _Export(dst=dst, staging=dst / f".medai-staging-{export_id}",
-                  quarantine=config.home() / "quarantine" / export_id,
+                  quarantine=home.quarantine_dir(export_id),
                   mapper=_Mapper(key if key is not None else load_key()), options=opts,
                   pixel_rules=tuple(pixel_rules))
     run.staging.mkdir(parents=True, mode=0o700)

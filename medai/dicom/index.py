@@ -15,6 +15,7 @@ Patient names and IDs are kept on :class:`PatientEntry` for the UI to display;
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import warnings
@@ -176,6 +177,30 @@ class SeriesEntry:
     @property
     def frame_count(self) -> int:
         return sum(i.frames for i in self.instances)
+
+    # Short names the pages and worklists read (the same values, one record).
+    @property
+    def series_uid(self) -> str:
+        return self.series_instance_uid
+
+    @property
+    def study_uid(self) -> str:
+        return self.study_instance_uid
+
+    @property
+    def number(self) -> int | None:
+        return self.series_number
+
+    @property
+    def n_images(self) -> int:
+        return self.frame_count
+
+    @property
+    def content_digest(self) -> str:
+        """SHA-256 over the sorted SOP Instance UIDs: the same series content gives the same
+        digest whichever surface indexed it (a result is reused only for the same content)."""
+        uids = sorted(i.sop_instance_uid for i in self.instances)
+        return hashlib.sha256("\n".join(uids).encode()).hexdigest()
 
     def to_json(self) -> dict[str, Any]:
         first = self.instances[0] if self.instances else None
@@ -543,25 +568,11 @@ def _read_all(files: list[Path], workers: int) -> list[tuple[Path, dict[str, Any
 
 # --------------------------------------------------------------------------- grouping
 
-def _pseudonym(value: str) -> str | None:
-    """Keyed pseudonym from medai.compliance when it is there."""
-    try:
-        from medai import compliance
-    except ImportError:
-        return None
-    fn = getattr(compliance, "pseudonym", None)
-    if fn is not None and not callable(fn):  # a module named pseudonym
-        fn = getattr(fn, "pseudonym", None)
-    if fn is None:
-        try:
-            from medai.compliance.pseudonym import pseudonym as fn  # type: ignore[no-redef]
-        except ImportError:
-            return None
-    try:
-        return str(fn(value))
-    except Exception:  # pragma: no cover - never let keying break indexing
-        log.warning("pseudonym() failed; falling back to UID-based patient keys")
-        return None
+def _pseudonym(value: str) -> str:
+    """The keyed pseudonym of a patient identifier (this install's key)."""
+    from medai.compliance import pseudonym
+
+    return pseudonym(value)
 
 
 def scan(paths: str | os.PathLike[str] | Iterable[str | os.PathLike[str]], *,
@@ -633,8 +644,8 @@ def _group(results: list[tuple[Path, dict[str, Any]]], files_seen: int) -> Dicom
             manufacturer=first["manufacturer"], image_type=first["image_type"],
             slice_thickness=first["slice_thickness"])
 
-    # Patients: grouped by (PatientID, PatientName); keyed by pseudonym or, when
-    # no keyed pseudonym is available, by the patient's first study UID.
+    # Patients: grouped by (PatientID, PatientName), keyed by their pseudonym; a study
+    # without either is keyed by its own UID's pseudonym.
     by_patient: dict[tuple[str, str], list[str]] = defaultdict(list)
     for study_uid, ident in patient_of_study.items():
         by_patient[ident].append(study_uid)
@@ -642,7 +653,7 @@ def _group(results: list[tuple[Path, dict[str, Any]]], files_seen: int) -> Dicom
     key_of_study: dict[str, str] = {}
     for (pid, pname), study_uids in by_patient.items():
         study_uids.sort()
-        key = (_pseudonym(f"{pid}^{pname}") if (pid or pname) else None) or f"study:{study_uids[0]}"
+        key = _pseudonym(f"{pid}^{pname}") if (pid or pname) else "study:" + _pseudonym(study_uids[0])
         patients[key] = PatientEntry(key=key, study_uids=tuple(study_uids), patient_id=pid,
                                      patient_name=pname)
         for s in study_uids:

@@ -135,7 +135,9 @@ class Volume:
 #   possible value (GDCM's rule), otherwise floating point.
 # * A series that cannot form one regular volume is refused with a
 #   SeriesGeometryError that names the problem: missing positions, mixed
-#   orientation/size/pixel spacing, duplicate positions, gaps, irregular spacing.
+#   orientation/size/pixel spacing, two different images at one position, gaps,
+#   irregular spacing. A slice stored twice (same position, identical pixels, a new
+#   SOP Instance UID) is dropped with a warning naming both files.
 #   Gantry tilt (slices offset sideways along the stack) is resampled onto an
 #   orthogonal grid by default (linear, in-plane shift per slice) and reported in
 #   ``attributes["gantry_tilt_deg"]``; ``on_tilt="refuse"`` raises instead.
@@ -143,6 +145,7 @@ class Volume:
 import logging as _logging
 import os as _os
 import warnings as _warnings
+from collections.abc import Callable as _Callable
 from collections.abc import Iterable as _Iterable
 from typing import Literal as _Literal
 
@@ -159,6 +162,8 @@ ORIENTATION_TOLERANCE = 1e-3
 SPACING_TOLERANCE = 0.2
 #: A step this many times the median step means missing slices.
 GAP_FACTOR = 1.5
+#: Two slices closer than this (mm) are at the same position: one slice stored twice.
+DUPLICATE_POSITION_TOLERANCE = 1e-3
 
 #: Header elements the loader itself uses (converted and checked up front).
 _LOADER_KEYWORDS = (
@@ -516,7 +521,15 @@ def load_series(files_or_dir: "str | _os.PathLike[str] | _Iterable[str | _os.Pat
     _check_consistent(frames, where)
     first_ds = datasets[0]
 
-    ordered, geometry, tilt = _order_and_geometry(frames, first_ds, where, on_tilt)
+    def same_pixels(a: _Frame, b: _Frame) -> bool:
+        """Whether two frames hold the same voxel values (same rescale, equal stored pixels)."""
+        if (a.slope, a.intercept) != (b.slope, b.intercept):
+            return False
+        pa = _decode(datasets[a.source], Path(files[a.source]))[a.frame_index]
+        pb = _decode(datasets[b.source], Path(files[b.source]))[b.frame_index]
+        return bool(np.array_equal(pa, pb))
+
+    ordered, geometry, tilt = _order_and_geometry(frames, first_ds, where, on_tilt, same_pixels)
 
     ranges = [_stored_range(d) for d in datasets]
     stored = (min(r[0] for r in ranges), max(r[1] for r in ranges))
@@ -546,6 +559,8 @@ def load_series(files_or_dir: "str | _os.PathLike[str] | _Iterable[str | _os.Pat
         out = _resample_tilt(out, ordered, geometry)
 
     attributes = _attributes(first_ds)
+    if len(ordered) < len(frames):
+        attributes["duplicate_slices_dropped"] = len(frames) - len(ordered)
     if tilt is not None:
         attributes["gantry_tilt_deg"] = round(tilt, 3)
         attributes["resampled"] = "gantry tilt corrected: linear in-plane shift per slice"
@@ -562,8 +577,8 @@ def load_series(files_or_dir: "str | _os.PathLike[str] | _Iterable[str | _os.Pat
     )
 
 
-def _order_and_geometry(frames: list[_Frame], ds: Any, where: Path | None,
-                        on_tilt: str) -> tuple[list[_Frame], Geometry, float | None]:
+def _order_and_geometry(frames: list[_Frame], ds: Any, where: Path | None, on_tilt: str,
+                        same_pixels: _Callable[[_Frame, _Frame], bool]) -> tuple[list[_Frame], Geometry, float | None]:
     first = frames[0]
     if first.spacing is not None:
         row_spacing, col_spacing = first.spacing
@@ -595,13 +610,12 @@ def _order_and_geometry(frames: list[_Frame], ds: Any, where: Path | None,
     order = np.argsort(dist, kind="stable")
     frames = [frames[i] for i in order]
     positions, dist = positions[order], dist[order]
+    keep = _drop_identical_duplicates(frames, positions, where, same_pixels)
+    if len(keep) < len(frames):
+        frames, positions, dist = [frames[i] for i in keep], positions[keep], dist[keep]
+        if len(frames) == 1:
+            return _order_and_geometry(frames, ds, where, on_tilt, same_pixels)
     steps = np.diff(dist)
-    dup = np.flatnonzero(np.linalg.norm(np.diff(positions, axis=0), axis=1) < 1e-3)
-    if dup.size:
-        a, b = frames[dup[0]], frames[dup[0] + 1]
-        raise _SeriesGeometryError(where, f"duplicate slice position: {_describe(a)} and {_describe(b)} "
-                                   f"are both at {tuple(round(float(v), 3) for v in positions[dup[0]])} "
-                                   f"({dup.size} duplicate(s); several acquisitions or phases in one series?)")
     if np.any(steps < 1e-3):
         k = int(np.argmin(steps))
         raise _SeriesGeometryError(where, f"slices {_describe(frames[k])} and {_describe(frames[k + 1])} lie "
@@ -640,6 +654,46 @@ def _order_and_geometry(frames: list[_Frame], ds: Any, where: Path | None,
         z = float(np.linalg.norm(positions[-1] - positions[0])) / (len(frames) - 1)
     geometry = Geometry(tuple(float(v) for v in positions[0]), (col_spacing, row_spacing, z), direction)
     return frames, geometry, tilt
+
+
+def _drop_identical_duplicates(frames: list[_Frame], positions: np.ndarray, where: Path | None,
+                               same_pixels: _Callable[[_Frame, _Frame], bool]) -> list[int]:
+    """Indices of the frames to keep, in slice order: a slice stored twice (same
+    position, identical pixels, a new SOP Instance UID, as PACS re-sends and some
+    exports produce) is the same image, so the later copy is dropped with a warning
+    naming both files, as dcm2niix and common viewers do (the copy that comes first
+    in the series' file order, InstanceNumber then path, is kept). Two different images at
+    one position (several acquisitions or phases in one series) cannot form one
+    volume: SeriesGeometryError.
+
+    ``frames`` are sorted along the slice normal, so copies are neighbours."""
+    keep = [0]
+    conflicts: list[tuple[_Frame, _Frame, np.ndarray]] = []
+    for i in range(1, len(frames)):
+        kept = keep[-1]
+        if np.linalg.norm(positions[i] - positions[kept]) >= DUPLICATE_POSITION_TOLERANCE:
+            keep.append(i)
+            continue
+        a, b = frames[kept], frames[i]
+        if not same_pixels(a, b):
+            conflicts.append((a, b, positions[kept]))
+            continue
+        _log.warning("identical duplicate slice dropped: %s and %s are the same image at the same position "
+                     "(different SOP Instance UIDs); using %s", _source_name(a), _source_name(b),
+                     _source_name(a))
+    if conflicts:
+        a, b, at = conflicts[0]
+        raise _SeriesGeometryError(where, f"duplicate slice position with different pixels: {_describe(a)} and "
+                                   f"{_describe(b)} are both at {tuple(round(float(v), 3) for v in at)} "
+                                   f"({len(conflicts)} conflicting duplicate(s); several acquisitions or phases "
+                                   "in one series?)")
+    return keep
+
+
+def _source_name(frame: _Frame) -> str:
+    """A frame's file path (user-chosen, never patient data) and frame number."""
+    name = str(frame.ref.path) if frame.ref.path is not None else frame.ref.sop_instance_uid
+    return f"{name} frame {frame.ref.frame}" if frame.ref.frame else name
 
 
 def _shift_axis(a: np.ndarray, shift: float, axis: int, fill: float) -> np.ndarray:

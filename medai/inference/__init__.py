@@ -10,7 +10,7 @@ Where things are:
   ``pipelines/<name>.py`` — the pipelines; ``steps.py`` — deterministic recorded
   pre/post-processing; ``sliding.py`` — tiled inference with blending.
 * ``backends.py`` — execution providers, sessions, parity check; ``planner.py`` — memory
-  prediction and budget; ``select.py`` — which series a model accepts.
-* ``run.py`` — ``run_model``/``run_study``: the one entry point that writes SEG, mask and
-  result.json.
+  prediction and budget (which series a model reads is :mod:`medai.routing`).
+* ``run.py`` — ``run_on_volume`` (and ``run_model`` for a file or folder): one model run
+  that writes SEG, mask and result.json; the surfaces call it through :mod:`medai.results`.
 """

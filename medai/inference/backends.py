@@ -94,13 +94,10 @@ _ORT_DISTS = ("onnxruntime", "onnxruntime-gpu", "onnxruntime-openvino", "onnxrun
 
 
 def _ort() -> "Any":
-    """Import onnxruntime with telemetry off first (compliance switch when present)."""
-    try:
-        from medai.compliance import telemetry
+    """Import onnxruntime with telemetry off first."""
+    from medai.compliance import telemetry
 
-        telemetry.disable()
-    except ImportError:
-        pass
+    telemetry.disable()
     import onnxruntime
 
     try:

@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Iterable, Literal, Mapping
 
 from medai.errors import ModelIntegrityError
-from medai.inference import _audit, trust
+from medai.compliance import audit as _audit
+from medai.inference import trust
 from medai.inference.card import CARD_NAME, ModelCard, parse_card
 
 log = logging.getLogger("medai.inference")

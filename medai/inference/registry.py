@@ -26,9 +26,10 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from medai import config
+from medai import config, home
 from medai.errors import ModelIntegrityError, ModelNotFoundError
-from medai.inference import _audit, trust
+from medai.compliance import audit as _audit
+from medai.inference import trust
 from medai.inference.bundle import Bundle, load_bundle, seal
 from medai.inference.card import CARD_NAME, parse_card
 
@@ -40,9 +41,7 @@ def shipped_dir() -> Path:
 
 
 def installed_dir() -> Path:
-    path = config.home() / "models"
-    path.mkdir(parents=True, exist_ok=True, mode=0o700)
-    return path
+    return home.models_dir()
 
 
 def pins() -> dict[str, tuple[str, ...]]:

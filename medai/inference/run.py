@@ -10,9 +10,9 @@ Audit: ``instances_accessed`` when a series is loaded for a model, ``model_run``
 when it finished (or failed), both naming the study/series/instances. When the
 trail cannot be written the run does not happen (``AuditWriteError`` propagates).
 
-Output folder layout for :func:`run_model`: files directly in ``out_dir``.
-:func:`run_study` runs every matching series and writes to
-``out_dir/<SeriesInstanceUID>/`` (UIDs are not patient identifiers).
+Output folder layout for :func:`run_model`: files directly in ``out_dir``. The surfaces
+(``medai run``, the UI, the PACS hook, triage) run through :mod:`medai.results`, which
+calls :func:`run_on_volume` into a run folder of the one results store.
 """
 
 from __future__ import annotations
@@ -33,7 +33,8 @@ import numpy as np
 from medai import __version__, config
 from medai.dicom.volume import Volume
 from medai.errors import DicomInputError, MedaiError, ModelIntegrityError, PromptError
-from medai.inference import _audit, backends, planner, registry
+from medai.compliance import audit as _audit
+from medai.inference import backends, planner, registry
 from medai.inference.bundle import Bundle
 from medai.inference.pipeline import (Finding, Measurement, Pipeline, PipelineContext, PipelineOutput, Priority,
                                       Prompt)
@@ -94,12 +95,8 @@ def load_pipeline(bundle: Bundle) -> Pipeline:
 Patient = tuple[str | None, str | None]  # clear (PatientID, PatientName), only for the audit trail
 
 
-def _patient_of(index: Any, entry: Any) -> Patient:
-    person = getattr(index, "patients", {}).get(getattr(entry, "patient_key", None))
-    return (getattr(person, "patient_id", None) or None, getattr(person, "patient_name", None) or None)
-
-
-def _load_volume(source: Path, series_uid: str | None, bundle: Bundle) -> tuple[Volume, Patient]:
+def _load_volume(source: Path, series_uid: str | None, bundle: Bundle,
+                 allow_unsigned: bool | None = None) -> tuple[Volume, Patient]:
     """A Volume from a NIfTI/NRRD file or a DICOM file/folder (series chosen by the card)."""
     lower = source.name.lower()
     if source.is_file() and lower.endswith((".nii", ".nii.gz", ".nrrd", ".mha", ".mhd")):
@@ -112,23 +109,12 @@ def _load_volume(source: Path, series_uid: str | None, bundle: Bundle) -> tuple[
         if image.GetDimension() == 4:
             image = image[:, :, :, 0]
         return Volume.from_sitk(image, modality=""), (None, None)
-    from medai.dicom.index import scan
     from medai.dicom.volume import load_series
+    from medai.results import request_from_source
 
-    index = scan([source])
-    if series_uid is None:
-        from medai.inference.select import matching_series, series_matches
-
-        hits = matching_series(bundle.card, index)
-        if not hits:
-            reasons = "; ".join(f"{getattr(e, 'series_uid', '?')}: {series_matches(bundle.card, e)[1]}"
-                                for e in index.series.values()) or "no DICOM image series found"
-            raise DicomInputError(source, f"no series matches model {bundle.id} ({reasons}); use --series UID")
-        series_uid = getattr(hits[0], "series_uid", None) or getattr(hits[0], "series_instance_uid")
-    if series_uid not in index.series:
-        raise DicomInputError(source, f"series {series_uid} not found")
-    entry = index.series[series_uid]
-    return load_series(list(entry.files), series_uid=series_uid), _patient_of(index, entry)
+    req, patient = request_from_source(source, bundle.id, "cli", series_uid=series_uid,
+                                       allow_unsigned=allow_unsigned)
+    return load_series([Path(p) for p in req.files], series_uid=req.series_uid), patient
 
 
 def _apply_rules(bundle: Bundle, measurements: tuple[Measurement, ...], volumes: Mapping[str, float]) -> Priority:
@@ -229,12 +215,9 @@ def run_on_volume(bundle: Bundle, volume: Volume, out_dir: str | Path, *, device
 
         seg_path = write_seg(volume, output.labels, output.segments, bundle, out / "seg.dcm")
         if output.measurements:
-            try:
-                from medai.dicom.outputs import sr  # built by the DICOM outputs owner
-            except ImportError:
-                sr = None
-            if sr is not None:
-                sr_path = sr.write_sr(volume, output, bundle, out / "sr.dcm", seg_path=seg_path)
+            from medai.dicom.outputs import sr
+
+            sr_path = sr.write_sr(volume, output, bundle, out / "sr.dcm", seg_path=seg_path)
     # Pipeline-specific files (e.g. the volumetry one-page summary), named in result.json.
     write_extras = getattr(pipeline, "write_extras", None)
     extras = [Path(p) for p in write_extras(out, volume, output)] if callable(write_extras) else []
@@ -253,6 +236,8 @@ def run_on_volume(bundle: Bundle, volume: Volume, out_dir: str | Path, *, device
         "measurements": [m.__dict__ for m in output.measurements],
         "findings": [f.__dict__ for f in output.findings],
         "qc": dict(output.qc),
+        # What a reader must know beside the numbers (e.g. a template-space series), for every surface.
+        "caveats": [str(c) for c in output.qc.get("caveats") or []],
         "priority": {"level": priority.level, "score": priority.score, "reasons": list(priority.reasons)},
         "prompt": prompt.as_dict() if isinstance(prompt, Prompt) else None,
         "preprocessing": ctx.recorded,
@@ -305,23 +290,6 @@ def run_model(model_id: str, source: Path | str | Volume, out_dir: str | Path, *
     if isinstance(source, Volume):
         volume, patient = source, (None, None)
     else:
-        volume, patient = _load_volume(Path(source), series_uid, bundle)
+        volume, patient = _load_volume(Path(source), series_uid, bundle, allow_unsigned)
     return run_on_volume(bundle, volume, out_dir, device=device, max_memory=max_memory, prompt=prompt,
                          threads=threads, patient=patient)
-
-
-def run_study(model_id: str, source: Path | str, out_dir: str | Path, **kwargs: Any) -> list[RunResult]:
-    """Run on every series of ``source`` the card accepts, each into ``out_dir/<series UID>/``."""
-    from medai.dicom.index import scan
-    from medai.dicom.volume import load_series
-    from medai.inference.select import matching_series
-
-    bundle = registry.get_bundle(model_id, allow_unsigned=kwargs.pop("allow_unsigned", None))
-    results = []
-    index = scan([Path(source)])
-    for entry in matching_series(bundle.card, index):
-        uid = getattr(entry, "series_uid", None) or getattr(entry, "series_instance_uid")
-        volume = load_series(list(entry.files), series_uid=uid)
-        results.append(run_on_volume(bundle, volume, Path(out_dir) / uid, patient=_patient_of(index, entry),
-                                     **kwargs))
-    return results

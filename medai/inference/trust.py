@@ -31,7 +31,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from medai import config
+from medai import home
 from medai.errors import ModelIntegrityError
 
 SIGNATURE_NAME = "signature.json"
@@ -90,16 +90,12 @@ def verify(card_bytes: bytes, signature: Signature, *, where: Path) -> None:
 
 
 def _trust_dir() -> Path:
-    path = config.home() / "trust" / "models"
-    path.mkdir(parents=True, exist_ok=True, mode=0o700)
-    return path
+    return home.trust_dir()
 
 
 def local_key() -> Ed25519PrivateKey:
     """This machine's model-signing key, created on first use (0600) and trusted."""
-    keys = config.home() / "keys"
-    keys.mkdir(parents=True, exist_ok=True, mode=0o700)
-    path = keys / "model-signing.pem"
+    path = home.keys_dir() / "model-signing.pem"
     if path.exists():
         loaded = serialization.load_pem_private_key(path.read_bytes(), password=None)
         if not isinstance(loaded, Ed25519PrivateKey):

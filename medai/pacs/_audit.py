@@ -1,38 +1,27 @@
 """One door from the PACS hook to the audit trail and the egress guard.
 
-Unlike the interactive paths, the PACS hook runs unattended and touches patient
-data with nobody watching, so it is strictly fail closed: when
-``medai.compliance`` is missing or the trail cannot be written,
-:class:`~medai.errors.AuditWriteError` is raised and the reception, run or
-transfer does not happen.
+The PACS hook runs unattended and touches patient data with nobody watching. Like
+every surface it is fail closed: when the trail cannot be written,
+:class:`~medai.errors.AuditWriteError` is raised and the reception, run or transfer
+does not happen. This module only adds the hook's own policy on top of
+:func:`medai.compliance.audit.record` (a detail that overlaps a short patient id is
+withheld rather than the event lost).
 """
 
 from __future__ import annotations
 
-import hashlib
-import importlib
 import logging
 from typing import Any
 
+from medai.compliance import audit, egress
+from medai.compliance import pseudonym as _pseudonym
 from medai.errors import AuditWriteError
 
 log = logging.getLogger("medai.pacs")
 
 
-def _module(name: str) -> Any:
-    try:
-        return importlib.import_module(f"medai.compliance.{name}")
-    except ModuleNotFoundError as exc:
-        if exc.name not in {f"medai.compliance.{name}", "medai.compliance"}:
-            raise
-        return None
-
-
 def record(event: str, **kwargs: Any) -> None:
-    """``medai.compliance.audit.record``; raises AuditWriteError when there is no trail."""
-    audit = _module("audit")
-    if audit is None:
-        raise AuditWriteError(f"audit trail unavailable (medai.compliance.audit missing); {event} refused")
+    """``medai.compliance.audit.record``; raises AuditWriteError when it cannot be written."""
     try:
         try:
             audit.record(event, **kwargs)
@@ -61,19 +50,11 @@ def quiet_pynetdicom() -> None:
 
 
 def allow_destination(host: str, port: int) -> None:
-    """Register a configured destination with the egress guard (a no-op where
-    no guard is installed in this process)."""
-    egress = _module("egress")
-    if egress is not None and hasattr(egress, "allow"):
-        egress.allow(host, port)
+    """Register a configured destination with the egress guard."""
+    egress.allow(host, port)
 
 
 def key(uid: str) -> str:
     """A log key for a UID: its keyed pseudonym, so logs can be correlated with
     ``medai pacs status --json`` and the audit trail without carrying the UID."""
-    try:
-        from medai.compliance import pseudonym
-
-        return str(pseudonym(uid))
-    except Exception:  # noqa: BLE001 - a log key must never break reception
-        return "u" + hashlib.sha256(uid.encode()).hexdigest()[:15]
+    return str(_pseudonym(uid))

@@ -22,7 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
-from medai import config
+from medai import home
+from medai.durable import pid_alive
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS instances (
@@ -118,7 +119,10 @@ class Transfer:
 
 @dataclass(frozen=True)
 class SeriesInfo:
-    """What routing rules look at, recorded from headers at reception."""
+    """A received series' header fields as the queue database records them at reception
+    (``medai pacs status`` and reconciliation read them). Routing does not: it reads the
+    stored study through the index (:class:`medai.dicom.index.SeriesEntry`), like every
+    other surface."""
 
     study_uid: str
     series_uid: str
@@ -177,19 +181,11 @@ def _owner_alive(owner: str | None) -> bool:
         return True
     if boot != _boot_id() or pid == os.getpid():
         return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return pid_alive(pid)
 
 
 def default_path() -> Path:
-    folder = config.home() / "pacs"
-    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-    return folder / "queue.sqlite3"
+    return home.pacs_dir() / "queue.sqlite3"
 
 
 def backoff_seconds(attempts: int, base: float = 2.0, cap: float = 300.0) -> float:

@@ -2,34 +2,41 @@
 
 It runs beside the listener (a thread of ``medai pacs listen``) or on its own
 (``medai pacs worker``) and shares nothing with reception but the queue
-database, so reception never waits on inference. Each model run is a child
-process (:mod:`medai.pacs.runjob`). Outputs land in
-``MEDAI_HOME/pacs/results/<study>/<model>-<version>/`` by an atomic rename, so
-a killed run leaves no half result, and a job re-run replaces its outputs
-instead of adding a second set.
+database, so reception never waits on inference. Routing is the one decision
+every surface uses (:func:`medai.routing.decide`). Each model run is a child
+process (:mod:`medai.pacs.runjob`) that lands its outputs in the results store
+(:mod:`medai.results`, an atomic rename, so a killed run leaves no half result)
+or reuses a stored run of the same model on the same series content.
+
+``pacs.send_policy`` decides when results leave: ``after-review`` (the default)
+keeps them until a clinician accepts them in the Worklist (:mod:`medai.review`),
+``immediate`` queues their transfer as soon as the model ran.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
-import secrets
-import shutil
 import subprocess
 import sys
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
 import pydicom
 
 from medai import config
-from medai.errors import AuditWriteError, MedaiError, PacsError
+from medai.errors import AuditWriteError, ConfigError, MedaiError, PacsError
 from medai.pacs import _audit
-from medai.pacs.queue import Job, PacsDB
-from medai.pacs.routing import Route, parse_routes, route
+from medai.pacs.queue import Job, PacsDB, RouteTarget
 from medai.pacs.sender import Destination, parse_destination, send_audited
-from medai.pacs.store import StudyStore, fsync_dir, validate_uid
+from medai.pacs.store import StudyStore, validate_uid
+from medai.results import ResultsStore
+from medai.routing import Route, parse_routes
+
+SEND_POLICIES = ("after-review", "immediate")
 
 log = logging.getLogger("medai.pacs")
 
@@ -44,6 +51,11 @@ class WorkerConfig:
     retry_base: float = 5.0
     job_timeout: float = 1800.0
     poll_seconds: float = 0.5
+    send_policy: str = "after-review"
+
+    def __post_init__(self) -> None:
+        if self.send_policy not in SEND_POLICIES:
+            raise ConfigError(f"pacs.send_policy: {self.send_policy!r} is not one of {', '.join(SEND_POLICIES)}")
 
     @classmethod
     def from_config(cls, **overrides: object) -> "WorkerConfig":
@@ -54,15 +66,10 @@ class WorkerConfig:
             "max_attempts": int(config.get("pacs.max_attempts")),
             "retry_base": float(config.get("pacs.retry_seconds")),
             "job_timeout": float(config.get("pacs.job_timeout")),
+            "send_policy": str(config.get("pacs.send_policy")),
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)  # type: ignore[arg-type]
-
-
-def results_dir() -> Path:
-    path = config.home() / "pacs" / "results"
-    path.mkdir(parents=True, exist_ok=True, mode=0o700)
-    return path
 
 
 class Worker:
@@ -86,6 +93,8 @@ class Worker:
             child.terminate()
 
     def run(self) -> None:
+        with ResultsStore() as store:
+            store.clean_partial()  # outputs of a run killed with the last service
         jobs, transfers = self.db.recover()
         if jobs or transfers:
             log.info("recovered after restart jobs=%d transfers=%d", jobs, transfers)
@@ -106,11 +115,13 @@ class Worker:
 
     def stabilise(self, study_uid: str) -> list[int]:
         """Route a complete study and queue its jobs (idempotent)."""
-        series = self.db.study_series(study_uid)
-        counts = {r[0]: r[1] for r in self.db.rows(
-            "SELECT series_uid, COUNT(*) FROM instances WHERE study_uid=? GROUP BY series_uid", (study_uid,))}
+        from medai.dicom.index import scan
+        from medai.routing import decide
+
         try:
-            targets = route(self.store.study_dir(study_uid), series, counts, self.cfg.routes)
+            index = scan([self.store.study_dir(study_uid)], workers=1)
+            chosen, _why = decide(list(index.series.values()), routes=self.cfg.routes)
+            targets = [RouteTarget(d.model_id, d.model_version, d.series.series_instance_uid) for d in chosen]
         except MedaiError as exc:
             log.error("routing failed study=%s: %s", _audit.key(study_uid), exc)
             targets = []
@@ -131,7 +142,7 @@ class Worker:
         if job is None:
             return False
         try:
-            out_dir = self._execute(job)
+            out_dir, run_id = self._execute(job)
         except _Stopped:
             self.db.release_job(job)
             return False
@@ -144,24 +155,22 @@ class Worker:
         for path in sorted(out_dir.glob("*.dcm")):
             ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPInstanceUID"])
             outputs.append((path, validate_uid(ds.SOPInstanceUID, "SOP Instance UID")))
-        destination = job.destination if job.destination else None
+        immediate = self.cfg.send_policy == "immediate"
+        destination = job.destination if (job.destination and immediate) else None
         self.db.finish_job(job, out_dir, outputs, destination)
-        log.info("job done study=%s model=%s outputs=%d", _audit.key(job.study_uid), job.model_id, len(outputs))
+        if job.destination and not immediate:
+            with ResultsStore() as store:  # sent there once a clinician accepts it
+                store.set_destination(run_id, job.destination)
+        log.info("job done study=%s model=%s run=%s outputs=%d sent=%s", _audit.key(job.study_uid), job.model_id,
+                 run_id, len(outputs), "now" if destination else "after review")
         return True
 
-    def _execute(self, job: Job) -> Path:
-        base = results_dir() / validate_uid(job.study_uid, "Study Instance UID")
-        base.mkdir(parents=True, exist_ok=True, mode=0o700)
-        final = base / f"{_safe_name(job.model_id)}-{_safe_name(job.model_version)}"
-        tmp = base / f".run-{job.id}-{secrets.token_hex(4)}"
-        for stale in base.glob(f".run-{job.id}-*"):
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp.mkdir(mode=0o700)
+    def _execute(self, job: Job) -> tuple[Path, str]:
+        """Run the job's model in a child process; returns the stored run's folder and id."""
         source = self.store.study_dir(job.study_uid)
         if job.series_uid:
             source = source / validate_uid(job.series_uid, "Series Instance UID")
-        cmd = [sys.executable, "-m", "medai.pacs.runjob", "--model", job.model_id, "--source", str(source),
-               "--out", str(tmp)]
+        cmd = [sys.executable, "-m", "medai.pacs.runjob", "--model", job.model_id, "--source", str(source)]
         if job.series_uid:
             cmd += ["--series", job.series_uid]
         log.info("job start study=%s model=%s attempt=%d", _audit.key(job.study_uid), job.model_id, job.attempts)
@@ -178,22 +187,15 @@ class Worker:
         finally:
             self._child = None
         if self._stop.is_set():
-            shutil.rmtree(tmp, ignore_errors=True)
             raise _Stopped()
         if code != 0:
-            shutil.rmtree(tmp, ignore_errors=True)
             tail = err.decode(errors="replace").strip().splitlines()[-1:] or [f"exit code {code}"]
             raise PacsError(f"model {job.model_id} failed: {tail[0][:300]}")
-        # Swap the finished folder into place; an older result of the same key goes.
-        if final.exists():
-            old = base / f".old-{job.id}-{secrets.token_hex(4)}"
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-        fsync_dir(base)
-        return final
+        try:
+            done = json.loads(_out.decode().strip().splitlines()[-1])
+            return Path(done["folder"]), str(done["run_id"])
+        except (ValueError, KeyError, IndexError):
+            raise PacsError(f"model {job.model_id}: the run reported no result") from None
 
     # -- transfers --------------------------------------------------------------
     def _destination(self, name: str) -> Destination | None:
@@ -214,6 +216,7 @@ class Worker:
             self.db.fail_transfer(transfer, "destination no longer configured", max_attempts=0, backoff_base=1)
             log.error("transfer dropped: destination is not configured")
             return True
+        run_id = transfer.path.parent.name  # a results-store run folder is named by its run id
         try:
             send_audited(dest, [transfer.path], study_uid=transfer.study_uid)
         except (PacsError, AuditWriteError, OSError) as exc:
@@ -221,17 +224,24 @@ class Worker:
                                           backoff_base=self.cfg.retry_base)
             log.warning("transfer failed destination=%s attempt=%d final=%s: %s", dest.describe(),
                         transfer.attempts, final, exc)
+            if final:
+                self._mark_sent(run_id, "send_failed", str(exc))
             return True
         self.db.finish_transfer(transfer)
+        self._mark_sent(run_id, "sent")
         return True
+
+    def _mark_sent(self, run_id: str, state: str, error: str = "") -> None:
+        with ResultsStore() as store:
+            try:
+                store.get(run_id)
+            except MedaiError:
+                return  # a transfer queued before the results store existed
+            store.set_review(run_id, state, send_error=error)
 
 
 class _Stopped(Exception):
     """The service is shutting down; the job goes back to the queue."""
-
-
-def _safe_name(text: str) -> str:
-    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in text).strip(".") or "model"
 
 
 def run_pending(cfg: WorkerConfig, *, until_idle: bool = True, timeout: float = 600.0,
@@ -249,4 +259,4 @@ def run_pending(cfg: WorkerConfig, *, until_idle: bool = True, timeout: float = 
             return
 
 
-__all__ = ["Worker", "WorkerConfig", "run_pending", "results_dir"]
+__all__ = ["Worker", "WorkerConfig", "run_pending", "SEND_POLICIES"]

@@ -24,7 +24,10 @@ What is measured (the same code paths as the pipeline):
   (Colin27 ``ch2bet``, a single real subject; ROBEX atlas mask; MNI152 template mask);
 * cortical agreement on a real single subject with its own FreeSurfer reconstruction:
   pycortex ``S1`` (see :func:`surface_reference`), ``medai run`` on its T1 against the
-  cortical ribbon between its pial and smoothwm surfaces.
+  cortical ribbon between its pial and smoothwm surfaces;
+* routine-quality input: every real subject (S1, Colin27) at full resolution and after each
+  of :data:`DEGRADATIONS`, ``medai run`` end to end; each tissue against the same subject's
+  full-resolution result (:func:`degradations`, the card's ``[[degradations]]`` table).
 """
 
 from __future__ import annotations
@@ -89,6 +92,149 @@ def _tissue_params():  # type: ignore[no-untyped-def]
 
 def _pct(ours: float, ref: float) -> float:
     return round(100.0 * (ours - ref) / ref, 2)
+
+
+# --------------------------------------------------------------------------- degradations
+#
+# What routine clinical T1s look like next to a 1 mm research scan, made from a real
+# subject so that the subject's own full-resolution result is the reference: thick slices
+# (the slice axis is the one closest to head-foot), a multiplicative bias field with
+# Rician noise, and 8-bit quantisation. Deterministic (fixed seed), so the card's table
+# and the tests see the same images.
+
+#: name -> what was done (the card's degradation table says the same).
+DEGRADATIONS: dict[str, str] = {
+    "2x2x3mm": "resampled to 2 x 2 mm in plane, 3 mm slices (Gaussian slice profile, linear)",
+    "1.5x1.5x5mm": "resampled to 1.5 x 1.5 mm in plane, 5 mm slices",
+    "8bit": "quantised to 8 bits over the image's full range",
+    "bias_noise": "bias field (smooth, x0.6-x1.5 over the head) and Rician noise (sigma 3 % of the bright head)",
+    "routine": "2 x 2 x 3 mm, then bias field and noise, then 8 bits (the issue's kind of scan)",
+}
+
+
+def _slice_axis(image) -> int:  # type: ignore[no-untyped-def]
+    """Image axis (i, j, k) closest to head-foot: where a routine 2-D series has its slices."""
+    direction = np.array(image.GetDirection()).reshape(3, 3)
+    return int(np.argmax(np.abs(direction[2])))
+
+
+def resample(image, in_plane_mm: float, slice_mm: float):  # type: ignore[no-untyped-def]
+    """Thick-slice acquisition of ``image``: blur to the target resolution (Gaussian of
+    FWHM = the added voxel size), then sample linearly on the coarse grid."""
+    import SimpleITK as sitk
+
+    target = [in_plane_mm] * 3
+    target[_slice_axis(image)] = slice_mm
+    source = image.GetSpacing()
+    variance = [max(t * t - s * s, 0.0) / 2.3548 ** 2 for t, s in zip(target, source)]
+    blurred = sitk.DiscreteGaussian(sitk.Cast(image, sitk.sitkFloat32), variance, 64, 0.01, True)
+    size = [max(1, int(round(n * s / t))) for n, s, t in zip(image.GetSize(), source, target)]
+    return sitk.Resample(blurred, size, sitk.Transform(), sitk.sitkLinear, image.GetOrigin(), target,
+                         image.GetDirection(), 0.0, sitk.sitkFloat32)
+
+
+def _with_array(array: np.ndarray, like):  # type: ignore[no-untyped-def]
+    import SimpleITK as sitk
+
+    out = sitk.GetImageFromArray(array)
+    out.CopyInformation(like)
+    return out
+
+
+def quantise_8bit(image):  # type: ignore[no-untyped-def]
+    """8-bit export: full range to 0-255, rounded."""
+    import SimpleITK as sitk
+
+    a = sitk.GetArrayFromImage(image).astype(np.float32)
+    top = float(a.max()) or 1.0
+    return _with_array(np.clip(np.round(a / top * 255.0), 0, 255).astype(np.uint8), image)
+
+
+def bias_and_noise(image, *, seed: int = 16, amplitude: float = 0.2, noise: float = 0.03):  # type: ignore[no-untyped-def]
+    """A smooth multiplicative field (exp of a low-order polynomial over the volume) and
+    Rician noise of ``noise`` x the 90th percentile of the non-zero voxels."""
+    import SimpleITK as sitk
+
+    a = sitk.GetArrayFromImage(image).astype(np.float32)
+    k, j, i = (np.linspace(-0.5, 0.5, n, dtype=np.float32) for n in a.shape)
+    z, y, x = k[:, None, None], j[None, :, None], i[None, None, :]
+    field = np.exp(amplitude * (1.2 * x + 0.8 * y - 1.0 * z + 1.5 * x * z))
+    sigma = noise * float(np.percentile(a[a > 0], 90))
+    rng = np.random.default_rng(seed)
+    real = a * field + rng.normal(0.0, sigma, a.shape).astype(np.float32)
+    imag = rng.normal(0.0, sigma, a.shape).astype(np.float32)
+    return _with_array(np.hypot(real, imag).astype(np.float32), image)
+
+
+def degrade(image, name: str):  # type: ignore[no-untyped-def]
+    """One of :data:`DEGRADATIONS` applied to a SimpleITK image."""
+    if name == "2x2x3mm":
+        return resample(image, 2.0, 3.0)
+    if name == "1.5x1.5x5mm":
+        return resample(image, 1.5, 5.0)
+    if name == "8bit":
+        return quantise_8bit(image)
+    if name == "bias_noise":
+        return bias_and_noise(image)
+    if name == "routine":
+        return quantise_8bit(bias_and_noise(resample(image, 2.0, 3.0)))
+    raise ValueError(f"unknown degradation {name!r}; known: {sorted(DEGRADATIONS)}")
+
+
+#: Real subjects available offline, as (name, file under .cache/testdata).
+SUBJECTS = (("pycortex S1", "pycortex-S1/raw.nii.gz"), ("Colin27", "colin27/ch2.nii.gz"))
+TISSUES = ("gm_volume_ml", "wm_volume_ml", "csf_volume_ml")
+#: A degraded result counts as agreeing when every tissue is within this of full resolution.
+DEGRADED_TOLERANCE_PERCENT = 10.0
+
+
+def run_volumetry(image, out_dir: Path):  # type: ignore[no-untyped-def]
+    """``medai run --model brain-volumetry`` on a SimpleITK image (end to end: its own brain
+    mask, QC, tissue, plausibility); returns the run result."""
+    from medai.dicom.volume import Volume
+    from medai.inference.run import run_model
+
+    return run_model("brain-volumetry", Volume.from_sitk(image, modality="MR"), out_dir)
+
+
+def degradation_row(subject: str, name: str, result, full: dict[str, float]) -> dict[str, object]:  # type: ignore[no-untyped-def]
+    """One line of the degradation table: the verdict and, when measured, each tissue's
+    difference from the subject's full-resolution result."""
+    values = {m.name: float(m.value) for m in result.measurements}
+    row: dict[str, object] = {"subject": subject, "degradation": name, "description": DEGRADATIONS[name],
+                              "image_qc": result.qc["image_quality"]["status"],
+                              "measurable": bool(result.qc.get("measurable"))}
+    if row["measurable"]:
+        for t in TISSUES:
+            row[t] = round(values[t], 1)
+            row[t.replace("_ml", "_error_percent")] = _pct(values[t], full[t])
+        worst = max(abs(float(row[t.replace("_ml", "_error_percent")])) for t in TISSUES)  # type: ignore[arg-type]
+        row["verdict"] = "within 10 %" if worst <= DEGRADED_TOLERANCE_PERCENT else "outside 10 %"
+    else:
+        row["reason"] = result.qc.get("not_measurable_reason")
+        row["verdict"] = "not measurable (QC failure, no numbers)"
+    return row
+
+
+def degradations() -> list[dict[str, object]]:
+    """The card's degradation table: every subject at full resolution and each degradation."""
+    import SimpleITK as sitk
+
+    rows = []
+    for subject, rel in SUBJECTS:
+        image = sitk.ReadImage(str(TESTDATA / rel), sitk.sitkFloat32)
+        with tempfile.TemporaryDirectory() as tmp:
+            base = run_volumetry(image, Path(tmp))
+        full = {m.name: float(m.value) for m in base.measurements}
+        rows.append({"subject": subject, "degradation": "none", "description": "full resolution (reference)",
+                     "image_qc": base.qc["image_quality"]["status"], "measurable": True,
+                     **{t: round(full[t], 1) for t in TISSUES}, "verdict": "reference"})
+        for name in DEGRADATIONS:
+            with tempfile.TemporaryDirectory() as tmp:
+                result = run_volumetry(degrade(image, name), Path(tmp))
+            rows.append(degradation_row(subject, name, result, full))
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
 
 
 # --------------------------------------------------------------------------- pycortex S1
@@ -353,6 +499,29 @@ def evaluate() -> None:
     print(json.dumps(agreement, indent=1))
     (WORK / "metrics.json").write_text(json.dumps(metrics, indent=2))
     print(json.dumps(metrics, indent=2))
+    t0 = time.perf_counter()
+    table = degradations()
+    (WORK / "degradations.json").write_text(json.dumps(table, indent=2))
+    print(f"degradations [{time.perf_counter() - t0:.0f} s]")
+    print(degradation_markdown(table))
+
+
+def degradation_markdown(rows: list[dict[str, object]]) -> str:
+    """The degradation table as markdown (docs/models.md carries this output verbatim)."""
+    lines = ["| subject | series | image QC | GM mL (diff) | WM mL (diff) | CSF mL (diff) | verdict |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        cells = []
+        for t in TISSUES:
+            if t not in r:
+                cells.append("-")
+            elif r["degradation"] == "none":
+                cells.append(f"{r[t]:.0f}")
+            else:
+                cells.append(f"{r[t]:.0f} ({float(r[t.replace('_ml', '_error_percent')]):+.1f} %)")  # type: ignore[arg-type]
+        verdict = str(r["verdict"]) + (f": {r['reason']}" if r.get("reason") else "")
+        lines.append(f"| {r['subject']} | {r['degradation']} | {r['image_qc']} | {' | '.join(cells)} | {verdict} |")
+    return "\n".join(lines)
 
 
 def _toml_value(v: object) -> str:
@@ -375,6 +544,11 @@ def seal() -> None:
     if path.is_file():
         tables = ["[[metrics]]\n" + "".join(f"{k} = {_toml_value(v)}\n" for k, v in m.items())
                   for m in json.loads(path.read_text())]
+        template = template.rstrip("\n") + "\n\n" + "\n".join(tables)
+    path = WORK / "degradations.json"
+    if path.is_file():
+        tables = ["[[degradations]]\n" + "".join(f"{k} = {_toml_value(v)}\n" for k, v in row.items() if v is not None)
+                  for row in json.loads(path.read_text())]
         template = template.rstrip("\n") + "\n\n" + "\n".join(tables)
     digest = seal_bundle(HERE, template, ["NOTICE.md"], _build_key())
     registry.pin("brain-volumetry", digest)

@@ -86,18 +86,30 @@ with left:
         with st.status(f"Running {choice.name} on this machine…", expanded=True) as status:
             st.write("Verifying the signed model bundle and loading the series…")
             try:
-                result = workstation.run(model_id, display.volume, series, prompt=prompt)
+                stored, reused = workstation.run(model_id, display.volume, series, study, prompt=prompt)
             except Exception as exc:  # noqa: BLE001 - shown to the clinician, page survives
                 status.update(label="Run failed", state="error")
                 st.error(str(exc))
                 st.stop()
-            st.write(f"Inference on {result.provider} in {result.timings.get('total', 0):.1f} s; results written.")
+            if reused:
+                st.write(f"This model already ran on this series ({stored.surface}); its stored result is shown.")
+            else:
+                st.write(f"Inference on {stored.summary.get('provider', '')} in "
+                         f"{stored.summary.get('seconds', 0):.1f} s; results stored.")
             status.update(label="Done", state="complete", expanded=False)
-        ss.result_dir = str(result.out_dir)
-        ss.overlay_on = True
+        state.show_run(stored)
         state.rendered.clear()
+    if not ss.run_id:
+        stored_runs = [r for r in workstation.runs_for(series) if r.model_id == model_id]
+        if stored_runs:
+            st.info(f"A stored result of this model on this series exists ({stored_runs[0].surface}, "
+                    f"{state.REVIEW_LABELS.get(stored_runs[0].review, stored_runs[0].review)}).")
+            if st.button("Show the stored result", key="show-stored"):
+                state.show_run(stored_runs[0])
+                st.rerun()
 
-    if ss.result_dir and Path(ss.result_dir).parent.name == workstation.key_for(series.series_uid):
+    current = next((r for r in workstation.runs_for(series) if r.run_id == ss.run_id), None)
+    if ss.result_dir and current is not None:
         result = workstation.read_result(Path(ss.result_dir))
         st.subheader("Result")
         img_col, num_col = st.columns([3, 2])
@@ -121,5 +133,6 @@ with left:
             st.caption(workstation.NOT_FOR_DIAGNOSTIC_USE)
             st.caption(f"Model {result['model'].get('id', model_id)} {result['model'].get('version', '')} · "
                        f"{result['backend']['provider']} · {result['timings_s'].get('total', 0)} s")
+        state.review_panel(current, key=f"run-{current.run_id}")
         st.page_link("app_pages/viewer.py", label="Review in the Viewer", icon=":material/view_in_ar:")
         st.page_link("app_pages/send.py", label="Send or save the result", icon=":material/outbox:")

@@ -7,7 +7,7 @@ from pathlib import Path
 import streamlit as st
 
 import state
-from medai import config, workstation
+from medai import config, home, workstation
 
 st.title("Send / save results")
 st.error(workstation.NOT_FOR_DIAGNOSTIC_USE, icon=":material/warning:")
@@ -28,7 +28,7 @@ kinds = st.multiselect("Files", list(files), default=[k for k in ("SEG", "SR") i
 to_folder, to_pacs = st.columns(2, gap="large")
 with to_folder:
     st.subheader("Save to a folder")
-    folder = st.text_input("Folder", value=str(config.home() / "exports"), key="export_folder")
+    folder = st.text_input("Folder", value=str(home.exports_dir()), key="export_folder")
     if st.button("Save", icon=":material/save:", disabled=not kinds, key="save-button"):
         try:
             written = workstation.save_to_folder(result_dir, kinds, Path(folder).expanduser(),
@@ -60,7 +60,7 @@ st.caption("The open series and the chosen SEG/SR, with every identifying attrib
            "DICOM PS3.15 Annex E basic profile. UIDs are remapped consistently, so the SEG still "
            "points at the exported images. Images that may carry burned-in text are held in "
            "quarantine, not exported.")
-deid_folder = st.text_input("Folder for the de-identified copy", value=str(config.home() / "exports" / "deidentified"), key="deid_folder")
+deid_folder = st.text_input("Folder for the de-identified copy", value=str(home.exports_dir() / "deidentified"), key="deid_folder")
 keep_dates = st.checkbox("Keep intervals between dates (shift dates per patient)", key="deid_dates")
 if st.button("Export de-identified copy", icon=":material/shield_person:", key="deid-button"):
     try:

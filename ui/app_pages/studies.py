@@ -63,7 +63,7 @@ for series in study.series:
     cols[0].markdown(f"**{series.modality}**")
     cols[1].markdown(f"{series.description or '(no description)'}")
     cols[2].markdown(f"{series.n_images} images")
-    cols[3].markdown(", ".join(workstation.run_status([series.series_uid]).get(series.series_uid, [])) or "—")
+    cols[3].markdown(", ".join(workstation.run_status([series]).get(series.series_uid, [])) or "—")
     if cols[4].button("Open", key=f"open-{series.series_uid}", icon=":material/visibility:",
                       type="primary" if series.series_uid == st.session_state.series_uid else "secondary"):
         state.open_series(study.study_uid, series.series_uid)

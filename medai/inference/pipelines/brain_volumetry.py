@@ -5,6 +5,8 @@ The graph, in order::
     T1 volume ─► brain mask (the signed ``brain-extraction`` model, run through its own
     pipeline) ─► QC (medai.assist.qc; a failed check stops here: no volumes reported)
     ─► CSF/GM/WM classification inside the mask (medai.assist.tissue)
+    ─► physiological plausibility (medai.assist.plausibility; an impossible result is
+    "not measurable on this series": no tissue numbers, QC-failure priority)
     ─► measurements in mL + brain parenchymal fraction ─► normative z/percentile when the
     header has age and sex (medai.assist.normative) ─► assistive findings ─► triage priority
 
@@ -24,7 +26,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from medai.assist import normative, qc as qcmod, tissue
+from medai.assist import normative, plausibility, qc as qcmod, tissue
 from medai.dicom.volume import Volume
 from medai.errors import DicomInputError, ModelIntegrityError
 from medai.inference.bundle import Bundle
@@ -55,6 +57,8 @@ class BrainVolumetry:
             self.tissue_params = tissue.TissueParams.from_mapping(dict(post.get("tissue", {})))
             self.thresholds = qcmod.QcThresholds.from_mapping(dict(post.get("qc", {})))
             self.measures = normative.load_measures(bundle.card.raw.get("normative"))
+            self.limits = plausibility.PlausibilityLimits.from_mapping(post.get("plausibility"))
+            self.caveat_rules = tuple(_caveat_rule(r) for r in post.get("caveats", ()))
         except (KeyError, TypeError, ValueError) as exc:
             raise ModelIntegrityError(f"model {bundle.id}: invalid card parameters ({exc})") from exc
         self.mask_model = str(post.get("mask_model", "brain-extraction"))
@@ -117,15 +121,10 @@ class BrainVolumetry:
             if check.status in ("warn", "fail"):
                 findings.append(Finding(f"Image quality ({check.name.replace('_', ' ')}): {check.message}.",
                                         "review", None))
-        qc_out: dict[str, Any] = {"image_quality": report.as_dict()}
+        qc_out: dict[str, Any] = {"image_quality": report.as_dict(), "caveats": self._caveats(volume)}
         if report.blocked:
-            findings.insert(0, Finding("Volumetry not reported: the image failed quality control "
-                                       "(see image quality). Review the series before measuring.", "review"))
-            qc_out["normative"] = []
-            qc_out["tissue"] = None
-            return PipelineOutput(labels=np.zeros(volume.shape, dtype=np.uint8), segments=segments,
-                                  findings=tuple(findings), qc=qc_out,
-                                  priority=self._priority(report, [], blocked=True))
+            failed = "; ".join(c.message for c in report.checks if c.status == "fail")
+            return self._not_measurable(volume, report, findings, qc_out, f"image quality: {failed}")
 
         t0 = time.perf_counter()
         try:
@@ -137,10 +136,20 @@ class BrainVolumetry:
         ctx.record("tissue_classification", method="3-class Gaussian mixture + partial-volume classes, "
                    "mean-field Potts MRF, EM; N4 bias correction", **seg.params.as_dict(),
                    iterations=seg.iterations, converged=seg.converged,
-                   class_means=[round(m, 3) for m in seg.means])
+                   class_means=[round(m, 3) for m in seg.means], fitted_on_grid_mm=seg.working_grid_mm)
 
         icv = seg.mask_ml
         csf, gm, wm = (seg.volumes_ml[n] for n in tissue.CLASS_NAMES)
+        age = normative.parse_age(volume.attributes.get("PatientAge"))
+        sex = normative.parse_sex(volume.attributes.get("PatientSex"))
+        gate = plausibility.check(seg.volumes_ml, icv, sex, self.limits)
+        ctx.record("plausibility", status="pass" if gate.plausible else "fail",
+                   checks={c.name: c.status for c in gate.checks})
+        qc_out["plausibility"] = gate.as_dict()
+        if not gate.plausible:
+            qc_out["tissue"] = {"iterations": seg.iterations, "converged": seg.converged}
+            return self._not_measurable(volume, report, findings, qc_out,
+                                        f"implausible tissue result: {gate.reason}")
         parenchyma = gm + wm
         bpf = parenchyma / icv if icv > 0 else float("nan")
         values = {"intracranial_volume_ml": icv, "parenchyma_volume_ml": parenchyma, "gm_volume_ml": gm,
@@ -148,8 +157,6 @@ class BrainVolumetry:
         units = {k: ("mL" if k.endswith("_ml") else "1") for k in values}
         labels_for = {"gm_volume_ml": tissue.GM, "wm_volume_ml": tissue.WM, "csf_volume_ml": tissue.CSF}
 
-        age = normative.parse_age(volume.attributes.get("PatientAge"))
-        sex = normative.parse_sex(volume.attributes.get("PatientSex"))
         comparisons = []
         for name in ("brain_parenchymal_fraction", "intracranial_volume_ml"):
             if name in self.measures:
@@ -203,12 +210,41 @@ class BrainVolumetry:
                             "converged": seg.converged}
         qc_out["age_years"] = None if age is None else round(age, 1)
         qc_out["sex"] = sex
+        qc_out["measurable"] = True
+        qc_out["not_measurable_reason"] = None
+        for caveat in qc_out["caveats"]:
+            findings.append(Finding(f"Caveat: {caveat}", "info", "intracranial_volume_ml"))
         return PipelineOutput(labels=seg.labels, segments=segments, measurements=tuple(measurements),
                               findings=tuple(findings), qc=qc_out,
                               priority=self._priority(report, out_of_range, blocked=False))
 
+    def _not_measurable(self, volume: Volume, report: qcmod.QcReport, findings: list[Finding],
+                        qc_out: dict[str, Any], reason: str) -> PipelineOutput:
+        """The one shape of a refused result: no labels, no measurements, no normative
+        comparison; ``qc.status`` "fail" so every surface ranks it as a QC failure."""
+        text = f"Volumetry {plausibility.NOT_MEASURABLE}: {reason}. Review the series; no volumes are reported."
+        findings.insert(0, Finding(text, "review"))
+        qc_out.update(status="fail", measurable=False, not_measurable_reason=f"{plausibility.NOT_MEASURABLE}: {reason}",
+                      normative=[])
+        qc_out.setdefault("tissue", None)
+        # No segments either: the runner's label-map volumes (result.json volumes_ml, the UI's
+        # legend) would otherwise read "0.0 mL" per tissue, a number that was never measured.
+        return PipelineOutput(labels=np.zeros(volume.shape, dtype=np.uint8), segments=(),
+                              findings=tuple(findings), qc=qc_out,
+                              priority=self._priority(report, [], blocked=True, reason=reason))
+
+    def _caveats(self, volume: Volume) -> list[str]:
+        """Card-defined caveats whose grid rule matches this series (e.g. the MNI152 1 mm
+        grid: an image registered to template space, like the demo study, is larger than a
+        typical head): shown beside the volumes."""
+        shape = sorted(volume.shape)
+        spacing = np.asarray(volume.geometry.spacing, dtype=float)
+        return [text for grid, spacing_mm, text in self.caveat_rules
+                if shape == grid and np.allclose(spacing, spacing_mm, atol=0.01)]
+
     # ----------------------------------------------------------------- triage
-    def _priority(self, report: qcmod.QcReport, out_of_range: list[str], *, blocked: bool) -> Priority:
+    def _priority(self, report: qcmod.QcReport, out_of_range: list[str], *, blocked: bool,
+                  reason: str = "") -> Priority:
         """The card's ``[postprocessing.triage]``: QC failures, then out-of-range findings first."""
 
         def rule(name: str, level: str, score: float) -> tuple[str, float]:
@@ -219,7 +255,8 @@ class BrainVolumetry:
         candidates: list[tuple[str, float]] = [rule("normal", "routine", 0.0)]
         if blocked:
             candidates.append(rule("qc_fail", "review", 0.9))
-            reasons += [f"QC failed: {c.name}" for c in report.checks if c.status == "fail"]
+            failed = [f"QC failed: {c.name}" for c in report.checks if c.status == "fail"]
+            reasons += failed or [f"QC failed: {plausibility.NOT_MEASURABLE} ({reason})"]
         if out_of_range:
             candidates.append(rule("out_of_range", "review", 0.8))
             reasons += out_of_range
@@ -250,6 +287,15 @@ def _phase_direction(volume: Volume) -> str | None:
         return str(ds.get("InPlanePhaseEncodingDirection", "")) or None
     except Exception:  # noqa: BLE001 - an unreadable optional tag only disables the ghosting check
         return None
+
+
+def _caveat_rule(rule: Mapping[str, Any]) -> tuple[list[int], float, str]:
+    """``{grid = [181, 217, 181], spacing_mm = 1.0, text = "..."}``: a series with these
+    dimensions (any order) and this isotropic voxel size gets ``text``."""
+    grid = sorted(int(n) for n in rule["grid"])
+    if len(grid) != 3:
+        raise ValueError(f"a caveat grid has three dimensions, got {rule['grid']}")
+    return grid, float(rule["spacing_mm"]), str(rule["text"])
 
 
 def create(bundle: Bundle) -> BrainVolumetry:
