@@ -106,8 +106,9 @@ def main() -> None:
         ref_cmd = [str(bin_dir / "nnUNetv2_predict_from_modelfolder"), "-i", str(inp), "-o", str(work / "ref"),
                    "-m", str(folder), "-f", "0", "1", "-device", "cpu", "-npp", "1", "-nps", "1",
                    "--disable_progress_bar"]
+        # --force: a fresh run every round (medai otherwise reuses a stored result of the same input)
         ours_cmd = [sys.executable, "-m", "medai", "--json", "run", "--model", "bench-nnunet", str(fx.CT),
-                    "--out", str(work / "ours"), "--threads", n]
+                    "--out", str(work / "ours"), "--threads", n, "--force"]
         rows: dict[str, list[tuple[float, int]]] = {"nnUNetPredictor": [], "medai": []}
         for r in range(args.rounds):
             for name, cmd in (("nnUNetPredictor", ref_cmd), ("medai", ours_cmd)):

@@ -173,8 +173,7 @@ def test_imported_model_runs_from_cli_and_triage_and_writes_clean_seg(trained: P
     ref = _reference(folder, fx.CT, ("0", "1"), True)
     _check(ref, ours)  # the DICOM series holds the same voxels on the same grid as the NIfTI
 
-    tri = _medai("--json", "triage", str(study), "--models", "ct-test-cli", "--out", str(tmp_path / "wl.json"),
-                 "--results", str(tmp_path / "results"))
+    tri = _medai("--json", "triage", str(study), "--models", "ct-test-cli", "--out", str(tmp_path / "wl.json"))
     assert tri.returncode == 0, tri.stderr[-3000:]
     worklist = json.loads((tmp_path / "wl.json").read_text())
     assert "ct-test-cli" in json.dumps(worklist)
@@ -190,8 +189,9 @@ def test_imported_model_runs_from_cli_and_triage_and_writes_clean_seg(trained: P
     assert choice.accepts, choice.reason
     metrics = workstation.card_summary(choice.card)["metrics"]
     assert any(m["Metric"] == "import parity min dice" and m["Value"] >= 0.999 for m in metrics), metrics
-    result = workstation.run("ct-test-cli", load_series(list(series.files)), series)
-    assert np.array_equal(result.labels, ours)
+    stored, _reused = workstation.run("ct-test-cli", load_series(list(series.files)), series, studies[0])
+    ui_mask = sitk.GetArrayFromImage(sitk.ReadImage(str(stored.folder / stored.outputs["mask"])))
+    assert np.array_equal(ui_mask, ours)
 
 
 def test_cascade_matches_nnunet_predictor(trained: Path, tmp_path: Path) -> None:
