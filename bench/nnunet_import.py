@@ -130,8 +130,8 @@ def main() -> None:
         print(f"medai time by phase (last run, s): {result['timings_s']}")
         ref = sitk.GetArrayFromImage(sitk.ReadImage(str(work / "ref" / "ct.nii.gz")))
         ours = sitk.GetArrayFromImage(sitk.ReadImage(str(work / "ours" / "mask.nii.gz")))
-        dice = {v: 2 * float(((ref == v) & (ours == v)).sum()) / max(1.0, float((ref == v).sum() + (ours == v).sum()))
-                for v in (1, 2, 3)}
+        dice = {v: (2 * float(((ref == v) & (ours == v)).sum()) / float((ref == v).sum() + (ours == v).sum())
+                    if (ref == v).any() or (ours == v).any() else "empty in both") for v in (1, 2, 3)}
         print(f"Dice medai vs nnUNetPredictor per label: {dice}; labelled voxels in reference: "
               f"{ {v: int((ref == v).sum()) for v in (1, 2, 3)} }")
 
