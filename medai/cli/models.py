@@ -1,8 +1,10 @@
-"""``medai models``: list, show, verify, install, roll back and import signed model bundles."""
+"""``medai models``: list, show, verify, install, roll back and import signed model bundles
+(plain ONNX, nnU-Net v2 results folders, MONAI bundles)."""
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import sys
 from pathlib import Path
 from typing import Any, Optional
@@ -134,6 +136,72 @@ def import_command(ctx: typer.Context,
     bundle = registry.import_onnx(onnx_file, card, extra_files=tuple(extra))
     emit(ctx, _bundle_row(bundle, "installed"), lambda r: sys.stdout.write(
         f"imported {r['id']} {r['version']} ({r['trust']})\n"))
+
+
+def _imported_row(bundle: Any, parity: Any) -> dict[str, Any]:
+    row = _bundle_row(bundle, bundle.origin)
+    row["parity"] = {"min_dice": round(parity.min_dice, 6), "dice": {str(k): round(v, 6) for k, v in parity.dice.items()},
+                     "max_prob_diff": parity.max_prob_diff}
+    return row
+
+
+def _print_imported(r: dict[str, Any]) -> None:
+    sys.stdout.write(f"imported {r['id']} {r['version']} ({r['trust']}) at {r['path']}\n"
+                     f"parity with the source framework: lowest per-label Dice {r['parity']['min_dice']}, "
+                     f"max |probability diff| {r['parity']['max_prob_diff']:.3g}\n")
+
+
+@models_app.command("import-nnunet")
+def import_nnunet_command(
+        ctx: typer.Context,
+        folder: Path = typer.Argument(..., exists=True, file_okay=False,
+                                      help="nnU-Net v2 results folder <Trainer>__<Plans>__<configuration> "
+                                           "(dataset.json, plans.json, fold_*/checkpoint_final.pth)."),
+        model_id: str = typer.Option(..., "--id", help="Id for the bundle ([a-z0-9-])."),
+        license: str = typer.Option(..., "--license", help="Licence of the weights, as you hold them (SPDX id)."),
+        parity_image: Path = typer.Option(..., "--parity-image", exists=True, dir_okay=False,
+                                          help="A representative image (NIfTI/NRRD/MHA) on which the import checks "
+                                               "parity with nnUNetPredictor."),
+        folds: list[str] = typer.Option([], "--fold", help="Fold(s) to import (default: every fold found)."),
+        checkpoint: str = typer.Option("checkpoint_final.pth", "--checkpoint"),
+        mirroring: bool = typer.Option(True, "--mirroring/--no-mirroring", help="Test-time mirroring as trained."),
+        tile_step: float = typer.Option(0.5, "--tile-step", help="Sliding-window step (fraction of the patch)."),
+        version: str = typer.Option("1.0.0", "--version"),
+        name: Optional[str] = typer.Option(None, "--name"),
+        out: Optional[Path] = typer.Option(None, "--out", help="Write the signed bundle here instead of installing it."),
+) -> None:
+    """Import a trained nnU-Net v2 model (e.g. a TotalSegmentator task) as a signed ONNX bundle (needs the models extra and nnunetv2)."""
+    from medai.inference.importers.nnunet import import_nnunet
+
+    with contextlib.redirect_stdout(sys.stderr):  # nnU-Net prints progress; stdout stays the result
+        bundle, parity = import_nnunet(folder, model_id=model_id, license=license, parity_image=parity_image,
+                                       folds=folds or None, checkpoint=checkpoint, use_mirroring=mirroring,
+                                       tile_step_size=tile_step, version=version, name=name,
+                                       install=out is None, out_dir=out)
+    emit(ctx, _imported_row(bundle, parity), _print_imported)
+
+
+@models_app.command("import-monai-bundle")
+def import_monai_command(
+        ctx: typer.Context,
+        folder: Path = typer.Argument(..., exists=True, file_okay=False,
+                                      help="MONAI bundle folder (configs/inference.json, configs/metadata.json, "
+                                           "models/model.pt or model.ts)."),
+        model_id: str = typer.Option(..., "--id", help="Id for the bundle ([a-z0-9-])."),
+        license: str = typer.Option(..., "--license", help="Licence of the weights, as you hold them (SPDX id)."),
+        parity_image: Path = typer.Option(..., "--parity-image", exists=True, dir_okay=False,
+                                          help="A representative image on which the import checks parity with "
+                                               "MONAI's own inference."),
+        version: str = typer.Option("1.0.0", "--version"),
+        out: Optional[Path] = typer.Option(None, "--out", help="Write the signed bundle here instead of installing it."),
+) -> None:
+    """Import a MONAI bundle as a signed ONNX bundle; transforms without a medai step are refused by name."""
+    from medai.inference.importers.monai_bundle import import_monai_bundle
+
+    with contextlib.redirect_stdout(sys.stderr):  # MONAI/torch may print; stdout stays the result
+        bundle, parity = import_monai_bundle(folder, model_id=model_id, license=license, parity_image=parity_image,
+                                             version=version, install=out is None, out_dir=out)
+    emit(ctx, _imported_row(bundle, parity), _print_imported)
 
 
 @models_app.command("trust")
