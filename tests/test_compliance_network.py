@@ -107,7 +107,7 @@ def _main_job(work: Path, study: Path, wrap: list[str]) -> subprocess.CompletedP
                           capture_output=True, text=True, timeout=540, env=env, cwd=work)
 
 
-_VOLATILE = re.compile(r"time|timing|measured|seconds|elapsed|duration|started|finished|created|issued|uid|pid|run_id|"
+_VOLATILE = re.compile(r"time|timing|measured|seconds|elapsed|duration|started|finished|created|issued|uid|pid|run_id|predicted|"
                        r"session|host|signature|head",
                        re.IGNORECASE)
 
