@@ -51,6 +51,24 @@ def _model_runs(series_uid: str) -> list[dict]:
             and any(p.get("series_uid") == series_uid for p in r.get("participants", ()))]
 
 
+def _review(page, action: str) -> None:
+    """Open the line waiting for review in the review panel (the list refreshes every 3 s and may
+    take a click while it redraws, as any live list: click again until the panel is there),
+    then press ``action`` in the panel, which does not refresh."""
+    from playwright.sync_api import expect
+
+    panel = page.locator(".st-key-wl-review")
+    for _ in range(10):
+        page.locator("[class*='st-key-wl-item-']").filter(has_text="to review").get_by_role(
+            "button", name="Review").click()
+        try:
+            expect(panel).to_be_visible(timeout=10_000)
+            break
+        except AssertionError:
+            continue
+    panel.get_by_role("button", name=action).click()
+
+
 @pytest.mark.timeout(1200)
 def test_pushed_study_is_worked_listed_reviewed_and_sent(medai_home: Path, tmp_path: Path) -> None:
     from playwright.sync_api import expect, sync_playwright
@@ -94,9 +112,7 @@ def test_pushed_study_is_worked_listed_reviewed_and_sent(medai_home: Path, tmp_p
                 # Accept: SEG and a VERIFIED SR reach the destination.
                 page.goto(f"http://127.0.0.1:{port}/")  # the Worklist is the first page
                 settle(page)
-                waiting = page.locator("[class*='st-key-wl-item-']").filter(has_text="to review")
-                waiting.get_by_test_id("stExpander").locator("summary").click()
-                waiting.get_by_role("button", name="Accept and send").click()
+                _review(page, "Accept and send")
                 expect(page.get_by_text("sent", exact=True).first).to_be_visible(timeout=300_000)
                 wait_until(lambda: len(dest.files()) >= 2, timeout=60, what="SEG and SR at the destination")
 
@@ -104,9 +120,7 @@ def test_pushed_study_is_worked_listed_reviewed_and_sent(medai_home: Path, tmp_p
                 sent_before = {f.name for f in dest.files()}
                 assert storescu(lst.port, second, jpeg_ls=True).returncode == 0
                 expect(page.get_by_text("to review", exact=True).first).to_be_visible(timeout=900_000)
-                waiting = page.locator("[class*='st-key-wl-item-']").filter(has_text="to review")
-                waiting.get_by_test_id("stExpander").locator("summary").click()
-                waiting.get_by_role("button", name="Reject").click()
+                _review(page, "Reject")
                 expect(page.get_by_text("rejected", exact=True).first).to_be_visible(timeout=300_000)
             finally:
                 context.close()

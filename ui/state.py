@@ -190,6 +190,7 @@ def review_panel(run: Any, key: str) -> None:
             except Exception as exc:  # noqa: BLE001 - shown, page survives
                 st.error(str(exc))
             else:
+                st.session_state.wl_focus = None  # decided: the Worklist refreshes again
                 st.rerun()
         if reject_col.button("Reject", icon=":material/close:", key=f"reject-{key}"):
             try:
@@ -197,6 +198,7 @@ def review_panel(run: Any, key: str) -> None:
             except Exception as exc:  # noqa: BLE001
                 st.error(str(exc))
             else:
+                st.session_state.wl_focus = None  # decided: the Worklist refreshes again
                 st.rerun()
     elif run.review in ("accepted", "send_failed") and destination:
         if st.button("Retry sending" if run.review == "send_failed" else "Send", icon=":material/send:",
@@ -206,4 +208,5 @@ def review_panel(run: Any, key: str) -> None:
             except Exception as exc:  # noqa: BLE001
                 st.error(str(exc))
             else:
+                st.session_state.wl_focus = None  # decided: the Worklist refreshes again
                 st.rerun()

@@ -45,12 +45,33 @@ def _line(rank: int, item: workstation.WorkItem) -> None:
             if state.open_work_item(item):
                 st.switch_page("app_pages/viewer.py")
             st.error("The images of this result are no longer where they were stored.")
-        if run.done:
-            with st.expander("Review", expanded=run.review in ("send_failed",)):
-                state.review_panel(run, key=f"wl-{run.run_id}")
+        if run.done and cols[7].button("Review", key=f"review-run-{run.run_id}", icon=":material/rate_review:",
+                                       help="Accept or reject this result (the list stops refreshing meanwhile)"):
+            st.session_state.wl_focus = run.run_id
+            st.rerun(scope="app")
 
 
-@st.fragment(run_every=3)
+focus = st.session_state.get("wl_focus")
+if focus:
+    # The review happens outside the refreshing list: a refresh in the middle of a click
+    # must never swallow an Accept or a Reject.
+    current = next((it for it in workstation.worklist() if it.run.run_id == focus), None)
+    if current is None:
+        st.session_state.wl_focus = None
+    else:
+        with st.container(border=True, key="wl-review"):
+            head, close = st.columns([6, 1], vertical_alignment="center")
+            head.markdown(f"**Reviewing** {current.run.model_id} on "
+                          f"{current.patient_name.replace('^', ' ') or '(no name)'} · {current.run.study_date} · "
+                          f"{current.run.modality}  \n{current.findings[:300] or 'no findings'}")
+            if close.button("Close", key="wl-review-close", icon=":material/close:"):
+                st.session_state.wl_focus = None
+                st.rerun()
+            state.review_panel(current.run, key=f"wl-{current.run.run_id}")
+        st.caption("The list below stops refreshing while a result is under review; Close to resume.")
+
+
+@st.fragment(run_every=None if focus else 3)
 def listing() -> None:
     """Re-read every few seconds: a study the PACS hook finishes appears without a click."""
     since = (dt.datetime.now().timestamp() - days * 86400) if days else None
