@@ -101,7 +101,7 @@ def plan(bundle: "Bundle", volume_shape: tuple[int, int, int], budget_bytes: int
             graph_peaks[key] = _graph_bytes(shape, factors[key]) + model_bytes
         peak_graph = max(graph_peaks.values(), default=0)
         base, copies_bytes = baseline, data
-        resident = _resident_bytes()
+        resident = resident_bytes()
         if resident > baseline + voxels * 4:
             # Planning inside the process that will run: what is resident now (interpreter,
             # libraries, the loaded volume) is a measurement; the card's baseline is a floor.
@@ -141,7 +141,8 @@ def _tuned_peak(bundle: "Bundle", file: str, device: str | None = None) -> int |
     return tune.measured_peak_bytes(digest, cpu_only=cpu) if digest else None
 
 
-def _resident_bytes() -> int:
+def resident_bytes() -> int:
+    """This process's resident memory now (0 where /proc is not there)."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith("VmRSS:"):

@@ -283,7 +283,7 @@ def tune_graph(bundle: "Bundle", key: str, inputs: Sequence[Feeds], *, providers
     rows: list[Candidate] = []
     for provider, precision, path in plan:
         runtime = backends.runtime_version(provider)
-        base = _rss_bytes()
+        base = planner.resident_bytes()
         planner.reset_peak_rss()
         try:
             session = backends._make(path, digest, key, spec.input, spec.output, provider, n,
@@ -305,16 +305,6 @@ def tune_graph(bundle: "Bundle", key: str, inputs: Sequence[Feeds], *, providers
     if save:
         _store(verdict)
     return verdict
-
-
-def _rss_bytes() -> int:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
 
 
 def _downstream_judge(bundle: "Bundle", downstream: Sequence[tuple[str, str, Feeds, int]],
