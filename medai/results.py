@@ -462,14 +462,14 @@ def reuse(store: ResultsStore, req: Request, *, card_sha256: str | None = None, 
 def execute(req: Request, store_root: Path, *, volume: Any = None, patient: Patient = (None, None),
             prompt: Any = None, device: str | None = None, threads: int | None = None,
             max_memory: int | str | None = None, allow_unsigned: bool | None = None,
-            precision: str | None = None) -> StoredRun:
+            precision: str | None = None, bundle: Any = None) -> StoredRun:
     """Run the model into a new run folder under ``store_root`` and return the run, not yet
     recorded (the caller commits it: on a cluster, the coordinator does). Raises on failure
     after the run's audit record is written (by the runner)."""
     from medai.inference import registry
     from medai.inference.run import run_on_volume
 
-    bundle = registry.get_bundle(req.model_id, allow_unsigned=allow_unsigned)
+    bundle = bundle or registry.get_bundle(req.model_id, allow_unsigned=allow_unsigned)
     if bundle.version != req.model_version:
         raise MedaiError(f"model {req.model_id} is now version {bundle.version}, asked for {req.model_version}")
     patient = _patient(req, patient)
@@ -530,14 +530,15 @@ def obtain(req: Request, *, store: ResultsStore | None = None, volume: Any = Non
     store = store or ResultsStore()
     explicit = any(run_kwargs.get(k) not in (None, "", "auto") for k in ("device", "precision"))
     try:
-        if prompt is None and not force and not explicit:
-            from medai.inference import registry
+        from medai.inference import registry
 
-            card = registry.get_bundle(req.model_id, allow_unsigned=run_kwargs.get("allow_unsigned")).card_sha256
-            prior = reuse(store, req, card_sha256=card, patient=patient)
+        # verified once here, for the reuse check and the run alike
+        bundle = registry.get_bundle(req.model_id, allow_unsigned=run_kwargs.get("allow_unsigned"))
+        if prompt is None and not force and not explicit:
+            prior = reuse(store, req, card_sha256=bundle.card_sha256, patient=patient)
             if prior is not None:
                 return prior, True
-        run = execute(req, store.root, volume=volume, patient=patient, prompt=prompt, **run_kwargs)
+        run = execute(req, store.root, volume=volume, patient=patient, prompt=prompt, bundle=bundle, **run_kwargs)
         return store.commit(run, written=run.folder), False
     finally:
         if own:
