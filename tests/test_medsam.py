@@ -247,6 +247,7 @@ def test_ct_box_2d_dice_and_cached_second_box(model: ml.MedSamLite) -> None:
     assert first.mask.shape == ref[k].shape and 0.5 < first.iou <= 1.0
     again = model.segment_box(vol, "axial", k, _box(ref[k], margin=6), window="lung")
     assert again.cached and not first.cached
+    assert again.seconds["encode"] >= 0.0 and set(again.seconds) == {"encode", "decode", "clean_up"}
     assert _dice(again.mask, ref[k]) >= 0.85
     placed = first.to_volume(vol.shape)
     assert placed.sum() == first.mask.sum() and placed[k].sum() == first.mask.sum()
@@ -272,6 +273,10 @@ def test_ct_propagation_3d_dice_and_volume(model: ml.MedSamLite) -> None:
     assert result.volume_ml == pytest.approx(result.mask.sum() * vol.voxel_volume_ml)
     assert set(result.stopped) == {"up", "down"}
     assert result.slices[0]["direction"] == "seed"
+    # every slice is looked at (and encoded) at most once; the split is reported
+    assert len({r["index"] for r in result.slices}) == len(result.slices)
+    assert 0 < result.seconds["slices_encoded"] <= len(result.slices)
+    assert {"encode", "decode", "clean_up"} <= set(result.seconds)
 
 
 @pytest.mark.parametrize("direction", [
