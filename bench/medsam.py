@@ -113,7 +113,9 @@ def reference(threads: int) -> None:
         print(json.dumps(calls.time(line.strip())), flush=True)
 
 
-PROPAGATION_PROMPT = ("axial", 100, "30,40,150,185")  # medsam_lite.validation_prompt: the brain, mid-axial
+#: The brain on its largest axial slice: the box of Colin27's BET mask (ch2bet, resampled onto the demo
+#: series' grid) widened by 3 px, the protocol of the card's propagated 3-D Dice (build.py evaluate).
+PROPAGATION_PROMPT = ("axial", 73, "15,17,164,201")
 CLI = "import sys; from medai.cli import main; sys.exit(main(sys.argv[1:]))"
 #: result.json timing keys -> split label.
 SPLIT = (("load", ("load",)), ("sessions", ("session_encoder", "session_decoder")),

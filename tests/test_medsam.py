@@ -162,6 +162,21 @@ def test_slice_clean_up_matches_simpleitk_labels_and_hole_filling() -> None:
         assert np.array_equal(steps.fill_holes(mask), sitk.GetArrayFromImage(filled).astype(bool))
 
 
+def test_planner_adds_up_both_graphs_and_a_small_pipeline_cache(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both LiteMedSAM sessions keep their memory arena between slices, so the plan holds both
+    graphs at once (the planner's max-of-graphs under-predicted a propagation), plus the engine
+    pipeline's bounded embedding cache."""
+    from medai.inference import planner, registry
+
+    monkeypatch.setattr(planner, "_tuned_peak", lambda *a, **k: None)  # the card's figures, not this machine's
+    bundle = registry.get_bundle("medsam-lite")
+    graphs = {k: int(np.prod(g.shape) * g.activation_bytes_per_voxel) + (bundle.path / g.file).stat().st_size
+              for k, g in bundle.card.graphs.items()}
+    plan = planner.plan(bundle, (181, 217, 181))
+    assert plan.breakdown["largest_graph"] == sum(graphs.values())
+    assert plan.breakdown["embedding_cache"] == ml.PIPELINE_CACHE_BYTES < ml.DEFAULT_CACHE_BYTES
+
+
 # --------------------------------------------------------------------------- real model, real data
 
 

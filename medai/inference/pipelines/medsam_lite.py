@@ -69,8 +69,12 @@ EMBEDDING_SHAPE = (1, 256, 64, 64)
 EMBEDDING_BYTES = int(np.prod(EMBEDDING_SHAPE)) * 4
 #: Percentiles of the seed mask's intensities that define "the seed's look" in propagation.
 SEED_RANGE_PERCENTILES = (5.0, 95.0)
-#: Default embedding cache: 64 slices (256 MiB).
+#: Default embedding cache: 64 slices (256 MiB), for interactive use (a user returns to slices).
 DEFAULT_CACHE_BYTES = 64 * EMBEDDING_BYTES
+#: The engine pipeline's cache (``medai run``, routed runs): a propagation visits each slice once,
+#: so a full cache there only raised the peak (by 256 MiB on a 1 mm T1); a few slices still let a
+#: second run with another box on the same slice skip the encoder.
+PIPELINE_CACHE_BYTES = 8 * EMBEDDING_BYTES
 
 #: Named CT windows (level, width) in HU for the ``window`` prompt option: the one
 #: preset table of :mod:`medai.imaging` (OHIF's values).
@@ -830,7 +834,8 @@ class MedSamLitePipeline:
         with _models_lock:
             model = _models.get(key)
             if model is None:
-                model = _models[key] = MedSamLite(enc.run, _decoder_callable(dec), settings=settings)
+                model = _models[key] = MedSamLite(enc.run, _decoder_callable(dec), settings=settings,
+                                                  cache_bytes=PIPELINE_CACHE_BYTES)
         window = prompt.extra.get("window")
         windowing = choose_windowing(volume, settings, window)
         view = take_slice(volume, prompt.plane, int(prompt.slice_index))
@@ -899,6 +904,7 @@ def validation_prompt(bundle: "Bundle") -> "Prompt":
 
 
 def memory_extras(bundle: "Bundle", volume_shape: tuple[int, int, int]) -> dict[str, int]:
-    """What a run holds beside its two graphs, for the planner: the slice-embedding cache
-    (bounded by :data:`DEFAULT_CACHE_BYTES`, at most one embedding per slice of the longest axis)."""
-    return {"embedding_cache": min(DEFAULT_CACHE_BYTES, max(volume_shape) * EMBEDDING_BYTES)}
+    """What a run holds beside its two graphs, for the planner: the engine pipeline's slice-embedding
+    cache (bounded by :data:`PIPELINE_CACHE_BYTES`, at most one embedding per slice of the longest
+    axis). Both graphs keep their memory arena, which the planner adds up itself."""
+    return {"embedding_cache": min(PIPELINE_CACHE_BYTES, max(volume_shape) * EMBEDDING_BYTES)}
