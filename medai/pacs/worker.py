@@ -167,9 +167,8 @@ class Worker:
 
     def _execute(self, job: Job) -> tuple[Path, str]:
         """Run the job's model in a child process; returns the stored run's folder and id."""
-        source = self.store.study_dir(job.study_uid)
-        if job.series_uid:
-            source = source / validate_uid(job.series_uid, "Series Instance UID")
+        source = (self.store.series_dir(job.study_uid, job.series_uid) if job.series_uid
+                  else self.store.study_dir(job.study_uid))
         cmd = [sys.executable, "-m", "medai.pacs.runjob", "--model", job.model_id, "--source", str(source)]
         if job.series_uid:
             cmd += ["--series", job.series_uid]
