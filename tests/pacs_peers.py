@@ -224,6 +224,11 @@ def medai_json(home: Path, *args: str) -> dict:
     return json.loads(out.stdout)
 
 
+def stored_count(home: Path) -> int:
+    """How many instances the store holds (file names only: cheap enough to poll)."""
+    return sum(1 for _ in (home / "store" / "studies").glob("*/*/*.dcm"))
+
+
 def stored_files(home: Path) -> dict[str, Path]:
     """Stored instances by SOP Instance UID, read from each file's header (file names are pseudonyms)."""
     return {str(pydicom.dcmread(p, stop_before_pixels=True, specific_tags=["SOPInstanceUID"]).SOPInstanceUID): p
