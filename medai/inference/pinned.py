@@ -8,5 +8,5 @@ the card in turn pins every file by SHA-256. No private key is needed at run tim
 PINNED: dict[str, tuple[str, ...]] = {
     "brain-extraction": ("32a689378e47a87e80a522008968ee89f44370f7e9d5f409f8a5c425a6cfb513",),
     "brain-volumetry": ("e55bb1ad5288ff54f6fa4daf8c7394f946ca2138c523ecafaa21181080a82ff0",),
-    "medsam-lite": ("ce0a427ce5937465096e908bf8ed68ccd6584fe797a2824bd1a22dffb3b0a096",),
+    "medsam-lite": ("dbc7a79ce6a0a5aa35dc52199370b2654e3123b965997c2796243a566241b9b3",),
 }
