@@ -9,7 +9,7 @@ import streamlit as st
 
 import simple_viewer
 import state
-from medai import imaging, viewer, workstation
+from medai import viewer, workstation
 from medai.ui.viewport import viewport
 
 study, series = state.selected()
@@ -21,11 +21,25 @@ if series is None:
 
 files = tuple(str(f) for f in series.files)
 accessed = st.session_state.setdefault("accessed", set())
+
+
+def _display() -> viewer.DisplayVolume:
+    """The series in memory (read-outs, the simple viewer); its failure stops the page."""
+    try:
+        return state.loaded(series.series_uid, files)
+    except Exception as exc:  # noqa: BLE001 - the reason is shown, the page survives
+        st.error(f"Cannot show this series: {exc}")
+        st.stop()
+        raise
+
+
 try:
     if series.series_uid not in accessed:
         workstation.audit("instances_accessed", study=study, series=series, detail={"action": "view"})
         accessed.add(series.series_uid)
-    display = state.loaded(series.series_uid, files)
+    # what the viewport needs, from the viewer cache when the series was opened or read
+    # ahead before: the first image does not wait for its DICOM files
+    shown = state.viewport_series(series.series_uid, files, series)
 except Exception as exc:  # noqa: BLE001 - the reason is shown, the page survives
     st.title("Viewer")
     st.error(f"Cannot show this series: {exc}")
@@ -37,10 +51,9 @@ mode = st.segmented_control("Viewport", ["browser", "server"], key="viewport_mod
                             help="Interactive runs in this browser (needs WebGL2); Simple draws each slice "
                                  "on the server", persist_state="session") or "browser"
 if mode == "server":
-    simple_viewer.show(series, files, display)
+    simple_viewer.show(series, files, _display())
     st.stop()
 
-volume = display.volume
 result_dir = ss.result_dir
 main, info = st.columns([4.4, 1.2], gap="small")
 
@@ -54,22 +67,23 @@ with info:
             entries = []
 
 labels = state.viewport_labels(result_dir, series.series_uid, files) if overlay_on else None
-window = viewer.default_window(volume)
 with main:
     action = viewport(
-        volume=state.viewport_volume(series.series_uid, files), labels=labels,
-        window=(window.width, window.level), unit="HU" if volume.modality.upper() == "CT" else "intensity",
-        presets=imaging.preset_keys() if volume.modality.upper() == "CT" else [],
-        corners=workstation.corner_text(study, series, volume),
+        volume=shown.volume_nifti, labels=labels, window=shown.window, unit=shown.unit, presets=shown.presets,
+        corners=workstation.corner_text(study, series, thickness_mm=shown.thickness_mm), previews=shown.previews,
         label_entries=[{"value": e.value, "name": e.name, "colour": list(e.colour)} for e in entries] if overlay_on else [],
         height=600, key=f"viewport-{workstation.key_for(series.series_uid)}")
     # after the viewport, so the images are on their way while the models are matched
     hint_key = f"viewer-hint-{workstation.key_for(series.series_uid)}"  # once per series
     if hint_key not in ss:
-        ss[hint_key] = workstation.viewer_hint(workstation.models_for(series), volume.modality)
+        ss[hint_key] = workstation.viewer_hint(workstation.models_for(series), series.modality)
     if ss[hint_key]:
         st.info(ss[hint_key], icon=":material/crop_free:")
     st.caption(workstation.NOT_FOR_DIAGNOSTIC_USE)
+
+# the series in memory for the read-outs: after the viewport, which needs only the cache
+display = _display()
+volume = display.volume
 
 if action and action.get("seq") != ss.viewport_seq:
     ss.viewport_seq = action.get("seq")

@@ -12,15 +12,7 @@
 
 import { Niivue, SLICE_TYPE, MULTIPLANAR_TYPE, SHOW_RENDER, DRAG_MODE } from "@niivue/niivue";
 
-// ------------------------------------------------------------------ Streamlit protocol
-function post(type, data = {}) {
-  window.parent.postMessage({ isStreamlitMessage: true, type, ...data }, "*");
-}
-let seq = 0;
-function setValue(value) {
-  seq += 1;
-  post("streamlit:setComponentValue", { value: { ...value, seq }, dataType: "json" });
-}
+import { post, setValue, markFirstImage, S } from "./shell.js";
 
 // ------------------------------------------------------------------ page state
 const PLANES = ["axial", "coronal", "sagittal"]; // SLICE_TYPE.AXIAL=0, CORONAL=1, SAGITTAL=2
@@ -31,14 +23,12 @@ const TOOLS = [
   ["distance", "Distance", "Drag: measure a distance (several allowed)"],
   ["ellipse", "Ellipse ROI", "Drag: ellipse ROI with mean, SD, min, max, area"],
   ["rectangle", "Rect ROI", "Drag: rectangle ROI with mean, SD, min, max, area"],
-  ["box", "Box prompt", "Drag on the axial plane: box prompt for LiteMedSAM"],
+  ["box", "Box prompt (axial)", "Drag on the axial plane (left): box prompt for LiteMedSAM, which segments axial slices only"],
 ];
 
-const S = {
-  args: null,
+Object.assign(S, {
   volumeKey: null,
   labelKey: null,
-  rendering: Promise.resolve(),
   tool: "navigate",
   annotations: [],
   activeTile: 0,
@@ -49,23 +39,9 @@ const S = {
   labelOpacity: 0.45,
   defaultWindow: null,
   steps: [], // in-page timing of slice steps (ms), read by tests and bench
-  firstImageMs: null,
+  firstImageMs: null, // series arrived in the page -> the volume drawn by NiiVue
   drag: null,
-  timing: {}, // ms since the viewport's page started: first args, NiiVue attached, first image
-};
-window.__medaiViewport = S; // tests and bench read timings and annotations here
-
-const root = document.getElementById("root");
-root.innerHTML = `
-<div class="bar" id="toolbar"></div>
-<div class="bar" id="bar2"></div>
-<div id="stage">
-  <canvas id="gl" tabindex="0"></canvas>
-  <canvas id="ink"></canvas>
-  <div class="corner tl" id="c-tl"></div><div class="corner tr" id="c-tr"></div>
-  <div class="corner bl" id="c-bl"></div><div class="corner br" id="c-br"></div>
-</div>
-<div class="bar" id="readout">Loading…</div>`;
+});
 const stage = document.getElementById("stage");
 const glCanvas = document.getElementById("gl");
 const ink = document.getElementById("ink");
@@ -411,6 +387,7 @@ window.addEventListener(
     if (!vol() || e.target.tagName === "INPUT") return;
     const t0 = performance.now();
     let handled = true;
+    if (e.repeat && e.key.startsWith("Arrow")) S.keyRepeats = (S.keyRepeats || 0) + 1; // a held key
     if (e.key === "ArrowUp" || e.key === "ArrowDown") {
       step(planeOfTile(S.activeTile), e.key === "ArrowUp" ? 1 : -1, t0);
     } else if (e.key === "ArrowLeft" || e.key === "ArrowRight") {
@@ -555,6 +532,7 @@ async function loadLabels(args) {
   while (nv.volumes.length > 1) nv.removeVolume(nv.volumes[nv.volumes.length - 1]);
   if (args.labels_url) await nv.addVolumeFromUrl({ url: args.labels_url, name: "labels.nii.gz", opacity: S.labelOpacity });
   S.labelKey = args.labels_url || null;
+  S.labelsLoaded = Boolean(args.labels_url);
   applyLabels();
   nv.drawScene();
 }
@@ -576,27 +554,37 @@ async function load(args) {
   resize();
   nv.drawScene();
   S.firstImageMs = performance.now() - t0;
-  S.timing.firstImage = performance.now();
-  performance.mark("medai-first-image");
+  S.timing.volumeDrawn = performance.now();
+  performance.mark("medai-volume-drawn");
+  S.readyAt = performance.timeOrigin + performance.now();
+  if (S.firstImageAt === null) markFirstImage();
+  document.getElementById("preview").hidden = true;
   refreshCorners();
-  readout.textContent = args.hint || "Wheel or arrow keys: slices · left-drag: W/L · right-drag: zoom · middle-drag: pan · 1-7 CT presets · i invert · space reset";
+  const n = (args.presets || []).length;
+  const keys = n ? ` · 1-${n} ${args.unit === "HU" ? "CT presets" : "windows (full range, 1-99 %, tissue contrast)"}` : "";
+  readout.textContent = args.hint || `Wheel or arrow keys: slices · left-drag: W/L · right-drag: zoom · middle-drag: pan${keys} · i invert · space reset`;
 }
 
-// NiiVue compiles its shaders when it attaches (seconds under a software GL): start
-// that at once, while the server is still preparing the series.
-const attached = (document.createElement("canvas").getContext("webgl2")
-  ? nv.attachToCanvas(glCanvas)
-  : Promise.reject(new Error("this browser offers no WebGL2"))
-).then(() => {
-  S.timing.attached = performance.now();
-  nv.onLocationChange = () => { refreshCorners(); drawInk(); };
-});
-attached.catch(() => {}); // reported by render(), with what to do instead
-
-async function render(args) {
-  if (S.args === null) S.timing.firstArgs = performance.now();
+// ------------------------------------------------------------------ attaching
+// NiiVue compiles its shaders when it attaches, synchronously: seconds under a software
+// GL (SwiftShader). shell.js has shown the middle-slice previews before this module loads.
+let attachStarted = null;
+function attach() {
+  if (attachStarted) return attachStarted;
+  S.timing.attachStart = performance.now();
+  attachStarted = (document.createElement("canvas").getContext("webgl2")
+    ? nv.attachToCanvas(glCanvas)
+    : Promise.reject(new Error("this browser offers no WebGL2"))
+  ).then(() => {
+    S.timing.attached = performance.now();
+    nv.onLocationChange = () => { refreshCorners(); drawInk(); };
+  });
+  attachStarted.catch(() => {}); // reported by render(), with what to do instead
+  return attachStarted;
+}
+export async function render(args) {
   S.args = args;
-  await attached;
+  await attach();
   if (args.volume_url !== S.volumeKey) {
     S.hidden = new Set();
     await load(args);
@@ -630,15 +618,6 @@ S.api = {
   pan: () => Array.from(nv.scene.pan2Dxyzmm),
 };
 
-window.addEventListener("message", (event) => {
-  const data = event.data;
-  if (!data || data.type !== "streamlit:render") return;
-  // one render at a time, in order: a rerun's message arriving while the series is
-  // still loading must not start a second load of the same series
-  S.rendering = S.rendering.then(() => render(data.args)).catch((err) => {
-    readout.textContent = `Cannot show this series in the browser (${err.message || err}): choose ` +
-      "'Simple (server images)' above the viewer.";
-  });
-});
 window.addEventListener("resize", () => resize());
-post("streamlit:componentReady", { apiVersion: 1 });
+S.timing.viewerScript = performance.now();
+attach(); // shell.js loads this module when the previews are up, or when the series is slow to come
