@@ -91,7 +91,7 @@ def preset_keys() -> list[dict[str, object]]:
 PERCENTILE_PRESETS: tuple[tuple[str, str, float, float], ...] = (
     ("full", "Full range", 0.0, 100.0),
     ("p1_99", "1–99 %", 1.0, 99.0),
-    ("narrow", "Tissue contrast 25–99.5 %", 25.0, 99.5),
+    ("narrow", "Tissue contrast 25–99 %", 25.0, 99.0),
 )
 
 

@@ -37,15 +37,16 @@ import functools
 import hashlib
 import json
 import os
+import queue
 import tempfile
 import threading
 import time
 from collections import OrderedDict
-import queue
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from medai.dicom.index import SeriesEntry
@@ -74,7 +75,7 @@ class CachedSeries:
     previews: tuple[bytes, ...] = ()  # PNG of the middle axial, coronal, sagittal slices
 
 
-def build(display: "DisplayVolume") -> CachedSeries:
+def build(display: DisplayVolume) -> CachedSeries:
     """The cache entry of a display volume (medai.viewer does the imaging)."""
     from medai import viewer
 
@@ -197,10 +198,10 @@ def trim(max_entries: int = MAX_ENTRIES, max_bytes: int = MAX_BYTES) -> int:
 
 # One daemon thread reads ahead, one series at a time (at most one core, and a server
 # stopping with Ctrl-C does not wait for a read nobody will look at).
-_queue: "queue.SimpleQueue[tuple[Future[Any], Callable[[], Any]]]" = queue.SimpleQueue()
+_queue: queue.SimpleQueue[tuple[Future[Any], Callable[[], Any]]] = queue.SimpleQueue()
 _worker: threading.Thread | None = None
 _jobs_lock = threading.Lock()
-_jobs: "OrderedDict[tuple[str, tuple[str, ...]], Future[DisplayVolume]]" = OrderedDict()
+_jobs: OrderedDict[tuple[str, tuple[str, ...]], Future[DisplayVolume]] = OrderedDict()
 
 
 def _work() -> None:
@@ -224,19 +225,19 @@ def _submit(fn: Callable[[], Any]) -> Future[Any]:
     return job
 
 
-def series_key(series: "SeriesEntry") -> str:
+def series_key(series: SeriesEntry) -> str:
     """:func:`content_key` of an indexed series."""
     return content_key((i.sop_instance_uid, i.path) for i in series.instances)
 
 
-def _read_display(series_uid: str, files: tuple[str, ...]) -> "DisplayVolume":
+def _read_display(series_uid: str, files: tuple[str, ...]) -> DisplayVolume:
     from medai import viewer
     from medai.dicom.volume import load_series
 
     return viewer.to_display(load_series([Path(f) for f in files], series_uid=series_uid))
 
 
-def display(series_uid: str, files: tuple[str, ...]) -> "DisplayVolume":
+def display(series_uid: str, files: tuple[str, ...]) -> DisplayVolume:
     """The series as a display volume: a prefetched one (waiting for a prefetch under
     way), else read here. A failed prefetch is read again here, so its error is raised
     in the caller's thread with the file's name."""
@@ -248,12 +249,12 @@ def display(series_uid: str, files: tuple[str, ...]) -> "DisplayVolume":
     if job is not None:
         try:
             return job.result()
-        except Exception:  # noqa: BLE001 - read again below: the error surfaces where it is shown
+        except Exception:  # noqa: BLE001, S110 - read again below: the error surfaces where it is shown
             pass
     return _read_display(series_uid, files)
 
 
-def entry(series: "SeriesEntry", load: "Callable[[], DisplayVolume] | None" = None) -> CachedSeries:
+def entry(series: SeriesEntry, load: Callable[[], DisplayVolume] | None = None) -> CachedSeries:
     """The viewport's entry for ``series``: from the cache, else built and stored from
     ``load()`` (the caller's cached loader; default :func:`display`)."""
     key = series_key(series)
@@ -269,9 +270,15 @@ def entry(series: "SeriesEntry", load: "Callable[[], DisplayVolume] | None" = No
     return made
 
 
-def _prefetch_one(study: Any, series: "SeriesEntry", files: tuple[str, ...]) -> "DisplayVolume":
-    from medai import workstation
+class _Abandoned(Exception):
+    """The install this read-ahead was asked for is no longer the current one."""
 
+
+def _prefetch_one(study: Any, series: SeriesEntry, files: tuple[str, ...], home: Path) -> DisplayVolume:
+    from medai import config, workstation
+
+    if config.home() != home:  # MEDAI_HOME changed since (a test harness): its trail is not ours to write
+        raise _Abandoned(str(home))
     workstation.audit("instances_accessed", study=study, series=series, detail={"action": "prefetch"})
     shown = _read_display(series.series_uid, files)
     key = series_key(series)
@@ -280,9 +287,12 @@ def _prefetch_one(study: Any, series: "SeriesEntry", files: tuple[str, ...]) -> 
     return shown
 
 
-def prefetch(study: Any, series: Sequence["SeriesEntry"]) -> list[Future[DisplayVolume]]:
+def prefetch(study: Any, series: Sequence[SeriesEntry]) -> list[Future[DisplayVolume]]:
     """Read the first :data:`PREFETCH_SERIES` image series of ``series`` ahead, one at a
     time in a background thread; reads still queued for another study are dropped."""
+    from medai import config
+
+    home = config.home()
     wanted = [s for s in series if s.is_image][:PREFETCH_SERIES]
     keys = {(s.series_uid, tuple(str(f) for f in s.files)) for s in wanted}
     out = []
@@ -294,7 +304,7 @@ def prefetch(study: Any, series: Sequence["SeriesEntry"]) -> list[Future[Display
             key = (s.series_uid, tuple(str(f) for f in s.files))
             job = _jobs.get(key)
             if job is None or job.cancelled() or (job.done() and job.exception() is not None):
-                job = _submit(functools.partial(_prefetch_one, study, s, key[1]))
+                job = _submit(functools.partial(_prefetch_one, study, s, key[1], home))
                 _jobs[key] = job
             _jobs.move_to_end(key)
             out.append(job)
@@ -304,5 +314,20 @@ def prefetch(study: Any, series: Sequence["SeriesEntry"]) -> list[Future[Display
     return out
 
 
-__all__ = ["CachedSeries", "FORMAT", "KEEP_IN_MEMORY", "MAX_BYTES", "MAX_ENTRIES", "PREFETCH_SERIES", "build",
-           "content_key", "display", "entry", "prefetch", "read", "series_key", "trim", "write"]
+__all__ = [
+    "FORMAT",
+    "KEEP_IN_MEMORY",
+    "MAX_BYTES",
+    "MAX_ENTRIES",
+    "PREFETCH_SERIES",
+    "CachedSeries",
+    "build",
+    "content_key",
+    "display",
+    "entry",
+    "prefetch",
+    "read",
+    "series_key",
+    "trim",
+    "write",
+]

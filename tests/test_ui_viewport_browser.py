@@ -41,7 +41,13 @@ import pytest
 
 from tests.test_ui_server import running_ui
 from tests.viewer_data import DESCRIPTION, head_ct_series
-from tests.viewport_browser import Opening, add_folder_and_select, chromium, open_series, settle
+from tests.viewport_browser import (
+    Opening,
+    add_folder_and_select,
+    chromium,
+    open_series,
+    settle,
+)
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -95,14 +101,18 @@ def session(head_ct: Path, tmp_path_factory: pytest.TempPathFactory):
         s = Session(port, home, page)
         page.on("request", lambda request: s.seen.append(request.url))
         page.on("websocket", lambda ws: s.seen.append(ws.url))
+        lap("server and browser up")
         add_folder_and_select(page, port, head_ct, DESCRIPTION)
+        lap("study selected")
         # selecting the study reads its series ahead: wait for it (with a deadline), as a
         # clinician's choosing of the series would
         deadline = time.monotonic() + 300
         while not _cached_shapes(home) & {CT_SHAPE}:
             assert time.monotonic() < deadline, "the selected study's series was not read ahead"
             time.sleep(0.1)
+        lap("series read ahead")
         s.opening, s.frame = open_series(page)
+        lap("opened")
         yield s
 
 
@@ -120,6 +130,16 @@ def tile_point(page, frame, plane: int, fx: float, fy: float) -> tuple[float, fl
 def checksums(frame) -> list[int]:
     return frame.evaluate("() => { const a = window.__medaiViewport.api; a.draw(); "
                           "return a.tiles().map((t, i) => a.checksum(i)); }")
+
+
+_T0 = [time.monotonic()]
+
+
+def lap(what: str) -> None:
+    """Where a test's time goes (printed with -s; the whole module is one long browser session)."""
+    now = time.monotonic()
+    print(f"  [{now - _T0[0]:6.1f} s] {what}")
+    _T0[0] = now
 
 
 def drag(page, a: tuple[float, float], b: tuple[float, float], button: str = "left") -> None:
@@ -191,6 +211,7 @@ def test_wheel_steps_draw_distinct_slices_in_the_page(session):
     frame.wait_for_function("() => window.__medaiViewport.steps.length >= 1")
     assert frame.evaluate("() => window.__medaiViewport.api.crosshair()")[2] == start[2] - 1
 
+    lap('# 108 wheel steps from slice 3')
     # 108 wheel steps from slice 36 up, each drawn (and its pixels read back) before the next
     requests_before = len(session.seen)
     result = frame.evaluate("""(n) => {
@@ -245,6 +266,7 @@ def test_window_drag_click_zoom_pan_and_keys(session):
     expect(frame.locator("#c-bl")).not_to_have_text(wl_before)
     assert checksums(frame)[0] != sums_before[0]
 
+    lap('# a click on the axial plane m')
     # a click on the axial plane moves the coronal and sagittal planes there
     sums_before = checksums(frame)
     where_before = frame.evaluate("() => window.__medaiViewport.api.crosshair()")
@@ -255,6 +277,7 @@ def test_window_drag_click_zoom_pan_and_keys(session):
     after = checksums(frame)
     assert after[1] != sums_before[1] and after[2] != sums_before[2]
 
+    lap('# right-drag zooms')
     # right-drag zooms, middle-drag pans
     drag(page, (x, y), (x, y - 80), "right")
     expect(frame.locator("#c-bl")).not_to_contain_text("Zoom 1.00×")
@@ -263,6 +286,7 @@ def test_window_drag_click_zoom_pan_and_keys(session):
     frame.wait_for_function(f"() => JSON.stringify(window.__medaiViewport.api.pan().slice(0, 3)) !== "
                             f"'{json.dumps(pan_before[:3], separators=(',', ':'))}'")
 
+    lap('# number keys are the presets')
     # number keys are the presets, i inverts, space resets (the canvas has the focus)
     page.keyboard.press("1")
     expect(frame.locator("#c-bl")).to_contain_text("W 400 L 40")  # OHIF soft tissue
@@ -273,6 +297,7 @@ def test_window_drag_click_zoom_pan_and_keys(session):
     expect(frame.locator("#c-bl")).to_contain_text("Zoom 1.00×")
     expect(frame.locator("#c-bl")).not_to_contain_text("inverted")
 
+    lap('# cine plays')
     # cine plays through the slices
     frame.locator("#cine").click()
     frame.wait_for_function("() => (window.__medaiViewport.cineFrames || 0) >= 10", timeout=120_000)
@@ -289,7 +314,7 @@ def test_probe_distance_and_roi_equal_pydicom(session, head_ct):
     page.mouse.click(*tile_point(page, frame, 0, 0.55, 0.45))
     frame.wait_for_function("() => window.__medaiViewport.annotations.some(a => a.kind === 'probe')")
     probe = frame.evaluate("() => window.__medaiViewport.annotations.filter(a => a.kind === 'probe')[0]")
-    hu, ds, _row, _col = _pydicom_voxel(head_ct, probe["a"])
+    hu, _ds, _row, _col = _pydicom_voxel(head_ct, probe["a"])
     assert probe["value"] == hu
     expect(page.get_by_test_id("stMetricValue").filter(has_text=re.compile(r"^-?\d+$"))).to_have_text(f"{hu:.0f}")
 
@@ -361,18 +386,22 @@ def test_box_prompt_then_label_overlay_toggles_and_opacity(session):
     drag(page, tile_point(page, frame, 1, 0.4, 0.4), tile_point(page, frame, 1, 0.6, 0.6))
     expect(frame.locator("#readout")).to_contain_text("axial plane")
 
+    lap('page.get_by_role("link", name=')
     page.get_by_role("link", name="Segment it on Run model").click()
     settle(page)
     page.get_by_test_id("stSelectbox").filter(has_text="Model").click()
-    page.get_by_role("option", name=re.compile("LiteMedSAM|MedSAM", re.I)).first.click()
+    page.get_by_role("option", name=re.compile("LiteMedSAM|MedSAM", re.IGNORECASE)).first.click()
     settle(page)
     page.get_by_text("Propagate to neighbouring slices").click()  # one slice: quick
     settle(page)
+    lap('page.get_by_role("button", nam')
     page.get_by_role("button", name=re.compile("^Run ")).click()
-    settle(page)
+    expect(page.get_by_text("Result", exact=True)).to_be_visible(timeout=300_000)  # the run finished
+    lap('page.get_by_role("link", name=')
     page.get_by_role("link", name="Viewer").first.click()
     settle(page)
     frame = session.frame = _fresh_frame(page)
+    lap('label = frame.locator("input[i')
     label = frame.locator("input[id^='label-']").first
     expect(label).to_be_attached()
     frame.wait_for_function("() => window.__medaiViewport.labelsLoaded === true")
