@@ -578,6 +578,33 @@ async function load(args) {
 // ------------------------------------------------------------------ attaching
 // NiiVue compiles its shaders when it attaches, synchronously: seconds under a software
 // GL (SwiftShader). shell.js has shown the middle-slice previews before this module loads.
+// NiiVue re-computes a gradient volume (a blur and a Sobel pass over every voxel) each
+// time the image is re-coloured (a window change, an inversion, a label toggle), for
+// lighting its 3-D rendering. This viewport never shows the 3-D rendering
+// (SHOW_RENDER.NEVER), and on a software GL those passes cost seconds per change; so
+// they run a shader that writes nothing of use and samples nothing. (NiiVue is pinned
+// in package-lock.json; the shader names are those of its 0.69 init.)
+function skipGradients() {
+  const gl = nv.gl;
+  const compile = (type, text) => {
+    const shader = gl.createShader(type);
+    gl.shaderSource(shader, text);
+    gl.compileShader(shader);
+    return shader;
+  };
+  const program = gl.createProgram();
+  gl.attachShader(program, compile(gl.VERTEX_SHADER,
+    "#version 300 es\nvoid main() { vec2 p = vec2(gl_VertexID & 1, gl_VertexID >> 1) * 2.0 - 1.0; gl_Position = vec4(p, 0.0, 1.0); }"));
+  gl.attachShader(program, compile(gl.FRAGMENT_SHADER,
+    "#version 300 es\nprecision lowp float; out vec4 color; void main() { color = vec4(0.0); }"));
+  gl.linkProgram(program);
+  if (!gl.getProgramParameter(program, gl.LINK_STATUS)) return; // keep NiiVue's own
+  const none = { program, uniforms: {}, use: (g) => g.useProgram(program) };
+  for (const name of ["blurShader", "gradientPrePassShader", "sobelFirstOrderShader", "sobelSecondOrderShader"]) {
+    if (nv[name]) nv[name] = none;
+  }
+}
+
 let attachStarted = null;
 function attach() {
   if (attachStarted) return attachStarted;
@@ -587,6 +614,7 @@ function attach() {
     : Promise.reject(new Error("this browser offers no WebGL2"))
   ).then(() => {
     S.timing.attached = performance.now();
+    skipGradients();
     nv.onLocationChange = () => { refreshCorners(); drawInk(); };
   });
   attachStarted.catch(() => {}); // reported by render(), with what to do instead
