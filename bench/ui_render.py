@@ -137,6 +137,7 @@ def main() -> None:
         firsts, readies = [], []
         for _ in range(args.opens):
             tab = context.new_page()
+            tab.bring_to_front()  # a background tab draws no frames
             tab.set_default_timeout(300_000)
             add_folder_and_select(tab, port, folder, DESCRIPTION)
             _read_ahead(home, display.shape)

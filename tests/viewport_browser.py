@@ -66,7 +66,9 @@ def add_folder_and_select(page: Any, port: int, folder: Path, description: str) 
     page.get_by_placeholder("/path/to/DICOM folder").fill(str(folder))
     page.get_by_role("button", name="Add").click()
     settle(page)
-    if not page.get_by_text(description).is_visible():  # another study is selected: pick the CT by name
+    try:
+        page.get_by_text(description).wait_for(timeout=5_000)
+    except Exception:  # noqa: BLE001 - another study is selected: pick the CT by name
         page.get_by_test_id("stSelectbox").filter(has_text="Study").click()
         page.get_by_role("option", name=re.compile(r"· CT · local")).click()
         settle(page)

@@ -54,8 +54,13 @@ async function showPreview(args) {
   document.getElementById("readout").textContent = "Middle slices shown; the whole series is loading…";
   document.getElementById("stage").style.height = `${Math.max(200, args.height || 560)}px`;
   post("streamlit:setFrameHeight", { height: document.body.scrollHeight });
-  await new Promise((resolve) => requestAnimationFrame(() => setTimeout(resolve, 0))); // painted
-  if (S.firstImageAt === null) markFirstImage();
+  // wait for the frame that shows them before loading the viewer (whose set-up blocks
+  // this page), but not forever: a page in a background tab draws no frames
+  const painted = new Promise((resolve) => requestAnimationFrame(() => setTimeout(() => {
+    if (S.firstImageAt === null) markFirstImage();
+    resolve();
+  }, 0)));
+  await Promise.race([painted, new Promise((resolve) => setTimeout(resolve, 1500))]);
 }
 
 let viewer = null;
