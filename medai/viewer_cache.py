@@ -58,8 +58,8 @@ MAX_ENTRIES = 24
 MAX_BYTES = 2 << 30
 #: Image series of a selected study read ahead (in listing order), and display volumes
 #: kept in memory by the prefetch (each is the size of its series, twice).
-PREFETCH_SERIES = 3
-KEEP_IN_MEMORY = 3
+PREFETCH_SERIES = 2
+KEEP_IN_MEMORY = 2
 
 
 @dataclass(frozen=True)
