@@ -6,6 +6,7 @@ Run the stages in order (each writes into ``.cache/build/brain-extraction``)::
     .venv-models/bin/python models/brain-extraction/build.py parity     # each stage vs TorchScript
     .venv-models/bin/python models/brain-extraction/build.py reference  # reference deepbet masks (torch)
     .venv-models/bin/python models/brain-extraction/build.py precision  # fp16/int8 speed and Dice
+    .venv-models/bin/python models/brain-extraction/build.py quantize   # static int8 (NNCF), real calibration
     .venv/bin/python        models/brain-extraction/build.py evaluate   # our torch-free pipeline: Dice
     .venv/bin/python        models/brain-extraction/build.py metrics    # measurements -> [[metrics]]
     .venv/bin/python        models/brain-extraction/build.py seal       # card.toml + signature + pin
@@ -301,6 +302,92 @@ def precision() -> None:
     (WORK / "precision.json").write_text(json.dumps(rows, indent=2))
 
 
+# ----------------------------------------------------------------------------- int8 (static, NNCF)
+#: Real T1 volumes the int8 graphs are calibrated on. Colin27 (the validation volume of
+#: ``medai doctor --tune`` and of this stage) is deliberately not among them.
+CALIBRATION = (("pycortex-S1", "pycortex-S1/raw.nii.gz"), ("robex-atlas", "robex-atlas/atlas.nii.gz"))
+VALIDATION = (("colin27", "colin27/ch2.nii.gz"),
+              ("mni152", "mni152-nilearn/mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"))
+INT8_DICE_MIN = 0.995
+
+
+def _graph_inputs(image: Path) -> dict[str, "object"]:
+    """The inputs medai's own pipeline feeds each graph for a real NIfTI T1 (CPU fp32)."""
+    import SimpleITK as sitk
+
+    sys.path.insert(0, str(REPO))
+    import medai
+
+    medai.__path__.append(str(REPO))  # medai.compliance lives in compliance/ (mapped when installed)
+    from medai.dicom.volume import Volume
+    from medai.inference import registry, tune
+
+    img = sitk.ReadImage(str(image), sitk.sitkFloat32)
+    if img.GetDimension() == 4:
+        img = img[:, :, :, 0]
+    bundle = registry.get_bundle("brain-extraction")
+    captured = tune.capture_inputs(bundle, Volume.from_sitk(img, modality="MR"), threads=2)
+    return {key: captured[key][0]["image"] for key in ("bbox", "main")}
+
+
+def quantize() -> None:
+    """Static int8 of both graphs (OpenVINO NNCF post-training quantisation), calibrated on the
+    real volumes in :data:`CALIBRATION`, checked on :data:`VALIDATION` (not used to calibrate).
+
+    Each int8 graph is written as OpenVINO IR (``<graph>.int8.xml`` + ``.bin``) and its Dice
+    against the fp32 graph (ONNX Runtime CPU, ``logit > 0``) and its speed against OpenVINO
+    fp32 go to ``quantize.json``; ``seal`` ships a graph only where every validation Dice
+    reaches :data:`INT8_DICE_MIN`. Needs ``pip install nncf openvino`` in the build venv.
+    """
+    import nncf
+    import numpy as np
+    import onnxruntime as ort
+    import openvino as ov
+    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters
+
+    os.environ.setdefault("MEDAI_HOME", str(WORK / "home"))
+    calib = {name: _graph_inputs(TESTDATA / path) for name, path in CALIBRATION if (TESTDATA / path).is_file()}
+    valid = {name: _graph_inputs(TESTDATA / path) for name, path in VALIDATION}
+    core = ov.Core()
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 2
+    opts.enable_cpu_mem_arena = False
+    rows = []
+    for key, shape in (("bbox", BBOX_SHAPE), ("main", MAIN_SHAPE)):
+        onnx_path = HERE / f"{key}.onnx"
+        model = core.read_model(str(onnx_path))
+        model.reshape({"image": [1, 1, *shape]})
+        t0 = time.perf_counter()
+        quantized = nncf.quantize(
+            model, nncf.Dataset([v[key] for v in calib.values()]), preset=nncf.QuantizationPreset.MIXED,
+            subset_size=len(calib),
+            advanced_parameters=AdvancedQuantizationParameters(disable_bias_correction=False))
+        q_seconds = time.perf_counter() - t0
+        xml = WORK / f"{key}.int8.xml"
+        WORK.mkdir(parents=True, exist_ok=True)
+        ov.save_model(quantized, str(xml), compress_to_fp16=False)
+        ref_sess = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
+        props = {"INFERENCE_NUM_THREADS": 2, "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1}
+        compiled = {"fp32": core.compile_model(model, "CPU", {**props, "INFERENCE_PRECISION_HINT": "f32"}),
+                    "int8": core.compile_model(core.read_model(str(xml)), "CPU", props)}
+        for split, data in (("calibration", calib), ("validation", valid)):
+            for name, inputs in data.items():
+                x = inputs[key]
+                ref = ref_sess.run(None, {"image": x})[0] > 0
+                row = {"graph": key, "split": split, "case": name, "quantize_s": round(q_seconds, 1)}
+                for variant, graph in compiled.items():
+                    request = graph.create_infer_request()
+                    request.infer({0: x})
+                    t0 = time.perf_counter()
+                    out = request.infer({0: x})[0]
+                    row[f"ms_{variant}"] = round((time.perf_counter() - t0) * 1000, 1)
+                    row[f"dice_{variant}"] = round(_dice(out > 0, ref), 6)
+                rows.append(row)
+                print(row, flush=True)
+        del compiled, ref_sess
+    (WORK / "quantize.json").write_text(json.dumps(rows, indent=2))
+
+
 # ----------------------------------------------------------------------------- evaluate (runtime)
 def _dice(a, b) -> float:
     inter = float((a & b).sum())
@@ -426,5 +513,5 @@ if __name__ == "__main__":
     stage = sys.argv[1] if len(sys.argv) > 1 else "help"
     {"convert": convert, "parity": stage_parity, "reference": reference, "evaluate": evaluate,
      "metrics": summarize, "seal": seal,
-     "precision": precision}.get(
+     "precision": precision, "quantize": quantize}.get(
         stage, lambda: print(__doc__))()
