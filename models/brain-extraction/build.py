@@ -396,7 +396,8 @@ def quantize() -> None:
 
 
 def tables() -> None:
-    """The card's per-precision table: every provider x precision of each graph (and the static
+    """The card's per-precision table (``[[metrics]]`` rows ``precision_<precision>_<graph>`` with
+    ``source = "tables"``, replaced on each run): every provider x precision of each graph (and the static
     int8 graph from ``quantize``) timed and checked against fp32 on the real Colin27 inputs by
     the same code as ``medai doctor --tune`` (not stored as this machine's verdict); an int8 row
     also carries its Dice on every ``quantize`` validation volume, and is shipped only where
@@ -416,10 +417,11 @@ def tables() -> None:
         verdict = tune.tune_graph(bundle, key, inputs[key], threads=2, repeats=3, validation=name, extra=extra,
                                   save=False)
         for c in verdict.candidates:
-            row = {"name": "precision_table", "graph": key, "provider": c.provider, "precision": c.precision,
-                   "value": c.dice, "n": 1, "ms": c.ms, "peak_mb": c.peak_mb, "runtime": c.runtime,
-                   "data": name, "shipped": c.precision != "int8",
-                   "note": (f"Dice of the graph's mask (logit > 0) vs fp32 ONNX Runtime CPU on the real input; "
+            row = {"name": f"precision_{c.precision}_{key}", "source": "tables", "graph": key,
+                   "provider": c.provider, "precision": c.precision, "value": c.dice, "n": 1, "ms": c.ms,
+                   "runtime": c.runtime, "data": name, "shipped": c.precision != "int8",
+                   "note": (f"{c.provider} {c.precision}: Dice of the graph's mask (logit > 0) vs fp32 ONNX Runtime "
+                            f"CPU on the real input; "
                             f"ms: best of 3, 2 threads, shared 2-core Xeon (AVX-512 BF16/FP16, AMX) at load "
                             f"average {load:.0f}: compare within this table only")}
             if c.precision == "int8":
@@ -433,7 +435,8 @@ def tables() -> None:
                            decision=("fails the Dice gate" if worst < INT8_DICE_MIN else
                                      "passes the Dice gate" + ("" if faster else ", but is not faster than bf16")),
                            data=f"{name}; " + ", ".join(f"{r['case']} {r['dice_int8']:.4f}" for r in others),
-                           note=("static int8 (OpenVINO NNCF, calibrated on " + ", ".join(n for n, _ in CALIBRATION)
+                           note=(f"{c.provider} static int8 (OpenVINO NNCF, calibrated on "
+                                 + ", ".join(n for n, _ in CALIBRATION)
                                  + f"); value = lowest Dice vs fp32 over the validation volumes; shipped only at "
                                  f">= {INT8_DICE_MIN}"))
             rows.append(row)
@@ -547,7 +550,7 @@ def _metrics_toml() -> str:
         metrics = tomllib.loads((HERE / "card.toml").read_text()).get("metrics", [])
     table = WORK / "precision_table.json"
     if table.is_file():
-        metrics = [m for m in metrics if m.get("name") != "precision_table"] + json.loads(table.read_text())
+        metrics = [m for m in metrics if m.get("source") != "tables"] + json.loads(table.read_text())
     return "\n".join("[[metrics]]\n" + "".join(f"{k} = {_toml_value(v)}\n" for k, v in m.items() if v is not None)
                      for m in metrics)
 
