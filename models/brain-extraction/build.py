@@ -14,7 +14,9 @@ Run the stages in order (each writes into ``.cache/build/brain-extraction``)::
 
 ``convert`` and ``reference`` need the build venv (``[models]`` extra plus
 ``pip install --no-deps deepbet==1.0.2 connected-components-3d fill_voids pandas tqdm``);
-``evaluate`` and ``seal`` use only the runtime (medai) environment.
+``evaluate`` and ``seal`` use only the runtime (medai) environment. ``quantize`` also needs
+``pip install nncf openvino`` in the build venv (NNCF is a build tool, never a runtime
+dependency); ``tables`` runs in the runtime venv with the ``openvino`` extra.
 
 Conversion (see issue 4 for why):
 
