@@ -348,6 +348,22 @@ def _modality(dataset_json: Mapping[str, Any]) -> list[str]:
     return []
 
 
+def _refuse_multichannel(folder: Path) -> None:
+    """One series is one channel: a model that takes several (e.g. T1 and T2 of one study) is
+    refused before anything is built, naming its channels."""
+    path = folder / "dataset.json"
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelIntegrityError(f"{path}: not readable as JSON ({exc})") from None
+    channels = meta.get("channel_names", meta.get("modality", {}))
+    if len(channels) != 1:
+        raise ModelIntegrityError(
+            f"{folder}: the model takes {len(channels)} input channels ({', '.join(map(str, channels.values()))}); "
+            "medai gives a model one series, so multi-channel nnU-Net models (e.g. several MR contrasts) are "
+            "not supported")
+
+
 def import_nnunet(folder: str | Path, *, model_id: str, license: str, parity_image: str | Path,
                   folds: Sequence[str] | None = None, checkpoint: str = "checkpoint_final.pth",
                   use_mirroring: bool = True, tile_step_size: float = 0.5, reorient: str | None = None,
@@ -364,6 +380,7 @@ def import_nnunet(folder: str | Path, *, model_id: str, license: str, parity_ima
     if reorient not in (None, "RAS"):
         raise ModelIntegrityError(f"reorient to {reorient!r}: only RAS (TotalSegmentator's canonical) is supported")
     folder = Path(folder).resolve()
+    _refuse_multichannel(folder)
     stages = load_stages(folder, folds=folds, checkpoint=checkpoint, use_mirroring=use_mirroring,
                          tile_step_size=tile_step_size)
     import nnunetv2
@@ -377,11 +394,6 @@ def import_nnunet(folder: str | Path, *, model_id: str, license: str, parity_ima
     dataset_json = last.dataset_json
     labels = labels_of(dataset_json, last.label_manager)
     n_channels = len(dataset_json.get("channel_names", dataset_json.get("modality", {})))
-    if n_channels != 1:
-        raise ModelIntegrityError(
-            f"{folder}: the model takes {n_channels} input channels "
-            f"({', '.join(map(str, dataset_json.get('channel_names', {}).values()))}); medai runs one series "
-            "per model, so multi-channel nnU-Net models (e.g. several MR contrasts) are not supported")
     image = read_image(Path(parity_image))
     digests = {s.config: folder_digest(s.folder, ["dataset.json", "plans.json"] +
                                        [f"fold_{f}/{checkpoint}" for f in s.folds]) for s in stages}
