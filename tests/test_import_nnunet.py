@@ -151,6 +151,7 @@ def _check(ref: np.ndarray, ours: np.ndarray) -> dict[int, float]:
     assert min(counts.values()) >= MIN_VOXELS, f"nnU-Net predicts too little of some label: {counts}"
     dice = per_label_dice(ref, ours, VALUES)
     assert min(dice.values()) >= 0.999, (dice, counts)
+    print(f"per-label Dice {dice}, nnUNetPredictor voxels {counts}")  # shown with pytest -rP
     return dice
 
 
