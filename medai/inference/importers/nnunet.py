@@ -352,6 +352,8 @@ def _refuse_multichannel(folder: Path) -> None:
     """One series is one channel: a model that takes several (e.g. T1 and T2 of one study) is
     refused before anything is built, naming its channels."""
     path = folder / "dataset.json"
+    if not path.is_file():
+        return  # load_stages says which files the folder must hold
     try:
         meta = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
