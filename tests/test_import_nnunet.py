@@ -171,6 +171,7 @@ def test_3d_fullres_one_fold_without_mirroring(one_fold, images, reference, tmp_
     assert card["nnunet"]["source"]["reorient"] == "none"
     assert card["license"]["spdx"] == "Apache-2.0"
     assert card["metrics"][0]["name"] == "import_parity_min_dice" and card["metrics"][0]["value"] >= 0.999
+    assert card["nnunet"]["parity"]["min_dice"] == round(parity.min_dice, 6)
     assert [lab.name for lab in bundle.card.labels] == ["fat", "soft_tissue", "bone"]
     sw = next(s for s in bundle.card.preprocessing if s.op == "sliding_window")
     assert sw.params["mirror_axes"] == [] and len(sw.params["graphs"]) == 1
@@ -191,8 +192,8 @@ def test_reorientation_to_ras_like_totalsegmentator(images, reference, tmp_path:
     nnUNetPredictor; ``test_nnunet_ops`` checks the step against nibabel array for array)."""
     from medai.inference.run import run_on_volume
 
-    bundle, parity = _import(tmp_path / "bundle", "3d_fullres", images["relaid"], ("0",), False, "ct-test-ras",
-                             reorient="RAS")
+    bundle, _ = _import(tmp_path / "bundle", "3d_fullres", images["relaid"], ("0",), False, "ct-test-ras",
+                        reorient="RAS")
     assert bundle.card.raw["nnunet"]["source"]["reorient"] == "RAS"
     assert bundle.card.preprocessing[0].op == "reorient"
     expected = relaid_array(reference("3d_fullres", fx.CT, ("0",), False))
