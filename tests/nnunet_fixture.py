@@ -204,10 +204,21 @@ def _write_dataset(raw: Path, dataset: str) -> None:
 
 
 def _entry(func: str, *args: str) -> None:
-    code = (f"import sys; from nnunetv2.experiment_planning.plan_and_preprocess_entrypoints import {func}; "
-            f"sys.argv[0]='{func}'; {func}()")
+    """One of nnU-Net's planning commands (``nnUNetv2_extract_fingerprint`` ...), in this process."""
+    from nnunetv2.experiment_planning import plan_and_preprocess_entrypoints as entries
+
+    argv, n_proc_da = sys.argv, os.environ.get("nnUNet_n_proc_DA")
     # nnU-Net's planner sets torch threads from nnUNet_n_proc_DA, which must then be >= 1.
-    subprocess.run([sys.executable, "-c", code, *args], check=True, env=dict(os.environ, nnUNet_n_proc_DA="1"))
+    os.environ["nnUNet_n_proc_DA"] = "1"
+    sys.argv = [func, *args]
+    try:
+        getattr(entries, func)()
+    finally:
+        sys.argv = argv
+        if n_proc_da is None:
+            os.environ.pop("nnUNet_n_proc_DA", None)
+        else:
+            os.environ["nnUNet_n_proc_DA"] = n_proc_da
 
 
 def _tiny_plans(pre: Path) -> None:
