@@ -4,7 +4,8 @@ Used by the import tests and ``bench/nnunet_import.py``. The trained results fol
 committed under ``tests/data/nnunet/`` (about 3 MB; see the README there), so no test
 trains anything except ``test_fixture_recipe_still_trains``, which re-runs this recipe's
 planning and a short training of one configuration to keep the recipe honest. To rebuild
-the committed folders from scratch (about 20 minutes on two cores)::
+the committed folders from scratch (about 20 minutes on two busy cores; builds of different
+datasets or configurations can run side by side, ``build WORK DATASET CONFIGS``)::
 
     .venv/bin/python tests/nnunet_fixture.py build /tmp/nnunet-work
     .venv/bin/python tests/nnunet_fixture.py export /tmp/nnunet-work tests/data/nnunet
