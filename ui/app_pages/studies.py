@@ -9,6 +9,17 @@ import streamlit as st
 import state
 from medai import workstation
 
+if st.session_state.pop("open_viewer", False):
+    # an Open click (below) made its series current in a callback: go straight to the
+    # Viewer rather than redrawing this whole page first (about a second on a busy machine)
+    st.switch_page("app_pages/viewer.py")
+
+
+def _open(study_uid: str, series_uid: str) -> None:
+    state.open_series(study_uid, series_uid)
+    st.session_state.open_viewer = True
+
+
 head, refresh = st.columns([6, 1], vertical_alignment="bottom")
 head.title("Studies")
 if refresh.button("Refresh", icon=":material/refresh:", key="refresh-studies",
@@ -65,10 +76,9 @@ for series in study.series:
     cols[1].markdown(f"{series.description or '(no description)'}")
     cols[2].markdown(f"{series.n_images} images")
     cols[3].markdown(", ".join(workstation.run_status([series]).get(series.series_uid, [])) or "—")
-    if cols[4].button("Open", key=f"open-{series.series_uid}", icon=":material/visibility:",
-                      type="primary" if series.series_uid == st.session_state.series_uid else "secondary"):
-        state.open_series(study.study_uid, series.series_uid)
-        st.switch_page("app_pages/viewer.py")
+    cols[4].button("Open", key=f"open-{series.series_uid}", icon=":material/visibility:",
+                   type="primary" if series.series_uid == st.session_state.series_uid else "secondary",
+                   on_click=_open, args=(study.study_uid, series.series_uid))
 
 if skipped:
     with st.expander(f"{len(skipped)} files skipped"):
