@@ -187,3 +187,34 @@ def test_window_saturated_8bit_export_is_not_measurable_and_ranked_first(s1_runs
                                     qc=qc_state(res.qc)))
     assert [r.study_key for r in triage.rank(rows)] == ["b-collapsed", "a-routine"]
     assert rows[1].qc == "fail" and rows[0].qc == "warn"
+
+
+# ----------------------------------------------------------------------------- demo caveat
+
+
+def test_template_grid_caveat_is_one_rule_read_from_each_measuring_card() -> None:
+    """Colin27 (the demo study) is on the MNI152 1 mm grid: every model that measures a volume
+    on it (volumetry's tissues, brain extraction's "Brain 1956.5 mL") carries the card's
+    template-space caveat in result.json ``caveats`` (medai.inference.run applies the one rule
+    of medai.assist.caveats to any card that has it); a native-space subject (S1) gets none."""
+    import tomllib
+
+    from medai.assist import caveats
+
+    def geometry(*parts: str) -> tuple[tuple[int, ...], tuple[float, ...]]:
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(fetched(*parts)))
+        reader.ReadImageInformation()
+        return tuple(reversed(reader.GetSize())), reader.GetSpacing()  # [k, j, i] like Volume.shape
+
+    colin, s1 = geometry("colin27", "ch2.nii.gz"), geometry("pycortex-S1", "raw.nii.gz")
+    for model in ("brain-volumetry", "brain-extraction"):
+        card = tomllib.loads((REPO / "models" / model / "card.template.toml").read_text())
+        rules = caveats.rules_from_card(card["postprocessing"])
+        found = caveats.caveats_for(*colin, rules)
+        assert len(found) == 1 and "MNI space" in found[0] and "larger than a typical head" in found[0], model
+        assert caveats.caveats_for(*s1, rules) == []
+        # The pipeline's own copy (volumetry reports it in its findings too) is not repeated.
+        assert caveats.for_result(card["postprocessing"], *colin, found) == found
+    with pytest.raises(ValueError, match="three dimensions"):
+        caveats.rules_from_card({"caveats": [{"grid": [181, 217], "spacing_mm": 1.0, "text": "x"}]})

@@ -31,6 +31,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from medai import __version__, config
+from medai.assist import caveats
 from medai.dicom.volume import Volume
 from medai.errors import DicomInputError, MedaiError, ModelIntegrityError, PromptError
 from medai.compliance import audit as _audit
@@ -252,7 +253,8 @@ def run_on_volume(bundle: Bundle, volume: Volume, out_dir: str | Path, *, device
         "findings": [f.__dict__ for f in output.findings],
         "qc": dict(output.qc),
         # What a reader must know beside the numbers (e.g. a template-space series), for every surface.
-        "caveats": [str(c) for c in output.qc.get("caveats") or []],
+        "caveats": caveats.for_result(bundle.card.postprocessing, volume.shape, volume.geometry.spacing,
+                                      output.qc.get("caveats")),
         "priority": {"level": priority.level, "score": priority.score, "reasons": list(priority.reasons)},
         "prompt": prompt.as_dict() if isinstance(prompt, Prompt) else None,
         "preprocessing": ctx.recorded,
