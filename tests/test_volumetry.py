@@ -346,3 +346,51 @@ def test_cortical_grey_matter_agrees_with_freesurfer_surfaces_on_real_subject(tm
     values = {m.name: m.value for m in result.measurements}
     for tissue in ("gm_volume_ml", "wm_volume_ml", "csf_volume_ml"):
         assert abs(values[tissue] - full[tissue]) / full[tissue] < 0.005, (tissue, values[tissue], full[tissue])
+
+
+@pytest.mark.slow
+def test_tissue_priors_register_to_template_and_to_a_freesurfer_oriented_subject() -> None:
+    """Spatial priors (issue 16): the 2 mm MNI152 atlas registered back onto the 1 mm template
+    it was made from lands where the template's own maps are, and onto S1 (FreeSurfer LIA
+    orientation, a real head) it covers the brain mask; priors are floored and sum to 1.
+    Then the prior-guided EM on the template (at 2 mm, to stay fast) agrees with its maps."""
+    from medai.assist import priors
+
+    def read(name: str) -> sitk.Image:
+        return sitk.ReadImage(str(fetched(MNI, f"mni_icbm152_{name}_tal_nlin_sym_09a_converted.nii.gz")), sitk.sitkFloat32)
+
+    t1, gm, wm = read("t1"), read("gm"), read("wm")
+    built = priors.build_atlas(t1, gm, wm)
+    atlas = priors.TissueAtlas(sitk.Cast(built["t1"], sitk.sitkFloat32), sitk.Cast(built["gm"], sitk.sitkFloat32) / 255.0,
+                               sitk.Cast(built["wm"], sitk.sitkFloat32) / 255.0)
+    params = priors.PriorParams()
+    # Onto the template at 2 mm (the classification below runs there): the atlas's own T1.
+    small = built
+    image = sitk.Cast(small["t1"], sitk.sitkFloat32)
+    a = sitk.GetArrayFromImage(image)
+    mask = a > 0
+    box = tissue.mask_box(mask)
+    p, record = priors.tissue_priors(image, mask, box, atlas, params)
+    assert p.shape == (3,) + a[box].shape
+    assert np.allclose(p.sum(axis=0), 1.0, atol=1e-5) and p.min() >= params.floor / 3 - 1e-6
+    assert record["mask_inside_template_brain"] > 0.98, record
+    truth_gm = sitk.GetArrayFromImage(small["gm"])[box] / 255.0
+    inside = mask[box]
+    assert np.corrcoef(p[1][inside], truth_gm[inside])[0, 1] > 0.9  # registered where it belongs
+    # Onto S1 at 2 mm: another orientation (LIA) and a real head, inside an eroded head mask.
+    s1 = sitk.ReadImage(str(fetched("pycortex-S1", "raw.nii.gz")), sitk.sitkFloat32)
+    s1_small = sitk.Resample(s1, [128, 128, 128], sitk.Transform(), sitk.sitkLinear, s1.GetOrigin(),
+                             [2.0, 2.0, 2.0], s1.GetDirection(), 0.0, sitk.sitkFloat32)
+    head = sitk.GetArrayFromImage(sitk.BinaryErode(sitk.BinaryFillhole(sitk.OtsuThreshold(s1_small, 0, 1)), [4] * 3)) > 0
+    _, rec = priors.tissue_priors(s1_small, head, tissue.mask_box(head), atlas, params)
+    assert rec["mask_inside_template_brain"] > 0.8, rec
+    # Prior-guided EM on the 2 mm template (no working grid: the source grid is the fit grid).
+    tp = tissue.TissueParams.from_mapping({**_card()["postprocessing"]["tissue"], "working_grid_mm": 0.0})
+    seg = tissue.classify_tissue(a, mask, image.GetSpacing(), tp, priors=p)
+    vox = float(np.prod(image.GetSpacing())) / 1000.0
+    ref = {"GM": float(truth_gm[inside].sum()) * vox,
+           "WM": float(sitk.GetArrayFromImage(small["wm"])[box][inside].sum()) / 255.0 * vox}
+    for cls in ("GM", "WM"):
+        assert abs(seg.volumes_ml[cls] - ref[cls]) / ref[cls] < 0.15, (cls, seg.volumes_ml, ref)
+    with pytest.raises(ValueError, match="do not cover"):
+        tissue.classify_tissue(a, mask, image.GetSpacing(), tp, priors=p[:, :-1])
