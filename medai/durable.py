@@ -8,7 +8,7 @@ from pathlib import Path
 
 def fsync_dir(path: Path) -> None:
     """Make a rename or a new entry in ``path`` survive a power cut."""
-    fd = os.open(path, os.O_RDONLY)
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     try:
         os.fsync(fd)
     finally:

@@ -224,8 +224,15 @@ def medai_json(home: Path, *args: str) -> dict:
     return json.loads(out.stdout)
 
 
+def stored_count(home: Path) -> int:
+    """How many instances the store holds (file names only: cheap enough to poll)."""
+    return sum(1 for _ in (home / "store" / "studies").glob("*/*/*.dcm"))
+
+
 def stored_files(home: Path) -> dict[str, Path]:
-    return {p.stem: p for p in (home / "store" / "studies").glob("*/*/*.dcm")}
+    """Stored instances by SOP Instance UID, read from each file's header (file names are pseudonyms)."""
+    return {str(pydicom.dcmread(p, stop_before_pixels=True, specific_tags=["SOPInstanceUID"]).SOPInstanceUID): p
+            for p in (home / "store" / "studies").glob("*/*/*.dcm")}
 
 
 def wait_until(predicate, timeout: float, interval: float = 0.2, what: str = "condition") -> None:  # type: ignore[no-untyped-def]

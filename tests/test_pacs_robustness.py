@@ -20,7 +20,7 @@ import pydicom
 import pytest
 
 from pacs_peers import (DCMTK_ENV, Listener, StoreSCP, acknowledged, dcmtk_required, decompressed, demo_t1, make_copies,
-                        medai_json, needs_dcmtk, stored_files, T1_ROUTE, wait_until)
+                        medai_json, needs_dcmtk, stored_count, stored_files, T1_ROUTE, wait_until)
 
 pytestmark = [pytest.mark.network, pytest.mark.slow,
               pytest.mark.skipif(not needs_dcmtk, reason="dcmtk not installed")]
@@ -62,7 +62,7 @@ def test_concurrent_senders_sigkill_restart(medai_home: Path, tmp_path: Path) ->
     port = lst.port
     senders = _send_parallel(port, groups)
     try:
-        wait_until(lambda: len(stored_files(medai_home)) >= 700, timeout=300, interval=0.05,
+        wait_until(lambda: stored_count(medai_home) >= 700, timeout=300, interval=0.05,
                    what="700 instances stored")
         lst.kill()  # SIGKILL mid-transfer
         outputs = [p.communicate(timeout=120)[0] for p in senders]

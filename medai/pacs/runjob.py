@@ -11,9 +11,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
+
+#: Environment variable carrying the Series Instance UID to run on (not an argument: see the worker).
+SERIES_ENV = "MEDAI_RUNJOB_SERIES"
 
 
 def run(model_id: str, source: Path, *, series_uid: str | None) -> dict[str, Any]:
@@ -30,7 +34,6 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m medai.pacs.runjob")
     parser.add_argument("--model", required=True)
     parser.add_argument("--source", required=True, type=Path)
-    parser.add_argument("--series", default=None)
     args = parser.parse_args(argv)
     from medai.compliance import egress
 
@@ -38,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     from medai.errors import MedaiError
 
     try:
-        summary = run(args.model, args.source, series_uid=args.series)
+        summary = run(args.model, args.source, series_uid=os.environ.get(SERIES_ENV) or None)
     except MedaiError as exc:
         sys.stderr.write(f"error: {exc}\n")
         return 1

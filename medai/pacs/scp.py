@@ -363,30 +363,42 @@ class Listener:
         """Register stored files the database does not know: the listener was
         killed between the rename and the commit (never acknowledged, but
         intact and part of its study), or a power cut took the last commits
-        (``synchronous=NORMAL``), acknowledged ones included. What routing
-        needs (modality, body part, description, SOP class) is read back from
-        each file's own header, so the study routes as if it had been
-        registered on arrival."""
+        (``synchronous=NORMAL``), acknowledged ones included. Files are named
+        by pseudonyms, so the known ones are recognised by the pseudonyms of
+        the SOP Instance UIDs the database holds; the UIDs and what routing
+        needs (modality, body part, description, SOP class) of the others are
+        read back from each file's own header, so the study routes as if it
+        had been registered on arrival. A file whose header cannot give its
+        UIDs stays where it is (nothing received is deleted) and is counted
+        in the log."""
         import pydicom
 
-        known = self.db.known_sops()
+        known = {self.store.name_for(sop) for sop in self.db.known_sops()}
         rows = []
-        for study, series, sop, path in self.store.iter_all():
-            if sop in known:
+        unreadable = 0
+        for path in self.store.iter_files():
+            if path.stem in known:
                 continue
-            info: SeriesInfo | None = None
             try:
                 fields = _dataset_fields(pydicom.dcmread(path, stop_before_pixels=True, force=True,
                                                          defer_size=4096))
-                info = _series_info(fields, study, series, fields["SOPClassUID"])
-            except Exception as exc:  # noqa: BLE001 - a file we wrote; keep it registered even if unreadable
-                log.warning("stored instance header unreadable during reconciliation (%s)", type(exc).__name__)
+                study, series, sop = (validate_uid(fields[k]) for k in
+                                      ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"))
+                if self.store.path_for(study, series, sop) != path:
+                    raise UnsafeInputError(None, "header UIDs do not match the stored file's place")
+            except Exception as exc:  # noqa: BLE001 - a file we wrote; leave it in place whatever it holds
+                unreadable += 1
+                log.warning("stored instance left unregistered during reconciliation (%s)", type(exc).__name__)
+                continue
+            info = _series_info(fields, study, series, fields["SOPClassUID"])
             stat = path.stat()
-            rows.append(InstanceRow(sop, study, series, info.sop_class_uid if info else "", stat.st_size,
+            rows.append(InstanceRow(sop, study, series, info.sop_class_uid, stat.st_size,
                                     file_sha256(path), info, "scp", stat.st_mtime))
         if rows:
             self.db.record_instances(rows)
             log.info("reconciled %d stored instances missing from the queue database", len(rows))
+        if unreadable:
+            log.warning("%d stored instances could not be reconciled; they stay in the store", unreadable)
         return len(rows)
 
     # -- association bookkeeping (the acceptor's handler interface) ---------

@@ -1,9 +1,13 @@
 """The local study store: received DICOM instances as Part 10 files under
 ``MEDAI_HOME/store``.
 
-Paths are built from UIDs only, and only after each UID has been validated as a
-UID (digits and dots), so a hostile SOP Instance UID such as ``../../x`` can
-never become a path and no patient data ever appears in a file name. Every
+Each folder and file is named by the keyed pseudonym of a UID (16 hex digits of
+an HMAC under the install's pseudonym key), never by the UID itself: DICOM's
+de-identification profile treats UIDs as identifying (they embed dates and
+link a study across systems), and a file name ends up in backups, `ls` output
+and bug reports. A UID is validated (digits and dots) before it is hashed, so
+a hostile value is refused rather than stored. The UIDs themselves are read
+back from each file's header when they are needed (reconciliation). Every
 file is written atomically (temporary file, fsync, rename, directory fsync): a
 file that exists under its final name is complete, even after SIGKILL or power
 loss, which is what lets the C-STORE SCP answer "success" only once the
@@ -24,7 +28,9 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from medai import config
+from medai.compliance import pseudonym
 from medai.dicom.safety import check_uid
+from medai.durable import fsync_dir
 from medai.errors import DicomInputError, UnsafeInputError
 
 log = logging.getLogger("medai.pacs")
@@ -41,15 +47,6 @@ def validate_uid(value: object, what: str = "UID") -> str:
         return check_uid(value, None, what)
     except DicomInputError:
         raise UnsafeInputError(None, f"{what} is missing or not a valid DICOM UID") from None
-
-
-def fsync_dir(path: Path) -> None:
-    """Flush a directory entry (a rename or a new file) to disk."""
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class DirSync:
@@ -225,7 +222,8 @@ class IncomingFile:
 
 
 class StudyStore:
-    """Part 10 files laid out as ``studies/<study>/<series>/<sop>.dcm``."""
+    """Part 10 files laid out as ``studies/<study>/<series>/<sop>.dcm``, each
+    name the keyed pseudonym of that UID (:meth:`name_for`)."""
 
     def __init__(self, root: Path | None = None) -> None:
         self.root = Path(root) if root is not None else config.home() / "store"
@@ -234,6 +232,43 @@ class StudyStore:
         self._dir_sync = DirSync()
         for folder in (self.root, self.studies_dir, self.tmp_dir):
             folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._rename_clear_layout()
+
+    @staticmethod
+    def name_for(uid: str, what: str = "UID") -> str:
+        """The file-system name of a validated UID: its keyed pseudonym."""
+        return pseudonym(validate_uid(uid, what))
+
+    def _rename_clear_layout(self) -> None:
+        """Move instances an older version stored under clear UIDs
+        (``studies/<Study UID>/<Series UID>/<SOP UID>.dcm``) to their
+        pseudonymous names. Each file is one atomic rename, so a crash midway
+        leaves every instance under one name or the other, and the next start
+        finishes the move."""
+        moved = False
+        for study in list(self.studies_dir.iterdir()):
+            if not study.is_dir() or _is_pseudonym(study.name):
+                continue
+            moved = True
+            for series in list(study.iterdir()):
+                if not series.is_dir():
+                    continue
+                for f in list(series.iterdir()):
+                    if f.suffix != ".dcm" or f.name.startswith("."):
+                        continue
+                    try:
+                        target = self.path_for(study.name, series.name, f.stem)
+                    except UnsafeInputError:
+                        log.warning("stored file with an unexpected name left in place")
+                        continue
+                    target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+                    os.replace(f, target)
+                    fsync_dir(target.parent)
+                fsync_dir(series)
+                _remove_if_empty(series)
+            _remove_if_empty(study)
+        if moved:
+            fsync_dir(self.studies_dir)
 
     def clean_partial(self) -> int:
         """Remove temporary files left by a killed process (never complete
@@ -248,11 +283,13 @@ class StudyStore:
         return removed
 
     def study_dir(self, study_uid: str) -> Path:
-        return self.studies_dir / validate_uid(study_uid, "Study Instance UID")
+        return self.studies_dir / self.name_for(study_uid, "Study Instance UID")
+
+    def series_dir(self, study_uid: str, series_uid: str) -> Path:
+        return self.study_dir(study_uid) / self.name_for(series_uid, "Series Instance UID")
 
     def path_for(self, study_uid: str, series_uid: str, sop_uid: str) -> Path:
-        return (self.study_dir(study_uid) / validate_uid(series_uid, "Series Instance UID")
-                / f"{validate_uid(sop_uid, 'SOP Instance UID')}.dcm")
+        return self.series_dir(study_uid, series_uid) / f"{self.name_for(sop_uid, 'SOP Instance UID')}.dcm"
 
     def free_bytes(self) -> int:
         return shutil.disk_usage(self.root).free
@@ -300,8 +337,8 @@ class StudyStore:
         if folder.is_dir():
             yield from sorted(folder.glob("*/*.dcm"))
 
-    def iter_all(self) -> Iterator[tuple[str, str, str, Path]]:
-        """Every stored instance as (study, series, sop, path), from the layout alone."""
+    def iter_files(self) -> Iterator[Path]:
+        """Every stored instance's file (named by pseudonyms: the UIDs are in its header)."""
         for study in sorted(self.studies_dir.iterdir()):
             if not study.is_dir():
                 continue
@@ -310,4 +347,15 @@ class StudyStore:
                     continue
                 for f in series.iterdir():
                     if f.suffix == ".dcm" and not f.name.startswith("."):
-                        yield study.name, series.name, f.stem, f
+                        yield f
+
+
+def _is_pseudonym(name: str) -> bool:
+    return len(name) == 16 and all(c in "0123456789abcdef" for c in name)
+
+
+def _remove_if_empty(folder: Path) -> None:
+    try:
+        folder.rmdir()
+    except OSError:
+        pass

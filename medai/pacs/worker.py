@@ -29,7 +29,7 @@ import pydicom
 
 from medai import config
 from medai.errors import AuditWriteError, ConfigError, MedaiError, PacsError
-from medai.pacs import _audit
+from medai.pacs import _audit, runjob
 from medai.pacs.queue import Job, PacsDB, RouteTarget
 from medai.pacs.sender import Destination, parse_destination, send_audited
 from medai.pacs.store import StudyStore, validate_uid
@@ -167,15 +167,18 @@ class Worker:
 
     def _execute(self, job: Job) -> tuple[Path, str]:
         """Run the job's model in a child process; returns the stored run's folder and id."""
-        source = self.store.study_dir(job.study_uid)
-        if job.series_uid:
-            source = source / validate_uid(job.series_uid, "Series Instance UID")
+        source = (self.store.series_dir(job.study_uid, job.series_uid) if job.series_uid
+                  else self.store.study_dir(job.study_uid))
         cmd = [sys.executable, "-m", "medai.pacs.runjob", "--model", job.model_id, "--source", str(source)]
+        env = os.environ.copy()
+        # the Series UID goes by environment, which only this user can read, not on the
+        # command line, which every user of the machine sees in `ps`
+        env.pop(runjob.SERIES_ENV, None)
         if job.series_uid:
-            cmd += ["--series", job.series_uid]
+            env[runjob.SERIES_ENV] = validate_uid(job.series_uid, "Series Instance UID")
         log.info("job start study=%s model=%s attempt=%d", _audit.key(job.study_uid), job.model_id, job.attempts)
         try:
-            self._child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=os.environ.copy())
+            self._child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
             try:
                 _out, err = self._child.communicate(timeout=self.cfg.job_timeout)
             except subprocess.TimeoutExpired:
