@@ -7,6 +7,6 @@ the card in turn pins every file by SHA-256. No private key is needed at run tim
 
 PINNED: dict[str, tuple[str, ...]] = {
     "brain-extraction": ("32a689378e47a87e80a522008968ee89f44370f7e9d5f409f8a5c425a6cfb513",),
-    "brain-volumetry": ("cb7400d92af0a8b6dae54e712e0f2403a5a3acebfe23a10d86a5a704b5cc90ec",),
+    "brain-volumetry": ("153626c8275e6269c1e024a7d1b45746068cf29e27a3e037e0aa1a927ef9ad30",),
     "medsam-lite": ("ce0a427ce5937465096e908bf8ed68ccd6584fe797a2824bd1a22dffb3b0a096",),
 }
