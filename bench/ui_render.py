@@ -11,10 +11,14 @@ Debian's Chromium (headless, WebGL2 through SwiftShader) against one `medai ui`.
   annotate, PNG, websocket), timed from Python around Playwright;
 * where the server step's time goes: ``medai.viewer.render`` plus annotate + PNG
   encode of one slice, in this process;
-* first image: from the click on "Open" to the viewport's first frame, and from the
-  series arriving in the page to that frame.
+* first image: from the click on "Open" (the Studies page's clock) to the first image
+  on screen (the middle-slice previews; the viewport's clock; both epoch ms) and to the
+  volume drawn with every interaction live. The first opening of the run clicks "Open"
+  as soon as the study is listed (nothing read ahead, nothing cached: the reference);
+  the next ``--opens`` each open the series in a fresh tab (a new Streamlit session)
+  after the selected study was read ahead, as a clinician's choosing of the series allows.
 
-Run: ``.venv/bin/python bench/ui_render.py [SERIES_DIR] [--rounds 4] [--steps 27]``
+Run: ``.venv/bin/python bench/ui_render.py [SERIES_DIR] [--rounds 4] [--steps 27] [--opens 5]``
 (default series: the head CT atlas of tests/viewer_data.py, 179 slices; needs
 scripts/fetch-test-data, Chromium and the [test] extra for Playwright).
 """
@@ -23,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import re
 import statistics
 import sys
@@ -34,56 +39,35 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
-FLAGS = ["--headless", "--no-sandbox", "--use-angle=swiftshader", "--enable-unsafe-swiftshader", "--disable-quic",
-         "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-
-
 def _stats(values: list[float]) -> str:
     v = sorted(values)
     return f"median {statistics.median(v):7.1f} ms  p95 {v[int(0.95 * (len(v) - 1))]:7.1f} ms  (n={len(v)})"
 
 
-def _settle(page) -> None:
-    page.wait_for_timeout(150)
-    page.wait_for_selector("[data-testid='stApp'][data-test-script-state]:not([data-test-script-state='running'])",
-                           timeout=300_000)
+def _read_ahead(home: Path, shape: tuple[int, int, int], timeout_s: float = 300) -> None:
+    """Wait until the server's viewer cache holds a series of ``shape`` (read ahead)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for meta in (home / "cache" / "viewer").glob("*.json"):
+            try:
+                if tuple(json.loads(meta.read_text())["shape"]) == shape:
+                    return
+            except (OSError, ValueError, KeyError):
+                pass
+        time.sleep(0.1)
+    raise TimeoutError("the selected study was not read ahead")
 
 
-def _open(page, port: int, folder: Path, mode: str) -> float:
-    """Open the series in a fresh tab (its own Streamlit session) in ``mode``;
-    returns the seconds from the Open click to the series shown."""
+def _server_viewer(page, port: int, folder: Path) -> None:
+    """The series in the "Simple (server images)" viewer of ``page`` (its own session)."""
     from viewer_data import DESCRIPTION
+    from viewport_browser import add_folder_and_select, open_series, settle
 
-    page.goto(f"http://127.0.0.1:{port}/")
-    page.get_by_role("link", name="Studies").click()
-    _settle(page)
-    page.get_by_placeholder("/path/to/DICOM folder").fill(str(folder))
-    page.get_by_role("button", name="Add").click()
-    _settle(page)
-    # the CT study (local folders are listed first; the demo T1 is listed too), its one series
-    try:
-        page.get_by_text(DESCRIPTION).wait_for(timeout=30_000)
-    except Exception:  # noqa: BLE001 - another study is selected: pick the CT by name
-        page.get_by_test_id("stSelectbox").filter(has_text="Study").click()
-        page.get_by_role("option", name=re.compile(r"· CT · local")).click()
-        _settle(page)
-        page.get_by_text(DESCRIPTION).wait_for()
-    t0 = time.perf_counter()
-    page.locator("[class*='st-key-open-'] button").first.click()
-    _settle(page)
-    if mode == "server":
-        page.get_by_test_id("stButtonGroup").get_by_text("Simple (server images)").click()
-        _settle(page)
-        page.wait_for_selector("iframe[title*='streamlit_image_coordinates']")
-        return time.perf_counter() - t0
-    page.wait_for_selector("iframe[title*='viewport']", timeout=300_000)
-    frame = next(f for f in page.frames if "/component/medai.ui.viewport" in f.url) if any(
-        "/component/medai.ui.viewport" in f.url for f in page.frames) else None
-    while frame is None:
-        page.wait_for_timeout(50)
-        frame = next((f for f in page.frames if "/component/medai.ui.viewport" in f.url), None)
-    frame.wait_for_function("() => window.__medaiViewport.firstImageMs !== null", timeout=300_000)
-    return time.perf_counter() - t0
+    add_folder_and_select(page, port, folder, DESCRIPTION)
+    open_series(page, wait_ready=False)
+    page.get_by_test_id("stButtonGroup").get_by_text("Simple (server images)").click()
+    settle(page)
+    page.wait_for_selector("iframe[title*='streamlit_image_coordinates']")
 
 
 VIEWPORT_STEPS = """async (n) => {
@@ -110,15 +94,17 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=4, help="alternating rounds (viewport, then server)")
     parser.add_argument("--steps", type=int, default=27, help="viewport steps per round")
     parser.add_argument("--server-steps", type=int, default=5, help="server-rendered steps per round")
+    parser.add_argument("--opens", type=int, default=5, help="openings of the read-ahead series, each in a new tab")
     args = parser.parse_args()
 
     from PIL import Image
     from playwright.sync_api import sync_playwright
+    from test_ui_server import running_ui
+    from viewer_data import DESCRIPTION, head_ct_series
+    from viewport_browser import add_folder_and_select, chromium, open_series, settle
 
     from medai import viewer
     from medai.dicom.volume import load_series
-    from test_ui_server import running_ui
-    from viewer_data import head_ct_series
 
     folder = Path(args.series) if args.series else head_ct_series(Path(tempfile.mkdtemp(prefix="bench-ct-")))
     volume = load_series(folder)
@@ -142,19 +128,31 @@ def main() -> None:
     drawn: list[float] = []
     framed: list[float] = []
     server: list[float] = []
-    with running_ui(home) as (_proc, port), sync_playwright() as p:
-        profile = tempfile.mkdtemp(prefix="bench-chromium-")
-        context = p.chromium.launch_persistent_context(profile, executable_path="/usr/bin/chromium", headless=True,
-                                                       args=FLAGS, viewport={"width": 1600, "height": 1000})
-        fast, slow = context.new_page(), context.new_page()
-        for page in (fast, slow):
-            page.set_default_timeout(300_000)
-        open_s = _open(fast, port, folder, "browser")
-        frame = next(f for f in fast.frames if "/component/medai.ui.viewport" in f.url)
-        first = frame.evaluate("() => window.__medaiViewport.firstImageMs")
-        print(f"first image: {open_s * 1000:.0f} ms from the Open click; {first:.0f} ms from the series arriving "
-              "in the page (includes fetch, decode, texture upload, first draw)")
-        _open(slow, port, folder, "server")
+    with running_ui(home) as (_proc, port), sync_playwright() as p, chromium(p) as context:
+        # the reference: Open clicked as soon as the study is listed, nothing read ahead or cached
+        fast = context.new_page()
+        fast.set_default_timeout(300_000)
+        add_folder_and_select(fast, port, folder, DESCRIPTION)
+        cold, frame = open_series(fast)
+        firsts, readies = [], []
+        for _ in range(args.opens):
+            tab = context.new_page()
+            tab.bring_to_front()  # a background tab draws no frames
+            tab.set_default_timeout(300_000)
+            add_folder_and_select(tab, port, folder, DESCRIPTION)
+            _read_ahead(home, display.shape)
+            opening, _ = open_series(tab)
+            firsts.append(opening.first_image_ms)
+            readies.append(opening.ready_ms)
+            tab.close()
+        print(f"first image, Open click to the middle slices on screen: Open clicked at once (reference) "
+              f"{cold.first_image_ms:.0f} ms; read ahead: median {statistics.median(firsts):.0f} ms "
+              f"(n={len(firsts)}: {', '.join(f'{v:.0f}' for v in firsts)})")
+        print(f"volume drawn, every interaction live: cold {cold.ready_ms:.0f} ms; read ahead: median "
+              f"{statistics.median(readies):.0f} ms; viewport page timing (cold) {cold.timing}")
+        slow = context.new_page()
+        slow.set_default_timeout(300_000)
+        _server_viewer(slow, port, folder)
         for _ in range(args.rounds):
             fast.bring_to_front()
             result = frame.evaluate(VIEWPORT_STEPS, args.steps)
@@ -169,9 +167,8 @@ def main() -> None:
                 t0 = time.perf_counter()
                 slow.keyboard.press(key)
                 slow.get_by_text(re.compile(rf"axial {expected}/{count}")).wait_for()
-                _settle(slow)
+                settle(slow)
                 server.append((time.perf_counter() - t0) * 1000)
-        context.close()
     print(f"viewport step, event to drawn frame (in page): {_stats(drawn)}")
     print(f"viewport step, event to next animation frame:   {_stats(framed)}")
     print(f"server-rendered step (reference), key to shown:  {_stats(server)}")

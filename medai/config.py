@@ -78,6 +78,7 @@ SETTINGS: dict[str, Setting] = {
         Setting("device", "auto", str, "Inference device: auto, cpu, cuda, tensorrt, rocm, openvino (openvino-cpu, -gpu, -npu), coreml, directml, qnn."),
         Setting("precision", "auto", str, "Inference precision: auto (this machine's tuned choice, see medai doctor --tune), fp32, bf16, fp16, int8."),
         Setting("threads", 0, int, "Intra-op threads for inference (0: number of physical cores)."),
+        Setting("tune_on_first_use", "background", str, "A model's first run on an untuned machine: background (start a bounded, lowest-priority `medai doctor --tune`), upfront (tune before the run, bounded), off."),
         Setting("max_memory", None, parse_size, "Memory budget for one inference run (e.g. 4G)."),
         Setting("allow_unsigned", False, _parse_bool, "Development only: load unsigned model bundles (audited)."),
         Setting("egress.allow", [], _parse_list, "Extra host:port destinations the egress guard allows."),

@@ -85,6 +85,34 @@ def preset_keys() -> list[dict[str, object]]:
             for n, p in enumerate(CT_PRESETS.values(), 1)]
 
 
+#: Windows for images without an absolute scale (MR): number keys 1, 2, 3 in the viewport.
+#: (id, name, low percentile, high percentile) of the voxels above the background; "Full
+#: range" is the whole stored range, background included.
+PERCENTILE_PRESETS: tuple[tuple[str, str, float, float], ...] = (
+    ("full", "Full range", 0.0, 100.0),
+    ("p1_99", "1–99 %", 1.0, 99.0),
+    ("narrow", "Tissue contrast 25–99 %", 25.0, 99.0),
+)
+
+
+def percentile_preset_keys(array: np.ndarray) -> list[dict[str, object]]:
+    """:data:`PERCENTILE_PRESETS` computed on ``array``, as the viewport binds them to
+    number keys (the CT keys would mean nothing on MR's arbitrary scale). The third is
+    a narrower window for grey/white matter contrast in a head MR: its lower bound sits
+    above most CSF and background-adjacent voxels."""
+    out: list[dict[str, object]] = []
+    finite = np.asarray(array)
+    for n, (pid, name, low, high) in enumerate(PERCENTILE_PRESETS, 1):
+        if pid == "full":
+            lo, hi = float(np.nanmin(finite)), float(np.nanmax(finite))
+            hi = hi if hi > lo else lo + 1.0
+        else:
+            lo, hi = percentile_range(finite, low, high)
+        out.append({"key": str(n), "id": pid, "name": name, "width": round(hi - lo, 3),
+                    "level": round((hi + lo) / 2.0, 3)})
+    return out
+
+
 def percentile_range(array: np.ndarray, low: float, high: float, *, max_samples: int = 2_000_000) -> tuple[float, float]:
     """The ``low``-th and ``high``-th percentiles of a volume's voxels above its minimum.
 
@@ -176,5 +204,5 @@ def nearest_axes(matrix: np.ndarray | Sequence[Sequence[float]]) -> dict[int, in
     return assigned
 
 
-__all__ = ["CT_PRESETS", "PRESET_LABELS", "WindowLevel", "apply_window", "ct_preset", "nearest_axes",
-           "nearest_index", "percentile_range", "percentile_window", "preset_keys", "resample_matrix", "resize"]
+__all__ = ["CT_PRESETS", "PERCENTILE_PRESETS", "PRESET_LABELS", "WindowLevel", "apply_window", "ct_preset", "nearest_axes",
+           "nearest_index", "percentile_preset_keys", "percentile_range", "percentile_window", "preset_keys", "resample_matrix", "resize"]

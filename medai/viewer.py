@@ -509,6 +509,41 @@ def nifti_gz(grid: RasGrid, *, labels: bool = False, window: WindowLevel | None 
     return gzip.compress(payload, compresslevel=level, mtime=0)
 
 
+def viewport_presets(volume: Volume) -> list[dict[str, object]]:
+    """The windows on the viewport's number keys: OHIF's CT presets for CT (absolute HU),
+    percentile windows of this volume otherwise (MR has no absolute scale)."""
+    if volume.modality.upper() == "CT":
+        return imaging.preset_keys()
+    return imaging.percentile_preset_keys(volume.array)
+
+
+def slice_thickness_mm(volume: Volume) -> float:
+    """The slice thickness the header states, else the slice spacing."""
+    value = volume.attributes.get("SliceThickness")
+    try:
+        return float(value) if value not in (None, "") else float(volume.geometry.spacing[2])
+    except (TypeError, ValueError):
+        return float(volume.geometry.spacing[2])
+
+
+def preview_pngs(display: DisplayVolume, window: WindowLevel, target: int = 384) -> tuple[bytes, bytes, bytes]:
+    """The middle axial, coronal and sagittal slices, windowed, with orientation letters,
+    as PNG: what the viewport shows the moment it opens, while its WebGL renderer is
+    still compiling and the volume still travelling (seconds on a machine that draws
+    WebGL on the CPU). Drawn by :func:`render`, so proportions and sides are the tested ones."""
+    import io
+
+    from PIL import Image
+
+    out = []
+    for view in VIEWS:
+        image = render(display, view, slice_count(display, view) // 2, window, target=target)
+        buffer = io.BytesIO()
+        Image.fromarray(annotate(image)).save(buffer, format="PNG", compress_level=1)
+        out.append(buffer.getvalue())
+    return out[0], out[1], out[2]
+
+
 def label_volumes_ml(labels: np.ndarray, volume: Volume) -> dict[int, float]:
     """Volume in mL of each non-zero label of a label map in source layout."""
     if labels.shape != volume.array.shape:
@@ -521,5 +556,6 @@ __all__ = [
     "CT_PRESETS", "DisplayVolume", "RasGrid", "display_voxel_from_ras", "nifti_gz", "ras_grid", "LABEL_COLOURS", "ORIENTATION_LABELS", "Pick", "SliceImage",
     "VIEWS", "WindowLevel", "annotate", "apply_window", "auto_window", "composite", "default_window",
     "display_size", "distance_mm", "label_colour", "label_volumes_ml", "named_window", "pick",
-    "raw_slice", "render", "screen_box_to_raw", "screen_point", "slice_count", "to_display", "windows_for",
+    "preview_pngs", "raw_slice", "render", "screen_box_to_raw", "screen_point", "slice_count",
+    "slice_thickness_mm", "to_display", "viewport_presets", "windows_for",
 ]

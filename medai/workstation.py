@@ -357,11 +357,9 @@ def card_for_result(result_dir: Path) -> Any:
 
 
 def _thickness_mm(volume: Any) -> float:
-    value = volume.attributes.get("SliceThickness")
-    try:
-        return float(value) if value not in (None, "") else float(volume.geometry.spacing[2])
-    except (TypeError, ValueError):
-        return float(volume.geometry.spacing[2])
+    from medai import viewer
+
+    return viewer.slice_thickness_mm(volume)
 
 
 def scope_warnings(card: Any, volume: Any) -> list[str]:
@@ -411,10 +409,12 @@ def viewer_hint(choices: Sequence[Offer], modality: str) -> str | None:
     return f"No installed model takes this {modality or ''} series; the images can still be read here.".replace("  ", " ")
 
 
-def corner_text(study: StudyRow | None, series: SeriesEntry, volume: Any) -> dict[str, Any]:
+def corner_text(study: StudyRow | None, series: SeriesEntry, volume: Any = None, *,
+                thickness_mm: float | None = None) -> dict[str, Any]:
     """The viewport's four-corner overlay: patient and study (top left), series
     (top right); the viewport adds W/L (bottom left) and slice position (bottom right)
-    with this series' slice thickness. Shown on this screen only, never logged."""
+    with this series' slice thickness (``thickness_mm``, else the volume's). Shown on
+    this screen only, never logged."""
     date = study.study_date if study else ""
     if len(date) == 8 and date.isdigit():
         date = f"{date[:4]}-{date[4:6]}-{date[6:]}"
@@ -423,7 +423,7 @@ def corner_text(study: StudyRow | None, series: SeriesEntry, volume: Any) -> dic
         "tl": [x for x in ((study.patient_name.replace("^", " ").strip() if study else ""),
                            (f"ID {study.patient_id}" if study and study.patient_id else ""), date) if x],
         "tr": [x for x in (series.description, f"{number} · {series.modality} · {series.n_images} images") if x],
-        "thickness": f"{_thickness_mm(volume):.1f} mm",
+        "thickness": f"{thickness_mm if thickness_mm is not None else _thickness_mm(volume):.1f} mm",
     }
 
 

@@ -17,6 +17,8 @@ def medai_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.Mon
     home = tmp_path_factory.mktemp("medai-home")
     monkeypatch.setenv("MEDAI_HOME", str(home))
     monkeypatch.delenv("MEDAI_CONFIG", raising=False)
+    # A model's first run would start a background tuner (issue 17): tests that want it say so.
+    monkeypatch.setenv("MEDAI_TUNE_ON_FIRST_USE", "off")
     return home
 
 

@@ -7,6 +7,8 @@ test extra), so these tests run, not skip, on every CI machine with an x86-64 CP
 from __future__ import annotations
 
 import json
+import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -116,6 +118,31 @@ def test_tuning_keeps_the_fastest_passing_and_never_a_perturbed_graph(real_input
     session = backends.get_session(bundle, "bbox", threads=1)
     assert (session.provider, session.precision) == pick
     backends.clear_sessions()
+
+
+def test_first_use_tuning_is_bounded_says_so_and_runs_once(real_inputs, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    bundle = registry.get_bundle("brain-extraction")
+    # Past its time bound, tuning still measures the fp32 CPU row; the rest is recorded as not
+    # measured and never chosen.
+    verdict = tune.tune_graph(bundle, "bbox", real_inputs["bbox"], providers=[backends.OV_CPU, CPU], repeats=1,
+                              validation="Colin27", deadline=time.monotonic())
+    cpu = [c for c in verdict.candidates if (c.provider, c.precision) == (CPU, "fp32")]
+    rest = [c for c in verdict.candidates if c not in cpu]
+    assert len(cpu) == 1 and cpu[0].passed and cpu[0].ms is not None and cpu[0].peak_mb is not None
+    assert rest and all(not c.passed and c.ms is None and "time bound" in c.reason for c in rest)
+    assert verdict.chosen == cpu[0]
+    # bbox has a verdict now, main none: a first run would tune main, and says so in result.json
+    assert tune.untuned(bundle) == ["main"]
+    monkeypatch.setenv("MEDAI_TUNE_ON_FIRST_USE", "background")
+    assert tune.on_first_use(bundle, "before") is None  # the background tuner waits for the run's own work
+    tune._lock_path().write_text(str(os.getpid()))  # a tuner is running (a live pid): no second one starts
+    assert tune.on_first_use(bundle, "after") == {"state": "tuning in the background", "pid": os.getpid(),
+                                                   "graphs": ["main"], "bound_s": tune.FIRST_USE_SECONDS}
+    monkeypatch.setenv("MEDAI_TUNE_ON_FIRST_USE", "off")
+    assert tune.on_first_use(bundle, "after") is None
+    monkeypatch.setenv("MEDAI_TUNE_ON_FIRST_USE", "sometimes")
+    with pytest.raises(Exception, match="background, upfront or off"):
+        tune.on_first_use(bundle, "after")
 
 
 def test_choice_needs_a_real_gain_for_a_reduced_precision() -> None:

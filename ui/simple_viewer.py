@@ -120,16 +120,7 @@ def show(series: Any, files: tuple[str, ...], display: viewer.DisplayVolume) -> 
 
     # ---------------------------------------------------------------- readouts (right)
     with info:
-        unit = "HU" if volume.modality.upper() == "CT" else "intensity"
-        st.markdown("**Point**")
-        if ss.last_pick is not None:
-            x, y, z = ss.last_pick
-            i, j, k = display.source_index(x, y, z)
-            lps = display.lps(x, y, z)
-            st.metric(unit, f"{display.value(x, y, z):.0f}")
-            st.caption(f"LPS ({lps[0]:.1f}, {lps[1]:.1f}, {lps[2]:.1f}) mm  \nvoxel i={i} j={j} k={k}")
-        else:
-            st.caption("Click the image to read a value.")
+        point_readout(display, ss.last_pick, "Click the image to read a value.")
         st.markdown("**Distance**")
         if len(ss.points) == 2:
             a, b = (display.lps(*p) for p in ss.points)
@@ -149,5 +140,23 @@ def show(series: Any, files: tuple[str, ...], display: viewer.DisplayVolume) -> 
                 for entry in entries:
                     ml = f" **{entry.volume_ml:.1f} mL**" if entry.volume_ml is not None else ""
                     st.markdown(f"{state.swatch(entry.colour)}{entry.name}:{ml}", unsafe_allow_html=True)
-        sx, sy, sz = display.spacing
-        st.caption(f"Voxel {sx:.2f} × {sy:.2f} × {sz:.2f} mm · {display.shape[2]}×{display.shape[1]}×{display.shape[0]}")
+        voxel_caption(display)
+
+
+def point_readout(display: viewer.DisplayVolume, pick: tuple[int, int, int] | None, empty: str) -> None:
+    """The picked point's value, LPS position and source voxel (both viewers show it
+    the same way, computed by medai.viewer from the display voxel), or ``empty``."""
+    st.markdown("**Point**")
+    if pick is None:
+        st.caption(empty)
+        return
+    x, y, z = pick
+    i, j, k = display.source_index(x, y, z)
+    lps = display.lps(x, y, z)
+    st.metric("HU" if display.volume.modality.upper() == "CT" else "intensity", f"{display.value(x, y, z):.0f}")
+    st.caption(f"LPS ({lps[0]:.1f}, {lps[1]:.1f}, {lps[2]:.1f}) mm  \nvoxel i={i} j={j} k={k}")
+
+
+def voxel_caption(display: viewer.DisplayVolume) -> None:
+    sx, sy, sz = display.spacing
+    st.caption(f"Voxel {sx:.2f} × {sy:.2f} × {sz:.2f} mm · {display.shape[2]}×{display.shape[1]}×{display.shape[0]}")

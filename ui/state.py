@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import streamlit as st
 
-from medai import viewer, workstation
+from medai import viewer, viewer_cache, workstation
 from medai.dicom.index import SeriesEntry
 
 DEFAULTS: dict[str, Any] = {
@@ -83,11 +83,15 @@ def selected() -> tuple[workstation.StudyRow | None, SeriesEntry | None]:
 
 @st.cache_resource(max_entries=3, show_spinner="Loading series…")
 def loaded(series_uid: str, files: tuple[str, ...]) -> viewer.DisplayVolume:
-    """The series as a display volume (kept in memory for the session's scrolling)."""
-    from medai.dicom.volume import load_series
+    """The series as a display volume (kept in memory for the session's scrolling); the
+    one read ahead when the study was selected, when there is one."""
+    return viewer_cache.display(series_uid, files)
 
-    volume = load_series([Path(f) for f in files], series_uid=series_uid)
-    return viewer.to_display(volume)
+
+def prefetch(study: workstation.StudyRow) -> None:
+    """Start reading the selected study's first image series ahead (background thread),
+    so that opening one shows it at once (:func:`medai.viewer_cache.prefetch`)."""
+    viewer_cache.prefetch(study, study.series)
 
 
 @st.cache_resource(max_entries=4, show_spinner=False)
@@ -99,10 +103,10 @@ def overlay(result_dir: str, series_uid: str, files: tuple[str, ...]) -> np.ndar
 
 
 @st.cache_resource(max_entries=3, show_spinner="Preparing the series for the browser…")
-def viewport_volume(series_uid: str, files: tuple[str, ...]) -> bytes:
-    """The series as the browser viewport receives it, once per series (gzipped NIfTI)."""
-    display = loaded(series_uid, files)
-    return viewer.nifti_gz(viewer.ras_grid(display), window=viewer.default_window(display.volume))
+def viewport_series(series_uid: str, files: tuple[str, ...], _series: SeriesEntry) -> viewer_cache.CachedSeries:
+    """The series as the browser viewport receives it (gzipped NIfTI, window, presets,
+    previews), from the on-disk viewer cache without reading DICOM when it is there."""
+    return viewer_cache.entry(_series, lambda: loaded(series_uid, files))
 
 
 @st.cache_resource(max_entries=4, show_spinner=False)

@@ -14,7 +14,7 @@ import os
 import platform
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import typer
 
@@ -49,6 +49,9 @@ def doctor_command(
     fresh: bool = typer.Option(False, "--fresh", help="Ignore cached parity results and check again."),
     tune: bool = typer.Option(False, "--tune", help="Time every provider x precision of every graph on real "
                               "validation inputs, check each against fp32 CPU, keep the fastest that passes."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="With --tune: only this model."),
+    seconds: Optional[float] = typer.Option(None, "--seconds", min=1, help="With --tune: time bound per model; "
+                                            "candidates left untried are recorded as not measured."),
 ) -> None:
     """Report hardware, providers, threads, memory, model bundles and the parity check."""
     from medai import config
@@ -96,9 +99,9 @@ def doctor_command(
                                              "reason": res.reason})
                     ok &= res.passed
     if tune:
-        for bundle in registry.list_bundles():
+        for bundle in [registry.get_bundle(model)] if model else registry.list_bundles():
             try:
-                tuning.tune_bundle(bundle)
+                tuning.tune_bundle(bundle, seconds=seconds)
             except Exception as exc:  # one model's problem must not hide the others
                 report["tuning"].append({"model": bundle.id, "error": f"tuning could not run: {exc}"})
                 ok = False
@@ -138,7 +141,7 @@ def _human(r: dict[str, Any]) -> None:
                   f"max |diff| {p['max_abs_diff']:.2e}, Dice {p['dice']:.5f} ({when})\n")
     if not r["tuning"]:
         out.write("Tuning     none on this machine yet: `medai doctor --tune` measures provider x precision "
-                  "(runs use fp32 until then)\n")
+                  "(the first run of a model starts it in the background; runs use fp32 until then)\n")
     for v in r["tuning"]:
         if "error" in v:
             out.write(f"Tuning     {v['model']}: {v['error']}\n")

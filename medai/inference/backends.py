@@ -189,9 +189,11 @@ def available_providers() -> list[str]:
 def choose_providers(device: str | None = None) -> list[str]:
     """Providers to try for ``device`` (``auto`` = best available), CPU always last."""
     device = (config.get("device", device) or "auto").lower()
-    available = available_providers()
     if device in {p.lower() for p in REMOTE} or device == "azure":
         raise ConfigError(f"device {device!r} runs remotely; medai only uses local execution providers")
+    if device == "cpu":  # asked for the CPU provider: enumerate (and load) no accelerator runtime
+        return [CPU]
+    available = available_providers()
     if device == "auto":
         chosen = [p for p in available if p != CPU]
     else:

@@ -6,7 +6,7 @@ the card in turn pins every file by SHA-256. No private key is needed at run tim
 """
 
 PINNED: dict[str, tuple[str, ...]] = {
-    "brain-extraction": ("32a689378e47a87e80a522008968ee89f44370f7e9d5f409f8a5c425a6cfb513",),
+    "brain-extraction": ("ebf3e9124d9442271915eb6f53824d21264a0ae976be04e3ba5f4e555be8938e",),
     "brain-volumetry": ("153626c8275e6269c1e024a7d1b45746068cf29e27a3e037e0aa1a927ef9ad30",),
     "medsam-lite": ("ce0a427ce5937465096e908bf8ed68ccd6584fe797a2824bd1a22dffb3b0a096",),
 }

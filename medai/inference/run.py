@@ -35,7 +35,7 @@ from medai.assist import caveats
 from medai.dicom.volume import Volume
 from medai.errors import DicomInputError, MedaiError, ModelIntegrityError, PromptError
 from medai.compliance import audit as _audit
-from medai.inference import backends, planner, registry
+from medai.inference import backends, planner, registry, tune
 from medai.inference.bundle import Bundle
 from medai.inference.pipeline import (Finding, Measurement, Pipeline, PipelineContext, PipelineOutput, Priority,
                                       Prompt)
@@ -178,6 +178,10 @@ def run_on_volume(bundle: Bundle, volume: Volume, out_dir: str | Path, *, device
     if prompt is not None and not pipeline.accepts_prompt:
         raise PromptError(f"model {bundle.id} does not take prompts (--plane/--slice/--box)")
     sessions: dict[tuple[str, str], backends.Session] = {}
+    # Tuning on first use only where this machine's choice is asked for (no explicit device/precision).
+    auto = all(str(config.get(k, v) or "auto").lower() == "auto" for k, v in (("device", device),
+                                                                           ("precision", precision)))
+    first_use = tune.on_first_use(bundle, "before", threads=threads) if auto else None
 
     def session_for(b: Bundle, key: str) -> backends.Session:
         """Sessions for this bundle and for bundles a pipeline builds on (e.g. a mask model),
@@ -238,6 +242,8 @@ def run_on_volume(bundle: Bundle, volume: Volume, out_dir: str | Path, *, device
     extras = [Path(p) for p in write_extras(out, volume, output)] if callable(write_extras) else []
     ctx.timings["write"] = time.perf_counter() - t0
     ctx.timings["audit"] = t_audit
+    if auto and first_use is None:
+        first_use = tune.on_first_use(bundle, "after", threads=threads)
     ctx.timings["total"] = time.perf_counter() - t_start
     provider = ", ".join(sorted({s.provider for s in sessions.values()})) or "none"
     fallbacks = sorted({s.fallback_reason for s in sessions.values() if s.fallback_reason})
@@ -263,7 +269,8 @@ def run_on_volume(bundle: Bundle, volume: Volume, out_dir: str | Path, *, device
                     "sessions": [{**s.describe(), "graph": f"{b}:{k}" if b != bundle.id else k}
                                  for (b, k), s in sessions.items()],
                     "threads": sorted({s.threads for s in sessions.values()}),
-                    "onnxruntime": backends._ort().__version__, "machine": platform.machine()},
+                    "onnxruntime": backends._ort().__version__, "machine": platform.machine(),
+                    **({"tuning": first_use} if first_use else {})},
         "timings_s": {k: round(v, 3) for k, v in ctx.timings.items()},
         "memory": memory,
         "outputs": {"mask": mask_path.name, "seg": seg_path.name if seg_path else None,

@@ -118,11 +118,15 @@ def normalize(x: np.ndarray, low: float, high: float, scale: float = 1.0, shift:
 
 
 def _components(mask: np.ndarray, fully_connected: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Connected-component labels of ``mask`` and each label's voxel count (background counts 0)."""
-    import SimpleITK as sitk
+    """Connected-component labels of ``mask`` and each label's voxel count (background counts 0).
 
-    cc = sitk.ConnectedComponent(sitk.GetImageFromArray(mask.astype(np.uint8)), fully_connected)
-    labels = sitk.GetArrayFromImage(cc)
+    scipy.ndimage rather than SimpleITK: the same labelling (checked voxel for voxel on
+    brain masks), and a run that needs only this does not map SimpleITK's ~90 MB of
+    libraries while its largest graph runs (the process's peak memory)."""
+    from scipy import ndimage
+
+    structure = ndimage.generate_binary_structure(mask.ndim, mask.ndim if fully_connected else 1)
+    labels, _ = ndimage.label(mask, structure=structure)
     counts = np.bincount(labels.ravel())
     counts[0] = 0
     return labels, counts
@@ -163,12 +167,21 @@ def continuing_components(mask: np.ndarray, previous: np.ndarray, image: np.ndar
 
 
 def fill_holes(mask: np.ndarray) -> np.ndarray:
-    """Fill background cavities not connected to the array border (3-D, face-connected background)."""
-    import SimpleITK as sitk
+    """Fill background cavities not connected to the array border (3-D, face-connected background).
 
-    image = sitk.GetImageFromArray(mask.astype(np.uint8))
-    filled = sitk.BinaryFillhole(image, fullyConnected=False, foregroundValue=1)
-    return sitk.GetArrayFromImage(filled).astype(bool)
+    One labelling of the background: every background component that reaches a face of
+    the array is outside, the rest are holes (what SimpleITK's BinaryFillhole with
+    ``fullyConnected=False`` gives, voxel for voxel, in a fraction of its time on noisy masks)."""
+    from scipy import ndimage
+
+    mask = np.asarray(mask, dtype=bool)
+    labels, n = ndimage.label(~mask)
+    outside = np.zeros(n + 1, dtype=bool)
+    for axis in range(mask.ndim):
+        for end in (0, -1):
+            outside[np.unique(np.take(labels, end, axis=axis))] = True
+    outside[0] = True  # label 0 is the mask itself
+    return mask | ~outside[labels]
 
 
 def bbox_with_margin(mask_small: np.ndarray, full_shape: tuple[int, ...], margin: float = 0.1,

@@ -21,6 +21,15 @@ features (model name + the instruction-set flags that change kernels); each row 
 names the runtime and version that produced it, and :func:`preferred` ignores a verdict
 whose runtime version has changed since. A failing candidate is kept in the table with
 its reason and is never chosen.
+
+First use: a run that finds no verdict for its graphs (and has something to choose
+between: an accelerator runtime besides ONNX Runtime's CPU provider) says so and starts
+``medai doctor --tune --model ID --seconds N`` in the background at the lowest CPU
+priority, after its own work is done (setting ``tune_on_first_use``: ``background``, the
+default; ``upfront`` tunes in the run's own process before it starts, for a batch that
+would rather wait once; ``off``). Either way the tuning is bounded by
+:data:`FIRST_USE_SECONDS`: candidates the bound leaves untried are recorded as not
+measured and never chosen (the fp32 CPU row is always measured).
 """
 
 from __future__ import annotations
@@ -37,7 +46,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 import numpy as np
 
 from medai import config
-from medai.errors import BackendError
+from medai.errors import BackendError, ConfigError
 
 if TYPE_CHECKING:  # pragma: no cover
     from medai.dicom.volume import Volume
@@ -123,6 +132,10 @@ class Verdict:
         chosen = Candidate(**data["chosen"]) if data.get("chosen") else None
         return cls(**{**data, "candidates": cands, "chosen": chosen})
 
+
+#: Time bound of tuning on first use (seconds; the 256^3 brain graph in four variants takes
+#: about a minute on an idle 2-core machine).
+FIRST_USE_SECONDS = 300.0
 
 #: A reduced precision must be at least this much faster than the best fp32 candidate to be
 #: chosen: within timing noise, the exact answer wins.
@@ -256,7 +269,7 @@ def _time_and_compare(session: Any, inputs: Sequence[Feeds], output: str, refs: 
 def tune_graph(bundle: "Bundle", key: str, inputs: Sequence[Feeds], *, providers: Sequence[str] | None = None,
                threads: int | None = None, repeats: int = 3, validation: str = "",
                extra: Sequence[tuple[str, str, Path]] = (), save: bool = True,
-               downstream: Sequence[tuple[str, str, Feeds, int]] = ()) -> Verdict:
+               downstream: Sequence[tuple[str, str, Feeds, int]] = (), deadline: float | None = None) -> Verdict:
     """Measure every provider x precision for graph ``key`` on ``inputs`` and keep the fastest that passes.
 
     ``extra``: further (provider, precision, graph file) candidates, e.g. a quantised
@@ -265,6 +278,8 @@ def tune_graph(bundle: "Bundle", key: str, inputs: Sequence[Feeds], *, providers
     (an image embedding), judge it by that graph's mask instead: ``(consumer key, its input
     name, its captured feeds, index into inputs)``; the consumer runs as fp32 CPU on the
     candidate's output and its mask is compared with the all-fp32 mask.
+    ``deadline``: a ``time.monotonic()`` value; candidates not started by then are recorded
+    as not measured (the fp32 CPU row always is measured).
     """
     from medai.inference import backends, planner
 
@@ -283,6 +298,14 @@ def tune_graph(bundle: "Bundle", key: str, inputs: Sequence[Feeds], *, providers
     rows: list[Candidate] = []
     for provider, precision, path in plan:
         runtime = backends.runtime_version(provider)
+        # Past the bound, only the fp32 CPU row is still measured (in its place in the order:
+        # measured straight after the reference session, the allocator's reuse of that run's
+        # freed memory would hide most of its peak, which the planner predicts from).
+        reference_row = (provider, precision, path) == (backends.CPU, "fp32", bundle.file(spec.file))
+        if deadline is not None and not reference_row and time.monotonic() > deadline:
+            rows.append(Candidate(provider, precision, runtime, False, None, None, None,
+                                  "not measured: the tuning time bound was reached", path.name))
+            continue
         base = planner.resident_bytes()
         planner.reset_peak_rss()
         try:
@@ -333,14 +356,98 @@ def _downstream_judge(bundle: "Bundle", downstream: Sequence[tuple[str, str, Fee
 
 
 def tune_bundle(bundle: "Bundle", *, threads: int | None = None, repeats: int = 3,
-                providers: Sequence[str] | None = None) -> list[Verdict]:
-    """Tune every graph of ``bundle`` on its real validation inputs (none: nothing to tune)."""
+                providers: Sequence[str] | None = None, seconds: float | None = None) -> list[Verdict]:
+    """Tune every graph of ``bundle`` on its real validation inputs (none: nothing to tune);
+    ``seconds`` bounds the whole tuning (see :func:`tune_graph`'s ``deadline``)."""
+    deadline = None if seconds is None else time.monotonic() + seconds
     name, inputs = validation_inputs(bundle, threads=threads)
     chains: dict[str, list[tuple[str, str, int, int]]] = inputs.pop("_chains", {})  # type: ignore[assignment]
     return [tune_graph(bundle, key, inputs[key], providers=providers, threads=threads, repeats=repeats,
                        validation=name,
-                       downstream=[(c, n, inputs[c][j], i) for c, n, i, j in chains.get(key, [])])
+                       downstream=[(c, n, inputs[c][j], i) for c, n, i, j in chains.get(key, [])],
+                       deadline=deadline)
             for key in bundle.card.graphs if inputs.get(key)]
+
+
+def untuned(bundle: "Bundle") -> list[str]:
+    """Graphs of ``bundle`` that tuning on first use would measure: no verdict here yet, the
+    pipeline names a validation series, and some runtime besides ONNX Runtime's CPU
+    provider is installed (with the CPU provider alone there is nothing to choose)."""
+    import importlib
+
+    from medai.inference import backends
+
+    module = importlib.import_module(f"medai.inference.pipelines.{bundle.card.pipeline}")
+    if getattr(module, "validation_volume", None) is None:
+        return []
+    missing = [k for k, g in bundle.card.graphs.items() if lookup(bundle.card.files[g.file]) is None]
+    if missing and not any(p != backends.CPU for p in backends.available_providers()):
+        return []
+    return missing
+
+
+def _lock_path() -> Path:
+    return cache_path().with_name("tuning.lock")
+
+
+def tuning_in_progress() -> int | None:
+    """The pid of a first-use tuning process still running, or None."""
+    from medai.durable import pid_alive
+
+    try:
+        pid = int(_lock_path().read_text().strip() or 0)
+    except (OSError, ValueError):
+        return None
+    return pid if pid > 0 and pid_alive(pid) else None
+
+
+def start_background(bundle: "Bundle", *, seconds: float = FIRST_USE_SECONDS) -> int | None:
+    """Start ``medai doctor --tune --model <id>`` detached at the lowest CPU priority, unless
+    one is already running (one tuner per MEDAI_HOME); returns its pid or None."""
+    import subprocess
+    import sys
+
+    if tuning_in_progress() is not None:
+        return None
+    log_file = config.home() / "logs" / "tuning.log"
+    log_file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    argv = [sys.executable, "-c", "import sys; from medai.cli import main; sys.exit(main(sys.argv[1:]))",
+            "doctor", "--tune", "--no-parity", "--model", bundle.id, "--seconds", str(int(seconds)), "-q"]
+    with open(log_file, "ab") as out:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True,
+                                preexec_fn=lambda: os.nice(19), env={**os.environ, "MEDAI_TUNE_ON_FIRST_USE": "off"})
+    _lock_path().write_text(str(proc.pid))
+    return proc.pid
+
+
+def on_first_use(bundle: "Bundle", stage: str, *, threads: int | None = None) -> dict[str, Any] | None:
+    """What tuning on first use did for this run (None: nothing); see the module docstring.
+
+    A run calls this twice: ``stage="before"`` its sessions are made (``upfront`` tunes
+    then, bounded, so this very run uses the verdict) and ``stage="after"`` its own work is
+    done (``background`` starts the detached tuner then, so the two never compete for the
+    same cores)."""
+    mode = str(config.get("tune_on_first_use") or "background").lower()
+    if mode not in ("upfront", "background", "off"):
+        raise ConfigError(f"tune_on_first_use must be background, upfront or off, not {mode!r}")
+    if mode == "off" or (mode == "upfront") != (stage == "before"):
+        return None
+    graphs = untuned(bundle)
+    if not graphs:
+        return None
+    if mode == "upfront":
+        log.warning("%s: this machine is not tuned for %s yet; tuning now (at most %.0f s)",
+                    bundle.id, ", ".join(graphs), FIRST_USE_SECONDS)
+        t0 = time.monotonic()
+        tune_bundle(bundle, threads=threads, seconds=FIRST_USE_SECONDS)
+        return {"state": "tuned up front", "graphs": graphs, "seconds": round(time.monotonic() - t0, 1)}
+    running = tuning_in_progress()
+    pid = running or start_background(bundle)
+    log.warning("%s: this machine is not tuned for %s yet, so this run used fp32; %s (lowest priority, at "
+                "most %.0f s); later runs use the fastest precision that passes", bundle.id, ", ".join(graphs),
+                f"tuning is already running (pid {running})" if running else f"tuning in the background (pid {pid})",
+                FIRST_USE_SECONDS)
+    return {"state": "tuning in the background", "pid": pid, "graphs": graphs, "bound_s": FIRST_USE_SECONDS}
 
 
 def _load() -> dict[str, Any]:

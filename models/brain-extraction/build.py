@@ -6,13 +6,17 @@ Run the stages in order (each writes into ``.cache/build/brain-extraction``)::
     .venv-models/bin/python models/brain-extraction/build.py parity     # each stage vs TorchScript
     .venv-models/bin/python models/brain-extraction/build.py reference  # reference deepbet masks (torch)
     .venv-models/bin/python models/brain-extraction/build.py precision  # fp16/int8 speed and Dice
+    .venv-models/bin/python models/brain-extraction/build.py quantize   # static int8 (NNCF), real calibration
+    .venv/bin/python        models/brain-extraction/build.py tables     # per-precision table (Dice, ms) -> card
     .venv/bin/python        models/brain-extraction/build.py evaluate   # our torch-free pipeline: Dice
     .venv/bin/python        models/brain-extraction/build.py metrics    # measurements -> [[metrics]]
     .venv/bin/python        models/brain-extraction/build.py seal       # card.toml + signature + pin
 
 ``convert`` and ``reference`` need the build venv (``[models]`` extra plus
 ``pip install --no-deps deepbet==1.0.2 connected-components-3d fill_voids pandas tqdm``);
-``evaluate`` and ``seal`` use only the runtime (medai) environment.
+``evaluate`` and ``seal`` use only the runtime (medai) environment. ``quantize`` also needs
+``pip install nncf openvino`` in the build venv (NNCF is a build tool, never a runtime
+dependency); ``tables`` runs in the runtime venv with the ``openvino`` extra.
 
 Conversion (see issue 4 for why):
 
@@ -301,6 +305,147 @@ def precision() -> None:
     (WORK / "precision.json").write_text(json.dumps(rows, indent=2))
 
 
+# ----------------------------------------------------------------------------- int8 (static, NNCF)
+#: Real T1 volumes the int8 graphs are calibrated on. Colin27 (the validation volume of
+#: ``medai doctor --tune`` and of this stage) is deliberately not among them.
+CALIBRATION = (("pycortex-S1", "pycortex-S1/raw.nii.gz"), ("robex-atlas", "robex-atlas/atlas.nii.gz"))
+VALIDATION = (("colin27", "colin27/ch2.nii.gz"),
+              ("mni152", "mni152-nilearn/mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"))
+INT8_DICE_MIN = 0.995
+
+
+def _graph_inputs(image: Path) -> dict[str, "object"]:
+    """The inputs medai's own pipeline feeds each graph for a real NIfTI T1 (CPU fp32)."""
+    import SimpleITK as sitk
+
+    sys.path.insert(0, str(REPO))
+    import medai
+
+    medai.__path__.append(str(REPO))  # medai.compliance lives in compliance/ (mapped when installed)
+    from medai.dicom.volume import Volume
+    from medai.inference import registry, tune
+
+    img = sitk.ReadImage(str(image), sitk.sitkFloat32)
+    if img.GetDimension() == 4:
+        img = img[:, :, :, 0]
+    bundle = registry.get_bundle("brain-extraction")
+    captured = tune.capture_inputs(bundle, Volume.from_sitk(img, modality="MR"), threads=2)
+    return {key: captured[key][0]["image"] for key in ("bbox", "main")}
+
+
+def quantize() -> None:
+    """Static int8 of both graphs (OpenVINO NNCF post-training quantisation), calibrated on the
+    real volumes in :data:`CALIBRATION`, checked on :data:`VALIDATION` (not used to calibrate).
+
+    Each int8 graph is written as OpenVINO IR (``<graph>.int8.xml`` + ``.bin``) and its Dice
+    against the fp32 graph (ONNX Runtime CPU, ``logit > 0``) and its speed against OpenVINO
+    fp32 go to ``quantize.json``; ``seal`` ships a graph only where every validation Dice
+    reaches :data:`INT8_DICE_MIN`. Needs ``pip install nncf openvino`` in the build venv.
+    """
+    import nncf
+    import numpy as np
+    import onnxruntime as ort
+    import openvino as ov
+    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters
+
+    os.environ.setdefault("MEDAI_HOME", str(WORK / "home"))
+    calib = {name: _graph_inputs(TESTDATA / path) for name, path in CALIBRATION if (TESTDATA / path).is_file()}
+    valid = {name: _graph_inputs(TESTDATA / path) for name, path in VALIDATION}
+    core = ov.Core()
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 2
+    opts.enable_cpu_mem_arena = False
+    rows = []
+    for key, shape in (("bbox", BBOX_SHAPE), ("main", MAIN_SHAPE)):
+        onnx_path = HERE / f"{key}.onnx"
+        model = core.read_model(str(onnx_path))
+        model.reshape({"image": [1, 1, *shape]})
+        # The full-resolution ends of the U-Net stay in float: the first convolution (it sees the
+        # raw intensity range) and the last two (they make the logit whose sign is the mask).
+        convs = [o.get_friendly_name() for o in model.get_ordered_ops()
+                 if o.get_type_name() in ("Convolution", "ConvolutionBackpropData", "GroupConvolution")]
+        keep_float = [convs[0], *convs[-2:]]
+        t0 = time.perf_counter()
+        quantized = nncf.quantize(
+            model, nncf.Dataset([v[key] for v in calib.values()]), preset=nncf.QuantizationPreset.MIXED,
+            subset_size=len(calib), ignored_scope=nncf.IgnoredScope(names=keep_float),
+            advanced_parameters=AdvancedQuantizationParameters(disable_bias_correction=False))
+        q_seconds = time.perf_counter() - t0
+        xml = WORK / f"{key}.int8.xml"
+        WORK.mkdir(parents=True, exist_ok=True)
+        ov.save_model(quantized, str(xml), compress_to_fp16=False)
+        ref_sess = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
+        props = {"INFERENCE_NUM_THREADS": 2, "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1}
+        compiled = {"fp32": core.compile_model(model, "CPU", {**props, "INFERENCE_PRECISION_HINT": "f32"}),
+                    "int8": core.compile_model(core.read_model(str(xml)), "CPU", props)}
+        for split, data in (("calibration", calib), ("validation", valid)):
+            for name, inputs in data.items():
+                x = inputs[key]
+                ref = ref_sess.run(None, {"image": x})[0] > 0
+                row = {"graph": key, "split": split, "case": name, "quantize_s": round(q_seconds, 1),
+                       "kept_float": keep_float}
+                for variant, graph in compiled.items():
+                    request = graph.create_infer_request()
+                    request.infer({0: x})
+                    t0 = time.perf_counter()
+                    out = request.infer({0: x})[0]
+                    row[f"ms_{variant}"] = round((time.perf_counter() - t0) * 1000, 1)
+                    row[f"dice_{variant}"] = round(_dice(out > 0, ref), 6)
+                rows.append(row)
+                print(row, flush=True)
+        del compiled, ref_sess
+    (WORK / "quantize.json").write_text(json.dumps(rows, indent=2))
+
+
+def tables() -> None:
+    """The card's per-precision table (``[[metrics]]`` rows ``precision_<precision>_<graph>`` with
+    ``source = "tables"``, replaced on each run): every provider x precision of each graph (and the static
+    int8 graph from ``quantize``) timed and checked against fp32 on the real Colin27 inputs by
+    the same code as ``medai doctor --tune`` (not stored as this machine's verdict); an int8 row
+    also carries its Dice on every ``quantize`` validation volume, and is shipped only where
+    all of them reach :data:`INT8_DICE_MIN`. Runs in the runtime venv (OpenVINO installed)."""
+    sys.path.insert(0, str(REPO))
+    from medai.inference import backends, registry, tune
+
+    os.environ.setdefault("MEDAI_HOME", str(WORK / "home"))
+    bundle = registry.get_bundle("brain-extraction")
+    name, inputs = tune.validation_inputs(bundle, threads=2)
+    quantized = json.loads((WORK / "quantize.json").read_text()) if (WORK / "quantize.json").is_file() else []
+    load = os.getloadavg()[0]
+    rows = []
+    for key in ("bbox", "main"):
+        xml = WORK / f"{key}.int8.xml"
+        extra = [(backends.OV_CPU, "int8", xml)] if xml.is_file() else []
+        verdict = tune.tune_graph(bundle, key, inputs[key], threads=2, repeats=3, validation=name, extra=extra,
+                                  save=False)
+        for c in verdict.candidates:
+            row = {"name": f"precision_{c.precision}_{key}", "source": "tables", "graph": key,
+                   "provider": c.provider, "precision": c.precision, "value": c.dice, "n": 1, "ms": c.ms,
+                   "runtime": c.runtime, "data": name, "shipped": c.precision != "int8",
+                   "note": (f"{c.provider} {c.precision}: Dice of the graph's mask (logit > 0) vs fp32 ONNX Runtime "
+                            f"CPU on the real input; "
+                            f"ms: best of 3, 2 threads, shared 2-core Xeon (AVX-512 BF16/FP16, AMX) at load "
+                            f"average {load:.0f}: compare within this table only")}
+            if c.precision == "int8":
+                others = [r for r in quantized if r["graph"] == key and r["split"] == "validation"]
+                worst = min([c.dice or 0.0] + [r["dice_int8"] for r in others])
+                # Not in the bundle either way: a passing int8 graph would go in only where it also
+                # beats the precision tuning picks today (bf16), which the table shows it does not.
+                faster = c.ms is not None and all(c.ms < (o.ms or 0) for o in verdict.candidates
+                                                  if o.precision == "bf16" and o.passed)
+                row.update(value=round(worst, 6), n=1 + len(others), shipped=False,
+                           decision=("fails the Dice gate" if worst < INT8_DICE_MIN else
+                                     "passes the Dice gate" + ("" if faster else ", but is not faster than bf16")),
+                           data=f"{name}; " + ", ".join(f"{r['case']} {r['dice_int8']:.4f}" for r in others),
+                           note=(f"{c.provider} static int8 (OpenVINO NNCF, calibrated on "
+                                 + ", ".join(n for n, _ in CALIBRATION)
+                                 + f"); value = lowest Dice vs fp32 over the validation volumes; shipped only at "
+                                 f">= {INT8_DICE_MIN}"))
+            rows.append(row)
+            print(row, flush=True)
+    (WORK / "precision_table.json").write_text(json.dumps(rows, indent=2))
+
+
 # ----------------------------------------------------------------------------- evaluate (runtime)
 def _dice(a, b) -> float:
     inter = float((a & b).sum())
@@ -396,13 +541,20 @@ def _toml_value(v) -> str:
 
 
 def _metrics_toml() -> str:
-    tables = []
-    for name in ("metrics.json",):
-        path = WORK / name
-        if path.is_file():
-            for m in json.loads(path.read_text()):
-                tables.append("[[metrics]]\n" + "".join(f"{k} = {_toml_value(v)}\n" for k, v in m.items()))
-    return "\n".join(tables)
+    """[[metrics]] from ``metrics`` (else the card's current ones: a reseal keeps what was measured),
+    with the per-precision table from ``tables`` in place of any earlier one."""
+    import tomllib
+
+    path = WORK / "metrics.json"
+    if path.is_file():
+        metrics = json.loads(path.read_text())
+    else:
+        metrics = tomllib.loads((HERE / "card.toml").read_text()).get("metrics", [])
+    table = WORK / "precision_table.json"
+    if table.is_file():
+        metrics = [m for m in metrics if m.get("source") != "tables"] + json.loads(table.read_text())
+    return "\n".join("[[metrics]]\n" + "".join(f"{k} = {_toml_value(v)}\n" for k, v in m.items() if v is not None)
+                     for m in metrics)
 
 
 def seal() -> None:
@@ -412,7 +564,8 @@ def seal() -> None:
     from medai.inference.bundle import seal as seal_bundle
 
     for name in ("bbox.onnx", "main.onnx"):
-        shutil.copy2(WORK / name, HERE / name)
+        if (WORK / name).is_file():  # a fresh conversion; otherwise the shipped graphs are resealed as they are
+            shutil.copy2(WORK / name, HERE / name)
     template = (HERE / "card.template.toml").read_text()
     metrics = _metrics_toml()
     if metrics:
@@ -426,5 +579,5 @@ if __name__ == "__main__":
     stage = sys.argv[1] if len(sys.argv) > 1 else "help"
     {"convert": convert, "parity": stage_parity, "reference": reference, "evaluate": evaluate,
      "metrics": summarize, "seal": seal,
-     "precision": precision}.get(
+     "precision": precision, "quantize": quantize, "tables": tables}.get(
         stage, lambda: print(__doc__))()

@@ -57,6 +57,7 @@ if picked is None:
                           help="Or select a row in the table")
 st.session_state.browse_uid = studies[picked].study_uid
 study = studies[picked]
+state.prefetch(study)  # its first image series are read ahead, so Open shows them at once
 st.subheader(f"Series of {study.description or 'the selected study'}")
 for series in study.series:
     cols = st.columns([1, 4, 2, 2, 2], vertical_alignment="center")

@@ -9,7 +9,7 @@ import streamlit as st
 
 import simple_viewer
 import state
-from medai import imaging, viewer, workstation
+from medai import viewer, workstation
 from medai.ui.viewport import viewport
 
 study, series = state.selected()
@@ -21,26 +21,42 @@ if series is None:
 
 files = tuple(str(f) for f in series.files)
 accessed = st.session_state.setdefault("accessed", set())
+
+
+def _display() -> viewer.DisplayVolume:
+    """The series in memory (read-outs, the simple viewer); its failure stops the page."""
+    try:
+        return state.loaded(series.series_uid, files)
+    except Exception as exc:  # noqa: BLE001 - the reason is shown, the page survives
+        st.error(f"Cannot show this series: {exc}")
+        st.stop()
+        raise
+
+
+ss = st.session_state
+mode = ss.get("viewport_mode") or "browser"
 try:
     if series.series_uid not in accessed:
         workstation.audit("instances_accessed", study=study, series=series, detail={"action": "view"})
         accessed.add(series.series_uid)
-    display = state.loaded(series.series_uid, files)
+    # what the viewport needs, from the viewer cache when the series was opened or read
+    # ahead before: the first image does not wait for its DICOM files
+    shown = state.viewport_series(series.series_uid, files, series) if mode == "browser" else None
 except Exception as exc:  # noqa: BLE001 - the reason is shown, the page survives
     st.title("Viewer")
     st.error(f"Cannot show this series: {exc}")
     st.stop()
 
-ss = st.session_state
 mode = st.segmented_control("Viewport", ["browser", "server"], key="viewport_mode", selection_mode="single",
                             format_func={"browser": "Interactive", "server": "Simple (server images)"}.get,
                             help="Interactive runs in this browser (needs WebGL2); Simple draws each slice "
                                  "on the server", persist_state="session") or "browser"
 if mode == "server":
-    simple_viewer.show(series, files, display)
+    simple_viewer.show(series, files, _display())
     st.stop()
+if shown is None:  # switched to the interactive viewport in this run
+    shown = state.viewport_series(series.series_uid, files, series)
 
-volume = display.volume
 result_dir = ss.result_dir
 main, info = st.columns([4.4, 1.2], gap="small")
 
@@ -54,22 +70,22 @@ with info:
             entries = []
 
 labels = state.viewport_labels(result_dir, series.series_uid, files) if overlay_on else None
-window = viewer.default_window(volume)
 with main:
     action = viewport(
-        volume=state.viewport_volume(series.series_uid, files), labels=labels,
-        window=(window.width, window.level), unit="HU" if volume.modality.upper() == "CT" else "intensity",
-        presets=imaging.preset_keys() if volume.modality.upper() == "CT" else [],
-        corners=workstation.corner_text(study, series, volume),
+        volume=shown.volume_nifti, labels=labels, window=shown.window, unit=shown.unit, presets=shown.presets,
+        corners=workstation.corner_text(study, series, thickness_mm=shown.thickness_mm), previews=shown.previews,
         label_entries=[{"value": e.value, "name": e.name, "colour": list(e.colour)} for e in entries] if overlay_on else [],
         height=600, key=f"viewport-{workstation.key_for(series.series_uid)}")
     # after the viewport, so the images are on their way while the models are matched
     hint_key = f"viewer-hint-{workstation.key_for(series.series_uid)}"  # once per series
     if hint_key not in ss:
-        ss[hint_key] = workstation.viewer_hint(workstation.models_for(series), volume.modality)
+        ss[hint_key] = workstation.viewer_hint(workstation.models_for(series), series.modality)
     if ss[hint_key]:
         st.info(ss[hint_key], icon=":material/crop_free:")
     st.caption(workstation.NOT_FOR_DIAGNOSTIC_USE)
+
+# the series in memory for the read-outs: after the viewport, which needs only the cache
+display = _display()
 
 if action and action.get("seq") != ss.viewport_seq:
     ss.viewport_seq = action.get("seq")
@@ -89,16 +105,7 @@ if action and action.get("seq") != ss.viewport_seq:
         st.warning("The viewport sent a point outside the volume; it was ignored.")
 
 with info:
-    unit = "HU" if volume.modality.upper() == "CT" else "intensity"
-    st.markdown("**Point**")
-    if ss.last_pick is not None:
-        x, y, z = ss.last_pick
-        i, j, k = display.source_index(x, y, z)
-        lps = display.lps(x, y, z)
-        st.metric(unit, f"{display.value(x, y, z):.0f}")
-        st.caption(f"LPS ({lps[0]:.1f}, {lps[1]:.1f}, {lps[2]:.1f}) mm  \nvoxel i={i} j={j} k={k}")
-    else:
-        st.caption("Choose Probe above the image and click a point to read its value here.")
+    simple_viewer.point_readout(display, ss.last_pick, "Choose Probe above the image and click a point to read its value here.")
     if ss.measures:
         st.markdown("**Distances**")
         for n, (a, b) in enumerate(ss.measures, 1):
@@ -115,5 +122,4 @@ with info:
             st.markdown(f"{state.swatch(entry.colour)}{entry.name}: {text}", unsafe_allow_html=True)
     elif not result_dir:
         st.caption("No segmentation yet: run a model to see an overlay.")
-    sx, sy, sz = display.spacing
-    st.caption(f"Voxel {sx:.2f} × {sy:.2f} × {sz:.2f} mm · {display.shape[2]}×{display.shape[1]}×{display.shape[0]}")
+    simple_viewer.voxel_caption(display)

@@ -37,14 +37,21 @@ def media_url(data: bytes, coordinates: str) -> str:
 
 def viewport(*, volume: bytes, labels: bytes | None, window: tuple[float, float], unit: str,
              presets: Sequence[Mapping[str, Any]], corners: Mapping[str, Any],
-             label_entries: Sequence[Mapping[str, Any]] = (), hint: str = "", height: int = 560,
-             key: str = "viewport") -> dict[str, Any] | None:
+             label_entries: Sequence[Mapping[str, Any]] = (), previews: Sequence[bytes] = (), hint: str = "",
+             height: int = 560, key: str = "viewport") -> dict[str, Any] | None:
     """Draw the viewport (``hint`` replaces the usage line under it); returns the
     clinician's last explicit action (``pick``, ``distance`` or ``box`` with RAS voxel
-    indices) or ``None``."""
+    indices) or ``None``. ``previews`` (PNG of the middle axial, coronal and sagittal
+    slices) travel inside the first message and are shown until the volume is drawn."""
     volume_url = media_url(volume, f"{key}.volume")
     labels_url = media_url(labels, f"{key}.labels") if labels is not None else None
     return _component(volume_url=volume_url, labels_url=labels_url,
                       window={"width": float(window[0]), "level": float(window[1])}, unit=unit,
                       presets=list(presets), corners=dict(corners), labels=list(label_entries), hint=hint,
-                      height=int(height), key=key, default=None)
+                      previews=[_data_url(p) for p in previews], height=int(height), key=key, default=None)
+
+
+def _data_url(png: bytes) -> str:
+    import base64
+
+    return "data:image/png;base64," + base64.b64encode(png).decode()

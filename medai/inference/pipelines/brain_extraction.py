@@ -69,6 +69,7 @@ class BrainExtraction:
         ctx.timings["infer_bbox"] = time.perf_counter() - t0
         thr = _logit_threshold(float(self.post.get("bbox_threshold", 0.5)))
         small_mask = bbox_logit > thr
+        del small, xin, bbox_logit
         if not small_mask.any():
             raise DicomInputError(None, f"series {volume.series_instance_uid or '(file)'}: no brain found "
                                         "(is this a T1-weighted head MRI?)")
@@ -79,6 +80,10 @@ class BrainExtraction:
 
         t0 = time.perf_counter()
         big = steps.run("resize", x[box], stage="main")
+        # The full-grid float copy is not needed again (only its shape): free it before the
+        # largest graph runs, which is when this process peaks.
+        canonical_shape = x.shape
+        del x
         xin = steps.run("normalize", big, stage="main", low=low, high=high)
         del big
         ctx.timings["preprocess"] += time.perf_counter() - t0
@@ -90,7 +95,10 @@ class BrainExtraction:
         t0 = time.perf_counter()
         threshold = float(self.post.get("threshold", 0.5))
         box_shape = tuple(s.stop - s.start for s in box)
-        inner = resize_nearest(logit, box_shape) > _logit_threshold(threshold)
+        # Threshold, then resize: nearest-neighbour only picks values, so the order does not
+        # change the mask, and the resize moves 1-byte instead of 4-byte voxels.
+        inner = resize_nearest(logit > _logit_threshold(threshold), box_shape)
+        del logit
         steps.record("resize_back", shape=list(box_shape), mode="nearest-exact")
         steps.record("threshold", probability=threshold)
         if self.post.get("largest_component", True) and inner.any():
@@ -99,7 +107,7 @@ class BrainExtraction:
         if self.post.get("fill_holes", True):
             inner = fill_holes(inner)
             steps.record("fill_holes", region="box")
-        mask = np.zeros(x.shape, dtype=np.uint8)
+        mask = np.zeros(canonical_shape, dtype=np.uint8)
         mask[box] = inner
         labels = orient.invert(mask)
         steps.record("reorient_back", to="source grid")

@@ -12,15 +12,7 @@
 
 import { Niivue, SLICE_TYPE, MULTIPLANAR_TYPE, SHOW_RENDER, DRAG_MODE } from "@niivue/niivue";
 
-// ------------------------------------------------------------------ Streamlit protocol
-function post(type, data = {}) {
-  window.parent.postMessage({ isStreamlitMessage: true, type, ...data }, "*");
-}
-let seq = 0;
-function setValue(value) {
-  seq += 1;
-  post("streamlit:setComponentValue", { value: { ...value, seq }, dataType: "json" });
-}
+import { post, setValue, markFirstImage, S } from "./shell.js";
 
 // ------------------------------------------------------------------ page state
 const PLANES = ["axial", "coronal", "sagittal"]; // SLICE_TYPE.AXIAL=0, CORONAL=1, SAGITTAL=2
@@ -31,14 +23,12 @@ const TOOLS = [
   ["distance", "Distance", "Drag: measure a distance (several allowed)"],
   ["ellipse", "Ellipse ROI", "Drag: ellipse ROI with mean, SD, min, max, area"],
   ["rectangle", "Rect ROI", "Drag: rectangle ROI with mean, SD, min, max, area"],
-  ["box", "Box prompt", "Drag on the axial plane: box prompt for LiteMedSAM"],
+  ["box", "Box prompt (axial)", "Drag on the axial plane (left): box prompt for LiteMedSAM, which segments axial slices only"],
 ];
 
-const S = {
-  args: null,
+Object.assign(S, {
   volumeKey: null,
   labelKey: null,
-  rendering: Promise.resolve(),
   tool: "navigate",
   annotations: [],
   activeTile: 0,
@@ -49,23 +39,9 @@ const S = {
   labelOpacity: 0.45,
   defaultWindow: null,
   steps: [], // in-page timing of slice steps (ms), read by tests and bench
-  firstImageMs: null,
+  firstImageMs: null, // series arrived in the page -> the volume drawn by NiiVue
   drag: null,
-  timing: {}, // ms since the viewport's page started: first args, NiiVue attached, first image
-};
-window.__medaiViewport = S; // tests and bench read timings and annotations here
-
-const root = document.getElementById("root");
-root.innerHTML = `
-<div class="bar" id="toolbar"></div>
-<div class="bar" id="bar2"></div>
-<div id="stage">
-  <canvas id="gl" tabindex="0"></canvas>
-  <canvas id="ink"></canvas>
-  <div class="corner tl" id="c-tl"></div><div class="corner tr" id="c-tr"></div>
-  <div class="corner bl" id="c-bl"></div><div class="corner br" id="c-br"></div>
-</div>
-<div class="bar" id="readout">Loading…</div>`;
+});
 const stage = document.getElementById("stage");
 const glCanvas = document.getElementById("gl");
 const ink = document.getElementById("ink");
@@ -411,6 +387,7 @@ window.addEventListener(
     if (!vol() || e.target.tagName === "INPUT") return;
     const t0 = performance.now();
     let handled = true;
+    if (e.repeat && e.key.startsWith("Arrow")) S.keyRepeats = (S.keyRepeats || 0) + 1; // a held key
     if (e.key === "ArrowUp" || e.key === "ArrowDown") {
       step(planeOfTile(S.activeTile), e.key === "ArrowUp" ? 1 : -1, t0);
     } else if (e.key === "ArrowLeft" || e.key === "ArrowRight") {
@@ -434,8 +411,14 @@ window.addEventListener(
 );
 
 function resetView() {
-  setInvert(false);
-  setWL(S.defaultWindow.width, S.defaultWindow.level);
+  // one texture update for window and inversion (each costs a pass over the whole volume,
+  // on the CPU where WebGL is software)
+  const v = vol();
+  S.invert = false;
+  v.colormapInvert = false;
+  v.cal_min = S.defaultWindow.level - S.defaultWindow.width / 2;
+  v.cal_max = S.defaultWindow.level + S.defaultWindow.width / 2;
+  nv.updateGLVolume();
   nv.setPan2Dxyzmm([0, 0, 0, 1]);
   nv.scene.crosshairPos = [0.5, 0.5, 0.5];
   nv.createOnLocationChange();
@@ -525,9 +508,14 @@ function buildToolbar() {
   setTool(S.tool);
 }
 
+let labelsApplied = null;
 function applyLabels() {
   if (nv.volumes.length < 2) return;
   const entries = S.args.labels || [];
+  // a rerun of the page re-sends the same labels: redo the overlay only when it changed
+  const signature = JSON.stringify([S.labelKey, entries, [...S.hidden].sort(), S.labelOpacity]);
+  if (signature === labelsApplied) return;
+  labelsApplied = signature;
   const maxValue = Math.max(1, ...entries.map((e) => e.value));
   const R = [], G = [], B = [], A = [], I = [];
   for (let v = 0; v <= maxValue; v++) {
@@ -537,8 +525,7 @@ function applyLabels() {
     A.push(v === 0 || !e || S.hidden.has(v) ? 0 : 255);
   }
   nv.volumes[1].setColormapLabel({ R, G, B, A, I });
-  nv.setOpacity(1, S.labelOpacity);
-  nv.updateGLVolume();
+  nv.setOpacity(1, S.labelOpacity); // updates the textures once
 }
 
 // ------------------------------------------------------------------ loading
@@ -555,6 +542,7 @@ async function loadLabels(args) {
   while (nv.volumes.length > 1) nv.removeVolume(nv.volumes[nv.volumes.length - 1]);
   if (args.labels_url) await nv.addVolumeFromUrl({ url: args.labels_url, name: "labels.nii.gz", opacity: S.labelOpacity });
   S.labelKey = args.labels_url || null;
+  S.labelsLoaded = Boolean(args.labels_url);
   applyLabels();
   nv.drawScene();
 }
@@ -565,7 +553,7 @@ async function load(args) {
   const w = args.window;
   await nv.loadVolumes([{ url: args.volume_url, name: "volume.nii.gz", colormap: "gray",
                           cal_min: w.level - w.width / 2, cal_max: w.level + w.width / 2 }]);
-  S.timing.loaded = performance.now() - t0;
+  S.timing.loaded = performance.now(); // the volume fetched and decoded
   S.volumeKey = args.volume_url;
   S.labelKey = null;
   S.loads = (S.loads || 0) + 1;
@@ -576,27 +564,65 @@ async function load(args) {
   resize();
   nv.drawScene();
   S.firstImageMs = performance.now() - t0;
-  S.timing.firstImage = performance.now();
-  performance.mark("medai-first-image");
+  S.timing.volumeDrawn = performance.now();
+  performance.mark("medai-volume-drawn");
+  S.readyAt = performance.timeOrigin + performance.now();
+  if (S.firstImageAt === null) markFirstImage();
+  document.getElementById("preview").hidden = true;
   refreshCorners();
-  readout.textContent = args.hint || "Wheel or arrow keys: slices · left-drag: W/L · right-drag: zoom · middle-drag: pan · 1-7 CT presets · i invert · space reset";
+  const n = (args.presets || []).length;
+  const keys = n ? ` · 1-${n} ${args.unit === "HU" ? "CT presets" : "windows (full range, 1-99 %, tissue contrast)"}` : "";
+  readout.textContent = args.hint || `Wheel or arrow keys: slices · left-drag: W/L · right-drag: zoom · middle-drag: pan${keys} · i invert · space reset`;
 }
 
-// NiiVue compiles its shaders when it attaches (seconds under a software GL): start
-// that at once, while the server is still preparing the series.
-const attached = (document.createElement("canvas").getContext("webgl2")
-  ? nv.attachToCanvas(glCanvas)
-  : Promise.reject(new Error("this browser offers no WebGL2"))
-).then(() => {
-  S.timing.attached = performance.now();
-  nv.onLocationChange = () => { refreshCorners(); drawInk(); };
-});
-attached.catch(() => {}); // reported by render(), with what to do instead
+// ------------------------------------------------------------------ attaching
+// NiiVue compiles its shaders when it attaches, synchronously: seconds under a software
+// GL (SwiftShader). shell.js has shown the middle-slice previews before this module loads.
+// NiiVue re-computes a gradient volume (a blur and a Sobel pass over every voxel) each
+// time the image is re-coloured (a window change, an inversion, a label toggle), for
+// lighting its 3-D rendering. This viewport never shows the 3-D rendering
+// (SHOW_RENDER.NEVER), and on a software GL those passes cost seconds per change; so
+// they run a shader that writes nothing of use and samples nothing. (NiiVue is pinned
+// in package-lock.json; the shader names are those of its 0.69 init.)
+function skipGradients() {
+  const gl = nv.gl;
+  const compile = (type, text) => {
+    const shader = gl.createShader(type);
+    gl.shaderSource(shader, text);
+    gl.compileShader(shader);
+    return shader;
+  };
+  const program = gl.createProgram();
+  gl.attachShader(program, compile(gl.VERTEX_SHADER,
+    "#version 300 es\nvoid main() { vec2 p = vec2(gl_VertexID & 1, gl_VertexID >> 1) * 2.0 - 1.0; gl_Position = vec4(p, 0.0, 1.0); }"));
+  gl.attachShader(program, compile(gl.FRAGMENT_SHADER,
+    "#version 300 es\nprecision lowp float; out vec4 color; void main() { color = vec4(0.0); }"));
+  gl.linkProgram(program);
+  if (!gl.getProgramParameter(program, gl.LINK_STATUS)) return; // keep NiiVue's own
+  const none = { program, uniforms: {}, use: (g) => g.useProgram(program) };
+  for (const name of ["blurShader", "gradientPrePassShader", "sobelFirstOrderShader", "sobelSecondOrderShader"]) {
+    if (nv[name]) nv[name] = none;
+  }
+}
 
-async function render(args) {
-  if (S.args === null) S.timing.firstArgs = performance.now();
+let attachStarted = null;
+function attach() {
+  if (attachStarted) return attachStarted;
+  S.timing.attachStart = performance.now();
+  attachStarted = (document.createElement("canvas").getContext("webgl2")
+    ? nv.attachToCanvas(glCanvas)
+    : Promise.reject(new Error("this browser offers no WebGL2"))
+  ).then(() => {
+    S.timing.attached = performance.now();
+    skipGradients();
+    nv.onLocationChange = () => { refreshCorners(); drawInk(); };
+  });
+  attachStarted.catch(() => {}); // reported by render(), with what to do instead
+  return attachStarted;
+}
+export async function render(args) {
   S.args = args;
-  await attached;
+  await attach();
   if (args.volume_url !== S.volumeKey) {
     S.hidden = new Set();
     await load(args);
@@ -630,15 +656,6 @@ S.api = {
   pan: () => Array.from(nv.scene.pan2Dxyzmm),
 };
 
-window.addEventListener("message", (event) => {
-  const data = event.data;
-  if (!data || data.type !== "streamlit:render") return;
-  // one render at a time, in order: a rerun's message arriving while the series is
-  // still loading must not start a second load of the same series
-  S.rendering = S.rendering.then(() => render(data.args)).catch((err) => {
-    readout.textContent = `Cannot show this series in the browser (${err.message || err}): choose ` +
-      "'Simple (server images)' above the viewer.";
-  });
-});
 window.addEventListener("resize", () => resize());
-post("streamlit:componentReady", { apiVersion: 1 });
+S.timing.viewerScript = performance.now();
+attach(); // shell.js loads this module when the previews are up, or when the series is slow to come
