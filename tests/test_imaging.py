@@ -68,3 +68,17 @@ def test_nearest_axes_is_one_to_one_even_when_oblique() -> None:
     assert assigned[2] == 2
     swapped = np.array([[0.0, 1.0, 0.0], [0.0, 0.0, -1.0], [1.0, 0.0, 0.0]])  # sagittal acquisition
     assert imaging.nearest_axes(swapped) == {0: 1, 1: 2, 2: 0}
+
+
+def test_resize_equals_the_dense_resampling_product() -> None:
+    """The banded resize gives the matrix product of :func:`resample_matrix` (up- and down-sampling)."""
+    from medai.imaging import resample_matrix, resize
+
+    rng = np.random.default_rng(3)
+    for (rows_in, cols_in), (rows, cols) in (((256, 256), (101, 122)), ((101, 122), (256, 256)),
+                                             ((7, 3), (2, 9)), ((1, 5), (4, 1))):
+        image = rng.normal(size=(rows_in, cols_in)).astype(np.float32)
+        dense = resample_matrix(rows_in, rows) @ image @ resample_matrix(cols_in, cols).T
+        out = resize(image, rows, cols)
+        assert out.shape == (rows, cols) and out.dtype == np.float32
+        np.testing.assert_allclose(out, dense, atol=1e-5)

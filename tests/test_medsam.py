@@ -143,6 +143,40 @@ def test_continuing_components_keep_a_split_structure_and_drop_other_tissue() ->
     assert ml.Settings.from_card([], {"continue_min_in_range": 0.5}).continue_min_in_range == 0.5
 
 
+def test_slice_clean_up_matches_simpleitk_labels_and_hole_filling() -> None:
+    """2-D masks take scipy's labelling and hole filling (no per-call thread pool); the labels,
+    their numbering (tie-break of the largest part) and the filled masks stay SimpleITK's."""
+    import SimpleITK as sitk
+
+    from medai.inference import steps
+
+    rng = np.random.default_rng(7)
+    for _ in range(12):
+        mask = rng.random((32, 48)) < rng.uniform(0.3, 0.7)
+        for connected in (False, True):
+            itk = sitk.GetArrayFromImage(sitk.ConnectedComponent(sitk.GetImageFromArray(mask.astype(np.uint8)),
+                                                                 connected))
+            assert np.array_equal(steps._components(mask, connected)[0], itk)
+        filled = sitk.BinaryFillhole(sitk.GetImageFromArray(mask.astype(np.uint8)), fullyConnected=False,
+                                     foregroundValue=1)
+        assert np.array_equal(steps.fill_holes(mask), sitk.GetArrayFromImage(filled).astype(bool))
+
+
+def test_planner_adds_up_both_graphs_and_a_small_pipeline_cache(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both LiteMedSAM sessions keep their memory arena between slices, so the plan holds both
+    graphs at once (the planner's max-of-graphs under-predicted a propagation), plus the engine
+    pipeline's bounded embedding cache."""
+    from medai.inference import planner, registry
+
+    monkeypatch.setattr(planner, "_tuned_peak", lambda *a, **k: None)  # the card's figures, not this machine's
+    bundle = registry.get_bundle("medsam-lite")
+    graphs = {k: int(np.prod(g.shape) * g.activation_bytes_per_voxel) + (bundle.path / g.file).stat().st_size
+              for k, g in bundle.card.graphs.items()}
+    plan = planner.plan(bundle, (181, 217, 181))
+    assert plan.breakdown["largest_graph"] == sum(graphs.values())
+    assert plan.breakdown["embedding_cache"] == ml.PIPELINE_CACHE_BYTES < ml.DEFAULT_CACHE_BYTES
+
+
 # --------------------------------------------------------------------------- real model, real data
 
 
@@ -228,6 +262,7 @@ def test_ct_box_2d_dice_and_cached_second_box(model: ml.MedSamLite) -> None:
     assert first.mask.shape == ref[k].shape and 0.5 < first.iou <= 1.0
     again = model.segment_box(vol, "axial", k, _box(ref[k], margin=6), window="lung")
     assert again.cached and not first.cached
+    assert again.seconds["encode"] >= 0.0 and set(again.seconds) == {"encode", "decode", "clean_up"}
     assert _dice(again.mask, ref[k]) >= 0.85
     placed = first.to_volume(vol.shape)
     assert placed.sum() == first.mask.sum() and placed[k].sum() == first.mask.sum()
@@ -253,6 +288,10 @@ def test_ct_propagation_3d_dice_and_volume(model: ml.MedSamLite) -> None:
     assert result.volume_ml == pytest.approx(result.mask.sum() * vol.voxel_volume_ml)
     assert set(result.stopped) == {"up", "down"}
     assert result.slices[0]["direction"] == "seed"
+    # every slice is looked at (and encoded) at most once; the split is reported
+    assert len({r["index"] for r in result.slices}) == len(result.slices)
+    assert 0 < result.seconds["slices_encoded"] <= len(result.slices)
+    assert {"encode", "decode", "clean_up"} <= set(result.seconds)
 
 
 @pytest.mark.parametrize("direction", [

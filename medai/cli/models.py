@@ -166,6 +166,10 @@ def import_nnunet_command(
         checkpoint: str = typer.Option("checkpoint_final.pth", "--checkpoint"),
         mirroring: bool = typer.Option(True, "--mirroring/--no-mirroring", help="Test-time mirroring as trained."),
         tile_step: float = typer.Option(0.5, "--tile-step", help="Sliding-window step (fraction of the patch)."),
+        reorient: Optional[str] = typer.Option(None, "--reorient",
+                                               help="RAS: bring each volume to the closest canonical RAS layout "
+                                                    "before nnU-Net and the labels back after, as TotalSegmentator "
+                                                    "does (use it for TotalSegmentator tasks)."),
         version: str = typer.Option("1.0.0", "--version"),
         name: Optional[str] = typer.Option(None, "--name"),
         out: Optional[Path] = typer.Option(None, "--out", help="Write the signed bundle here instead of installing it."),
@@ -176,7 +180,7 @@ def import_nnunet_command(
     with contextlib.redirect_stdout(sys.stderr):  # nnU-Net prints progress; stdout stays the result
         bundle, parity = import_nnunet(folder, model_id=model_id, license=license, parity_image=parity_image,
                                        folds=folds or None, checkpoint=checkpoint, use_mirroring=mirroring,
-                                       tile_step_size=tile_step, version=version, name=name,
+                                       tile_step_size=tile_step, reorient=reorient, version=version, name=name,
                                        install=out is None, out_dir=out)
     emit(ctx, _imported_row(bundle, parity), _print_imported)
 

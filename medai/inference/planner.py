@@ -20,7 +20,9 @@ The prediction is built from numbers, not guesses at run time:
 * what the pipeline keeps beside its graphs (its module's ``memory_extras``; LiteMedSAM:
   the slice-embedding cache and the display-sized copies propagation works on).
 
-Graphs run one after another, so the peak is the largest graph, not the sum.
+Graphs run one after another, so the peak is the largest graph, not the sum, except for
+graphs whose card keeps the memory arena (``memory_arena = true``): their sessions hold
+their working memory between runs, so those terms add up.
 When ``--max-memory`` is given and the plan does not fit, the planner tries the
 bundle's lighter variants in card order (``[[variants]]`` with ``graph``, ``file``,
 ``precision``, ``activation_bytes_per_voxel``), then tiled inference when the card
@@ -85,6 +87,7 @@ def plan(bundle: "Bundle", volume_shape: tuple[int, int, int], budget_bytes: int
     files = {k: g.file for k, g in card.graphs.items()}
     factors = {k: g.activation_bytes_per_voxel for k, g in card.graphs.items()}
     shapes = {k: g.shape for k, g in card.graphs.items()}
+    arenas = {k: g.memory_arena for k, g in card.graphs.items()}
 
     extras = _pipeline_extras(bundle, volume_shape)
 
@@ -99,7 +102,10 @@ def plan(bundle: "Bundle", volume_shape: tuple[int, int, int], budget_bytes: int
                 continue
             model_bytes = (bundle.path / files[key]).stat().st_size if (bundle.path / files[key]).exists() else 0
             graph_peaks[key] = _graph_bytes(shape, factors[key]) + model_bytes
-        peak_graph = max(graph_peaks.values(), default=0)
+        # A graph whose card keeps its memory arena (LiteMedSAM's two per-slice graphs) holds its
+        # working memory for the session's lifetime: those add up; the others come and go.
+        held = sum(v for k, v in graph_peaks.items() if arenas[k])
+        peak_graph = held + max((v for k, v in graph_peaks.items() if not arenas[k]), default=0)
         base, copies_bytes = baseline, data
         resident = resident_bytes()
         if resident > baseline + voxels * 4:

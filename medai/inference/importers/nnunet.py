@@ -211,14 +211,58 @@ def step_lookup(steps: Sequence[Mapping[str, Any]]) -> Callable[..., Mapping[str
     return params
 
 
-def read_image(path: Path) -> tuple[np.ndarray, tuple[float, ...]]:
-    """An image as nnU-Net's SimpleITKIO reads it: ``[1, k, j, i]`` float32, spacing reversed."""
+@dataclass(frozen=True)
+class ParityImage:
+    """The image parity is measured on: its voxels as SimpleITK reads them and their geometry."""
+
+    path: Path
+    array: np.ndarray  # [1, k, j, i] float32, what nnU-Net's SimpleITKIO hands its predictor
+    spacing_ijk: tuple[float, float, float]
+    direction: tuple[float, ...]  # LPS, columns i, j, k
+
+    @property
+    def spacing(self) -> tuple[float, ...]:
+        """nnU-Net's order (``[k, j, i]``)."""
+        return tuple(reversed(self.spacing_ijk))
+
+
+def read_image(path: str | Path) -> ParityImage:
     import SimpleITK as sitk
 
+    path = Path(path)
     image = sitk.ReadImage(str(path))
     if image.GetDimension() != 3:
         raise ModelIntegrityError(f"{path}: parity image must be 3-D")
-    return sitk.GetArrayFromImage(image)[None].astype(np.float32), tuple(reversed(image.GetSpacing()))
+    return ParityImage(path, sitk.GetArrayFromImage(image)[None].astype(np.float32),
+                       tuple(float(s) for s in image.GetSpacing()),  # type: ignore[arg-type]
+                       tuple(float(d) for d in image.GetDirection()))
+
+
+def reference_predict_image(stages: Sequence[Stage], image: ParityImage, reorient: str | None
+                            ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """nnU-Net's prediction of ``image``: labels on its own ``[k, j, i]`` grid, and the class
+    probabilities and input array in the frame nnU-Net saw.
+
+    With ``reorient="RAS"`` this is TotalSegmentator's path, done with nibabel itself:
+    ``as_closest_canonical`` of the file, nnU-Net on the canonical array, the labels put back
+    with nibabel's orientation transform (the reference for medai's own ``reorient`` step).
+    """
+    if not reorient:
+        seg, probs = reference_predict(stages, image.array, image.spacing)
+        return seg, probs, image.array
+    if reorient != "RAS":
+        raise ModelIntegrityError(f"reorient to {reorient!r}: only RAS (TotalSegmentator's canonical) is supported")
+    import nibabel as nib
+    from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation, ornt_transform
+
+    source = nib.load(str(image.path))
+    canonical = nib.as_closest_canonical(source)
+    array = np.asarray(canonical.dataobj, dtype=np.float32).transpose(2, 1, 0)[None]
+    spacing = tuple(float(z) for z in reversed(canonical.header.get_zooms()[:3]))
+    seg, probs = reference_predict(stages, array, spacing)
+    back = ornt_transform(axcodes2ornt("RAS"), io_orientation(source.affine))
+    seg_source = apply_orientation(np.asarray(seg).transpose(2, 1, 0), back).transpose(2, 1, 0)
+    return np.ascontiguousarray(seg_source), probs, array
 
 
 def reference_predict(stages: Sequence[Stage], image: np.ndarray, spacing: Sequence[float]
@@ -237,13 +281,12 @@ def reference_predict(stages: Sequence[Stage], image: np.ndarray, spacing: Seque
 
 
 def bundle_predict(folder: Path, steps: Sequence[Mapping[str, Any]], stage_names: Sequence[str], graphs: Mapping[str, str],
-                   image: np.ndarray, spacing: Sequence[float], *, threads: int | None = None
-                   ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+                   image: ParityImage, *, threads: int | None = None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """The bundle's own runtime path on CPU, before it is sealed (same code the pipeline runs)."""
     import onnxruntime as ort
 
     from medai.inference.backends import session_options, thread_count
-    from medai.inference.pipelines.nnunet import predict
+    from medai.inference.pipelines.nnunet import predict_oriented
 
     sessions: dict[str, Any] = {}
 
@@ -262,7 +305,9 @@ def bundle_predict(folder: Path, steps: Sequence[Mapping[str, Any]], stage_names
         return sessions[key]
 
     logits: dict[str, np.ndarray] = {}
-    labels = predict(image, spacing, step_lookup(steps), session, stage_names, logits_out=logits)
+    reorient = next((s for s in steps if s["op"] == "reorient"), None)
+    labels = predict_oriented(image.array[0], image.spacing_ijk, image.direction, step_lookup(steps), session,
+                              stage_names, reorient=reorient, logits_out=logits)
     return labels, logits
 
 
@@ -273,19 +318,19 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def measure_parity(stages: Sequence[Stage], folder: Path, steps: Sequence[Mapping[str, Any]],
-                   graphs: Mapping[str, str], image: np.ndarray, spacing: Sequence[float],
-                   values: Sequence[int]) -> Parity:
+                   graphs: Mapping[str, str], image: ParityImage, values: Sequence[int],
+                   reorient: str | None = None) -> Parity:
     t0 = time.perf_counter()
-    ref_seg, ref_probs = reference_predict(stages, image, spacing)
+    ref_seg, ref_probs, seen = reference_predict_image(stages, image, reorient)
     t1 = time.perf_counter()
-    ours, logits = bundle_predict(folder, steps, [s.config for s in stages], graphs, image, spacing)
+    ours, logits = bundle_predict(folder, steps, [s.config for s in stages], graphs, image)
     t2 = time.perf_counter()
     # Probabilities compared inside the non-zero box (nnU-Net fills outside with background).
     from medai.inference.pipelines.nnunet import nonzero_bbox
 
     last = stages[-1]
     fwd = list(last.predictor.plans_manager.transpose_forward)
-    _, box = nonzero_bbox(image.transpose([0, *[a + 1 for a in fwd]]))
+    _, box = nonzero_bbox(seen.transpose([0, *[a + 1 for a in fwd]]))
     ref_box = ref_probs.transpose([0, *[a + 1 for a in fwd]])[(slice(None), *box)]
     lm = last.predictor.label_manager
     ours_p = (1 / (1 + np.exp(-logits[last.config].astype(np.float32)))) if lm.has_regions else _softmax(logits[last.config])
@@ -303,14 +348,41 @@ def _modality(dataset_json: Mapping[str, Any]) -> list[str]:
     return []
 
 
+def _refuse_multichannel(folder: Path) -> None:
+    """One series is one channel: a model that takes several (e.g. T1 and T2 of one study) is
+    refused before anything is built, naming its channels."""
+    path = folder / "dataset.json"
+    if not path.is_file():
+        return  # load_stages says which files the folder must hold
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelIntegrityError(f"{path}: not readable as JSON ({exc})") from None
+    channels = meta.get("channel_names", meta.get("modality", {}))
+    if len(channels) != 1:
+        raise ModelIntegrityError(
+            f"{folder}: the model takes {len(channels)} input channels ({', '.join(map(str, channels.values()))}); "
+            "medai gives a model one series, so multi-channel nnU-Net models (e.g. several MR contrasts) are "
+            "not supported")
+
+
 def import_nnunet(folder: str | Path, *, model_id: str, license: str, parity_image: str | Path,
                   folds: Sequence[str] | None = None, checkpoint: str = "checkpoint_final.pth",
-                  use_mirroring: bool = True, tile_step_size: float = 0.5, version: str = "1.0.0",
+                  use_mirroring: bool = True, tile_step_size: float = 0.5, reorient: str | None = None,
+                  version: str = "1.0.0",
                   name: str | None = None, modality: Sequence[str] | None = None, min_dice: float = MIN_DICE,
                   install: bool = True, out_dir: str | Path | None = None) -> tuple[Any, Parity]:
-    """Import ``folder``; returns the installed (or written) bundle and the parity measured."""
+    """Import ``folder``; returns the installed (or written) bundle and the parity measured.
+
+    ``reorient="RAS"``: the bundle first brings every volume to the closest canonical RAS
+    layout and its labels back, as TotalSegmentator does around nnU-Net; parity is then
+    measured against nibabel's ``as_closest_canonical`` + ``nnUNetPredictor``.
+    """
     licence = check_licence(license)
+    if reorient not in (None, "RAS"):
+        raise ModelIntegrityError(f"reorient to {reorient!r}: only RAS (TotalSegmentator's canonical) is supported")
     folder = Path(folder).resolve()
+    _refuse_multichannel(folder)
     stages = load_stages(folder, folds=folds, checkpoint=checkpoint, use_mirroring=use_mirroring,
                          tile_step_size=tile_step_size)
     import nnunetv2
@@ -324,13 +396,13 @@ def import_nnunet(folder: str | Path, *, model_id: str, license: str, parity_ima
     dataset_json = last.dataset_json
     labels = labels_of(dataset_json, last.label_manager)
     n_channels = len(dataset_json.get("channel_names", dataset_json.get("modality", {})))
-    image, spacing = read_image(Path(parity_image))
+    image = read_image(Path(parity_image))
     digests = {s.config: folder_digest(s.folder, ["dataset.json", "plans.json"] +
                                        [f"fold_{f}/{checkpoint}" for f in s.folds]) for s in stages}
     parity_holder: dict[str, Parity] = {}
 
     def build(out: Path) -> tuple[str, list[str]]:
-        steps: list[dict[str, Any]] = []
+        steps: list[dict[str, Any]] = [{"op": "reorient", "to": reorient}] if reorient else []
         graphs: dict[str, str] = {}
         graph_tables = []
         for stage in stages:
@@ -347,7 +419,7 @@ def import_nnunet(folder: str | Path, *, model_id: str, license: str, parity_ima
                     "file": f"{key}.onnx", "input": "input", "output": "logits", "shape": [1, n_in, *patch],
                     "activation_bytes_per_voxel": 400.0}))
             steps += stage_steps(stage, use_mirroring=use_mirroring, tile_step_size=tile_step_size)
-        parity = measure_parity(stages, out, steps, graphs, image, spacing, [lab["value"] for lab in labels])
+        parity = measure_parity(stages, out, steps, graphs, image, [lab["value"] for lab in labels], reorient)
         if parity.min_dice < min_dice:
             raise ModelIntegrityError(
                 f"{folder}: the imported model disagrees with nnUNetPredictor on {parity_image}: per-label Dice "
@@ -381,16 +453,17 @@ def import_nnunet(folder: str | Path, *, model_id: str, license: str, parity_ima
                 "stage_sha256": [digests[s.config] for s in stages], "nnunetv2": nnunet_version,
                 "configuration": stage_names[-1], "trainer": last.trainer_name,
                 "plans": last.plans_manager.plans_name, "folds": list(stages[-1].folds), "checkpoint": checkpoint,
-                "use_mirroring": use_mirroring, "tile_step_size": tile_step_size}),
+                "use_mirroring": use_mirroring, "tile_step_size": tile_step_size,
+                "reorient": reorient or "none"}),
             toml_table("nnunet.parity", {
                 "reference": f"nnUNetPredictor (nnunetv2 {nnunet_version}, torch CPU)",
-                "image": Path(parity_image).name, "image_shape": list(image.shape[1:]),
+                "image": Path(parity_image).name, "image_shape": list(image.array.shape[1:]),
                 "min_dice": round(parity.min_dice, 6), "max_prob_diff": float(f"{parity.max_prob_diff:.3g}"),
                 "dice": {str(k): round(v, 6) for k, v in parity.dice.items()},
                 "reference_voxels": {str(k): v for k, v in parity.voxels.items()}}),
             toml_table("metrics", {
                 "name": "import_parity_min_dice", "value": round(parity.min_dice, 6),
-                "data": f"{Path(parity_image).name}, shape {list(image.shape[1:])}",
+                "data": f"{Path(parity_image).name}, shape {list(image.array.shape[1:])}",
                 "note": "lowest per-label Dice of this bundle vs nnUNetPredictor at import "
                         f"(max |probability diff| {parity.max_prob_diff:.2g})"}, array=True),
         ]
@@ -400,5 +473,5 @@ def import_nnunet(folder: str | Path, *, model_id: str, license: str, parity_ima
     return bundle, parity_holder["p"]
 
 
-__all__ = ["MIN_DICE", "Parity", "Stage", "bundle_predict", "import_nnunet", "load_stages", "read_image",
-           "reference_predict"]
+__all__ = ["MIN_DICE", "Parity", "ParityImage", "Stage", "bundle_predict", "import_nnunet", "load_stages",
+           "read_image", "reference_predict", "reference_predict_image"]

@@ -41,6 +41,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Literal, Mapping, Sequence
@@ -68,8 +69,12 @@ EMBEDDING_SHAPE = (1, 256, 64, 64)
 EMBEDDING_BYTES = int(np.prod(EMBEDDING_SHAPE)) * 4
 #: Percentiles of the seed mask's intensities that define "the seed's look" in propagation.
 SEED_RANGE_PERCENTILES = (5.0, 95.0)
-#: Default embedding cache: 64 slices (256 MiB).
+#: Default embedding cache: 64 slices (256 MiB), for interactive use (a user returns to slices).
 DEFAULT_CACHE_BYTES = 64 * EMBEDDING_BYTES
+#: The engine pipeline's cache (``medai run``, routed runs): a propagation visits each slice once,
+#: so a full cache there only raised the peak (by 256 MiB on a 1 mm T1); a few slices still let a
+#: second run with another box on the same slice skip the encoder.
+PIPELINE_CACHE_BYTES = 8 * EMBEDDING_BYTES
 
 #: Named CT windows (level, width) in HU for the ``window`` prompt option: the one
 #: preset table of :mod:`medai.imaging` (OHIF's values).
@@ -232,6 +237,8 @@ class SliceResult:
     mask: np.ndarray
     iou: float
     cached: bool
+    #: Where this slice's time went (``encode`` is 0 on a cache hit, ``decode``, ``clean_up``), seconds.
+    seconds: Mapping[str, float] = field(default_factory=dict)
 
     @property
     def area_px(self) -> int:
@@ -255,6 +262,8 @@ class PropagationResult:
     slices: tuple[dict[str, Any], ...]
     stopped: Mapping[str, str]
     volume_ml: float
+    #: Summed per-slice seconds (``encode``, ``decode``, ``clean_up``) and ``slices_encoded``.
+    seconds: Mapping[str, float] = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------- geometry
@@ -559,12 +568,17 @@ class MedSamLite:
         view = take_slice(volume, plane, index)
         box.check(view.shape, f"{plane} slice {index}")
         windowing = windowing or choose_windowing(volume, self.settings, window)
+        t0 = time.perf_counter()
         emb, cached = self._embed(view, windowing)
+        t1 = time.perf_counter()
         canon = view.canonical(view.image)
         logits, iou = self._decode(emb.embedding, box_to_model(view.canonical_box(box), canon.shape, emb.size))
+        t2 = time.perf_counter()
         cont = None if previous is None or value_range is None else (view.canonical(previous), canon, value_range)
         mask = view.source(self._clean(logits_to_mask(logits, canon.shape, emb.size), cont))
-        return SliceResult(plane, view.axis, int(index), box, mask, float(np.ravel(iou)[0]), cached)  # type: ignore[arg-type]
+        seconds = {"encode": t1 - t0, "decode": t2 - t1, "clean_up": time.perf_counter() - t2}
+        return SliceResult(plane, view.axis, int(index), box, mask, float(np.ravel(iou)[0]), cached,  # type: ignore[arg-type]
+                           seconds)
 
     def _clean(self, mask: np.ndarray,
                cont: tuple[np.ndarray, np.ndarray, tuple[float, float]] | None = None) -> np.ndarray:
@@ -618,9 +632,17 @@ class MedSamLite:
         _put(out, seed.axis, seed.index, seed.mask)
         records: list[dict[str, Any]] = [_record(seed, "seed")]
         stopped: dict[str, str] = {}
+        totals = dict.fromkeys(("encode", "decode", "clean_up", "slices_encoded"), 0.0)
+
+        def tally(r: SliceResult) -> None:
+            for name, value in r.seconds.items():
+                totals[name] += value
+            totals["slices_encoded"] += 0 if r.cached else 1
+
+        tally(seed)
         if seed.area_px < s.min_area_px:
             stopped = {"up": "seed mask empty", "down": "seed mask empty"}
-            return PropagationResult(out, seed, tuple(records), stopped, 0.0)
+            return PropagationResult(out, seed, tuple(records), stopped, 0.0, totals)
         first = seed.box
         seed_values = take_slice(volume, plane, index).image[seed.mask]
         value_range = tuple(float(v) for v in np.percentile(seed_values, SEED_RANGE_PERCENTILES))
@@ -645,6 +667,7 @@ class MedSamLite:
                     break
                 r = self.segment_box(volume, plane, k, next_box, windowing=windowing, previous=prev,
                                      value_range=value_range)  # type: ignore[arg-type]
+                tally(r)
                 area, prev_area = r.area_px, int(prev.sum())
                 mbox = mask_box(r.mask)
                 if area < s.min_area_px or mbox is None:
@@ -668,7 +691,7 @@ class MedSamLite:
                 break
             stopped[name] = reason
         voxels = int(out.sum())
-        return PropagationResult(out, seed, tuple(records), stopped, voxels * volume.voxel_volume_ml)
+        return PropagationResult(out, seed, tuple(records), stopped, voxels * volume.voxel_volume_ml, totals)
 
 
 def _put(out: np.ndarray, axis: int, index: int, mask: np.ndarray) -> None:
@@ -799,8 +822,6 @@ class MedSamLitePipeline:
         self.bundle = bundle
 
     def run(self, volume: "Volume", ctx: "PipelineContext") -> "PipelineOutput":
-        import time
-
         from medai.inference.pipeline import Finding, PipelineOutput, segments_from_card
 
         prompt = ctx.prompt
@@ -813,7 +834,8 @@ class MedSamLitePipeline:
         with _models_lock:
             model = _models.get(key)
             if model is None:
-                model = _models[key] = MedSamLite(enc.run, _decoder_callable(dec), settings=settings)
+                model = _models[key] = MedSamLite(enc.run, _decoder_callable(dec), settings=settings,
+                                                  cache_bytes=PIPELINE_CACHE_BYTES)
         window = prompt.extra.get("window")
         windowing = choose_windowing(volume, settings, window)
         view = take_slice(volume, prompt.plane, int(prompt.slice_index))
@@ -830,14 +852,16 @@ class MedSamLitePipeline:
                 span = span.split(",")
             result = model.propagate(volume, prompt.plane, int(prompt.slice_index), prompt.box, window=window,
                                      slice_range=tuple(span) if span is not None else None)  # type: ignore[arg-type]
-            labels, seed = result.mask, result.seed
+            labels, seed, seconds = result.mask, result.seed, dict(result.seconds)
             qc: dict[str, Any] = {"propagated": True, "stopped": dict(result.stopped),
                                   "slices": list(result.slices)}
         else:
             seed = model.segment_box(volume, prompt.plane, int(prompt.slice_index), prompt.box, window=window)
-            labels = seed.to_volume(volume.shape)
+            labels, seconds = seed.to_volume(volume.shape), {**seed.seconds, "slices_encoded": int(not seed.cached)}
             qc = {"propagated": False}
         ctx.timings["segment"] = time.perf_counter() - t0
+        qc["slices_encoded"] = int(seconds.pop("slices_encoded", 0))
+        ctx.timings.update({f"segment_{name}": value for name, value in seconds.items()})
         ctx.record("threshold", logit=0.0)
         ctx.record("clean_up_2d", largest_component=settings.largest_component, fill_holes=settings.fill_holes)
         if prompt.propagate:
@@ -880,6 +904,7 @@ def validation_prompt(bundle: "Bundle") -> "Prompt":
 
 
 def memory_extras(bundle: "Bundle", volume_shape: tuple[int, int, int]) -> dict[str, int]:
-    """What a run holds beside its two graphs, for the planner: the slice-embedding cache
-    (bounded by :data:`DEFAULT_CACHE_BYTES`, at most one embedding per slice of the longest axis)."""
-    return {"embedding_cache": min(DEFAULT_CACHE_BYTES, max(volume_shape) * EMBEDDING_BYTES)}
+    """What a run holds beside its two graphs, for the planner: the engine pipeline's slice-embedding
+    cache (bounded by :data:`PIPELINE_CACHE_BYTES`, at most one embedding per slice of the longest
+    axis). Both graphs keep their memory arena, which the planner adds up itself."""
+    return {"embedding_cache": min(PIPELINE_CACHE_BYTES, max(volume_shape) * EMBEDDING_BYTES)}

@@ -5,7 +5,8 @@ what nnU-Net's ``nnUNetPredictor`` does, with the values read from the trained f
 ``plans.json`` and ``dataset.json`` at import time; this module executes them with
 numpy, scipy.ndimage and ONNX Runtime:
 
-``transpose`` → ``crop_nonzero`` → [``previous_stage`` one-hot, cascade only] →
+[``reorient`` to the closest canonical RAS layout, an import option for TotalSegmentator
+tasks] → ``transpose`` → ``crop_nonzero`` → [``previous_stage`` one-hot, cascade only] →
 ``normalize`` (per channel: CTNormalization with the fingerprint's percentiles, mean
 and std; ZScoreNormalization) → ``resample`` to the configuration's spacing →
 ``sliding_window`` (patch size, tile step, Gaussian importance, mirroring, one graph
@@ -37,6 +38,7 @@ import numpy as np
 
 from medai.errors import DicomInputError, ModelIntegrityError
 from medai.inference.pipeline import PipelineContext, PipelineOutput, segments_from_card
+from medai.inference.steps import reorientation
 
 if TYPE_CHECKING:  # pragma: no cover
     from medai.dicom.volume import Volume
@@ -322,15 +324,47 @@ class NnUNet:
 
     def run(self, volume: "Volume", ctx: PipelineContext) -> PipelineOutput:
         if self.channels != 1:
-            raise DicomInputError(f"model {self.bundle.id} takes {self.channels} channels; one series gives one")
-        image = np.asarray(volume.array)[None]
-        spacing = tuple(float(s) for s in reversed(volume.geometry.spacing))  # [k, j, i] like SimpleITKIO
-        labels = predict(image, spacing, ctx.steps.params, ctx.session, self.stages, record=ctx.steps.record)
+            raise DicomInputError(f"model {self.bundle.id} takes {self.channels} channels; one series gives one "
+                                  "(multi-channel nnU-Net models are not supported)")
+        reorient = next((s.params for s in self.bundle.card.preprocessing if s.op == "reorient"), None)
+        labels = predict_oriented(np.asarray(volume.array), volume.geometry.spacing, volume.geometry.direction,
+                                  ctx.steps.params, ctx.session, self.stages, reorient=reorient,
+                                  record=ctx.steps.record)
         return PipelineOutput(labels=labels.astype(np.uint16 if labels.max() > 255 else np.uint8),
                               segments=segments_from_card(self.bundle.card))
 
 
 Params = Callable[..., Mapping[str, Any]]
+
+
+def predict_oriented(array_kji: np.ndarray, spacing_ijk: Sequence[float], direction: Sequence[float],
+                     params: Params, session: Callable[[str], Any], stages: Sequence[str], *,
+                     reorient: Mapping[str, Any] | None = None, record: Callable[..., None] | None = None,
+                     logits_out: dict[str, np.ndarray] | None = None) -> np.ndarray:
+    """Labels on the volume's own ``[k, j, i]`` grid.
+
+    Without ``reorient`` the array goes to nnU-Net as stored, which is what nnU-Net's
+    ``SimpleITKIO`` hands its predictor. With the card's ``reorient`` step (``to = "RAS"``)
+    the array is first permuted and flipped to the closest canonical RAS layout, what
+    TotalSegmentator does with ``nibabel.as_closest_canonical`` before it calls nnU-Net
+    (its models were trained on canonical images), and the labels are brought back onto
+    the source grid afterwards. No resampling either way.
+    """
+    record = record or (lambda op, **kw: None)
+    array_kji = np.asarray(array_kji)
+    if reorient:
+        orient = reorientation(direction, str(reorient.get("to", "RAS")))
+        record("reorient", to=orient.to, perm=list(orient.perm), flip=list(orient.flip))
+        xyz = orient.apply(array_kji)
+        image = np.ascontiguousarray(xyz.transpose(2, 1, 0))[None]  # [z, y, x], as nnU-Net reads the canonical file
+        spacing = tuple(float(spacing_ijk[a]) for a in reversed(orient.perm))
+    else:
+        image = array_kji[None]
+        spacing = tuple(float(s) for s in reversed(spacing_ijk))  # [k, j, i] like SimpleITKIO
+    labels = predict(image, spacing, params, session, stages, record=record, logits_out=logits_out)
+    if reorient:
+        labels = orient.invert(np.ascontiguousarray(labels.transpose(2, 1, 0)))
+    return labels
 
 
 def predict(image: np.ndarray, spacing: Sequence[float], params: Params, session: Callable[[str], Any],
