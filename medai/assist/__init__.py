@@ -6,5 +6,8 @@ tested on its own and read in one sitting:
 * :mod:`medai.assist.tissue` — CSF/GM/WM classification inside a brain mask;
 * :mod:`medai.assist.qc` — image-quality checks that block or qualify a report;
 * :mod:`medai.assist.normative` — published age/sex reference ranges, z-scores;
+* :mod:`medai.assist.priors` — MNI152 tissue priors registered to a subject (not used by the card yet);
+* :mod:`medai.assist.plausibility` — physiological gates: an impossible result is not measurable;
+* :mod:`medai.assist.caveats` — caveats by series grid (template space), for every model that measures;
 * :mod:`medai.assist.report` — the one-page summary a clinician reads.
 """

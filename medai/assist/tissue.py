@@ -180,8 +180,8 @@ def _tissue_fractions(p5: np.ndarray, y: np.ndarray, mu: np.ndarray) -> np.ndarr
     return frac
 
 
-def _working_grid(img: np.ndarray, m: np.ndarray, spacing: tuple[float, float, float], grid_mm: float
-                  ) -> tuple[np.ndarray, np.ndarray, Any]:
+def _working_grid(img: np.ndarray, m: np.ndarray, spacing: tuple[float, float, float], grid_mm: float,
+                  priors: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, Any, np.ndarray | None]:
     """``img``/``m`` ([k, j, i], voxel size ``spacing`` = (i, j, k)) on an isotropic grid of
     ``grid_mm`` covering the same extent (B-spline for the image, clamped to its range;
     nearest for the mask), and a function that samples [c, k, j, i] maps on that grid back
@@ -205,6 +205,11 @@ def _working_grid(img: np.ndarray, m: np.ndarray, spacing: tuple[float, float, f
     msk = sitk.Resample(on_grid(m.astype(np.uint8), spacing, (0.0, 0.0, 0.0)), size, sitk.Transform(),
                         sitk.sitkNearestNeighbor, origin, fine_spacing, src.GetDirection(), 0, sitk.sitkUInt8)
     fine_mask = sitk.GetArrayFromImage(msk) > 0
+    fine_priors = None
+    if priors is not None:  # smooth maps: linear is enough
+        fine_priors = np.stack([sitk.GetArrayFromImage(sitk.Resample(
+            on_grid(np.ascontiguousarray(c, dtype=np.float32), spacing, (0.0, 0.0, 0.0)), size, sitk.Transform(),
+            sitk.sitkLinear, origin, fine_spacing, src.GetDirection(), 1.0 / 3.0, sitk.sitkFloat32)) for c in priors])
 
     def back(maps: np.ndarray) -> np.ndarray:
         out = np.empty((maps.shape[0],) + img.shape, dtype=np.float32)
@@ -214,16 +219,27 @@ def _working_grid(img: np.ndarray, m: np.ndarray, spacing: tuple[float, float, f
             out[c] = sitk.GetArrayFromImage(sampled)
         return out
 
-    return fine_img.astype(np.float32), fine_mask, back
+    return fine_img.astype(np.float32), fine_mask, back, fine_priors
+
+
+def mask_box(mask: np.ndarray) -> tuple[slice, slice, slice]:
+    """The box of ``mask`` that :func:`classify_tissue` works in (priors are given over it)."""
+    return _bbox(np.asarray(mask) > 0)
 
 
 def classify_tissue(image: np.ndarray, mask: np.ndarray, spacing: tuple[float, float, float],
-                    params: TissueParams | None = None) -> TissueSegmentation:
+                    params: TissueParams | None = None, *, priors: np.ndarray | None = None,
+                    prior_weight: float = 1.0) -> TissueSegmentation:
     """Classify voxels inside ``mask`` into three tissues ordered by mean intensity.
 
     ``image`` and ``mask`` are [k, j, i] arrays of the same shape; ``spacing`` is
     (i, j, k) in mm. Raises ``ValueError`` for inputs that cannot be classified
     (empty or tiny mask, constant image).
+
+    ``priors``: spatial prior probabilities of CSF, GM, WM over :func:`mask_box` of the mask
+    ([3, k, j, i], e.g. :func:`medai.assist.priors.tissue_priors`). With them, each voxel's
+    posterior is prior ** ``prior_weight`` x likelihood x MRF (as in SPM, FAST ``-P`` and
+    Atropos); a mixed class takes the mean prior of its two tissues.
     """
     params = params or TissueParams()
     if image.shape != mask.shape:
@@ -235,6 +251,8 @@ def classify_tissue(image: np.ndarray, mask: np.ndarray, spacing: tuple[float, f
     box = _bbox(mask)
     m = mask[box]
     img = np.asarray(image, dtype=np.float32)[box]
+    if priors is not None and priors.shape != (3,) + m.shape:
+        raise ValueError(f"priors {priors.shape} do not cover the mask's box {(3,) + m.shape}")
     vals = img[m]
     if not np.isfinite(vals).all():
         raise ValueError("image has non-finite values inside the brain mask")
@@ -250,7 +268,7 @@ def classify_tissue(image: np.ndarray, mask: np.ndarray, spacing: tuple[float, f
         # but the MRF then couples voxels at the distance it was tuned for and a thick
         # slice's blend of tissues is spread over several fine voxels whose mixed classes
         # can share it out, instead of one coarse voxel going to its majority tissue.
-        img, m, back = _working_grid(img, m, (sx, sy, sz), grid)
+        img, m, back, priors = _working_grid(img, m, (sx, sy, sz), grid, priors)
         sx = sy = sz = grid
     if params.bias_correction:
         shifted = np.where(m, img - min(lo, 0.0) + 1e-3 * (hi - lo), 0).astype(np.float32)
@@ -285,11 +303,17 @@ def classify_tissue(image: np.ndarray, mask: np.ndarray, spacing: tuple[float, f
     prev_mean = None
     pi5 = np.array([pi[0], 0.05, pi[1], 0.05, pi[2]])
     pi5 /= pi5.sum()
+    log_prior = None
+    if priors is not None:
+        pv = np.maximum(priors[:, m], 1e-6).astype(np.float32)
+        log_prior = prior_weight * np.log(np.stack([pv[0], 0.5 * (pv[0] + pv[1]), pv[1], 0.5 * (pv[1] + pv[2]), pv[2]]))
     for it in range(1, params.max_iterations + 1):
         # float32 on the voxel arrays (half the memory traffic); class parameters stay float64.
         mu5, var5 = (v.astype(np.float32) for v in _five_classes(mu, var))
         logp = -0.5 * (yy[None, :] - mu5[:, None]) ** 2 / var5[:, None]
         logp += (np.log(pi5) - 0.5 * np.log(var5)).astype(np.float32)[:, None]
+        if log_prior is not None:
+            logp += log_prior
         if it > 1 and params.beta > 0:
             nb = _neighbour_sum(member, w)[:, m]
             logp[0::2] += params.beta * nb

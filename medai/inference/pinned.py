@@ -7,6 +7,6 @@ the card in turn pins every file by SHA-256. No private key is needed at run tim
 
 PINNED: dict[str, tuple[str, ...]] = {
     "brain-extraction": ("ebf3e9124d9442271915eb6f53824d21264a0ae976be04e3ba5f4e555be8938e",),
-    "brain-volumetry": ("e55bb1ad5288ff54f6fa4daf8c7394f946ca2138c523ecafaa21181080a82ff0",),
+    "brain-volumetry": ("153626c8275e6269c1e024a7d1b45746068cf29e27a3e037e0aa1a927ef9ad30",),
     "medsam-lite": ("dbc7a79ce6a0a5aa35dc52199370b2654e3123b965997c2796243a566241b9b3",),
 }

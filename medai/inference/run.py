@@ -4,7 +4,7 @@ The graph, in order (each arrow is visible below, in :func:`run_on_volume`)::
 
     bundle (verified) → series selection → Volume → plan (memory) → pipeline
       (steps recorded, ONNX sessions via backends) → labels on the source grid
-      → seg.dcm + mask.nii.gz + result.json (+ sr.dcm when there are measurements)
+      → seg.dcm + mask.nii.gz + result.json (+ sr.dcm: measurements, or a refusal's "not measurable")
 
 Audit: ``instances_accessed`` when a series is loaded for a model, ``model_run``
 when it finished (or failed), both naming the study/series/instances. When the
@@ -31,6 +31,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from medai import __version__, config
+from medai.assist import caveats
 from medai.dicom.volume import Volume
 from medai.errors import DicomInputError, MedaiError, ModelIntegrityError, PromptError
 from medai.compliance import audit as _audit
@@ -231,10 +232,10 @@ def run_on_volume(bundle: Bundle, volume: Volume, out_dir: str | Path, *, device
         seg_path = write_seg(volume, output.labels, output.segments, bundle, out / "seg.dcm")
         ctx.timings["write_seg"] = time.perf_counter() - t1
         t1 = time.perf_counter()
-        if output.measurements:
-            from medai.dicom.outputs import sr
+        from medai.dicom.outputs import sr
 
-            sr_path = sr.write_sr(volume, output, bundle, out / "sr.dcm", seg_path=seg_path)
+        # write_sr decides: measurements, or a refused result's "not measurable" statement.
+        sr_path = sr.write_sr(volume, output, bundle, out / "sr.dcm", seg_path=seg_path)
         ctx.timings["write_sr"] = time.perf_counter() - t1
     # Pipeline-specific files (e.g. the volumetry one-page summary), named in result.json.
     write_extras = getattr(pipeline, "write_extras", None)
@@ -258,7 +259,8 @@ def run_on_volume(bundle: Bundle, volume: Volume, out_dir: str | Path, *, device
         "findings": [f.__dict__ for f in output.findings],
         "qc": dict(output.qc),
         # What a reader must know beside the numbers (e.g. a template-space series), for every surface.
-        "caveats": [str(c) for c in output.qc.get("caveats") or []],
+        "caveats": caveats.for_result(bundle.card.postprocessing, volume.shape, volume.geometry.spacing,
+                                      output.qc.get("caveats")),
         "priority": {"level": priority.level, "score": priority.score, "reasons": list(priority.reasons)},
         "prompt": prompt.as_dict() if isinstance(prompt, Prompt) else None,
         "preprocessing": ctx.recorded,

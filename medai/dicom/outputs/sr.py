@@ -14,6 +14,11 @@ as SCT "Volume" in UCUM ``ml``; other quantities use the measurement's own conce
 The evidence lists the source instances and the SEG, the series description says
 "not for diagnostic use", and the tests check the file with ``dciodvfy`` and read it
 back with highdicom.
+
+A result the pipeline refused (``qc.measurable`` false: image QC failed, or the result was
+physiologically implausible) still gets an SR, so the PACS receives the statement: one
+image-level group whose qualitative evaluation is "not measurable on this series", with the
+reason as a comment, and no measurement at all.
 """
 
 from __future__ import annotations
@@ -68,14 +73,48 @@ def _measurement(m: "Measurement", algorithm: Any) -> Any:
     return hd.sr.Measurement(name=name, value=float(m.value), unit=_unit(m.unit), algorithm_id=algorithm)
 
 
+#: Qualitative evaluation of a refused result: "Measurability" = "Not measurable on this
+#: series" (private codes: no standard concept says this); the reason follows as a DCM
+#: "Comment" text item.
+MEASURABILITY = ("99MEDAI", "MEASURABLE", "Measurability")
+NOT_MEASURABLE_CODE = ("99MEDAI", "NOTMEAS", "Not measurable on this series")
+_COMMENT = ("DCM", "121106", "Comment")
+
+
+def refused(output: "PipelineOutput") -> str | None:
+    """The reason a pipeline refused to measure (``qc.measurable`` false), else None."""
+    qc = output.qc or {}
+    if qc.get("measurable") is False:
+        return str(qc.get("not_measurable_reason") or "not measurable on this series")
+    return None
+
+
+def _not_measurable_group(reason: str, card_id: str, algorithm: Any) -> Any:
+    """One TID 1501 group saying the series could not be measured, and why; no numbers."""
+    import highdicom as hd
+    from highdicom.sr import RelationshipTypeValues, TextContentItem
+
+    group = hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier=f"{card_id}:not-measurable"[:64]),
+        algorithm_id=algorithm,
+        qualitative_evaluations=[hd.sr.QualitativeEvaluation(_coded(MEASURABILITY), _coded(NOT_MEASURABLE_CODE))])
+    group[0].ContentSequence.append(TextContentItem(name=_coded(_COMMENT), value=reason[:1024],
+                                                    relationship_type=RelationshipTypeValues.CONTAINS))
+    return group
+
+
 def build_sr(volume: "Volume", output: "PipelineOutput", bundle: "Bundle", *, seg_path: str | Path | None = None) -> Any:
-    """A highdicom ``Comprehensive3DSR`` with one measurement group per measurement."""
+    """A highdicom ``Comprehensive3DSR`` with one measurement group per measurement, or,
+    for a refused result (:func:`refused`), the one "not measurable" group."""
     import highdicom as hd
     import pydicom
     from pydicom.sr.codedict import codes
 
-    if not output.measurements:
-        raise ValueError("an SR needs at least one measurement")
+    reason = refused(output)
+    if not output.measurements and reason is None:
+        raise ValueError("an SR needs at least one measurement or a refusal")
+    if reason is not None and output.measurements:
+        raise ValueError("a refused result carries no measurements")
     sources = _source_datasets(volume)
     card = bundle.card
     evidence = list(sources)
@@ -97,7 +136,7 @@ def build_sr(volume: "Volume", output: "PipelineOutput", bundle: "Bundle", *, se
     seg_present = set()
     if seg_ds is not None:
         seg_present = {int(item.SegmentNumber) for item in seg_ds.SegmentSequence}
-    groups: list[Any] = []
+    groups: list[Any] = [] if reason is None else [_not_measurable_group(reason, card.id, algorithm)]
     for i, m in enumerate(output.measurements, start=1):
         tracking = hd.sr.TrackingIdentifier(uid=hd.UID(), identifier=f"{card.id}:{m.name}"[:64])
         measurement = _measurement(m, algorithm)
@@ -131,10 +170,11 @@ def write_sr(volume: "Volume", output: "PipelineOutput", bundle: "Bundle", path:
              seg_path: str | Path | None = None) -> Path | None:
     """Build the SR and write it to ``path`` (temporary name, then renamed).
 
-    Returns ``None`` without writing when there are no measurements.
+    Returns ``None`` without writing when there are no measurements and the result was
+    not refused (a segmentation-only model); a refused result gets its "not measurable" SR.
     """
     path = Path(path)
-    if not output.measurements:
+    if not output.measurements and refused(output) is None:
         log.info("no measurements: no SR written")
         return None
     sr = build_sr(volume, output, bundle, seg_path=seg_path)

@@ -26,7 +26,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from medai.assist import normative, plausibility, qc as qcmod, tissue
+from medai.assist import caveats, normative, plausibility, qc as qcmod, tissue
 from medai.dicom.volume import Volume
 from medai.errors import DicomInputError, ModelIntegrityError
 from medai.inference.bundle import Bundle
@@ -58,7 +58,7 @@ class BrainVolumetry:
             self.thresholds = qcmod.QcThresholds.from_mapping(dict(post.get("qc", {})))
             self.measures = normative.load_measures(bundle.card.raw.get("normative"))
             self.limits = plausibility.PlausibilityLimits.from_mapping(post.get("plausibility"))
-            self.caveat_rules = tuple(_caveat_rule(r) for r in post.get("caveats", ()))
+            self.caveat_rules = caveats.rules_from_card(post)
         except (KeyError, TypeError, ValueError) as exc:
             raise ModelIntegrityError(f"model {bundle.id}: invalid card parameters ({exc})") from exc
         self.mask_model = str(post.get("mask_model", "brain-extraction"))
@@ -234,13 +234,9 @@ class BrainVolumetry:
                               priority=self._priority(report, [], blocked=True, reason=reason))
 
     def _caveats(self, volume: Volume) -> list[str]:
-        """Card-defined caveats whose grid rule matches this series (e.g. the MNI152 1 mm
-        grid: an image registered to template space, like the demo study, is larger than a
-        typical head): shown beside the volumes."""
-        shape = sorted(volume.shape)
-        spacing = np.asarray(volume.geometry.spacing, dtype=float)
-        return [text for grid, spacing_mm, text in self.caveat_rules
-                if shape == grid and np.allclose(spacing, spacing_mm, atol=0.01)]
+        """The card's caveats whose grid rule matches this series (medai.assist.caveats; e.g.
+        the MNI152 1 mm grid of the demo study), shown beside the volumes."""
+        return caveats.caveats_for(volume.shape, volume.geometry.spacing, self.caveat_rules)
 
     # ----------------------------------------------------------------- triage
     def _priority(self, report: qcmod.QcReport, out_of_range: list[str], *, blocked: bool,
@@ -287,15 +283,6 @@ def _phase_direction(volume: Volume) -> str | None:
         return str(ds.get("InPlanePhaseEncodingDirection", "")) or None
     except Exception:  # noqa: BLE001 - an unreadable optional tag only disables the ghosting check
         return None
-
-
-def _caveat_rule(rule: Mapping[str, Any]) -> tuple[list[int], float, str]:
-    """``{grid = [181, 217, 181], spacing_mm = 1.0, text = "..."}``: a series with these
-    dimensions (any order) and this isotropic voxel size gets ``text``."""
-    grid = sorted(int(n) for n in rule["grid"])
-    if len(grid) != 3:
-        raise ValueError(f"a caveat grid has three dimensions, got {rule['grid']}")
-    return grid, float(rule["spacing_mm"]), str(rule["text"])
 
 
 def create(bundle: Bundle) -> BrainVolumetry:
