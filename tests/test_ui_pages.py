@@ -211,6 +211,9 @@ def test_running_brain_extraction_from_the_run_page(medai_home, monkeypatch):
     metrics = {m.label: m.value for m in at.metric}
     brain = float(metrics["Brain volume"].split()[0])
     assert 1000 < brain < 2500  # an adult brain mask in mL, not an empty or whole-head mask
+    # the demo study is Colin27 in MNI space: the volume is qualified beside it
+    assert any(w.value.startswith("Template space") and "larger than a typical head" in w.value
+               for w in at.warning)
     result_dir = Path(at.session_state["result_dir"])
     assert (result_dir / "seg.dcm").is_file() and (result_dir / "result.json").is_file()
     at.switch_page("app_pages/viewer.py").run()

@@ -135,8 +135,13 @@ with left:
                 if entry.volume_ml is not None:
                     st.metric(f"{entry.name} volume", f"{entry.volume_ml:.1f} mL")
                     st.caption(workstation.volume_text(entry.name, entry.volume_ml, result_card))
+            caveats = [str(c) for c in result.get("caveats") or []]
+            for caveat in caveats:  # beside the volumes they qualify (e.g. a template-space demo study)
+                st.warning(caveat, icon=":material/info:")
             for finding in result.get("findings") or []:
-                st.markdown(f"- {finding.get('text') or finding.get('description') or finding}")
+                text = str(finding.get("text") or finding.get("description") or finding)
+                if text.removeprefix("Caveat: ") not in caveats:  # volumetry repeats them as findings
+                    st.markdown(f"- {text}")
             qc = result.get("qc") or {}
             if qc:
                 st.markdown("**Quality checks**")
