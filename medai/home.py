@@ -90,6 +90,11 @@ def cache_dir(name: str = "") -> Path:
     return _dir("cache", name) if name else _dir("cache")
 
 
+def logs_dir() -> Path:
+    """Logs of detached helpers (the background tuner); never patient identifiers."""
+    return _dir("logs")
+
+
 def deid_dir() -> Path:
     return _dir("deid")
 
@@ -108,5 +113,5 @@ def attestations_dir() -> Path:
 
 
 __all__ = ["root", "audit_dir", "audit_anchor", "keys_dir", "store_dir", "pacs_dir", "results_dir",
-           "results_index", "models_dir", "trust_dir", "cache_dir", "deid_dir", "quarantine_dir",
+           "results_index", "models_dir", "trust_dir", "cache_dir", "logs_dir", "deid_dir", "quarantine_dir",
            "exports_dir", "attestations_dir"]

@@ -85,7 +85,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from medai import config
+from medai import config, home
 from medai.errors import BackendError, ConfigError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -371,8 +371,7 @@ def _make_openvino(path: Path, spec: "GraphSpec | None", provider: str, threads:
         # Compiled-graph cache, one folder per device and precision: OpenVINO 2026.4 given one
         # folder for the same model compiled in two precisions loads the wrong blob for the
         # second and crashes in its first run (seen with LiteMedSAM's encoder, fp32 then bf16).
-        cache = config.home() / "cache" / "openvino" / f"{device.lower()}-{precision}"
-        cache.mkdir(parents=True, exist_ok=True, mode=0o700)
+        cache = home.cache_dir(f"openvino/{device.lower()}-{precision}")
         props: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY", "CACHE_DIR": str(cache)}
         if device == "CPU":
             # Threads as for onnxruntime; no pinning: on a shared workstation pinned threads
@@ -424,9 +423,7 @@ def _make(path: Path, digest: str, key: str, spec_input: str, spec_output: str, 
 
 
 def parity_cache_path() -> Path:
-    path = config.home() / "cache"
-    path.mkdir(parents=True, exist_ok=True, mode=0o700)
-    return path / "parity.json"
+    return home.cache_dir() / "parity.json"
 
 
 @dataclass(frozen=True)

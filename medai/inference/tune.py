@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from medai import config
+from medai import config, home
 from medai.errors import BackendError, ConfigError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -83,9 +83,7 @@ def _cpu_key() -> str:
 
 
 def cache_path() -> Path:
-    path = config.home() / "cache"
-    path.mkdir(parents=True, exist_ok=True, mode=0o700)
-    return path / "tuning.json"
+    return home.cache_dir() / "tuning.json"
 
 
 @dataclass(frozen=True)
@@ -409,8 +407,7 @@ def start_background(bundle: "Bundle", *, seconds: float = FIRST_USE_SECONDS) ->
 
     if tuning_in_progress() is not None:
         return None
-    log_file = config.home() / "logs" / "tuning.log"
-    log_file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    log_file = home.logs_dir() / "tuning.log"
     argv = [sys.executable, "-c", "import sys; from medai.cli import main; sys.exit(main(sys.argv[1:]))",
             "doctor", "--tune", "--no-parity", "--model", bundle.id, "--seconds", str(int(seconds)), "-q"]
     with open(log_file, "ab") as out:
