@@ -26,4 +26,11 @@ def pseudonym(value: str) -> str:
     return keys.pseudonym(value)
 
 
-__all__ = ["pseudonym"]
+def is_pseudonym(text: str) -> bool:
+    """Whether ``text`` has the form of a :func:`pseudonym` (16 lower-case hex digits)."""
+    from medai.compliance import keys
+
+    return keys.is_pseudonym(text)
+
+
+__all__ = ["is_pseudonym", "pseudonym"]

@@ -323,10 +323,6 @@ class Filter:
         return True
 
 
-def _is_pseudonym(text: str) -> bool:
-    return len(text) == 16 and all(c in "0123456789abcdef" for c in text)
-
-
 @functools.lru_cache(maxsize=64)
 def _pseudonym_cached(text: str, install: str) -> str:  # ``install`` keys the cache per MEDAI_HOME
     return keys.pseudonym(text)
@@ -355,7 +351,7 @@ def select(flt: Filter = Filter(), *, limit: int | None = None, reveal: bool = F
                     part["clear"] = unseal(part["sealed"])
     shown = {k: v for k, v in flt.__dict__.items() if v}
     if flt.patient:  # never echo a clear patient id into the trail
-        shown["patient"] = flt.patient if _is_pseudonym(flt.patient) else keys.pseudonym(flt.patient)
+        shown["patient"] = flt.patient if keys.is_pseudonym(flt.patient) else keys.pseudonym(flt.patient)
     record("audit_log_used", detail={"purpose": purpose, "records": len(out), "revealed": reveal,
                                      "filter": shown})
     return out

@@ -213,6 +213,11 @@ def pseudonym(value: str) -> str:
     return hmac.new(pseudonym_key(), text.encode("utf-8"), hashlib.sha256).hexdigest()[:16]
 
 
+def is_pseudonym(text: str) -> bool:
+    """Whether ``text`` has the form :func:`pseudonym` gives (16 lower-case hex digits)."""
+    return len(text) == 16 and all(c in "0123456789abcdef" for c in text)
+
+
 # -- public keys: the keyring used to verify --------------------------------------------
 
 def load_public_keys(path: str | os.PathLike[str]) -> dict[str, Ed25519PublicKey]:

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from medai import config
-from medai.compliance import pseudonym
+from medai.compliance import is_pseudonym, pseudonym
 from medai.dicom.safety import check_uid
 from medai.durable import fsync_dir
 from medai.errors import DicomInputError, UnsafeInputError
@@ -247,7 +247,7 @@ class StudyStore:
         finishes the move."""
         moved = False
         for study in list(self.studies_dir.iterdir()):
-            if not study.is_dir() or _is_pseudonym(study.name):
+            if not study.is_dir() or is_pseudonym(study.name):
                 continue
             moved = True
             for series in list(study.iterdir()):
@@ -348,10 +348,6 @@ class StudyStore:
                 for f in series.iterdir():
                     if f.suffix == ".dcm" and not f.name.startswith("."):
                         yield f
-
-
-def _is_pseudonym(name: str) -> bool:
-    return len(name) == 16 and all(c in "0123456789abcdef" for c in name)
 
 
 def _remove_if_empty(folder: Path) -> None:
