@@ -566,7 +566,9 @@ def concurrency(jobs: Sequence[Job], bundles: Sequence[Any], requested: int,
     worst = 0
     for job in jobs:
         try:
-            worst = max(worst, planner.plan(by_id[job.model_id], job.shape, None).predicted_bytes)
+            # the jobs run in pool workers: the coordinator's own resident memory is not theirs
+            worst = max(worst, planner.plan(by_id[job.model_id], job.shape, None,
+                                            in_this_process=False).predicted_bytes)
         except (MedaiError, KeyError):
             continue
     n = max(1, min(requested, len(jobs)))

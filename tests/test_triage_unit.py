@@ -113,7 +113,7 @@ def test_concurrency_follows_planner_prediction_and_memory_budget():
 
     bundle = registry.get_bundle("brain-extraction")
     jobs = [_job(study_key=f"k{i}") for i in range(8)]
-    peak = planner.plan(bundle, (181, 217, 181), None).predicted_bytes
+    peak = planner.plan(bundle, (181, 217, 181), None, in_this_process=False).predicted_bytes
     assert peak > 500 * 2**20  # the 256^3 main stage dominates
     assert concurrency(jobs, [bundle], 4, 10 * peak) == (4, peak)        # budget allows more than asked
     assert concurrency(jobs, [bundle], 4, int(2.5 * peak)) == (2, peak)  # budget caps it

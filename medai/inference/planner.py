@@ -73,11 +73,14 @@ def _graph_bytes(shape: tuple[int, ...], factor: float) -> int:
 
 
 def plan(bundle: "Bundle", volume_shape: tuple[int, int, int], budget_bytes: int | None = None, *,
-         device: str | None = None) -> Plan:
+         device: str | None = None, in_this_process: bool = True) -> Plan:
     """Predict peak memory for ``volume_shape`` and pick graph files/tiling to fit ``budget_bytes``.
 
     ``device``: the run's device (``cpu`` makes a tuned machine's prediction use the ONNX
-    Runtime CPU row of its table instead of the chosen provider's)."""
+    Runtime CPU row of its table instead of the chosen provider's). ``in_this_process``:
+    the run will happen in the calling process, so what it holds now counts; False when
+    planning for another process (triage's coordinator sizing its pool), whose baseline is
+    the card's."""
     card = bundle.card
     spec_in = card.raw.get("input", {})
     baseline = int(float(spec_in.get("baseline_mb", 160)) * MB)
@@ -107,7 +110,7 @@ def plan(bundle: "Bundle", volume_shape: tuple[int, int, int], budget_bytes: int
         held = sum(v for k, v in graph_peaks.items() if arenas[k])
         peak_graph = held + max((v for k, v in graph_peaks.items() if not arenas[k]), default=0)
         base, copies_bytes = baseline, data
-        resident = resident_bytes()
+        resident = resident_bytes() if in_this_process else 0
         if resident > baseline + voxels * 4:
             # Planning inside the process that will run: what is resident now (interpreter,
             # libraries, the loaded volume) is a measurement; the card's baseline is a floor.
