@@ -124,8 +124,7 @@ def test_association_limit_rejects_transiently(medai_home: Path) -> None:
     try:
         first = _associate(lst.port, (Verification, [ImplicitVRLittleEndian]))
         assert first.is_established
-        second = _associate(lst.port, (Verification, [ImplicitVRLittleEndian]))
-        assert second.is_rejected
+        assert _rejection_received(lst.port) == (2, 3, 2)  # transient, presentation-related, local limit
         first.release()
         # The slot is free again once the first association is gone.
         assert _wait(lambda: (a := _associate(lst.port, (Verification, [ImplicitVRLittleEndian]))).is_established
@@ -350,10 +349,7 @@ def test_called_ae_check_is_off_by_default_and_enforced_when_asked(medai_home: P
         anything = _associate(default.port, (Verification, [ImplicitVRLittleEndian]), called="ANYTHING")
         assert anything.is_established
         anything.release()
-        wrong = _associate(strict.port, (Verification, [ImplicitVRLittleEndian]), called="ANYTHING")
-        assert wrong.is_rejected
-        assert (wrong.acceptor.primitive.result, wrong.acceptor.primitive.result_source,
-                wrong.acceptor.primitive.diagnostic) == (1, 1, 7)
+        assert _rejection_received(strict.port, called="ANYTHING") == (1, 1, 7)
         right = _associate(strict.port, (Verification, [ImplicitVRLittleEndian]), called="MEDAI")
         assert right.is_established
         right.release()
@@ -366,6 +362,28 @@ def _associate_as(port: int, identity: Any) -> Any:
     ae = AE(ae_title="PYSCU")
     ae.add_requested_context(Verification, [ImplicitVRLittleEndian])
     return ae.associate("127.0.0.1", port, ae_title="MEDAI", ext_neg=[identity] if identity else None)
+
+
+def _rejection_received(port: int, identity: Any = None, *,
+                        called: str = "MEDAI") -> tuple[int | None, int | None, int | None]:
+    """(result, source, diagnostic) of the A-ASSOCIATE-RJ PDU that reached the requestor.
+
+    Read from the PDU itself (pynetdicom's EVT_PDU_RECV), not from the association's state:
+    pynetdicom 3.0's requestor can lose a rejection that arrives very fast (its ACSE checks
+    ``socket._is_connected`` after the DUL has already closed the socket on the A-ASSOCIATE-RJ,
+    and reports an abort), which made this test fail about one run in two hundred."""
+    from pynetdicom import evt
+    from pynetdicom.pdu import A_ASSOCIATE_RJ
+
+    received: list[Any] = []
+    ae = AE(ae_title="PYSCU")
+    ae.add_requested_context(Verification, [ImplicitVRLittleEndian])
+    assoc = ae.associate("127.0.0.1", port, ae_title=called, ext_neg=[identity] if identity else None,
+                         evt_handlers=[(evt.EVT_PDU_RECV, lambda event: received.append(event.pdu))])
+    assert not assoc.is_established
+    rejections = [p for p in received if isinstance(p, A_ASSOCIATE_RJ)]
+    assert len(rejections) == 1, received
+    return rejections[0].result, rejections[0].source, rejections[0].reason_diagnostic
 
 
 def _identity(user: bytes, *, response: bool, kind: int = 2) -> Any:
@@ -395,10 +413,7 @@ def test_user_identity_ignored_by_default_answered_or_refused_when_required(meda
         ok.release()
         # Another user, no identity, or a SAML assertion: permanent rejection by the UL provider (ACSE).
         for identity in (_identity(b"intruder", response=False), None, _identity(b"<saml/>", response=True, kind=4)):
-            refused = _associate_as(strict.port, identity)
-            assert refused.is_rejected
-            assert (refused.acceptor.primitive.result, refused.acceptor.primitive.result_source,
-                    refused.acceptor.primitive.diagnostic) == (1, 2, 1)
+            assert _rejection_received(strict.port, identity) == (1, 2, 1)
     finally:
         default.stop()
         strict.stop()

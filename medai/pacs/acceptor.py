@@ -39,6 +39,7 @@ import logging
 import socket
 import ssl
 import threading
+import time
 from dataclasses import dataclass, field, replace
 from typing import Callable, Mapping, Protocol, Sequence
 
@@ -50,6 +51,8 @@ from medai.pacs.pdu import (IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAM
 log = logging.getLogger("medai.pacs")
 
 _SOCKET_BUFFER = 256 * 1024
+#: longest wait for a rejected requestor to close its connection (ARTIM, PS3.8 9.1.5)
+_ARTIM_MAX = 10.0
 
 
 @dataclass(frozen=True)
@@ -369,6 +372,24 @@ class _Connection:
         except OSError:
             pass
 
+    def _await_peer_close(self) -> None:
+        """PS3.8 9.2 state Sta13: after an A-ASSOCIATE-RJ the requestor closes the
+        transport connection; the acceptor waits for that, with the ARTIM timer, and reads
+        and drops whatever still arrives. Closing at once instead can race the peer's read of
+        the rejection (seen as a dropped connection, not a rejection)."""
+        artim = min(self.cfg.acse_timeout or _ARTIM_MAX, _ARTIM_MAX)
+        deadline = time.monotonic() + artim
+        try:
+            while (left := deadline - time.monotonic()) > 0 and not self.server._stopping.is_set():
+                self.conn.settimeout(min(left, 0.5))
+                try:
+                    if not self.conn.recv(65536):
+                        return
+                except TimeoutError:
+                    continue
+        except OSError:
+            return
+
     # -- protocol --
     def run(self) -> None:
         self.conn.settimeout(self.cfg.acse_timeout or None)
@@ -425,9 +446,12 @@ class _Connection:
         if rejection is not None:
             try:
                 self._send(pdu.encode_associate_rj(rejection.result, rejection.source, rejection.reason))
+                sent = True
             except OSError:
-                pass
+                sent = False
             _call("rejected", self.handler.on_rejected, assoc, rejection)
+            if sent:
+                self._await_peer_close()
             return False
         identity = request.user_identity
         # PS3.7 D.3.3.7.2: for username (and passcode) identities the server response is empty.
