@@ -214,15 +214,30 @@ def _box(mask2d: np.ndarray, margin: int = 3) -> ml.Box:
 
 
 def test_litemedsam_graphs_keep_their_memory_arena_and_others_do_not() -> None:
-    """The card's per-graph ``memory_arena`` reaches the session options; 3-D graphs keep the arena off."""
+    """The card's per-graph ``memory_arena`` reaches the sessions: every onnxruntime session runs
+    with the arena (pattern planner off); a graph run once per volume gives it back after each
+    run (arena shrinkage as a run option), LiteMedSAM's per-slice graphs keep it."""
+    import onnxruntime as ort
+
     from medai.inference import backends, registry
 
     lite = registry.get_bundle("medsam-lite").card.graphs
     assert lite["encoder"].memory_arena and lite["decoder"].memory_arena
-    assert not any(g.memory_arena for g in registry.get_bundle("brain-extraction").card.graphs.values())
-    on, off = backends.session_options(2, memory_arena=True), backends.session_options(2)
-    assert (on.enable_cpu_mem_arena, on.enable_mem_pattern) == (True, False)
-    assert (off.enable_cpu_mem_arena, off.enable_mem_pattern) == (False, True)
+    brain = registry.get_bundle("brain-extraction")
+    assert not any(g.memory_arena for g in brain.card.graphs.values())
+    for flag in (True, False):
+        opts = backends.session_options(2, memory_arena=flag)
+        assert (opts.enable_cpu_mem_arena, opts.enable_mem_pattern) == (True, False)
+    spec = brain.card.graphs["bbox"]
+    path = brain.path / spec.file
+    sessions = {flag: backends._make(path, "digest", "bbox", spec.input, spec.output, backends.CPU, 1,
+                                     memory_arena=flag) for flag in (True, False)}
+    assert isinstance(sessions[True]._session, ort.InferenceSession)
+    shrinking = sessions[False]._session
+    assert isinstance(shrinking, backends._ShrinkingArena)
+    assert shrinking._options.get_run_config_entry("memory.enable_memory_arena_shrinkage") == "cpu:0"
+    x = np.zeros(spec.shape, dtype=np.float32)
+    assert np.array_equal(sessions[True].run(x), sessions[False].run(x))
 
 
 @pytest.fixture(scope="module")
