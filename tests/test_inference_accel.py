@@ -158,7 +158,8 @@ def test_a_verdict_from_another_runtime_version_is_not_used(monkeypatch: pytest.
     bundle = registry.get_bundle("brain-extraction")
     digest = bundle.card.files["bbox.onnx"]
     row = tune.Candidate(backends.OV_CPU, "bf16", "openvino 1999.1", True, 1.0, 1.0, 0.0, "", "bbox.onnx")
-    tune._store(tune.Verdict("brain-extraction", "bbox", digest, tune.cpu_features(), 0.995, "test", (row,), row))
+    tune._store(tune.Verdict("brain-extraction", "bbox", digest, tune.cpu_features(), 0.995, "test", (row,), row,
+                            method=tune.METHOD))
     assert tune.lookup(digest) is not None
     assert tune.preferred(bundle, "bbox", [backends.OV_CPU, CPU], 1) is None
     data = json.loads(tune.cache_path().read_text())
@@ -187,14 +188,33 @@ def test_result_json_names_provider_and_precision(tmp_path: Path) -> None:
 def test_litemedsam_embedding_is_judged_by_the_decoder_mask() -> None:
     """The encoder's output is an embedding, not a mask: tuning follows it into the decoder."""
     bundle = registry.get_bundle("medsam-lite")
+    from medai.inference.pipelines import medsam_lite
+
     name, inputs = tune.validation_inputs(bundle)
-    assert "Colin27" in name and len(inputs["encoder"]) == len(inputs["decoder"]) == 1
-    assert inputs["_chains"] == {"encoder": [("decoder", "embedding", 0, 0)]}  # type: ignore[comparison-overlap]
-    chain = [("decoder", "embedding", inputs["decoder"][0], 0)]
+    n = len(medsam_lite.VALIDATION_BOXES)
+    assert "Colin27" in name and len(inputs["encoder"]) == len(inputs["decoder"]) == n
+    assert inputs["_chains"] == {"encoder": [("decoder", "embedding", i, i) for i in range(n)]}  # type: ignore[comparison-overlap]
+    chain = [("decoder", "embedding", inputs["decoder"][i], i) for i in range(n)]
     verdict = tune.tune_graph(bundle, "encoder", inputs["encoder"], providers=[CPU], repeats=1, save=False,
                               downstream=chain)
     (row,) = verdict.candidates
-    assert row.passed and row.dice == 1.0  # fp32 CPU against itself, through the decoder
+    assert row.passed and row.dice == 1.0  # fp32 CPU against itself, through the decoder, on every slice
+    # A second capture in the same process sees every encoder call again: the pipeline's model
+    # cache (with its slice embeddings) was keyed by provider names, so the first capture's
+    # model answered from its cache and the second captured nothing (a flaky failure when
+    # another test had run LiteMedSAM on the CPU in the same process first).
+    _, again = tune.validation_inputs(bundle)
+    assert len(again["encoder"]) == n
+    # The decoder on OpenVINO: fp16 passes on these 7 MR slices, but the card's own table (24
+    # real slices of a CT and two MRIs) says it fails, so it is never chosen; bf16 fails here.
+    assert tune.card_evidence(bundle, "decoder", "fp16") == (0.9947, 24)
+    decoder = tune.tune_graph(bundle, "decoder", inputs["decoder"], providers=[backends.OV_CPU], repeats=1,
+                              save=False)
+    rows = {c.precision: c for c in decoder.candidates}
+    assert rows["fp16"].dice is not None and rows["fp16"].dice >= 0.995 and not rows["fp16"].passed
+    assert "card's own evaluation on 24 real inputs gives 0.9947" in rows["fp16"].reason
+    assert not rows["bf16"].passed and "against fp32 CPU is below" in rows["bf16"].reason
+    assert rows["fp32"].passed and decoder.chosen is not None and decoder.chosen.precision == "fp32"
 
 
 def test_one_graph_compiled_in_several_precisions_runs_each() -> None:
