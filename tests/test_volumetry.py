@@ -101,6 +101,30 @@ def test_qc_flags_truncated_field_of_view(mni: dict) -> None:
     assert report.blocked
 
 
+def test_denoise_removes_only_the_noise_beyond_its_target_and_keeps_tissue_edges(mni: dict) -> None:
+    """On the real MNI152 template with Rician noise added: inside white matter the noise
+    shrinks, the GM/WM boundary stays (its contrast is kept), nothing outside the mask moves,
+    and the clean template (SNR above the target) is left exactly as it was."""
+    t1, mask = mni["t1"], mni["mask"]
+    rng = np.random.default_rng(11)
+    sigma = 0.03 * float(np.percentile(t1[mask], 95))
+    noisy = np.abs(t1 + rng.normal(0, sigma, t1.shape) + 1j * rng.normal(0, sigma, t1.shape)).astype(np.float32)
+    clean_out, clean_info = tissue.denoise(t1, mask, iterations=3)
+    assert clean_info["snr"] > 30 and clean_info["iterations"] == 0 and np.array_equal(clean_out, t1)
+    out, info = tissue.denoise(noisy, mask, iterations=3)
+    assert info["iterations"] == 3 and info["snr"] < 30 and 0 < info["excess_sigma"] < info["noise_sigma"]
+    assert np.array_equal(out[~mask], noisy[~mask])
+    # The noise comes down to about what the target SNR allows (signal / 30), not further.
+    signal = info["snr"] * info["noise_sigma"]
+    assert signal / 30 * 0.95 < qc.noise_sigma(out, mask) < 0.95 * qc.noise_sigma(noisy, mask)
+    wm = _nii(MNI, "mni_icbm152_wm_tal_nlin_sym_09a_converted.nii.gz")[0] / 255.0
+    gm = _nii(MNI, "mni_icbm152_gm_tal_nlin_sym_09a_converted.nii.gz")[0] / 255.0
+    pure_wm, pure_gm = mask & (wm > 0.95), mask & (gm > 0.95)
+    contrast = lambda a: float(np.median(a[pure_wm]) - np.median(a[pure_gm]))  # noqa: E731
+    assert abs(contrast(out) - contrast(noisy)) < 0.05 * contrast(noisy)
+    assert float(np.std(out[pure_wm])) < 0.97 * float(np.std(noisy[pure_wm]))
+
+
 def test_qc_flags_very_noisy_input(mni: dict) -> None:
     rng = np.random.default_rng(5)
     t1 = mni["t1"]

@@ -59,6 +59,13 @@ class TissueParams:
     #: of this size (B-spline interpolation), where the MRF and the partial-volume model were
     #: calibrated; 0 classifies on the source grid whatever its voxels.
     working_grid_mm: float = 0.0
+    #: Edge-preserving denoising before the mixture (see :func:`denoise`): iterations (0: off),
+    #: the SNR the noise is brought to (white-matter signal over noise sigma; an image already
+    #: at or above it is left as it is), and Tukey's edge threshold in units of the
+    #: difference of two noisy voxels (sqrt(2) x the excess noise sigma).
+    denoise_iterations: int = 0
+    denoise_target_snr: float = 30.0
+    denoise_edge_k: float = 2.0
 
     @classmethod
     def from_mapping(cls, data: dict[str, Any] | None) -> "TissueParams":
@@ -77,7 +84,9 @@ class TissueParams:
         return {"beta": self.beta, "max_iterations": self.max_iterations, "tolerance": self.tolerance,
                 "bias_correction": self.bias_correction, "tied_variance": self.tied_variance, "clip_low_percentile": self.clip_low_percentile, "n4_shrink": self.n4_shrink,
                 "n4_iterations": list(self.n4_iterations),
-                "neighbour_weight_power": self.neighbour_weight_power, "working_grid_mm": self.working_grid_mm}
+                "neighbour_weight_power": self.neighbour_weight_power, "working_grid_mm": self.working_grid_mm,
+                "denoise_iterations": self.denoise_iterations, "denoise_target_snr": self.denoise_target_snr,
+                "denoise_edge_k": self.denoise_edge_k}
 
 
 @dataclass(frozen=True, eq=False)
@@ -103,6 +112,8 @@ class TissueSegmentation:
     bbox: tuple[slice, slice, slice] = field(repr=False)
     #: Voxel size (mm, isotropic) the mixture was fitted on, when not the source grid.
     working_grid_mm: float | None = None
+    #: What :func:`denoise` measured and did (None: denoising is off in the parameters).
+    denoising: dict[str, float] | None = None
 
 
 def _bbox(mask: np.ndarray, margin: int = 1) -> tuple[slice, slice, slice]:
@@ -178,6 +189,49 @@ def _tissue_fractions(p5: np.ndarray, y: np.ndarray, mu: np.ndarray) -> np.ndarr
     frac[1] = p5[2] + p5[1] * a_cg + p5[3] * (1 - a_gw)
     frac[2] = p5[4] + p5[3] * a_gw
     return frac
+
+
+def denoise(image: np.ndarray, mask: np.ndarray, *, iterations: int, target_snr: float = 30.0,
+            edge_k: float = 2.0) -> tuple[np.ndarray, dict[str, float]]:
+    """Edge-preserving (robust anisotropic) diffusion inside ``mask`` (Black, Sapiro, Marimont
+    & Heeger, IEEE TIP 1998: Perona-Malik with Tukey's biweight as the edge-stopping function),
+    removing only the noise beyond ``target_snr``.
+
+    The noise sigma is image QC's estimate (:func:`medai.assist.qc.noise_sigma`), the signal
+    the median of the brightest third of the mask (white matter on a T1). The part of the
+    noise above what ``target_snr`` allows, sigma_x = sqrt(sigma^2 - (signal/target)^2), sets
+    Tukey's threshold: a difference between two neighbours larger than ``edge_k`` x sqrt(2)
+    x sigma_x is an edge and is not smoothed across, so tissue boundaries stay where they
+    are while the noise inside each tissue shrinks. Six face neighbours, step 1/6 (stable);
+    voxels outside the mask neither receive nor give. Returns the image and what was done."""
+    from medai.assist.qc import noise_sigma
+
+    img = np.asarray(image, dtype=np.float32)
+    m = np.asarray(mask, dtype=bool)
+    vals = img[m]
+    signal = float(np.median(vals[vals >= np.percentile(vals, 200.0 / 3.0)]))
+    sigma = noise_sigma(img, m)
+    info = {"noise_sigma": round(sigma, 4), "snr": round(signal / sigma, 2) if sigma > 0 else float("inf"),
+            "iterations": 0}
+    excess_sq = sigma * sigma - (signal / target_snr) ** 2 if sigma > 0 and target_snr > 0 else 0.0
+    if iterations <= 0 or excess_sq <= 0:
+        return img, info
+    lam = float(edge_k) * np.sqrt(2.0) * np.sqrt(excess_sq)
+    out = img.copy()
+    for _ in range(int(iterations)):
+        flow = np.zeros_like(out)
+        for axis in range(3):
+            for shift in (1, -1):
+                diff = np.roll(out, shift, axis=axis) - out
+                ok = m & np.roll(m, shift, axis=axis)
+                edge = [slice(None)] * 3  # np.roll wraps around: the wrapped face is no neighbour
+                edge[axis] = slice(0, 1) if shift == 1 else slice(-1, None)
+                ok[tuple(edge)] = False
+                r = diff / lam
+                flow += np.where(ok & (np.abs(r) < 1.0), diff * (1.0 - r * r) ** 2, 0.0).astype(np.float32)
+        out += flow / 6.0
+    info.update(iterations=int(iterations), edge_threshold=round(lam, 4), excess_sigma=round(float(np.sqrt(excess_sq)), 4))
+    return np.where(m, out, img), info
 
 
 def _working_grid(img: np.ndarray, m: np.ndarray, spacing: tuple[float, float, float], grid_mm: float,
@@ -261,6 +315,12 @@ def classify_tissue(image: np.ndarray, mask: np.ndarray, spacing: tuple[float, f
         raise ValueError("image is constant inside the brain mask")
     sx, sy, sz = (float(s) for s in spacing)
     src_mask, src_vox_ml = m, sx * sy * sz / 1000.0
+    denoised: dict[str, float] | None = None
+    if params.denoise_iterations > 0:
+        # On the source voxels, before any interpolation: resampling correlates the noise, and
+        # a neighbour-difference estimate then reads a noisy coarse series as a clean one.
+        img, denoised = denoise(img, m, iterations=params.denoise_iterations, target_snr=params.denoise_target_snr,
+                                edge_k=params.denoise_edge_k)
     grid = float(params.working_grid_mm)
     back = None
     if grid > 0 and max(sx, sy, sz) > 1.25 * grid:
@@ -369,4 +429,4 @@ def classify_tissue(image: np.ndarray, mask: np.ndarray, spacing: tuple[float, f
     return TissueSegmentation(labels=labels, volumes_ml=volumes, mask_ml=icv_ml,
                               means=means, stds=stds, mixing=tuple(float(v) for v in pi5), iterations=it, converged=converged,  # type: ignore[arg-type]
                               params=params, corrected=corrected, bbox=box,
-                              working_grid_mm=grid if back is not None else None)
+                              working_grid_mm=grid if back is not None else None, denoising=denoised)

@@ -136,7 +136,8 @@ class BrainVolumetry:
         ctx.record("tissue_classification", method="3-class Gaussian mixture + partial-volume classes, "
                    "mean-field Potts MRF, EM; N4 bias correction", **seg.params.as_dict(),
                    iterations=seg.iterations, converged=seg.converged,
-                   class_means=[round(m, 3) for m in seg.means], fitted_on_grid_mm=seg.working_grid_mm)
+                   class_means=[round(m, 3) for m in seg.means], fitted_on_grid_mm=seg.working_grid_mm,
+                   **({"denoising": seg.denoising} if seg.denoising is not None else {}))
 
         icv = seg.mask_ml
         csf, gm, wm = (seg.volumes_ml[n] for n in tissue.CLASS_NAMES)
