@@ -7,6 +7,6 @@ the card in turn pins every file by SHA-256. No private key is needed at run tim
 
 PINNED: dict[str, tuple[str, ...]] = {
     "brain-extraction": ("600c9cc26f4c5e7890e50cd33d3930e416fee5cbd6bb0961102d94689b0a7586",),
-    "brain-volumetry": ("a1a2de834cf2243479bf3b309be7a2a63ffd25ca8d508cb220945fdb52f54be0",),
+    "brain-volumetry": ("1313690fd9368a281c456a98b977765d27cda4f0bf5b1fa62b65325423392ca2",),
     "medsam-lite": ("dbc7a79ce6a0a5aa35dc52199370b2654e3123b965997c2796243a566241b9b3",),
 }
