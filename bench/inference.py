@@ -44,7 +44,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 MODELS_PY = REPO / ".venv-models" / "bin" / "python"
 
-CLI = "import sys; from medai.cli import main; sys.exit(main(sys.argv[1:]))"
+CLI = "import sys; from medai.cli import entry; entry(sys.argv[1:])"  # what the `medai` console script runs
 #: result.json timing keys -> split label (several keys may add up into one label).
 SPLIT = (("load", ("load",)), ("preprocess", ("preprocess",)),
          ("model", ("session_bbox", "session_main", "infer_bbox", "infer_main")),

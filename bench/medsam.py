@@ -116,7 +116,7 @@ def reference(threads: int) -> None:
 #: The brain on its largest axial slice: the box of Colin27's BET mask (ch2bet, resampled onto the demo
 #: series' grid) widened by 3 px, the protocol of the card's propagated 3-D Dice (build.py evaluate).
 PROPAGATION_PROMPT = ("axial", 73, "15,17,164,201")
-CLI = "import sys; from medai.cli import main; sys.exit(main(sys.argv[1:]))"
+CLI = "import sys; from medai.cli import entry; entry(sys.argv[1:])"  # what the `medai` console script runs
 #: result.json timing keys -> split label.
 SPLIT = (("load", ("load",)), ("sessions", ("session_encoder", "session_decoder")),
          ("encoder", ("segment_encode",)), ("decoder", ("segment_decode",)), ("clean-up", ("segment_clean_up",)),

@@ -1,5 +1,3 @@
-import sys
+from medai.cli import entry
 
-from medai.cli import main
-
-sys.exit(main())
+entry()

@@ -453,7 +453,7 @@ def start_background(bundle: "Bundle", *, seconds: float = FIRST_USE_SECONDS) ->
     if tuning_in_progress() is not None:
         return None
     log_file = home.logs_dir() / "tuning.log"
-    argv = [sys.executable, "-c", "import sys; from medai.cli import main; sys.exit(main(sys.argv[1:]))",
+    argv = [sys.executable, "-c", "import sys; from medai.cli import entry; entry(sys.argv[1:])",
             "doctor", "--tune", "--no-parity", "--model", bundle.id, "--seconds", str(int(seconds)), "-q"]
     with open(log_file, "ab") as out:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True,
