@@ -140,13 +140,9 @@ def _audit_ids(volume: Volume, patient: Patient) -> dict[str, Any]:
 
 
 def write_mask(volume: Volume, labels: np.ndarray, path: Path) -> None:
-    import SimpleITK as sitk
+    from medai.dicom.outputs.nifti import write_nifti
 
-    image = sitk.GetImageFromArray(labels)
-    image.SetOrigin(volume.geometry.origin)
-    image.SetSpacing(volume.geometry.spacing)
-    image.SetDirection(volume.geometry.direction)
-    sitk.WriteImage(image, str(path), useCompression=True)
+    write_nifti(labels, volume.geometry, path)
 
 
 def run_on_volume(bundle: Bundle, volume: Volume, out_dir: str | Path, *, device: str | None = None,
