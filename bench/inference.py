@@ -20,7 +20,7 @@ child's own (``os.wait4`` rusage).
 For the medai paths the split comes from the run's own ``result.json`` timings (load,
 preprocess, model, postprocess, SEG, SR, NIfTI, audit); "start+imports+index" is the rest
 of the process's wall time (interpreter start, imports, the header index that picks the
-series, the results store).
+series, the results store, and the process's exit).
 
 Usage::
 
