@@ -225,9 +225,8 @@ def test_litemedsam_graphs_keep_their_memory_arena_and_others_do_not() -> None:
     assert lite["encoder"].memory_arena and lite["decoder"].memory_arena
     brain = registry.get_bundle("brain-extraction")
     assert not any(g.memory_arena for g in brain.card.graphs.values())
-    for flag in (True, False):
-        opts = backends.session_options(2, memory_arena=flag)
-        assert (opts.enable_cpu_mem_arena, opts.enable_mem_pattern) == (True, False)
+    opts = backends.session_options(2)
+    assert (opts.enable_cpu_mem_arena, opts.enable_mem_pattern) == (True, False)
     spec = brain.card.graphs["bbox"]
     path = brain.path / spec.file
     sessions = {flag: backends._make(path, "digest", "bbox", spec.input, spec.output, backends.CPU, 1,

@@ -105,9 +105,6 @@ def _card_rows(subject: str = "pycortex S1") -> list[dict[str, Any]]:
     return [r for r in card["degradations"] if r["subject"] == subject]
 
 
-def _card_s1_rows() -> list[dict[str, Any]]:
-    return _card_rows("pycortex S1")
-
 
 def _code_digest() -> str:
     """Everything a volumetry run's outcome depends on besides its input: medai's source and the
@@ -172,7 +169,7 @@ def s1_runs() -> dict[str, Any]:
     build = _build()
     image = sitk.ReadImage(str(fetched("pycortex-S1", "raw.nii.gz")), sitk.sitkFloat32)
     code = _code_digest()
-    full = next(r for r in _card_s1_rows() if r["degradation"] == "none")
+    full = next(r for r in _card_rows() if r["degradation"] == "none")
     return {"build": build, "runs": _Runs(build, image, code), "image": image, "code": code,
             "full": {t: float(full[t]) for t in build.TISSUES}}
 
@@ -236,7 +233,7 @@ def test_noisy_colin27_agrees_with_full_resolution_or_is_refused(name: str) -> N
 @pytest.mark.slow
 def test_card_degradation_table_matches_a_rerun(s1_runs: dict[str, Any]) -> None:
     """The card's table (build.py evaluate) is what the code gives today, to 0.5 points."""
-    table = _card_s1_rows()
+    table = _card_rows()
     assert {r["degradation"] for r in table} == {"none", *s1_runs["build"].DEGRADATIONS}
     for row in table:
         if row["degradation"] == "none":

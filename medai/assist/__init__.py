@@ -11,3 +11,13 @@ tested on its own and read in one sitting:
 * :mod:`medai.assist.caveats` — caveats by series grid (template space), for every model that measures;
 * :mod:`medai.assist.report` — the one-page summary a clinician reads.
 """
+
+from typing import Any, Mapping
+
+
+def reject_unknown(cls: type, data: Mapping[str, Any], what: str) -> None:
+    """Refuse a card table with keys that are not fields of the dataclass ``cls`` it fills
+    (a misspelt parameter must not be silently ignored); ``what`` names the table."""
+    unknown = set(data) - set(cls.__dataclass_fields__)  # type: ignore[attr-defined]
+    if unknown:
+        raise ValueError(f"unknown {what}: {sorted(unknown)}")

@@ -19,6 +19,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal, Mapping
 
+from medai.assist import reject_unknown
+
 Status = Literal["pass", "fail"]
 
 #: The sentence every surface shows (result.json, findings, summary, worklist reasons).
@@ -59,10 +61,7 @@ class PlausibilityLimits:
         """Parse ``{measure: [low, high], ..., icv_ml: {F: [..], M: [..], any: [..]}, sources: {...}}``."""
         if not data:
             return cls()
-        known = set(cls.__dataclass_fields__)
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown plausibility limits: {sorted(unknown)}")
+        reject_unknown(cls, data, "plausibility limits")
         values: dict[str, Any] = {}
         for name, value in data.items():
             if name == "sources":

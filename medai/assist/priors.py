@@ -28,6 +28,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from medai.assist import reject_unknown
+
 if TYPE_CHECKING:  # pragma: no cover
     import SimpleITK as sitk
 
@@ -58,9 +60,7 @@ class PriorParams:
     def from_mapping(cls, data: dict[str, Any] | None) -> "PriorParams":
         if not data:
             return cls()
-        unknown = set(data) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"unknown tissue prior parameters: {sorted(unknown)}")
+        reject_unknown(cls, data, "tissue prior parameters")
         values = dict(data)
         for key, kind in (("shrink", int), ("smoothing_mm", float)):
             if key in values:

@@ -22,9 +22,11 @@ says ``pass``, ``warn`` (the report is produced, qualified by the message) or ``
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal, Mapping
+from typing import Any, Iterator, Literal, Mapping
 
 import numpy as np
+
+from medai.assist import reject_unknown
 
 Status = Literal["pass", "warn", "fail", "not_assessed"]
 _ORDER = {"pass": 0, "not_assessed": 0, "warn": 1, "fail": 2}
@@ -55,9 +57,7 @@ class QcThresholds:
     def from_mapping(cls, data: Mapping[str, Any] | None) -> "QcThresholds":
         if not data:
             return cls()
-        unknown = set(data) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"unknown QC thresholds: {sorted(unknown)}")
+        reject_unknown(cls, data, "QC thresholds")
         return cls(**{k: float(v) for k, v in data.items()})
 
 
@@ -181,6 +181,18 @@ def check_voxel_size(spacing: tuple[float, float, float], t: QcThresholds) -> Qc
                    f"warn > {t.voxel_max_warn_mm:g}, fail > {t.voxel_max_fail_mm:g}", msg)
 
 
+def face_shifts(shape: tuple[int, ...]) -> Iterator[tuple[int, int, np.ndarray]]:
+    """The six face neighbours as ``np.roll`` shifts: ``(axis, shift, valid)``, where
+    ``valid`` is False on the face the roll wrapped around (no neighbour there)."""
+    for axis in range(len(shape)):
+        for shift in (1, -1):
+            valid = np.ones(shape, dtype=bool)
+            edge = [slice(None)] * len(shape)
+            edge[axis] = slice(0, 1) if shift == 1 else slice(-1, None)
+            valid[tuple(edge)] = False
+            yield axis, shift, valid
+
+
 def noise_sigma(image: np.ndarray, region: np.ndarray) -> float:
     """Robust noise standard deviation inside ``region``.
 
@@ -191,15 +203,9 @@ def noise_sigma(image: np.ndarray, region: np.ndarray) -> float:
     img = image.astype(np.float32)
     nb = np.zeros_like(img)
     count = np.zeros_like(img)
-    for axis in range(3):
-        for shift in (1, -1):
-            rolled = np.roll(img, shift, axis=axis)
-            valid = np.ones_like(img)
-            edge = [slice(None)] * 3
-            edge[axis] = slice(0, 1) if shift == 1 else slice(-1, None)
-            valid[tuple(edge)] = 0
-            nb += rolled * valid
-            count += valid
+    for axis, shift, valid in face_shifts(img.shape):
+        nb += np.roll(img, shift, axis=axis) * valid
+        count += valid
     resid = img - nb / np.maximum(count, 1)
     r = resid[region]
     mad = float(np.median(np.abs(r - np.median(r))))

@@ -28,6 +28,8 @@ from typing import Any
 
 import numpy as np
 
+from medai.assist import reject_unknown
+
 log = logging.getLogger("medai.assist")
 
 #: Label values in the output map (0 is outside the brain mask).
@@ -71,10 +73,7 @@ class TissueParams:
     def from_mapping(cls, data: dict[str, Any] | None) -> "TissueParams":
         if not data:
             return cls()
-        known = {f for f in cls.__dataclass_fields__}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown tissue parameters: {sorted(unknown)}")
+        reject_unknown(cls, data, "tissue parameters")
         values = dict(data)
         if "n4_iterations" in values:
             values["n4_iterations"] = tuple(int(v) for v in values["n4_iterations"])
@@ -204,7 +203,7 @@ def denoise(image: np.ndarray, mask: np.ndarray, *, iterations: int, target_snr:
     x sigma_x is an edge and is not smoothed across, so tissue boundaries stay where they
     are while the noise inside each tissue shrinks. Six face neighbours, step 1/6 (stable);
     voxels outside the mask neither receive nor give. Returns the image and what was done."""
-    from medai.assist.qc import noise_sigma
+    from medai.assist.qc import face_shifts, noise_sigma
 
     img = np.asarray(image, dtype=np.float32)
     m = np.asarray(mask, dtype=bool)
@@ -217,21 +216,18 @@ def denoise(image: np.ndarray, mask: np.ndarray, *, iterations: int, target_snr:
     if iterations <= 0 or excess_sq <= 0:
         return img, info
     lam = float(edge_k) * np.sqrt(2.0) * np.sqrt(excess_sq)
+    # Which face neighbours exchange (both voxels in the mask): fixed, so worked out once.
+    pairs = [(axis, shift, m & np.roll(m, shift, axis=axis) & valid) for axis, shift, valid in face_shifts(m.shape)]
     out = img.copy()
     for _ in range(int(iterations)):
         flow = np.zeros_like(out)
-        for axis in range(3):
-            for shift in (1, -1):
-                diff = np.roll(out, shift, axis=axis) - out
-                ok = m & np.roll(m, shift, axis=axis)
-                edge = [slice(None)] * 3  # np.roll wraps around: the wrapped face is no neighbour
-                edge[axis] = slice(0, 1) if shift == 1 else slice(-1, None)
-                ok[tuple(edge)] = False
-                r = diff / lam
-                flow += np.where(ok & (np.abs(r) < 1.0), diff * (1.0 - r * r) ** 2, 0.0).astype(np.float32)
-        out += flow / 6.0
+        for axis, shift, ok in pairs:
+            diff = np.roll(out, shift, axis=axis) - out
+            r = diff / lam
+            flow += np.where(ok & (np.abs(r) < 1.0), diff * (1.0 - r * r) ** 2, 0.0).astype(np.float32)
+        out += flow / 6.0  # no flow reaches a voxel outside the mask: it keeps its value
     info.update(iterations=int(iterations), edge_threshold=round(lam, 4), excess_sigma=round(float(np.sqrt(excess_sq)), 4))
-    return np.where(m, out, img), info
+    return out, info
 
 
 def _working_grid(img: np.ndarray, m: np.ndarray, spacing: tuple[float, float, float], grid_mm: float,

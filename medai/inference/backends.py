@@ -236,18 +236,16 @@ def thread_count(threads: int | None = None) -> int:
     return value if value > 0 else physical_cores()
 
 
-def session_options(threads: int, *, memory_arena: bool = False) -> "ort.SessionOptions":
-    """Session options for ``threads`` intra-op threads; ``memory_arena`` as the graph's card says."""
+def session_options(threads: int) -> "ort.SessionOptions":
+    """Session options for ``threads`` intra-op threads (whether the arena is kept between runs
+    is a run option, as the graph's card says: see :class:`_ShrinkingArena`)."""
     ort = _ort()
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    # The arena always (fewer page faults); whether it is kept after a run is a run option
-    # (see _ShrinkingArena). ``memory_arena`` is kept in the signature: it is what the card says.
-    del memory_arena
-    opts.enable_cpu_mem_arena = True
+    opts.enable_cpu_mem_arena = True  # always: fewer page faults (see the module docstring)
     opts.enable_mem_pattern = False
     opts.log_severity_level = 3
     # Idle pool threads sleep instead of spinning: on a shared 2-8 core workstation the
@@ -413,7 +411,7 @@ def _make(path: Path, digest: str, key: str, spec_input: str, spec_output: str, 
     if precision not in ("fp32", "int8"):
         raise BackendError(f"{path.name}: onnxruntime runs this graph in fp32 only on {provider}")
     ort = _ort()
-    opts = session_options(threads, memory_arena=memory_arena)
+    opts = session_options(threads)
     if reference:  # the plainest execution of the graph: no fusions or layout rewrites
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     try:

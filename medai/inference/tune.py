@@ -253,7 +253,7 @@ def validation_inputs(bundle: "Bundle", *, threads: int | None = None) -> tuple[
         return "none", {}
     name, volume = source(bundle)
     prompts = getattr(module, "validation_prompt", lambda b: None)(bundle)
-    if prompts is None or not isinstance(prompts, (list, tuple)):
+    if not isinstance(prompts, (list, tuple)):  # one prompt, or None for a model without prompts
         prompts = [prompts]
     merged: dict[str, list[Feeds]] = {}
     chains: dict[str, list[tuple[str, str, int, int]]] = {}

@@ -522,14 +522,13 @@ class MedSamLite:
 
     @classmethod
     def from_files(cls, encoder: str | Any, decoder: str | Any, *, settings: Settings | None = None,
-                   threads: int = 0, cache_bytes: int = DEFAULT_CACHE_BYTES,
-                   memory_arena: bool = True) -> "MedSamLite":
-        """Plain CPU ONNX Runtime sessions on two files (no bundle verification); ``memory_arena``
-        as the shipped card sets it for both graphs (see :func:`backends.session_options`)."""
+                   threads: int = 0, cache_bytes: int = DEFAULT_CACHE_BYTES) -> "MedSamLite":
+        """Plain CPU ONNX Runtime sessions on two files (no bundle verification), keeping their
+        memory arena between runs as the shipped card sets it for both graphs."""
         from medai.inference import backends
 
         ort = backends._ort()
-        opts = backends.session_options(threads or backends.physical_cores(), memory_arena=memory_arena)
+        opts = backends.session_options(threads or backends.physical_cores())
         enc = ort.InferenceSession(str(encoder), sess_options=opts, providers=[backends.CPU])
         dec = ort.InferenceSession(str(decoder), sess_options=opts, providers=[backends.CPU])
         return cls(lambda x: enc.run(None, {"image": x})[0], _raw_decoder(dec), settings=settings,
