@@ -467,11 +467,12 @@ def execute(req: Request, store_root: Path, *, volume: Any = None, patient: Pati
     recorded (the caller commits it: on a cluster, the coordinator does). Raises on failure
     after the run's audit record is written (by the runner)."""
     from medai.inference import registry
-    from medai.inference.run import run_on_volume
+    from medai.inference.run import prepare, run_on_volume
 
     bundle = bundle or registry.get_bundle(req.model_id, allow_unsigned=allow_unsigned)
     if bundle.version != req.model_version:
         raise MedaiError(f"model {req.model_id} is now version {bundle.version}, asked for {req.model_version}")
+    prepare(bundle, device=device, threads=threads, precision=precision)  # sessions while the series is read
     patient = _patient(req, patient)
     load_seconds = None
     if volume is None:

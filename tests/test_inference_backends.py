@@ -145,3 +145,84 @@ def test_provider_failing_parity_falls_back_to_cpu_with_reason(monkeypatch: pyte
     cached = backends.parity_check(bundle, "bbox", "CUDAExecutionProvider")
     assert cached.cached and not cached.passed
     backends.clear_sessions()
+
+
+def test_prepared_sessions_are_made_once_in_the_background(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run starts its sessions before it reads the series (backends.prepare_sessions): each
+    graph's session is made once, off the main thread, and get_session hands that one back."""
+    import threading
+
+    made: list[tuple[str, str]] = []
+    real_make = backends._make
+
+    def counting_make(*args, **kwargs):  # type: ignore[no-untyped-def]
+        made.append((args[2], threading.current_thread().name))
+        return real_make(*args, **kwargs)
+
+    monkeypatch.setattr(backends, "_make", counting_make)
+    backends.clear_sessions()
+    bundle = registry.get_bundle("brain-extraction")
+    backends.prepare_sessions(bundle, device="cpu", threads=1)
+    backends.prepare_sessions(bundle, device="cpu", threads=1)  # a second call adds nothing
+    main = backends.get_session(bundle, "main", device="cpu", threads=1)
+    bbox = backends.get_session(bundle, "bbox", device="cpu", threads=1)
+    assert sorted(key for key, _ in made) == ["bbox", "main"]
+    assert all(name.startswith("medai-sessions-") for _, name in made)
+    assert bbox is backends.get_session(bundle, "bbox", device="cpu", threads=1)
+    assert main.provider == bbox.provider == "CPUExecutionProvider"
+    # Other arguments are another request: made by the caller, not taken from the prepared ones.
+    assert backends.get_session(bundle, "bbox", device="cpu", threads=2) is not bbox
+    assert len(made) == 3 and made[-1][1] == threading.current_thread().name
+    backends.clear_sessions()
+
+
+def test_a_prepared_session_that_failed_raises_in_the_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What making a session raised in the background is raised where the run asks for it,
+    as if the run had made it; the next request tries again."""
+    real_make = backends._make
+    broken = {"on": True}
+
+    def failing_make(*args, **kwargs):  # type: ignore[no-untyped-def]
+        if broken["on"] and args[2] == "main":
+            raise BackendError("main.onnx: cannot create an ONNX Runtime session (test)")
+        return real_make(*args, **kwargs)
+
+    monkeypatch.setattr(backends, "_make", failing_make)
+    backends.clear_sessions()
+    bundle = registry.get_bundle("brain-extraction")
+    backends.prepare_sessions(bundle, device="cpu", threads=1)
+    assert backends.get_session(bundle, "bbox", device="cpu", threads=1).provider == "CPUExecutionProvider"
+    with pytest.raises(BackendError, match=r"no execution provider could run main\.onnx.*\(test\)"):
+        backends.get_session(bundle, "main", device="cpu", threads=1)
+    broken["on"] = False
+    assert backends.get_session(bundle, "main", device="cpu", threads=1).provider == "CPUExecutionProvider"
+    backends.clear_sessions()
+
+
+def test_labelling_is_scipys_voxel_for_voxel() -> None:
+    """steps.label (numpy, run-based) gives scipy.ndimage.label's labels, numbering and counts
+    with the face and the full structuring element, from 1-D to 4-D, sparse to dense masks,
+    and on a real head mask and its background (what brain extraction labels)."""
+    from scipy import ndimage
+
+    from medai.data import demo_t1_dir
+    from medai.dicom.volume import load_series
+    from medai.inference.steps import fill_holes, label, largest_component
+
+    rng = np.random.default_rng(11)
+    head = load_series(demo_t1_dir()).array
+    cases = [rng.random(shape) < p for shape in [(1,), (9,), (1, 1), (7, 9), (30, 41), (12, 13, 14), (40, 31, 2),
+                                                   (1, 20, 20), (3, 4, 5, 6)] for p in (0.05, 0.3, 0.5, 0.7, 0.95)]
+    cases += [np.zeros((4, 5, 6), bool), np.ones((4, 5, 6), bool), head > np.percentile(head, 40),
+              head > np.percentile(head, 75)]
+    for mask in cases:
+        for full in (True, False):
+            structure = ndimage.generate_binary_structure(mask.ndim, mask.ndim if full else 1)
+            expected, n = ndimage.label(mask, structure=structure)
+            labels, counts = label(mask, full)
+            assert labels.dtype == np.int32 and np.array_equal(labels, expected), (mask.shape, full)
+            assert counts.tolist() == [0] + np.bincount(expected.ravel(), minlength=n + 1)[1:].tolist()
+    mask = head > np.percentile(head, 40)
+    assert np.array_equal(fill_holes(mask), ndimage.binary_fill_holes(mask))
+    labels, n = ndimage.label(mask, structure=np.ones((3, 3, 3)))
+    assert np.array_equal(largest_component(mask), labels == np.argmax(np.bincount(labels.ravel())[1:]) + 1)

@@ -144,7 +144,7 @@ def test_continuing_components_keep_a_split_structure_and_drop_other_tissue() ->
 
 
 def test_slice_clean_up_matches_simpleitk_labels_and_hole_filling() -> None:
-    """2-D masks take scipy's labelling and hole filling (no per-call thread pool); the labels,
+    """2-D masks take medai's own labelling and hole filling (no per-call thread pool); the labels,
     their numbering (tie-break of the largest part) and the filled masks stay SimpleITK's."""
     import SimpleITK as sitk
 
@@ -156,7 +156,7 @@ def test_slice_clean_up_matches_simpleitk_labels_and_hole_filling() -> None:
         for connected in (False, True):
             itk = sitk.GetArrayFromImage(sitk.ConnectedComponent(sitk.GetImageFromArray(mask.astype(np.uint8)),
                                                                  connected))
-            assert np.array_equal(steps._components(mask, connected)[0], itk)
+            assert np.array_equal(steps.label(mask, connected)[0], itk)
         filled = sitk.BinaryFillhole(sitk.GetImageFromArray(mask.astype(np.uint8)), fullyConnected=False,
                                      foregroundValue=1)
         assert np.array_equal(steps.fill_holes(mask), sitk.GetArrayFromImage(filled).astype(bool))

@@ -145,6 +145,20 @@ def write_mask(volume: Volume, labels: np.ndarray, path: Path) -> None:
     write_nifti(labels, volume.geometry, path)
 
 
+def prepare(bundle: Bundle, *, device: str | None = None, threads: int | None = None,
+            precision: str | None = None) -> None:
+    """Start, in the background, what a run of ``bundle`` needs that does not depend on the
+    series: its graphs' sessions (:func:`medai.inference.backends.prepare_sessions`). Called
+    before the series is read, so that the two overlap. Not when this run is to tune the
+    machine first (``tune_on_first_use = "upfront"`` on an untuned machine): the tuning
+    decides which sessions the run makes."""
+    auto = all(str(config.get(k, v) or "auto").lower() == "auto" for k, v in (("device", device),
+                                                                           ("precision", precision)))
+    if auto and str(config.get("tune_on_first_use") or "background").lower() == "upfront" and tune.untuned(bundle):
+        return
+    backends.prepare_sessions(bundle, device=device, threads=threads, precision=precision)
+
+
 def run_on_volume(bundle: Bundle, volume: Volume, out_dir: str | Path, *, device: str | None = None,
                   max_memory: int | str | None = None, prompt: Prompt | Mapping[str, Any] | None = None,
                   threads: int | None = None, patient: Patient = (None, None),
@@ -315,6 +329,7 @@ def run_model(model_id: str, source: Path | str | Volume, out_dir: str | Path, *
     no SEG: there are no source instances to reference).
     """
     bundle = registry.get_bundle(model_id, allow_unsigned=allow_unsigned)
+    prepare(bundle, device=device, threads=threads, precision=precision)
     t0 = time.perf_counter()
     if isinstance(source, Volume):
         volume, patient = source, (None, None)
