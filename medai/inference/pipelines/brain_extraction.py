@@ -31,7 +31,7 @@ from medai.errors import DicomInputError
 from medai.inference.bundle import Bundle
 from medai.inference.pipeline import Finding, Measurement, PipelineContext, PipelineOutput, segments_from_card
 from medai.inference.steps import (bbox_with_margin, fill_holes, largest_component, reorientation,
-                                   resize_nearest)
+                                   resize_nearest, resize_normalize)
 
 
 def _logit_threshold(p: float) -> float:
@@ -79,13 +79,17 @@ class BrainExtraction:
         steps.record("crop_to_bbox", **crop, box=[[s.start, s.stop] for s in box])
 
         t0 = time.perf_counter()
-        big = steps.run("resize", x[box], stage="main")
+        # resize then normalize (the card's two steps), computed on the crop's own voxels
+        # before they are copied out to 256³ (steps.resize_normalize), and recorded as both.
+        resize, norm = steps.params("resize", "main"), steps.params("normalize", "main")
+        xin = resize_normalize(x[box], tuple(resize["shape"]), low, high, float(norm.get("scale", 1.0)),
+                               float(norm.get("shift", 0.0)))
+        steps.record("resize", stage="main", **resize)
+        steps.record("normalize", stage="main", **norm, low=low, high=high)
         # The full-grid float copy is not needed again (only its shape): free it before the
         # largest graph runs, which is when this process peaks.
         canonical_shape = x.shape
         del x
-        xin = steps.run("normalize", big, stage="main", low=low, high=high)
-        del big
         ctx.timings["preprocess"] += time.perf_counter() - t0
         t0 = time.perf_counter()
         logit = ctx.session("main").run(xin[None, None])[0, 0]
