@@ -1,4 +1,14 @@
-"""Ending a one-shot process (``medai ...``, a PACS run job) without the interpreter's teardown.
+"""One-shot processes (``medai run``, a PACS run job): no cyclic-GC passes inside a run, and an
+end without the interpreter's teardown.
+
+:func:`cycle_collection_paused` holds Python's cyclic garbage collector off for the span of one
+run. A run allocates hundreds of thousands of long-lived container objects (the series' pydicom
+headers, highdicom's 22 MB standard table, the SEG's per-frame items), and each time those grow
+by a quarter the collector walks all of them again: on the demo brain extraction, four to five
+full passes of 0.02-0.13 s that found nothing, 0.35-0.48 s in all. Memory freed by reference
+counting (nearly all of it) is freed as before; what only the cycle collector would free waits
+until the run is over, and the peak resident memory of the run was unchanged (measured).
+Used around each run of a one-shot command, not in servers, whose threads share the switch.
 
 After a ``medai run`` has written everything, finalising ~1000 modules and the native
 libraries' global state (ITK's thread pool, onnxruntime, OpenVINO) took 0.9-1.9 s more on a
@@ -13,10 +23,24 @@ tests call the functions below them in-process.
 from __future__ import annotations
 
 import atexit
+import contextlib
+import gc
 import os
 import sys
 import threading
-from typing import NoReturn
+from typing import Iterator, NoReturn
+
+
+@contextlib.contextmanager
+def cycle_collection_paused() -> Iterator[None]:
+    """The cyclic garbage collector off inside the block, back as it was after it."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def leave(code: int) -> NoReturn:
@@ -32,4 +56,4 @@ def leave(code: int) -> NoReturn:
         os._exit(code)
 
 
-__all__ = ["leave"]
+__all__ = ["cycle_collection_paused", "leave"]

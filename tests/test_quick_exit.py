@@ -39,3 +39,42 @@ def test_medai_console_entry_exits_with_mains_code() -> None:
     bad = subprocess.run([sys.executable, "-m", "medai", "no-such-command"], capture_output=True, text=True,
                          timeout=60)
     assert bad.returncode == 2 and "No such command" in bad.stderr
+
+
+def test_cycle_collection_is_paused_inside_a_run_and_restored_after() -> None:
+    """No cyclic-GC pass inside the block (a cycle made there survives it), the collector's
+    state is restored after it, an error included, and left off where it was off."""
+    import gc
+    import weakref
+
+    from medai.quick_exit import cycle_collection_paused
+
+    class Node:
+        pass
+
+    assert gc.isenabled()
+    with cycle_collection_paused():
+        assert not gc.isenabled()
+        a, b = Node(), Node()
+        a.other, b.other = b, a  # type: ignore[attr-defined]
+        alive = weakref.ref(a)
+        del a, b
+        for _ in range(100_000):  # far past the thresholds that would start a pass
+            [[]]
+        assert alive() is not None
+    assert gc.isenabled()
+    gc.collect()
+    assert alive() is None
+    try:
+        with cycle_collection_paused():
+            raise ValueError("run failed")
+    except ValueError:
+        pass
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with cycle_collection_paused():
+            pass
+        assert not gc.isenabled()
+    finally:
+        gc.enable()

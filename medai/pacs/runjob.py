@@ -39,9 +39,11 @@ def main(argv: list[str] | None = None) -> int:
 
     egress.install_for_entry_point("pacs")
     from medai.errors import MedaiError
+    from medai.quick_exit import cycle_collection_paused
 
     try:
-        summary = run(args.model, args.source, series_uid=os.environ.get(SERIES_ENV) or None)
+        with cycle_collection_paused():  # a one-shot process: see medai.quick_exit
+            summary = run(args.model, args.source, series_uid=os.environ.get(SERIES_ENV) or None)
     except MedaiError as exc:
         sys.stderr.write(f"error: {exc}\n")
         return 1
