@@ -78,3 +78,20 @@ def test_cycle_collection_is_paused_inside_a_run_and_restored_after() -> None:
         assert not gc.isenabled()
     finally:
         gc.enable()
+
+
+def test_a_process_that_ends_with_leave_keeps_the_collector_off_after_the_run() -> None:
+    """Console entry points (ends_with_leave): no deferred full pass between the run and the
+    exit; a command running several blocks collects between them itself."""
+    child = r"""
+import gc, sys
+from medai.quick_exit import cycle_collection_paused, ends_with_leave, leave
+ends_with_leave()
+with cycle_collection_paused():
+    junk = [[] for _ in range(1000)]
+sys.stdout.write(f"enabled={gc.isenabled()}\n")
+leave(0)
+"""
+    proc = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "enabled=False"

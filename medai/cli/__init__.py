@@ -79,8 +79,9 @@ def entry(argv: list[str] | None = None) -> NoReturn:
     """The ``medai`` console script: :func:`main`, then :func:`medai.quick_exit.leave` (no
     interpreter teardown: about a second of a ``medai run`` on a 2-core machine). Tests call
     :func:`main` in-process and never reach this."""
-    from medai.quick_exit import leave
+    from medai.quick_exit import ends_with_leave, leave
 
+    ends_with_leave()
     leave(main(argv))
 
 

@@ -78,10 +78,14 @@ def run_command(
             raise MedaiError(f"{source}: no series matches model {model}")
     else:
         reqs = [request_from_source(source, model, "cli", series_uid=series)]
+    import gc
+
     from medai.quick_exit import cycle_collection_paused
 
     rows = []
-    for req, patient in reqs:
+    for number, (req, patient) in enumerate(reqs):
+        if number:
+            gc.collect()  # the previous series' reference cycles, before the next series
         with cycle_collection_paused():  # one run at a time (see medai.quick_exit)
             stored, reused = obtain(req, patient=patient, prompt=prompt, force=force, **kwargs)
         target = copy_outputs(stored, out / stored.series_key if all_series else out)

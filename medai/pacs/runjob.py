@@ -52,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    from medai.quick_exit import leave
+    from medai.quick_exit import ends_with_leave, leave
 
+    ends_with_leave()
     leave(main())
