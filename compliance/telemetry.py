@@ -32,11 +32,27 @@ SWITCHES: dict[str, str] = {
 }
 
 
+#: Modules that phone home as they are imported, with no switch that stops them, and that
+#: medai never uses: their import is refused (``None`` in ``sys.modules`` makes Python raise
+#: ImportError, which the parent package catches). ``import openvino`` imports the model
+#: converter, ``openvino.tools.ovc``, whose package set-up starts Google Analytics telemetry
+#: with the opt-in dialog turned off, so that a missing consent file counts as consent: it
+#: writes a client ID to ``~/intel/openvino_ga_cid`` and a usage counter, and sends an event
+#: on every import. medai reads ONNX with the runtime and never converts a model.
+BLOCKED_IMPORTS: tuple[str, ...] = ("openvino.tools.ovc",)
+
+
 def disable() -> dict[str, str]:
-    """Force every switch in :data:`SWITCHES`; if ONNX Runtime is already imported, also
-    call its ``disable_telemetry_events()``. Idempotent; returns what was set."""
+    """Force every switch in :data:`SWITCHES`, refuse the imports in :data:`BLOCKED_IMPORTS`;
+    if ONNX Runtime is already imported, also call its ``disable_telemetry_events()``.
+    Idempotent; returns what was set."""
     for name, value in SWITCHES.items():
         os.environ[name] = value
+    for module in BLOCKED_IMPORTS:
+        if sys.modules.get(module, None) is not None:  # already imported: too late here
+            log.warning("%s was imported before medai's telemetry switches; its telemetry may have run", module)
+        else:
+            sys.modules[module] = None  # type: ignore[assignment]
     ort = sys.modules.get("onnxruntime")
     if ort is not None:
         switch = getattr(ort, "disable_telemetry_events", None)
@@ -49,5 +65,9 @@ def disable() -> dict[str, str]:
 
 
 def status() -> dict[str, bool]:
-    """Which switches are in force in this process (for ``medai doctor`` and attestations)."""
-    return {name: os.environ.get(name) == value for name, value in SWITCHES.items()}
+    """Which switches are in force in this process (for ``medai doctor`` and attestations);
+    a blocked import is listed as ``import:<module>``."""
+    state = {name: os.environ.get(name) == value for name, value in SWITCHES.items()}
+    state.update({f"import:{module}": module in sys.modules and sys.modules[module] is None
+                  for module in BLOCKED_IMPORTS})
+    return state

@@ -182,6 +182,36 @@ def test_telemetry_switches_forced_before_imports():
     assert "disable_telemetry_events failed" not in proc.stderr
 
 
+OPENVINO = r"""
+import json, sys
+from medai.compliance import egress, telemetry
+egress.install_for_entry_point("probe")
+from medai.inference import backends
+devices = backends.openvino_devices()
+print(json.dumps({"devices": devices, "converter": repr(sys.modules.get("openvino.tools.ovc", "absent")),
+                  "telemetry_module": "openvino_telemetry" in sys.modules, "status": telemetry.status()}))
+"""
+
+
+def test_openvino_is_imported_without_its_phone_home_converter(tmp_path):
+    """import openvino pulls in its model converter, whose set-up writes a Google Analytics
+    client ID under ~/intel and sends an event without asking; medai refuses that import and
+    the runtime still works."""
+    import importlib.util
+
+    if importlib.util.find_spec("openvino") is None:
+        pytest.skip("the openvino extra is not installed")
+    home = tmp_path / "home"
+    home.mkdir()
+    proc = _run(OPENVINO, env={"HOME": str(home)})
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert "OpenVINO:CPU" in out["devices"]
+    assert out["converter"] == "None" and not out["telemetry_module"]
+    assert out["status"]["import:openvino.tools.ovc"] and all(out["status"].values())
+    assert not any(home.rglob("*")), sorted(str(p) for p in home.rglob("*"))
+
+
 def test_cli_entry_point_installs_the_guard():
     code = ("import sys, socket\nfrom medai.cli import _install_guards\nfrom medai.compliance import egress\n"
             "_install_guards()\nprint(egress.installed())\n"

@@ -151,18 +151,25 @@ def openvino_installed() -> bool:
     return importlib.util.find_spec("openvino") is not None
 
 
+def _openvino() -> "Any":
+    """Import the OpenVINO runtime with telemetry off first (its model converter, which phones
+    home as it is imported, is refused: see medai.compliance.telemetry)."""
+    from medai.compliance import telemetry
+
+    telemetry.disable()
+    import openvino
+
+    return openvino
+
+
 @functools.lru_cache(maxsize=1)
 def _ov_core() -> "Any":
     """One OpenVINO Core per process (it enumerates devices and loads plugins once)."""
-    import openvino
-
-    return openvino.Core()
+    return _openvino().Core()
 
 
 def _ov_version() -> str:
-    import openvino
-
-    return openvino.__version__.split("-")[0]
+    return _openvino().__version__.split("-")[0]
 
 
 def openvino_devices() -> list[str]:
