@@ -369,11 +369,16 @@ def run_job(job: Job, *, capture_audit: bool = False, allow: tuple[str, int] | N
 
     from medai.compliance import audit
 
+    from medai.quick_exit import cycle_collection_paused
+
     t0 = time.perf_counter()
     captured: list[dict[str, Any]] = []
     with (audit.capture(captured) if capture_audit else nullcontext()):
         try:
-            run = execute(job.request(), Path(job.out_dir), max_memory=job.max_memory, threads=job.threads)
+            # One job at a time per worker: no cyclic-GC passes inside it (medai.quick_exit);
+            # the one put off runs after it, between jobs.
+            with cycle_collection_paused():
+                run = execute(job.request(), Path(job.out_dir), max_memory=job.max_memory, threads=job.threads)
         except MedaiError as exc:
             if type(exc).__name__ == "AuditWriteError":
                 raise  # fail closed: the whole batch stops, nothing more is processed
