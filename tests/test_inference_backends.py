@@ -240,3 +240,29 @@ def test_labelling_is_scipys_voxel_for_voxel() -> None:
     assert np.array_equal(fill_holes(mask), ndimage.binary_fill_holes(mask))
     labels, n = ndimage.label(mask, structure=np.ones((3, 3, 3)))
     assert np.array_equal(largest_component(mask), labels == np.argmax(np.bincount(labels.ravel())[1:]) + 1)
+
+
+def test_onnxruntime_providers_come_from_the_cache_without_importing_it(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A run on OpenVINO need not load onnxruntime only to list its providers: the list is kept
+    per installed build, read back without the import, and made again when the build differs."""
+    import json
+    import os
+
+    code = ("import json, sys\nfrom medai.inference import backends\n"
+            "print(json.dumps([backends.available_providers(), 'onnxruntime' in sys.modules, backends.ort_version()]))")
+    env = {**os.environ, "MEDAI_HOME": str(tmp_path / "home")}
+
+    def child() -> list:  # type: ignore[type-arg]
+        proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
+    first, second = child(), child()
+    ort = backends._ort()
+    expected = [p for p in backends.available_providers()]
+    assert first == [expected, True, ort.__version__]
+    assert second == [expected, False, ort.__version__]
+    cache = tmp_path / "home" / "cache" / "onnxruntime-providers.json"
+    data = json.loads(cache.read_text())
+    cache.write_text(json.dumps({"build": data["build"] + "-other", "providers": ["CUDAExecutionProvider"]}))
+    assert child() == [expected, True, ort.__version__]  # another build: listed again, by onnxruntime

@@ -279,7 +279,7 @@ def run_on_volume(bundle: Bundle, volume: Volume, out_dir: str | Path, *, device
                     "sessions": [{**s.describe(), "graph": f"{b}:{k}" if b != bundle.id else k}
                                  for (b, k), s in sessions.items()],
                     "threads": sorted({s.threads for s in sessions.values()}),
-                    "onnxruntime": backends._ort().__version__, "machine": platform.machine(),
+                    "onnxruntime": backends.ort_version(), "machine": platform.machine(),
                     **({"tuning": first_use} if first_use else {})},
         "timings_s": {k: round(v, 3) for k, v in ctx.timings.items()},
         "memory": memory,
