@@ -230,6 +230,10 @@ def _torn_record(length: int, digest: str) -> Mapping[str, Any]:
                          "bytes": length, "sha256": digest})
 
 
+def _start_detail() -> dict[str, str]:
+    return {"argv0": os.path.basename(sys.argv[0]) if sys.argv else ""}
+
+
 def record(event: str, *, outcome: str = "success", patient_id: str | None = None,
            patient_name: str | None = None, study_uid: str | None = None, series_uid: str | None = None,
            instance_uids: Sequence[str] = (), detail: Mapping[str, Any] | None = None,
@@ -252,12 +256,20 @@ def record(event: str, *, outcome: str = "success", patient_id: str | None = Non
     with _lock:
         bodies = [body]
         where = str(trail.trail_path())
-        announce = _started.get("announced") != where and event != "application_start"
-        if announce:
-            bodies.insert(0, build("application_start", time=body["time"],
-                                   detail={"argv0": os.path.basename(sys.argv[0]) if sys.argv else ""}))
+        first = _started.get("announced") != where and event != "application_start"
+        if first:
+            bodies.insert(0, build("application_start", time=body["time"], detail=_start_detail()))
         trail.append(bodies, on_torn=_torn_record, checkpoint=checkpoint)
         _started["announced"] = where
+
+
+def announce() -> None:
+    """Write this process's Application Start record now if it has not been written: work that
+    starts ahead of the first access to patient data (sessions prepared in the background while
+    a series is read) calls this first, so that a trail that cannot be written stops the
+    operation before anything has started. Raises AuditWriteError like :func:`record`."""
+    if _capture.get() is None and not started():
+        record("application_start", detail=_start_detail())
 
 
 @contextlib.contextmanager

@@ -302,6 +302,17 @@ def test_capture_collects_calls_for_a_coordinator():
     assert _records()[-1]["event"] == "model_run"
 
 
+def test_announce_writes_the_start_record_once_and_not_for_a_coordinator():
+    calls: list[dict] = []
+    with audit.capture(calls):
+        audit.announce()  # a cluster worker: its coordinator's process has its own start
+    assert calls == [] and not trail.trail_path().exists()
+    audit.announce()
+    audit.announce()
+    audit.record("query")
+    assert [r["event"] for r in _records()] == ["application_start", "query"]
+
+
 def test_threads_of_one_process_share_the_trail_safely():
     import threading
 
