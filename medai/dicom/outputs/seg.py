@@ -79,6 +79,10 @@ def build_seg(volume: "Volume", labels: np.ndarray, segments: Sequence["Segment"
     from highdicom.color import CIELabColor
     from pydicom.sr.codedict import codes
 
+    from medai.dicom.outputs import standard
+
+    standard.install()  # the module table read per module, not whole
+
     if labels.shape != volume.shape:
         raise ValueError(f"labels {labels.shape} do not match the volume {volume.shape}")
     sources = _source_datasets(volume)

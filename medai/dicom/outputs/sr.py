@@ -110,6 +110,10 @@ def build_sr(volume: "Volume", output: "PipelineOutput", bundle: "Bundle", *, se
     import pydicom
     from pydicom.sr.codedict import codes
 
+    from medai.dicom.outputs import standard
+
+    standard.install()  # the module table read per module, not whole
+
     reason = refused(output)
     if not output.measurements and reason is None:
         raise ValueError("an SR needs at least one measurement or a refusal")
