@@ -50,3 +50,4 @@ def test_install_reaches_every_highdicom_module_that_holds_the_table():
     assert isinstance(_standard_utils.get_module_attribute_map(), standard.ModuleAttributes)
     tree = _standard_utils.construct_module_tree("patient")  # highdicom's own use of the table
     assert tree["attributes"]["PatientName"]["type"].value == "2"
+

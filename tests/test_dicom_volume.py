@@ -10,6 +10,8 @@ CT slice with synthetic positions and UIDs (stated there). Synthetic series
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -332,3 +334,14 @@ def test_synthetic_identical_duplicates_load_as_the_clean_series(tmp_path: Path)
     assert np.array_equal(volume.array, load_series(tmp_path / "clean").array)
     assert np.allclose(volume.array, clean.expected)
     assert volume.attributes["duplicate_slices_dropped"] == 3
+
+
+def test_pydicom_is_imported_without_its_downloaders_http_client():
+    """medai.dicom imports pydicom with requests and tqdm refused (15 MB for a downloader medai
+    never calls); both import normally afterwards, for a library that wants them."""
+    code = ("import sys; import medai.dicom, pydicom.data.download as d; "
+            "assert 'pydicom' in sys.modules and 'requests' not in sys.modules and 'tqdm' not in sys.modules; "
+            "assert not d.HAVE_REQUESTS and not d.USE_PROGRESS_BAR; "
+            "import requests, tqdm; print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
