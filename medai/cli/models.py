@@ -46,7 +46,7 @@ def list_command(ctx: typer.Context,
 
 @models_app.command("show")
 def show_command(ctx: typer.Context, model_id: str = typer.Argument(..., metavar="ID"),
-                 allow_unsigned: bool = typer.Option(False, "--allow-unsigned")) -> None:
+                 allow_unsigned: bool = typer.Option(False, "--allow-unsigned", help="Development only (audited).")) -> None:
     """The model card of ID (verified first): intended use, data, licence, metrics."""
     import json
 
@@ -104,7 +104,7 @@ def verify_command(ctx: typer.Context,
 @models_app.command("install")
 def install_command(ctx: typer.Context,
                     source: Path = typer.Argument(..., help="Bundle folder, .zip or .tar(.gz)."),
-                    allow_unsigned: bool = typer.Option(False, "--allow-unsigned")) -> None:
+                    allow_unsigned: bool = typer.Option(False, "--allow-unsigned", help="Development only (audited).")) -> None:
     """Install a bundle signed by a trusted key; the previous version is kept for rollback."""
     from medai.inference import registry
 
