@@ -182,6 +182,9 @@ def main() -> int:
     ref = med["reference"]
     print(f"volume: {args.source} ({sum(1 for _ in args.source.glob('*.dcm'))} DICOM files), "
           f"threads {args.threads}, {args.repeat} alternating rounds, medians")
+    if args.no_tune:
+        print("note: --no-tune: 'medai tuned' ran auto on an untuned home (the provider it used is in brackets), "
+              "so that row is not the tuned precision")
     for k, m in med.items():
         r0 = runs[k][0]
         what = f"{r0['provider']} {r0.get('precision', '')}".strip()
