@@ -345,3 +345,9 @@ def test_pydicom_is_imported_without_its_downloaders_http_client():
             "import requests, tqdm; print('ok')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+    # With a second thread alive (a server), pydicom is imported as it comes: no window in
+    # which another thread's import of requests would fail.
+    threaded = ("import sys, threading, time; threading.Thread(target=time.sleep, args=(2,)).start(); "
+                "import medai.dicom, pydicom; print('requests' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", threaded], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "True", out.stderr

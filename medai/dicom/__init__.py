@@ -6,16 +6,19 @@ pydicom's test-file downloader (``pydicom.data.download``) imports when they are
 downloader medai never calls (the downloader itself falls back to ``urllib``, and the
 egress guard refuses any destination that was not configured). A library that imports
 them later (the UI's streamlit) gets them as usual: they are refused only while pydicom
-is first imported.
+is first imported, and only in a process that has one thread then (a command-line run):
+``sys.modules`` is shared, and another thread's ``import requests`` in that window would
+fail, so a server process imports pydicom as it comes.
 """
 
 from __future__ import annotations
 
 import sys
+import threading
 
 
 def _import_pydicom_without_downloader_extras() -> None:
-    if "pydicom" in sys.modules:
+    if "pydicom" in sys.modules or threading.active_count() > 1:
         return
     refused = [name for name in ("requests", "tqdm") if name not in sys.modules]
     for name in refused:
