@@ -107,9 +107,10 @@ def _main_job(work: Path, study: Path, wrap: list[str]) -> subprocess.CompletedP
                           capture_output=True, text=True, timeout=540, env=env, cwd=work)
 
 
-# "baseline": the planner's runtime baseline is the memory resident when the run plans,
-# which depends on how far the background session thread has got by then.
-_VOLATILE = re.compile(r"time|timing|measured|seconds|elapsed|duration|started|finished|created|issued|uid|pid|run_id|predicted|baseline|"
+# "breakdown": the parts of the planner's prediction (already scrubbed as "predicted"): they
+# start from the memory resident when the run plans, which depends on how far the background
+# session thread has got by then.
+_VOLATILE = re.compile(r"time|timing|measured|seconds|elapsed|duration|started|finished|created|issued|uid|pid|run_id|predicted|breakdown|"
                        r"session|host|signature|head",
                        re.IGNORECASE)
 
