@@ -151,13 +151,13 @@ def prepare(bundle: Bundle, *, device: str | None = None, threads: int | None = 
     series: its graphs' sessions (:func:`medai.inference.backends.prepare_sessions`). Called
     before the series is read, so that the two overlap. Not when this run is to tune the
     machine first (``tune_on_first_use = "upfront"`` on an untuned machine): the tuning
-    decides which sessions the run makes. Raises AuditWriteError, before starting anything,
-    when the audit trail cannot be written."""
+    decides which sessions the run makes. Raises AuditWriteError first, in either case, when
+    the audit trail cannot be written: the series is not read either."""
+    _audit.announce()  # a trail that cannot be written stops the run before anything starts
     auto = all(str(config.get(k, v) or "auto").lower() == "auto" for k, v in (("device", device),
                                                                            ("precision", precision)))
     if auto and str(config.get("tune_on_first_use") or "background").lower() == "upfront" and tune.untuned(bundle):
         return
-    _audit.announce()  # a trail that cannot be written stops the run before anything starts
     backends.prepare_sessions(bundle, device=device, threads=threads, precision=precision)
 
 

@@ -79,8 +79,7 @@ def install() -> bool:
     """Make every loaded highdicom module read the module table through
     :class:`ModuleAttributes`. Idempotent; returns whether it is in place (False: the file
     was not as expected, and highdicom reads it its own way)."""
-    import highdicom  # noqa: F401  (loads the modules that hold the function)
-    from highdicom import _standard_utils
+    from highdicom import _standard_utils  # highdicom's __init__ loads the modules holding the function
 
     with _lock:
         if "original" not in _installed:
