@@ -141,6 +141,13 @@ def main() -> int:
     if not MODELS_PY.exists():
         sys.stderr.write(f"{MODELS_PY} missing: the reference needs the build venv (see the docstring)\n")
         return 2
+    import importlib.util
+
+    import medai.cli
+
+    if not Path(importlib.util.cache_from_source(medai.cli.__file__)).is_file():
+        print("note: medai's modules are not byte-compiled (scripts/setup does it): every run below "
+              "compiles them from source first")
     for f in args.source.iterdir():  # same warm page cache for every path
         f.read_bytes()
     with tempfile.TemporaryDirectory() as tmp:
