@@ -51,3 +51,25 @@ def test_install_reaches_every_highdicom_module_that_holds_the_table():
     tree = _standard_utils.construct_module_tree("patient")  # highdicom's own use of the table
     assert tree["attributes"]["PatientName"]["type"].value == "2"
 
+
+
+def test_install_makes_highdicom_ask_each_iod_question_once():
+    import highdicom.seg  # noqa: F401
+
+    assert standard.install()
+    asked, remembered = standard._installed["is_attribute_in_iod"]
+    assert remembered is not asked
+    holders = {name: module.is_attribute_in_iod for name, module in list(sys.modules.items())
+               if name.startswith("highdicom") and hasattr(module, "is_attribute_in_iod")}
+    assert {"highdicom._standard_utils", "highdicom.base"} <= set(holders)
+    assert all(fn is remembered for fn in holders.values())
+    mr, seg = "1.2.840.10008.5.1.4.1.1.4", "1.2.840.10008.5.1.4.1.1.66.4"
+    questions = [("NumberOfFrames", mr, None), ("NumberOfFrames", seg, None), ("ContentDate", seg, None),
+                 ("PixelData", mr, ["IconImageSequence"]), ("NoSuchKeyword", mr, None)]
+    for question in questions * 2:  # the second time from what was remembered
+        assert remembered(*question) == asked(*question), question
+    assert remembered("NumberOfFrames", seg) and not remembered("NumberOfFrames", mr)
+    with pytest.raises(KeyError):  # an unknown SOP class is an error every time, not remembered
+        remembered("NumberOfFrames", "1.2.3.4")
+    with pytest.raises(KeyError):
+        remembered("NumberOfFrames", "1.2.3.4")
