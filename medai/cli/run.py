@@ -70,6 +70,13 @@ def run_command(
         result = runner.run_model(model, source, out, prompt=prompt, **kwargs)
         emit(ctx, result.summary(), _human_one)
         return
+    from medai.inference import registry
+
+    # The model's sessions start now, in the background (compiling a graph is native code):
+    # they overlap the DICOM reader's import, the index and the read (see runner.prepare).
+    # When the result turns out to be one already stored, the process ends with them unused.
+    runner.prepare(registry.get_bundle(model, allow_unsigned=allow_unsigned or None), device=device,
+                   threads=threads, precision=precision)
     from medai.results import copy_outputs, obtain, request_from_source
 
     if all_series:

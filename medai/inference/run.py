@@ -26,13 +26,12 @@ import platform
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import numpy as np
 
 from medai import __version__, config
 from medai.assist import caveats
-from medai.dicom.volume import Volume
 from medai.errors import DicomInputError, MedaiError, ModelIntegrityError, PromptError
 from medai.compliance import audit as _audit
 from medai.inference import backends, planner, registry, tune
@@ -40,6 +39,9 @@ from medai.inference.bundle import Bundle
 from medai.inference.pipeline import (Finding, Measurement, Pipeline, PipelineContext, PipelineOutput, Priority,
                                       Prompt)
 from medai.inference.steps import StepRunner
+
+if TYPE_CHECKING:  # pragma: no cover - the DICOM reader (pydicom) is imported where a series is read
+    from medai.dicom.volume import Volume
 
 log = logging.getLogger("medai.inference")
 
@@ -111,6 +113,8 @@ def _load_volume(source: Path, series_uid: str | None, bundle: Bundle,
             raise DicomInputError(source, f"cannot read image ({exc})") from None
         if image.GetDimension() == 4:
             image = image[:, :, :, 0]
+        from medai.dicom.volume import Volume
+
         return Volume.from_sitk(image, modality=""), (None, None)
     from medai.dicom.volume import load_series
     from medai.results import request_from_source
@@ -333,10 +337,11 @@ def run_model(model_id: str, source: Path | str | Volume, out_dir: str | Path, *
     bundle = registry.get_bundle(model_id, allow_unsigned=allow_unsigned)
     prepare(bundle, device=device, threads=threads, precision=precision)
     t0 = time.perf_counter()
-    if isinstance(source, Volume):
+    given = not isinstance(source, (str, os.PathLike))  # a Volume
+    if given:
         volume, patient = source, (None, None)
     else:
         volume, patient = _load_volume(Path(source), series_uid, bundle, allow_unsigned)
     return run_on_volume(bundle, volume, out_dir, device=device, max_memory=max_memory, prompt=prompt,
                          threads=threads, patient=patient, precision=precision,
-                         load_seconds=None if isinstance(source, Volume) else time.perf_counter() - t0)
+                         load_seconds=None if given else time.perf_counter() - t0)
