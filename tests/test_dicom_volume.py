@@ -413,3 +413,45 @@ def test_decode_prefetch_stays_within_its_window() -> None:
             assert len(prefetch._futures) <= 3 and prefetch._at <= source + 4
     finally:
         prefetch.close()
+
+
+@pytest.mark.parametrize("name", ["demo", "MR_small.dcm", "CT_small.dcm", "emri_small_jpeg_2k_lossless.dcm"])
+def test_whole_small_file_read_in_memory_as_the_guarded_reader_reads_it(name: str, monkeypatch) -> None:
+    """A full read of a file that fits the prefix is parsed from memory; the guarded reader
+    (forced by a zero prefix) gives the same elements, pixel data included."""
+    from medai.data import demo_t1_dir
+    from medai.dicom import safety
+
+    path = sorted(demo_t1_dir().iterdir())[40] if name == "demo" else _pydicom_data(name)
+    fast, fast_length = safety.read_dataset_safely(path)
+    monkeypatch.setattr(safety, "HEADER_PREFIX_BYTES", 0)
+    guarded, guarded_length = safety.read_dataset_safely(path)
+    assert fast_length == guarded_length and fast_length is not None
+    assert fast == guarded and fast.PixelData == guarded.PixelData and fast.file_meta == guarded.file_meta
+
+
+@pytest.mark.parametrize("name", ["demo", "MR_small.dcm"])
+def test_pixel_data_cut_short_is_named_as_truncated(name: str, tmp_path: Path) -> None:
+    """Both the whole-file read from memory and the index before it say "truncated" (a lone
+    file: the index's reason is the error) and name the file."""
+    from medai.data import demo_t1_dir
+
+    path = sorted(demo_t1_dir().iterdir())[40] if name == "demo" else _pydicom_data(name)
+    raw = path.read_bytes()
+    cut = tmp_path / "cut.dcm"
+    cut.write_bytes(raw[: len(raw) - len(raw) // 4])
+    with pytest.raises(DicomInputError) as err:
+        load_series([cut])
+    assert err.value.path == cut and "truncated" in str(err.value)
+
+
+def test_truncated_encapsulated_pixels_read_in_memory_are_truncated(tmp_path: Path) -> None:
+    """The full read itself (not the index): fragments without their closing delimiter."""
+    from medai.data import demo_t1_dir
+    from medai.dicom.safety import TruncatedInputError, read_dataset_safely
+
+    raw = sorted(demo_t1_dir().iterdir())[40].read_bytes()
+    cut = tmp_path / "cut.dcm"
+    cut.write_bytes(raw[: len(raw) - len(raw) // 4])
+    with pytest.raises(TruncatedInputError, match="truncated"):
+        read_dataset_safely(cut)

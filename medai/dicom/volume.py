@@ -318,6 +318,18 @@ def _resolve_series(files_or_dir: Any, series_uid: str | None) -> list[Path]:
     return list(candidates[0].files)
 
 
+_LOADER_TAGS: list[tuple[str, int]] = []
+
+
+def _loader_tags() -> list[tuple[str, int]]:
+    """(keyword, tag) of :data:`_LOADER_KEYWORDS` (pydicom's dictionary is read at first use)."""
+    if not _LOADER_TAGS:
+        from pydicom.datadict import tag_for_keyword
+
+        _LOADER_TAGS.extend((k, int(tag_for_keyword(k))) for k in _LOADER_KEYWORDS)  # type: ignore[arg-type]
+    return _LOADER_TAGS
+
+
 def _read_full(path: Path) -> Any:
     """Read and check one file completely (pydicom's warnings about
     non-conformant values are silenced: what matters is raised as an error)."""
@@ -342,11 +354,12 @@ def _read_and_check(path: Path) -> Any:
     # pydicom converts values on first access; convert everything the loader reads
     # now, so a corrupt value is reported here with the file's name instead of
     # escaping later as some parser exception.
-    for keyword in _LOADER_KEYWORDS:
-        try:
-            ds.get(keyword)
-        except Exception as exc:
-            raise _DicomInputError(path, f"unreadable {keyword}: {describe_error(exc)}") from None
+    for keyword, tag in _loader_tags():
+        if tag in ds:  # a present element only: asking for an absent one by keyword costs as much
+            try:
+                ds[tag]
+            except Exception as exc:
+                raise _DicomInputError(path, f"unreadable {keyword}: {describe_error(exc)}") from None
     try:
         rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
         allocated = int(ds.get("BitsAllocated", 0) or 0)
