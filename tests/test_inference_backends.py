@@ -266,3 +266,23 @@ def test_onnxruntime_providers_come_from_the_cache_without_importing_it(tmp_path
     data = json.loads(cache.read_text())
     cache.write_text(json.dumps({"build": data["build"] + "-other", "providers": ["CUDAExecutionProvider"]}))
     assert child() == [expected, True, ort.__version__]  # another build: listed again, by onnxruntime
+
+
+def test_nan_to_num_step_matches_numpy_and_skips_clean_arrays() -> None:
+    from medai.inference.steps import nan_to_num
+
+    rng = np.random.default_rng(7)
+    for dtype in (np.float32, np.float64):
+        dirty = rng.normal(size=(6, 7, 8)).astype(dtype)
+        dirty[1, 2, 3], dirty[2, 3, 4], dirty[3, 4, 5] = np.nan, np.inf, -np.inf
+        expected = np.nan_to_num(dirty.copy())
+        out = nan_to_num(dirty)
+        assert out is dirty and np.array_equal(out, expected)
+        clean = rng.normal(size=(6, 7, 8)).astype(dtype)
+        before = clean.copy()
+        assert nan_to_num(clean) is clean and np.array_equal(clean, before)
+    huge = np.full((4, 4), np.finfo(np.float64).max)  # finite, but its sum overflows: the full pass
+    huge[0, 0] = np.nan
+    assert np.array_equal(nan_to_num(huge), np.nan_to_num(huge.copy()))
+    ints = np.arange(10, dtype=np.uint16)
+    assert nan_to_num(ints) is ints

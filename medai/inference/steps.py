@@ -127,6 +127,20 @@ def resize_normalize(x: np.ndarray, shape: tuple[int, ...], low: float, high: fl
     return resize_nearest(y, shape)
 
 
+def nan_to_num(x: np.ndarray) -> np.ndarray:
+    """``np.nan_to_num(x, copy=False)``, skipped when ``x`` holds no NaN or infinity: a float64
+    sum is finite exactly then, or when finite values overflow it (then the full pass runs).
+    numpy's pass takes several masks over the array (0.02-0.03 s on a 7 M-voxel volume that was
+    an integer series and cannot hold either); the sum, a few milliseconds."""
+    if x.dtype.kind != "f":
+        return x
+    with np.errstate(over="ignore", invalid="ignore"):
+        total = x.sum(dtype=np.float64)
+    if not np.isfinite(total):
+        np.nan_to_num(x, copy=False)
+    return x
+
+
 def quantiles(x: np.ndarray, low: float, high: float) -> tuple[float, float]:
     """Linear-interpolated quantiles (numpy's default = torch.quantile's)."""
     lo, hi = np.quantile(x.astype(np.float32, copy=False).ravel(), [low, high])
@@ -324,7 +338,7 @@ def bbox_with_margin(mask_small: np.ndarray, full_shape: tuple[int, ...], margin
 
 #: op name → function(x, **params). Pipelines may call these directly too.
 OPS: dict[str, Callable[..., Any]] = {
-    "nan_to_num": lambda x: np.nan_to_num(x, copy=False),
+    "nan_to_num": lambda x: nan_to_num(x),
     "resize": lambda x, shape, mode="nearest-exact": resize_nearest(x, tuple(shape)),
     "quantiles": lambda x, low, high: quantiles(x, low, high),
     "normalize": normalize,
