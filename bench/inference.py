@@ -121,6 +121,28 @@ def _child(argv: list[str], env: dict[str, str], out: Path) -> dict[str, object]
     return row
 
 
+def _not_byte_compiled() -> list[str]:
+    """medai's modules whose cached bytecode is missing or older than the source (the
+    interpreter compiles those on every start where it may not write the cache)."""
+    import importlib.util
+
+    stale = []
+    for folder in (REPO / "medai", REPO / "compliance"):
+        for source in sorted(folder.rglob("*.py")):
+            cached = Path(importlib.util.cache_from_source(str(source)))
+            try:
+                header = cached.read_bytes()[:16]
+            except OSError:
+                stale.append(str(source.relative_to(REPO)))
+                continue
+            # header: magic, flags, source mtime, source size (PEP 552, timestamp-based)
+            st = source.stat()
+            if (int.from_bytes(header[8:12], "little") != int(st.st_mtime) & 0xFFFFFFFF
+                    or int.from_bytes(header[12:16], "little") != st.st_size & 0xFFFFFFFF):
+                stale.append(str(source.relative_to(REPO)))
+    return stale
+
+
 def _dice(a_path: Path, b_path: Path) -> float:
     import SimpleITK as sitk
 
@@ -141,13 +163,11 @@ def main() -> int:
     if not MODELS_PY.exists():
         sys.stderr.write(f"{MODELS_PY} missing: the reference needs the build venv (see the docstring)\n")
         return 2
-    import importlib.util
-
-    import medai.cli
-
-    if not Path(importlib.util.cache_from_source(medai.cli.__file__)).is_file():
-        print("note: medai's modules are not byte-compiled (scripts/setup does it): every run below "
-              "compiles them from source first")
+    stale = _not_byte_compiled()
+    if stale:
+        print(f"note: {len(stale)} of medai's modules are not byte-compiled or changed since (e.g. "
+              f"{', '.join(stale[:3])}): every run below compiles them from source first "
+              "(`python -m compileall medai compliance`, as scripts/setup does)")
     for f in args.source.iterdir():  # same warm page cache for every path
         f.read_bytes()
     with tempfile.TemporaryDirectory() as tmp:
@@ -199,6 +219,8 @@ def main() -> int:
               f"{m['cpu_seconds']:7.2f} s CPU ({m['cpu_seconds'] / ref['cpu_seconds']:.2f}x)  "
               f"peak RSS {m['peak_rss_mb']:6.0f} MB ({m['peak_rss_mb'] / ref['peak_rss_mb']:.2f}x)  "
               f"[{what}, brain {float(r0['brain_ml']):.1f} mL]")
+    for k, v in runs.items():
+        print(f"  runs {k:<16} " + " ".join(f"{float(r['seconds']):.2f}" for r in v) + " (s, in order)")
     for k in ("medai tuned", "medai cpu fp32"):
         split = {label: statistics.median(float(r["split"][label]) for r in runs[k]) for label in runs[k][0]["split"]}
         print(f"  split {k:<15} " + ", ".join(f"{label} {v:.2f}" for label, v in split.items()) + " (s, medians)")
