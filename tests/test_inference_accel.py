@@ -26,8 +26,9 @@ def real_inputs() -> dict[str, list[dict[str, np.ndarray]]]:
     bundle = registry.get_bundle("brain-extraction")
     name, inputs = tune.validation_inputs(bundle)
     assert "Colin27" in name
-    assert inputs["bbox"][0]["image"].shape == (1, 1, 128, 128, 128)
-    assert inputs["main"][0]["image"].shape == (1, 1, 256, 256, 256)
+    # 128^3 and 256^3 images in space-to-depth layout (padded by 3, 8 interleaved sub-volumes)
+    assert inputs["bbox"][0]["image"].shape == (1, 8, 67, 67, 67)
+    assert inputs["main"][0]["image"].shape == (1, 8, 131, 131, 131)
     return inputs
 
 

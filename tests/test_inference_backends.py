@@ -131,16 +131,21 @@ def test_sliding_window_blends_to_the_exact_answer_for_pointwise_models() -> Non
 
 def test_sliding_window_runs_a_real_graph_on_tiles() -> None:
     from medai.inference.sliding import sliding_window
+    from medai.inference.steps import space_to_depth
 
     bundle = registry.get_bundle("brain-extraction")
     session = backends.get_session(bundle, "bbox", device="cpu")
-    x = backends._parity_input(bundle.card.graphs["bbox"])[0, 0, :96, :96, :64]
-    whole = session.run(x[None, None])[0]
+
+    def run(tile: np.ndarray) -> np.ndarray:  # the graph reads its image in space-to-depth layout
+        return session.run(space_to_depth(np.ascontiguousarray(tile[0, 0]), 2, 3)[None])
+
+    x = np.random.default_rng(11).random((96, 96, 64), dtype=np.float32)
+    whole = run(x[None, None])[0]
     # one tile covering everything reproduces the whole-volume run exactly
-    assert np.allclose(sliding_window(x, x.shape, session.run), whole, rtol=1e-5, atol=1e-5)
+    assert np.allclose(sliding_window(x, x.shape, run), whole, rtol=1e-5, atol=1e-5)
     # smaller tiles run and blend; this network normalises per instance (whole-volume
     # statistics), so tiles change its answer: the card therefore declares no tile size
-    y = sliding_window(x, (64, 64, 64), session.run, overlap=0.25)
+    y = sliding_window(x, (64, 64, 64), run, overlap=0.25)
     assert y.shape == whole.shape and not np.array_equal(y > 0, whole > 0)
 
 
@@ -286,3 +291,55 @@ def test_nan_to_num_step_matches_numpy_and_skips_clean_arrays() -> None:
     assert np.array_equal(nan_to_num(huge), np.nan_to_num(huge.copy()))
     ints = np.arange(10, dtype=np.uint16)
     assert nan_to_num(ints) is ints
+
+
+@pytest.mark.parametrize("shape,factor,pad", [((256, 256, 256), 2, 3), ((128, 128, 128), 2, 3), ((6, 9, 12), 3, 0),
+                                              ((4, 5, 6), 1, 2), ((6, 8, 10), 2, 1)])
+def test_space_to_depth_is_pad_then_interleave(shape, factor, pad) -> None:  # type: ignore[no-untyped-def]
+    from medai.inference.steps import space_to_depth
+
+    x = np.random.default_rng(3).random(shape, dtype=np.float32)
+    got = space_to_depth(x, factor, pad)
+    padded = np.pad(x, pad)
+    h = [n // factor for n in padded.shape]
+    expected = padded.reshape(h[0], factor, h[1], factor, h[2], factor).transpose(1, 3, 5, 0, 2, 4)
+    assert got.shape == (factor ** 3, *h) and got.dtype == x.dtype
+    assert np.array_equal(got, expected.reshape(factor ** 3, *h))
+
+
+def test_space_to_depth_refuses_what_does_not_divide() -> None:
+    from medai.inference.steps import space_to_depth
+
+    with pytest.raises(ValueError, match="multiple"):
+        space_to_depth(np.zeros((5, 6, 6), np.float32), 2, 1)
+    with pytest.raises(ValueError, match="3-D"):
+        space_to_depth(np.zeros((4, 4), np.float32), 2, 0)
+
+
+def test_shipped_graphs_read_the_space_to_depth_input_the_card_declares() -> None:
+    """The card's graph shapes are the space_to_depth of its resize shapes, and a graph run on a
+    real normalised volume gives the mask the card's steps lead to (same as the pipeline)."""
+    from medai.inference import registry
+    from medai.inference.steps import space_to_depth
+
+    bundle = registry.get_bundle("brain-extraction")
+    card = bundle.card
+    for stage in ("bbox", "main"):
+        resize = next(s.params for s in card.preprocessing if s.op == "resize" and s.params.get("stage") == stage)
+        s2d = next(s.params for s in card.preprocessing if s.op == "space_to_depth" and s.params.get("stage") == stage)
+        f, pad = int(s2d["factor"]), int(s2d["pad"])
+        want = (1, f ** 3, *((n + 2 * pad) // f for n in resize["shape"]))
+        assert tuple(card.graphs[stage].shape) == want
+        assert space_to_depth(np.zeros(resize["shape"], np.float32), f, pad)[None].shape == want
+
+
+@pytest.mark.parametrize("crop,shape,factor,pad", [((150, 181, 163), (256, 256, 256), 2, 3),
+                                                   ((60, 70, 50), (128, 128, 128), 2, 3),
+                                                   ((9, 5, 7), (12, 6, 8), 2, 2), ((9, 5, 7), (4, 4, 4), 2, 0)])
+def test_resize_into_space_to_depth_is_resize_then_space_to_depth(crop, shape, factor, pad) -> None:  # type: ignore[no-untyped-def]
+    from medai.inference.steps import resize_nearest, resize_nearest_s2d, resize_normalize, space_to_depth
+
+    x = np.random.default_rng(5).random(crop, dtype=np.float32) * 500
+    assert np.array_equal(resize_nearest_s2d(x, shape, factor, pad), space_to_depth(resize_nearest(x, shape), factor, pad))
+    fused = resize_normalize(x, shape, 10.0, 400.0, 0.226, 0.449, space_to_depth=(factor, pad))
+    assert np.array_equal(fused, space_to_depth(resize_normalize(x, shape, 10.0, 400.0, 0.226, 0.449), factor, pad))

@@ -6,7 +6,7 @@ the card in turn pins every file by SHA-256. No private key is needed at run tim
 """
 
 PINNED: dict[str, tuple[str, ...]] = {
-    "brain-extraction": ("600c9cc26f4c5e7890e50cd33d3930e416fee5cbd6bb0961102d94689b0a7586",),
+    "brain-extraction": ("fbb933e5a43808e4621744721487f4d10b70231aca550f140921e845034c82f7",),
     "brain-volumetry": ("1313690fd9368a281c456a98b977765d27cda4f0bf5b1fa62b65325423392ca2",),
     "medsam-lite": ("dbc7a79ce6a0a5aa35dc52199370b2654e3123b965997c2796243a566241b9b3",),
 }

@@ -11,7 +11,9 @@ numpy/SimpleITK, with every parameter taken from the card:
    graph ``bbox`` gives a brain logit; threshold, largest component;
 6. ``crop_to_bbox``: the component's bounding box on the full grid, +10 % margin per side;
 7. ``resize`` (stage ``main``) of the crop to 256³, ``normalize`` (stage ``main``) with the
-   same quantiles; graph ``main`` gives the fine logit;
+   same quantiles; graph ``main`` gives the fine logit (both graphs take their input in
+   ``space_to_depth`` layout where the card says so: the first convolution rewritten for the
+   CPU's matrix units, the same arithmetic; see ``models/brain-extraction/build.py``);
 8. post-processing: logit resized back into the box (nearest-exact), threshold
    (``p > t`` as ``logit > log(t / (1 - t))``, the softmax having been folded into the
    graph), largest component and hole filling inside the box, then the inverse
@@ -40,6 +42,15 @@ def _logit_threshold(p: float) -> float:
     return math.log(p / (1.0 - p))
 
 
+def _graph_input(steps: Any, x: np.ndarray, stage: str) -> np.ndarray:
+    """The graph's input for the normalised image ``x``: in space-to-depth layout where the
+    card declares that step for ``stage`` (graphs built since issue 17, see
+    ``steps.space_to_depth``), else ``x`` itself; with the batch (and channel) axes."""
+    if steps.declares("space_to_depth", stage):
+        return steps.run("space_to_depth", x, stage=stage)[None]
+    return x[None, None]
+
+
 class BrainExtraction:
     accepts_prompt = False
 
@@ -61,11 +72,11 @@ class BrainExtraction:
 
         small = steps.run("resize", x, stage="bbox")
         low, high = steps.run("quantiles", small)
-        xin = steps.run("normalize", small, stage="bbox", low=low, high=high)
+        xin = _graph_input(steps, steps.run("normalize", small, stage="bbox", low=low, high=high), "bbox")
         ctx.timings["preprocess"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        bbox_logit = ctx.session("bbox").run(xin[None, None])[0, 0]
+        bbox_logit = ctx.session("bbox").run(xin)[0, 0]
         ctx.timings["infer_bbox"] = time.perf_counter() - t0
         thr = _logit_threshold(float(self.post.get("bbox_threshold", 0.5)))
         small_mask = bbox_logit > thr
@@ -81,18 +92,24 @@ class BrainExtraction:
         t0 = time.perf_counter()
         # resize then normalize (the card's two steps), computed on the crop's own voxels
         # before they are copied out to 256³ (steps.resize_normalize), and recorded as both.
+        # With the card's space_to_depth step, the crop goes straight into that layout as well.
         resize, norm = steps.params("resize", "main"), steps.params("normalize", "main")
+        s2d = steps.params("space_to_depth", "main") if steps.declares("space_to_depth", "main") else None
         xin = resize_normalize(x[box], tuple(resize["shape"]), low, high, float(norm.get("scale", 1.0)),
-                               float(norm.get("shift", 0.0)))
+                               float(norm.get("shift", 0.0)),
+                               space_to_depth=None if s2d is None else (int(s2d["factor"]), int(s2d["pad"])))
         steps.record("resize", stage="main", **resize)
         steps.record("normalize", stage="main", **norm, low=low, high=high)
+        if s2d is not None:
+            steps.record("space_to_depth", stage="main", **s2d)
+        xin = xin[None] if s2d is not None else xin[None, None]
         # The full-grid float copy is not needed again (only its shape): free it before the
         # largest graph runs, which is when this process peaks.
         canonical_shape = x.shape
         del x
         ctx.timings["preprocess"] += time.perf_counter() - t0
         t0 = time.perf_counter()
-        logit = ctx.session("main").run(xin[None, None])[0, 0]
+        logit = ctx.session("main").run(xin)[0, 0]
         del xin
         ctx.timings["infer_main"] = time.perf_counter() - t0
 
