@@ -343,3 +343,16 @@ def test_resize_into_space_to_depth_is_resize_then_space_to_depth(crop, shape, f
     assert np.array_equal(resize_nearest_s2d(x, shape, factor, pad), space_to_depth(resize_nearest(x, shape), factor, pad))
     fused = resize_normalize(x, shape, 10.0, 400.0, 0.226, 0.449, space_to_depth=(factor, pad))
     assert np.array_equal(fused, space_to_depth(resize_normalize(x, shape, 10.0, 400.0, 0.226, 0.449), factor, pad))
+
+
+@pytest.mark.parametrize("direction", [(1, 0, 0, 0, 1, 0, 0, 0, 1), (-1, 0, 0, 0, -1, 0, 0, 0, 1),
+                                       (0, 1, 0, 0, 0, -1, 1, 0, 0)])
+def test_reorientation_converts_in_the_same_pass(direction) -> None:  # type: ignore[no-untyped-def]
+    from medai.inference.steps import reorientation
+
+    orient = reorientation(direction, "RAS")
+    for array in (np.random.default_rng(2).random((5, 6, 7)), (np.random.default_rng(2).random((5, 6, 7)) * 4000 - 1000).astype(np.int16)):
+        one_pass = orient.apply(array, dtype=np.float32)
+        assert one_pass.dtype == np.float32 and one_pass.flags.c_contiguous
+        assert np.array_equal(one_pass, orient.apply(array.astype(np.float32)))
+        assert np.array_equal(orient.invert(one_pass), array.astype(np.float32))

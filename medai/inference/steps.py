@@ -37,13 +37,19 @@ class Reorientation:
     flip: tuple[bool, bool, bool]  # flipped along canonical axis a
     to: str
 
-    def apply(self, array_kji: np.ndarray) -> np.ndarray:
+    def apply(self, array_kji: np.ndarray, dtype: Any = None) -> np.ndarray:
+        """The canonical array (a contiguous copy), converted to ``dtype`` in the same pass when
+        given (one copy of the volume instead of a converted one and then a reordered one)."""
         ijk = np.transpose(array_kji, (2, 1, 0))
         out = np.transpose(ijk, self.perm)
         for axis, flipped in enumerate(self.flip):
             if flipped:
                 out = np.flip(out, axis)
-        return np.ascontiguousarray(out)
+        if dtype is None:
+            return np.ascontiguousarray(out)
+        result = np.empty(out.shape, dtype=dtype)
+        np.copyto(result, out, casting="unsafe")
+        return result
 
     def invert(self, canonical: np.ndarray) -> np.ndarray:
         out = canonical

@@ -67,7 +67,7 @@ class BrainExtraction:
         to = steps.params("reorient")["to"]
         orient = reorientation(volume.geometry.direction, to)
         steps.record("reorient", to=to, perm=list(orient.perm), flip=list(orient.flip))
-        x = orient.apply(volume.array.astype(np.float32, copy=False))
+        x = orient.apply(volume.array, dtype=np.float32)
         x = steps.run("nan_to_num", x)
 
         small = steps.run("resize", x, stage="bbox")
