@@ -18,7 +18,10 @@ RLE Lossless (.5)                              pydicom's own (MIT), pylibjpeg-rl
 Deflated Explicit VR (.1.99)                   zlib, bounded by :mod:`medai.dicom.safety`
 =============================================  ==========================================
 
-Importing :mod:`medai.dicom.volume` calls :func:`register` once.
+Importing :mod:`medai.dicom.volume` calls :func:`register` once. The volume loader decodes
+single-frame, unsigned, monochrome JPEG-LS itself, with imagecodecs' CharLS straight from the
+codestream and in worker threads (``medai.dicom.volume._jpeg_ls_codestream``); every other case,
+and a codestream it refuses, comes through the plugins above.
 """
 
 from __future__ import annotations
