@@ -472,8 +472,11 @@ class _Prefetch:
 def _decode(ds: Any, path: Path) -> np.ndarray:
     stream = _jpeg_ls_codestream(ds)
     fast = stream.decode() if stream is not None else None
-    if fast is not None:
-        return fast
+    return fast if fast is not None else _decode_with_pydicom(ds, path)
+
+
+def _decode_with_pydicom(ds: Any, path: Path) -> np.ndarray:
+    """pydicom's decoders (plugins as in :mod:`medai.dicom.codecs`); the error names the file."""
     from pydicom.pixels import pixel_array
 
     from medai.dicom import codecs
@@ -663,7 +666,8 @@ def load_series(files_or_dir: "str | _os.PathLike[str] | _Iterable[str | _os.Pat
         for k, f in enumerate(ordered):
             if f.source not in decoded:
                 fast = prefetch.take(f.source)
-                decoded[f.source] = fast if fast is not None else _decode(datasets[f.source], Path(files[f.source]))
+                decoded[f.source] = (fast if fast is not None  # the prefetch already tried the fast path
+                                     else _decode_with_pydicom(datasets[f.source], Path(files[f.source])))
             raw = decoded[f.source][f.frame_index]
             if dtype.kind in "iu":
                 if f.slope == 1 and f.intercept == 0:

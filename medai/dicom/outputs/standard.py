@@ -107,11 +107,7 @@ def install() -> bool:
         if "is_attribute_in_iod" not in _installed:
             asked = _standard_utils.is_attribute_in_iod
             _installed["is_attribute_in_iod"] = (asked, _remembering(asked))
-        asked, remembered = _installed["is_attribute_in_iod"]
-        for name, module in list(sys.modules.items()):
-            if (name == "highdicom" or name.startswith("highdicom.")) and \
-                    getattr(module, "is_attribute_in_iod", None) is asked:
-                module.is_attribute_in_iod = remembered  # type: ignore[attr-defined]
+        _replace("is_attribute_in_iod", *_installed["is_attribute_in_iod"])
         if "original" not in _installed:
             original = _standard_utils.get_module_attribute_map
             try:
@@ -127,8 +123,14 @@ def install() -> bool:
         original, replacement = _installed["original"], _installed["replacement"]
         if replacement is None:
             return False
-        for name, module in list(sys.modules.items()):
-            if (name == "highdicom" or name.startswith("highdicom.")) and \
-                    getattr(module, "get_module_attribute_map", None) is original:
-                module.get_module_attribute_map = replacement  # type: ignore[attr-defined]
+        _replace("get_module_attribute_map", original, replacement)
         return True
+
+
+def _replace(name: str, original: Any, replacement: Any) -> None:
+    """Point every loaded highdicom module's global ``name`` that is ``original`` at
+    ``replacement`` (highdicom's modules import these functions by name)."""
+    for module_name, module in list(sys.modules.items()):
+        if (module_name == "highdicom" or module_name.startswith("highdicom.")) and \
+                getattr(module, name, None) is original:
+            setattr(module, name, replacement)
