@@ -327,3 +327,74 @@ def test_prompt_from_display_selects_the_same_pixels(direction: tuple[float, ...
     src = ml.take_slice(vol, plane, k).image
     picked = src[int(box.y0): int(box.y1) + 1, int(box.x0): int(box.x1) + 1]
     assert sorted(picked.ravel()) == sorted(raw[r0: r1 + 1, c0: c1 + 1].ravel())
+
+
+# --------------------------------------------------------------------------- build: split_qkv
+
+
+def _medsam_build():  # type: ignore[no-untyped-def]
+    """``models/medsam-lite/build.py`` as a module (the rewrite the shipped encoder went through)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("medsam_lite_build",
+                                                  Path(__file__).resolve().parents[1] / "models" / "medsam-lite"
+                                                  / "build.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("last_dim", [-1, 0])
+def test_split_qkv_gives_the_fused_products_numbers(last_dim: int) -> None:
+    """TinyViT's pattern (one product, reshape to heads, split each head three ways) against its
+    rewrite into three products, through ONNX Runtime on random inputs; the reshape's head size
+    either written out or left to the exporter's -1."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    windows, tokens, channels, heads, key_dim, value_dim = 3, 5, 12, 2, 4, 6
+    per_head = 2 * key_dim + value_dim
+    rng = np.random.default_rng(3)
+    w = rng.normal(size=(channels, heads * per_head)).astype(np.float32)
+    b = rng.normal(size=(heads * per_head,)).astype(np.float32)
+    shape = np.array([windows, tokens, heads, last_dim or per_head], dtype=np.int64)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["xw"], name="qkv_mm"),
+         helper.make_node("Add", ["xw", "b"], ["qkv"], name="qkv_add"),
+         helper.make_node("Reshape", ["qkv", "shape"], ["heads"], name="qkv_heads"),
+         helper.make_node("Split", ["heads", "sizes"], ["q", "k", "v"], name="qkv_split", axis=3),
+         *[helper.make_node("Transpose", [t], [f"{t}_out"], name=f"{t}_t", perm=[0, 2, 1, 3]) for t in "qkv"]],
+        "qkv", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [windows, tokens, channels])],
+        [helper.make_tensor_value_info(f"{t}_out", TensorProto.FLOAT, [windows, heads, tokens, d])
+         for t, d in zip("qkv", (key_dim, key_dim, value_dim))],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b"), numpy_helper.from_array(shape, "shape"),
+         numpy_helper.from_array(np.array([key_dim, key_dim, value_dim], dtype=np.int64), "sizes")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
+    model.ir_version = 9
+    x = rng.normal(size=(windows, tokens, channels)).astype(np.float32)
+
+    def run(m: onnx.ModelProto) -> list[np.ndarray]:
+        return ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+
+    before = run(model)
+    assert _medsam_build().split_qkv(model) == 1
+    onnx.checker.check_model(model)
+    ops = [n.op_type for n in model.graph.node]
+    assert "Split" not in ops and ops.count("MatMul") == 3
+    assert {i.name for i in model.graph.initializer}.isdisjoint({"w", "b"})  # the fused weights are gone
+    for got, want in zip(run(model), before):
+        assert got.shape == want.shape
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_shipped_encoder_has_no_fused_qkv_split() -> None:
+    import onnx
+
+    from medai.inference import registry
+
+    bundle = registry.get_bundle("medsam-lite")
+    graph = onnx.load(str(bundle.file("encoder.onnx")), load_external_data=False).graph
+    assert not [n.name for n in graph.node if n.op_type == "Split"]
+    assert sum(n.op_type == "MatMul" for n in graph.node) == 80  # 60 exported, 2 more per attention block

@@ -8,5 +8,5 @@ the card in turn pins every file by SHA-256. No private key is needed at run tim
 PINNED: dict[str, tuple[str, ...]] = {
     "brain-extraction": ("6428609a6c0dbea28c6ba434ce3ed71062963368b7c0b355eb30d80cd6e936c8",),
     "brain-volumetry": ("1313690fd9368a281c456a98b977765d27cda4f0bf5b1fa62b65325423392ca2",),
-    "medsam-lite": ("216cec673b60392dc7143063eba65d1593569c7ad2f70145b3a45740f802b141",),
+    "medsam-lite": ("ef9fc691a82639807dab6ffdefb146b1bf2cba1981fdf188ee0da0376d9e2e54",),
 }
