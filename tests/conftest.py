@@ -4,6 +4,7 @@ or into the user's real home."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -28,6 +29,19 @@ def testdata(*parts: str) -> Path:
     if not path.exists():
         raise FileNotFoundError(f"{path} missing: run scripts/fetch-test-data")
     return path
+
+
+def build_script(model: str) -> Any:
+    """``models/<model>/build.py`` as a module, so a test measures or rewrites with the very
+    code the bundle was built with (the card's figures and the tests cannot drift apart)."""
+    import importlib.util
+
+    path = REPO / "models" / model / "build.py"
+    spec = importlib.util.spec_from_file_location(f"{model.replace('-', '_')}_build", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 #: Real peers the suite drives; scripts/setup --test installs them (Debian packages).

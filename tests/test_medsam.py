@@ -20,6 +20,7 @@ from medai.dicom.volume import Geometry, Volume
 from medai.errors import PromptError
 from medai.inference.pipelines import medsam_lite as ml
 
+from conftest import build_script
 from conftest import testdata as fetched
 
 IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
@@ -332,19 +333,6 @@ def test_prompt_from_display_selects_the_same_pixels(direction: tuple[float, ...
 # --------------------------------------------------------------------------- build: split_qkv
 
 
-def _medsam_build():  # type: ignore[no-untyped-def]
-    """``models/medsam-lite/build.py`` as a module (the rewrite the shipped encoder went through)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("medsam_lite_build",
-                                                  Path(__file__).resolve().parents[1] / "models" / "medsam-lite"
-                                                  / "build.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.parametrize("last_dim", [-1, 0])
 def test_split_qkv_gives_the_fused_products_numbers(last_dim: int) -> None:
     """TinyViT's pattern (one product, reshape to heads, split each head three ways) against its
@@ -379,7 +367,7 @@ def test_split_qkv_gives_the_fused_products_numbers(last_dim: int) -> None:
         return ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
 
     before = run(model)
-    assert _medsam_build().split_qkv(model) == 1
+    assert build_script("medsam-lite").split_qkv(model) == 1
     onnx.checker.check_model(model)
     ops = [n.op_type for n in model.graph.node]
     assert "Split" not in ops and ops.count("MatMul") == 3

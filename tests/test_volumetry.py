@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from conftest import REPO
+from conftest import REPO, build_script
 from conftest import testdata as fetched
 from medai.assist import normative, qc, tissue
 
@@ -290,19 +290,6 @@ def _assert_not_measurable_sr(path: Path, reason: str) -> None:
     assert "NUM" not in set(value_types(pydicom.dcmread(path).ContentSequence))
 
 
-def _build_script():  # type: ignore[no-untyped-def]
-    """``models/brain-volumetry/build.py`` as a module: the tests measure with the code of
-    its ``evaluate`` stage, so the card's figures and the tests cannot drift apart."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("brain_volumetry_build",
-                                                  REPO / "models" / "brain-volumetry" / "build.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def _uv_sphere(centre: np.ndarray, radius: float, n: int = 96) -> tuple[np.ndarray, np.ndarray]:
     """A closed triangle mesh of a sphere (latitude/longitude grid with two poles)."""
     theta = np.linspace(0, np.pi, n + 1)[1:-1]
@@ -325,7 +312,7 @@ def _uv_sphere(centre: np.ndarray, radius: float, n: int = 96) -> tuple[np.ndarr
 def test_surface_voxelization_matches_a_sphere_on_a_freesurfer_grid() -> None:
     """The S1 reference's voxelizer: a closed mesh in scanner RAS onto a LIA 1 mm grid (FreeSurfer's
     conformed orientation, as S1's T1) gives the voxels whose centres lie inside it."""
-    build = _build_script()
+    build = build_script("brain-volumetry")
     image = sitk.Image(64, 64, 64, sitk.sitkUInt8)
     image.SetDirection((1, 0, 0, 0, 0, -1, 0, -1, 0))  # LIA in SimpleITK's LPS terms
     image.SetOrigin((-31.0, 20.0, 25.0))
@@ -350,7 +337,7 @@ def test_cortical_grey_matter_agrees_with_freesurfer_surfaces_on_real_subject(tm
     added: +7.5 % and Dice 0.912; the card records the same figures (build.py evaluate)."""
     for name in ("raw.nii.gz", "wm_lh.gii", "wm_rh.gii", "pia_lh.gii", "pia_rh.gii"):
         fetched("pycortex-S1", name)  # missing data is a set-up error, not a skip
-    build = _build_script()
+    build = build_script("brain-volumetry")
     result, agree = build.s1_agreement(tmp_path)
     assert result.qc["image_quality"]["status"] == "pass"
     # The voxelized ribbon keeps the meshes' own volume (532.6 mL by the divergence theorem).

@@ -12,7 +12,6 @@ implausible number with image QC PASS or WARN.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import os
 import shutil
@@ -24,20 +23,11 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from conftest import REPO
+from conftest import REPO, build_script
 from conftest import testdata as fetched
 from medai.assist import plausibility
 from medai.inference.pipeline import Finding, Measurement, Priority
 from medai.inference.run import RunResult
-
-
-def _build() -> Any:
-    spec = importlib.util.spec_from_file_location("brain_volumetry_build_routine",
-                                                  REPO / "models" / "brain-volumetry" / "build.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _card_limits() -> plausibility.PlausibilityLimits:
@@ -166,7 +156,7 @@ def s1_runs() -> dict[str, Any]:
     :func:`_cached_run`). The full-resolution reference is the card's row (``build.py
     evaluate``); that the code still gives it is checked by test_volumetry's S1 test, which
     runs S1 at full resolution."""
-    build = _build()
+    build = build_script("brain-volumetry")
     image = sitk.ReadImage(str(fetched("pycortex-S1", "raw.nii.gz")), sitk.sitkFloat32)
     code = _code_digest()
     full = next(r for r in _card_rows() if r["degradation"] == "none")
@@ -220,7 +210,7 @@ def test_noisy_colin27_agrees_with_full_resolution_or_is_refused(name: str) -> N
     """Colin27 (a 27-scan average with almost no noise of its own) with a bias field and noise,
     alone and combined with 2x2x3 mm and 8 bits: outside 10 % before the denoising step (CSF
     -11.4 % and -15.4 %), so these two rows are checked here too, against the card's own row."""
-    build = _build()
+    build = build_script("brain-volumetry")
     image = sitk.ReadImage(str(fetched("colin27", "ch2.nii.gz")), sitk.sitkFloat32)
     full_row = next(r for r in _card_rows("Colin27") if r["degradation"] == "none")
     full = {t: float(full_row[t]) for t in build.TISSUES}
